@@ -1,0 +1,100 @@
+"""The oracle detector: a COCO-pretrained Mask R-CNN behind a small interface.
+
+Any detector fits the factory if it turns a batch of uint8 images into
+``Detections`` labelled with official COCO category ids; adding one (a detectron2
+or mmdetection model) means one module like this and a branch in ``load_detector``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.ops import MultiScaleRoIAlign
+
+from factory.recipe import LabelerConfig
+from factory.storage import local_copy
+
+COCO_LABELS = 91  # torchvision's COCO heads: background + category ids 1..90 (with gaps)
+
+
+@dataclass
+class Detections:
+    """Instances found in one image."""
+    coco_ids: np.ndarray  # (K,) int64 official COCO category ids
+    scores: np.ndarray  # (K,) float32
+    masks: np.ndarray  # (K, H, W) float32 soft masks in [0, 1]
+
+
+class Detector(Protocol):
+    def __call__(self, images: np.ndarray) -> list[Detections]: ...
+
+
+def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
+    """A random Mask R-CNN: torchvision's detector on a two-layer backbone, slim heads."""
+    width = 32
+    backbone = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, width, 3, 2, 1), nn.ReLU())
+    backbone.out_channels = width
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=image_size, max_size=image_size,
+        rpn_anchor_generator=AnchorGenerator(((8, 16, 32),), ((0.5, 1.0, 2.0),)),
+        rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=20,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+        box_head=TwoMLPHead(width * 7 * 7, 64), box_predictor=FastRCNNPredictor(64, COCO_LABELS),
+        mask_head=MaskRCNNHeads(width, (width, width), 1), mask_predictor=MaskRCNNPredictor(width, width, COCO_LABELS))
+
+
+def load_weights(model: nn.Module, weights: str) -> None:
+    """Safetensors or a torch checkpoint read with weights_only=True (never pickle)."""
+    path = local_copy(weights)
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # torchvision reference scripts nest it
+    model.load_state_dict(state)
+
+
+def build_maskrcnn(config: LabelerConfig, image_size: int) -> MaskRCNN:
+    torch.manual_seed(0)  # the tiny model's random weights are the same on every actor
+    if config.model == "tiny":
+        model = tiny_maskrcnn(image_size)
+    else:
+        factory = {"maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
+                   "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[config.model]
+        model = factory(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
+    if config.weights:
+        load_weights(model, config.weights)
+    # Keep candidates down to the lowest threshold any rule looks at; label.py decides.
+    low = min(config.score_threshold, config.ignore_threshold or config.score_threshold)
+    model.roi_heads.score_thresh = low
+    model.roi_heads.nms_thresh = config.nms_threshold
+    return model.eval()
+
+
+class MaskRCNNDetector:
+    def __init__(self, config: LabelerConfig, image_size: int, device: torch.device):
+        self.device = device
+        self.model = build_maskrcnn(config, image_size).to(device)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> list[Detections]:
+        tensors = [torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255.0 for image in images]
+        outputs = self.model(tensors)
+        return [Detections(coco_ids=out["labels"].cpu().numpy().astype(np.int64),
+                           scores=out["scores"].float().cpu().numpy(),
+                           masks=out["masks"][:, 0].float().cpu().numpy())
+                for out in outputs]
+
+
+def load_detector(config: LabelerConfig, image_size: int, device: torch.device) -> Detector:
+    return MaskRCNNDetector(config, image_size, device)

@@ -1,0 +1,127 @@
+"""Generate: Stable Diffusion images from the plan's prompts and seeds.
+
+Two ways to get a pipeline, one code path after that:
+- ``tiny_pipeline()``: a randomly initialised miniature (U-Net, VAE, CLIP text
+  encoder, BPE tokenizer) built from config in code; the default, and what tests use.
+- ``load_pipeline(source)``: a saved diffusers pipeline by model id, local folder or
+  ``s3://`` prefix (e.g. Stable Diffusion 1.5), read from safetensors only.
+Both get a DDIM scheduler (eta 0), as in the papers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import pre_tokenizers
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from factory.devices import pick_device, pick_dtype
+from factory.recipe import GeneratorConfig
+from factory.storage import local_copy
+from factory.vocab import COCO, VOC
+
+TINY = "tiny"
+
+
+def _sd_scheduler(config=None) -> DDIMScheduler:
+    # Stable Diffusion 1.x's noise schedule; DDIM with eta=0 is deterministic given the seed.
+    if config is not None:
+        return DDIMScheduler.from_config(config)
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level BPE tokenizer whose merges spell out the prompt and class words.
+
+    Every byte is a token, so any text encodes; words of the templates and of the
+    class names are single tokens, like most of them are in CLIP's real vocabulary.
+    """
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    vocab.update({f"{c}</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
+    words = {"a", "photograph", "of", "and"}
+    for info in VOC.classes + COCO.classes:
+        words.update(info.natural.split())
+    merges = []
+    for word in sorted(words):
+        current = word[0]
+        for position, char in enumerate(word[1:], start=2):
+            piece = char + ("</w>" if position == len(word) else "")
+            if current + piece not in vocab:
+                vocab[current + piece] = len(vocab)
+                merges.append((current, piece))
+            current += piece
+    for special in ("<|startoftext|>", "<|endoftext|>"):
+        vocab[special] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:
+    """A random miniature of SD 1.x with the same structure (64x64 images, 32x32 latents)."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), latent_channels=4,
+        norm_num_groups=8, sample_size=64)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def load_pipeline(source: str, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
+    """The tiny pipeline, or a saved one by model id, local folder or s3:// prefix."""
+    if source == TINY:
+        pipe = tiny_pipeline()
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            local_copy(source), torch_dtype=dtype, use_safetensors=True,
+            safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = _sd_scheduler(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+@torch.inference_mode()
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *, steps: int,
+             guidance_scale: float, height: int, width: int) -> np.ndarray:
+    """uint8 images (N, H, W, 3). Sample i's noise comes from seeds[i] alone, on the CPU,
+    so an image depends on its own seed and prompt, not on its batch or device."""
+    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    images = pipe(prompt=list(prompts), generator=generators, num_inference_steps=steps,
+                  guidance_scale=guidance_scale, eta=0.0, height=height, width=width,
+                  output_type="np").images
+    return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+class GenerateStage:
+    """Ray Data actor: one pipeline per actor (one GPU each when the cluster has GPUs)."""
+
+    def __init__(self, config: GeneratorConfig):
+        self.config = config
+        device = pick_device()
+        self.pipe = load_pipeline(config.model, device, pick_dtype(config.dtype, device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        c = self.config
+        images = generate(self.pipe, list(batch["prompt"]), list(batch["seed"]), steps=c.steps,
+                          guidance_scale=c.guidance_scale, height=c.height, width=c.width)
+        batch["image"] = images
+        batch["generate_seconds"] = np.full(len(images), (time.perf_counter() - start) / len(images))
+        return batch

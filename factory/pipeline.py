@@ -1,0 +1,233 @@
+"""The build: plan -> generate -> label -> encode -> write, streamed by Ray Data.
+
+``prepare_build`` does every check that can fail (recipe, plan, output, models) before
+any model loads or anything is written. ``run_build`` resumes whatever the output
+already holds, streams the missing samples through the actor pools, and finishes
+with the manifest and the preview.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+
+import pyarrow.parquet as pq
+import ray
+
+from factory.generate import TINY, GenerateStage
+from factory.label import LabelStage
+from factory.plan import Sample, build_plan, plan_digest
+from factory.preview import preview_png
+from factory.recipe import Recipe
+from factory.storage import Location, StorageError, check_model_source, check_writable
+from factory.vocab import get_vocabulary
+from factory.write import COMMIT_DIR, DATA_DIR, Commit, encode_batch, read_commits, write_part
+
+BUILD_FILE = "build.json"
+MANIFEST_FILE = "manifest.json"
+PREVIEW_FILE = "preview.png"
+FORMAT = "dataset-factory/1"
+_VERSIONED = ("dataset-factory", "torch", "torchvision", "diffusers", "transformers", "ray", "pyarrow")
+
+
+class BuildError(RuntimeError):
+    """The output cannot be built or resumed as asked; the message is one line."""
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    plan: list[Sample]
+    location: Location
+
+
+@dataclass
+class Summary:
+    out: str
+    planned: int
+    written: int
+    dropped: dict[str, int]
+    new_this_run: int
+    resumed_from: int
+    wall_seconds: float
+    stage_seconds: dict[str, float]
+    bytes_written: int
+    files: int
+    preview: str | None
+    manifest: str
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_build(recipe: Recipe) -> Prepared:
+    """All checks that need no model: plan, output, model paths, resume compatibility."""
+    plan = build_plan(recipe)
+    location = check_writable(recipe.output)
+    check_model_source(recipe.generator.model, "model_index.json")
+    if recipe.labeler.weights:
+        check_model_source(recipe.labeler.weights)
+    if location.exists(BUILD_FILE):
+        previous = json.loads(location.read_bytes(BUILD_FILE))
+        if previous["content_key"] != recipe.content_key():
+            raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
+                             f"({previous['recipe']['name']}, key {previous['content_key']}); "
+                             f"use another --out or the same recipe")
+    return Prepared(recipe, plan, location)
+
+
+def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
+    """One GPU per model actor when the cluster has GPUs or the model is a real one.
+
+    Real models always ask for a GPU, so on an autoscaling cluster that starts with
+    no GPU nodes the request is what brings them up (and the CPU head stays free).
+    """
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if has_gpus or recipe.generator.model != TINY:
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": 1}
+
+
+def _pool(config) -> ray.data.ActorPoolStrategy:
+    return ray.data.ActorPoolStrategy(min_size=config.pool.min_size, max_size=config.pool.max_size)
+
+
+def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes]) -> list[Commit]:
+    """The Ray Data pipeline over the samples still to make; returns their commits."""
+    vocabulary = get_vocabulary(recipe.vocabulary)
+    resources = _accelerator_resources(recipe)
+    gen, lab, writer = recipe.generator, recipe.labeler, recipe.writer
+    rows = [{k: v for k, v in asdict(s).items()} for s in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
+    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen}, batch_size=gen.batch_size,
+                        compute=_pool(gen), batch_format="numpy", **resources)
+    ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
+                            "config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width)},
+                        batch_size=lab.batch_size, compute=_pool(lab), batch_format="numpy", **resources)
+    ds = ds.map_batches(encode_batch, fn_kwargs={
+                            "image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
+                            "class_indices": {c.name: c.index for c in vocabulary.classes},
+                            "generator": gen.model, "labeler": _labeler_id(recipe)},
+                        batch_size=lab.batch_size, batch_format="numpy", num_cpus=0.5)
+    ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
+                        batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5)
+    return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
+
+
+def _labeler_id(recipe: Recipe) -> str:
+    lab = recipe.labeler
+    return lab.model if not lab.weights else f"{lab.model}:{lab.weights}"
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _existing_commits(prepared: Prepared) -> tuple[list[Commit], list[str]]:
+    """Commits already in the output, after deleting orphan Parquet files of killed runs."""
+    location = prepared.location
+    commits = read_commits(location)
+    committed = {c.file for c in commits if c.file}
+    orphans = [path for path in location.list(DATA_DIR, ".parquet") if path not in committed]
+    for path in orphans:
+        location.delete(path)
+    planned = {s.sample_id for s in prepared.plan}
+    outside = sum(1 for c in commits for i in (*c.written, *c.dropped) if i not in planned)
+    if outside:
+        raise BuildError(f"{prepared.recipe.output} holds {outside} samples outside this plan "
+                         f"(was num_samples larger before?); use the same or a larger --num-samples")
+    return commits, orphans
+
+
+def _check_complete(plan: list[Sample], commits: list[Commit]) -> None:
+    seen: set[str] = set()
+    for commit in commits:
+        for sample_id in (*commit.written, *commit.dropped):
+            if sample_id in seen:
+                raise BuildError(f"sample {sample_id} is committed twice (two builds writing one output?)")
+            seen.add(sample_id)
+    missing = len({s.sample_id for s in plan} - seen)
+    if missing:
+        raise BuildError(f"{missing} planned samples were not written; run the same command again to resume")
+
+
+def build_manifest(prepared: Prepared, commits: list[Commit]) -> dict:
+    recipe, plan = prepared.recipe, prepared.plan
+    vocabulary = get_vocabulary(recipe.vocabulary)
+    dropped: dict[str, int] = {}
+    for commit in commits:
+        for reason in commit.dropped.values():
+            dropped[reason] = dropped.get(reason, 0) + 1
+    files = sorted(({"path": c.file, "rows": c.rows, "bytes": c.bytes, "sha256": c.sha256}
+                    for c in commits if c.file), key=lambda f: f["path"])
+    return {
+        "format": FORMAT,
+        "name": recipe.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.model_dump(mode="json"),
+        "content_key": recipe.content_key(),
+        "plan": {"samples": len(plan), "digest": plan_digest(plan)},
+        "vocabulary": {"name": vocabulary.name,
+                       "classes": [{"index": c.index, "name": c.name, "natural": c.natural}
+                                   for c in vocabulary.classes],
+                       "background": 0, "ignore": 255},
+        "models": {"generator": recipe.generator.model, "labeler": _labeler_id(recipe)},
+        "versions": _versions(),
+        "counts": {"planned": len(plan), "written": sum(f["rows"] for f in files), "dropped": dropped},
+        "files": files,
+    }
+
+
+def _preview(prepared: Prepared, files: list[dict]) -> str | None:
+    wanted = prepared.recipe.writer.preview_samples
+    if not wanted or not files:
+        return None
+    location = prepared.location
+    rows: list[dict] = []
+    for entry in files:
+        with location.fs.open_input_file(location.path(entry["path"])) as handle:
+            rows += pq.read_table(handle).slice(0, wanted - len(rows)).to_pylist()
+        if len(rows) >= wanted:
+            break
+    rows.sort(key=lambda row: row["index"])
+    location.write_bytes(PREVIEW_FILE, preview_png(rows))
+    return location.url(PREVIEW_FILE)
+
+
+def run_build(prepared: Prepared) -> Summary:
+    recipe, plan, location = prepared.recipe, prepared.plan, prepared.location
+    start = time.perf_counter()
+    commits, orphans = _existing_commits(prepared)
+    resumed = sum(len(c.written) + len(c.dropped) for c in commits)
+    if not location.exists(BUILD_FILE):
+        location.write_bytes(BUILD_FILE, json.dumps({"content_key": recipe.content_key(),
+                                                     "recipe": recipe.model_dump(mode="json")}, indent=2).encode())
+    done = {i for c in commits for i in (*c.written, *c.dropped)}
+    todo = [s for s in plan if s.sample_id not in done]
+    new: list[Commit] = []
+    if todo:
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
+        new = stream_samples(recipe, todo, location.uri, metadata)
+    commits += new
+    _check_complete(plan, commits)
+    manifest = build_manifest(prepared, commits)
+    preview = _preview(prepared, manifest["files"])
+    location.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    stage_seconds: dict[str, float] = {}
+    for commit in new:
+        for stage, seconds in commit.seconds.items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+    notes = [f"deleted {len(orphans)} orphan part(s) of an interrupted run"] if orphans else []
+    return Summary(out=location.uri, planned=len(plan), written=manifest["counts"]["written"],
+                   dropped=manifest["counts"]["dropped"], new_this_run=sum(len(c.written) + len(c.dropped) for c in new),
+                   resumed_from=resumed, wall_seconds=time.perf_counter() - start, stage_seconds=stage_seconds,
+                   bytes_written=sum(f["bytes"] for f in manifest["files"]), files=len(manifest["files"]),
+                   preview=preview, manifest=location.url(MANIFEST_FILE), notes=notes)

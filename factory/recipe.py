@@ -1,0 +1,256 @@
+"""The build recipe: one typed config for `jobs/build_dataset.py`.
+
+A recipe is a YAML file in `jobs/recipes/` (or anywhere) validated by pydantic;
+every field can be overridden from the command line as `--section.field VALUE`.
+Validation is complete before anything is written or any model loads, and every
+error is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from factory.vocab import get_vocabulary
+
+RECIPE_DIR = Path(__file__).resolve().parent.parent / "jobs" / "recipes"
+DEFAULT_RECIPE = "tiny"
+
+
+class RecipeError(ValueError):
+    """A recipe or command line that cannot be built; the message is one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PoolConfig(_Section):
+    min_size: int = Field(1, ge=1, description="actors started at once")
+    max_size: int = Field(1, ge=1, description="actors the pool may grow to (one GPU each when GPUs exist)")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PoolConfig":
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size {self.max_size} is smaller than min_size {self.min_size}")
+        return self
+
+
+class PromptConfig(_Section):
+    one: str = Field("a photograph of a {0}", description="template for one class")
+    two: str = Field("a photograph of a {0} and a {1}", description="template for a pair")
+    file: str | None = Field(
+        None, description="file of 'complicated' prompts, class names in braces: "
+        "'a photograph of a {bus} crossing a busy street'; used for one-class samples "
+        "whose class it mentions, the template otherwise")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "PromptConfig":
+        for name, text, n in (("one", self.one, 1), ("two", self.two, 2)):
+            try:
+                text.format(*(["x"] * n))
+            except (IndexError, KeyError) as exc:
+                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {exc}") from None
+        return self
+
+
+class GeneratorConfig(_Section):
+    model: str = Field("tiny", description="'tiny' (random, built in code), a diffusers model id, "
+                       "a local folder or an s3:// prefix of a saved pipeline")
+    steps: int = Field(50, ge=1, le=1000, description="DDIM denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    height: int = Field(512, ge=16, le=2048, multiple_of=8, description="image height")
+    width: int = Field(512, ge=16, le=2048, multiple_of=8, description="image width")
+    batch_size: int = Field(4, ge=1, le=256, description="prompts per generator call")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="'auto': float16 on CUDA, float32 on CPU")
+    pool: PoolConfig = PoolConfig()
+
+
+class LabelerConfig(_Section):
+    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn"] = Field(
+        "tiny", description="oracle detector architecture (COCO classes)")
+    weights: str | None = Field(None, description="COCO-pretrained weights: a .safetensors or .pth file, "
+                                "local or s3://; required for the real architectures")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="instances at or above this score "
+                                   "are merged into their class mask")
+    ignore_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="instances of a prompt class scoring in "
+        "[ignore_threshold, score_threshold) become ignore (255) instead of background")
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="soft mask binarisation threshold")
+    nms_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detector NMS IoU threshold")
+    on_missing: Literal["drop", "ignore"] = Field(
+        "drop", description="a prompt class the detector does not find: 'drop' the sample, or "
+        "'ignore': keep it, mark the class missing and make unclaimed pixels 255")
+    batch_size: int = Field(4, ge=1, le=256, description="images per detector call")
+    pool: PoolConfig = PoolConfig()
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "LabelerConfig":
+        if self.ignore_threshold is not None and self.ignore_threshold >= self.score_threshold:
+            raise ValueError(f"ignore_threshold {self.ignore_threshold} must be below "
+                             f"score_threshold {self.score_threshold}")
+        if self.model != "tiny" and self.weights is None:
+            raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
+        return self
+
+
+class WriterConfig(_Section):
+    rows_per_file: int = Field(64, ge=1, le=100_000, description="samples per Parquet file")
+    image_format: Literal["png", "jpeg"] = Field("png", description="encoding of the generated image")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpeg")
+    preview_samples: int = Field(16, ge=0, le=256, description="samples in preview.png (0: none)")
+
+
+class Recipe(_Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="recipe name (used in the default output path)")
+    vocabulary: Literal["voc", "coco"] = Field("voc", description="class vocabulary")
+    classes: Literal["all", "seen", "unseen"] | list[str] = Field(
+        "all", description="'all', 'seen' or 'unseen' of --split, or a list of class names")
+    split: int | None = Field(None, description="seen/unseen split (1-3) for classes: seen|unseen")
+    per_class: int = Field(1, ge=0, description="one-class samples per class")
+    per_pair: int = Field(0, ge=0, description="two-class samples per co-appearing pair")
+    pairs: str | None = Field(
+        None, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, or 'all' for "
+        "every pair of the selected classes; pairs with a class outside the selection are skipped")
+    num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
+                                    "shuffled plan (a prefix: a larger N extends the same dataset)")
+    seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
+    out: str | None = Field(None, description="output folder or s3://bucket/prefix "
+                            "(default: outputs/<name>)")
+    prompts: PromptConfig = PromptConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    labeler: LabelerConfig = LabelerConfig()
+    writer: WriterConfig = WriterConfig()
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # `--classes dog,cat` on the command line is friendlier than YAML list syntax.
+        if isinstance(value, str) and value not in ("all", "seen", "unseen"):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        vocabulary = get_vocabulary(self.vocabulary)
+        if self.classes in ("seen", "unseen"):
+            if self.split is None:
+                raise ValueError(f"classes: {self.classes} needs split (1-3)")
+        if self.split is not None:
+            vocabulary.unseen(self.split)  # raises a one-line error for an unknown split
+        if isinstance(self.classes, list):
+            if not self.classes:
+                raise ValueError("classes is an empty list")
+            for name in self.classes:
+                vocabulary.lookup(name)
+        if self.per_class == 0 and self.per_pair == 0:
+            raise ValueError("per_class and per_pair are both 0: the plan would be empty")
+        if self.per_pair > 0 and self.pairs is None:
+            raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
+        return self
+
+    @property
+    def output(self) -> str:
+        return self.out or f"outputs/{self.name}"
+
+    def content_key(self) -> str:
+        """Hash of every field that decides what a sample contains.
+
+        Resuming into an existing output requires the same key; the fields left out
+        (output, sample count, batch and pool sizes, preview) may change between runs.
+        """
+        data = self.model_dump(mode="json", exclude={"out": True, "num_samples": True, "writer": {"preview_samples"},
+                                                     "generator": {"pool", "batch_size"},
+                                                     "labeler": {"pool", "batch_size"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _one_line(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "recipe"
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file not found: {name_or_path}")
+        return path
+    path = RECIPE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
+        raise RecipeError(f"unknown recipe {name_or_path!r} (known: {', '.join(known)})")
+    return path
+
+
+def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe by name (jobs/recipes/NAME.yaml) or path and apply dotted overrides."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"cannot set {dotted}: {key} is not a section")
+        node[leaf] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(f"{path.name}: {_one_line(exc)}") from None
+    except ValueError as exc:  # raised by vocabulary lookups outside pydantic's wrapping
+        raise RecipeError(f"{path.name}: {exc}") from None
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    """(dotted name, description) of every leaf field, sections recursed."""
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _fields(annotation, f"{prefix}{name}.")
+        else:
+            default = field.default
+            yield f"{prefix}{name}", f"{field.description or ''} (default: {default!r})"
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """--recipe plus one --dotted.field option per recipe field, values parsed as YAML."""
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"recipe name in jobs/recipes/ or a YAML path (default: {DEFAULT_RECIPE})")
+    group = parser.add_argument_group("recipe fields (override the recipe; values are YAML, "
+                                      "e.g. --classes '[dog, cat]')")
+    for dotted, help_text in _fields(Recipe):
+        flags = [f"--{dotted.replace('_', '-')}"]
+        if "_" in dotted:
+            flags.append(f"--{dotted}")
+        group.add_argument(*flags, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
+                           help=help_text.replace("%", "%%"))
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    overrides = {}
+    for key, value in vars(args).items():
+        if key.startswith("field:"):
+            try:
+                overrides[key.removeprefix("field:")] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                overrides[key.removeprefix("field:")] = value
+    return load_recipe(args.recipe, overrides)

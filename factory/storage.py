@@ -1,0 +1,169 @@
+"""Where datasets and models live: a local folder or an S3 prefix, one interface.
+
+S3 goes through pyarrow's S3 filesystem with the standard AWS configuration: the
+credentials chain (environment, ~/.aws, instance profile) and ``AWS_ENDPOINT_URL``
+(or ``AWS_ENDPOINT_URL_S3``) for S3-compatible endpoints. Credentials are never
+passed around or logged: workers build their own filesystem from the URI.
+
+Every write is atomic: a reader sees a whole file or none. Locally that is a write
+to a hidden temporary name and a rename; on S3 an object appears only when its
+upload completes.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """An output or model location that cannot be used; the message is one line."""
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+@functools.lru_cache(maxsize=None)
+def s3_filesystem() -> pafs.S3FileSystem:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    scheme = None
+    if endpoint:
+        parsed = urlparse(endpoint)
+        scheme, endpoint = parsed.scheme or "https", parsed.netloc or parsed.path
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    return pafs.S3FileSystem(
+        endpoint_override=endpoint, scheme=scheme, region=region,
+        connect_timeout=5, request_timeout=60,
+        # Throttling and connection resets are retried with backoff by the SDK.
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8))
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder: ``uri`` as the user wrote it, ``root`` the path inside ``fs``."""
+    uri: str
+    fs: pafs.FileSystem
+    root: str
+
+    def path(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def url(self, relative: str) -> str:
+        return f"{self.uri.rstrip('/')}/{relative}"
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def read_bytes(self, relative: str) -> bytes:
+        with self.fs.open_input_stream(self.path(relative)) as stream:
+            return stream.read()
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """Atomic: readers never see a partial file under ``relative``."""
+        target = self.path(relative)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            directory, name = target.rsplit("/", 1)
+            os.makedirs(directory, exist_ok=True)
+            temporary = f"{directory}/.{name}.{uuid.uuid4().hex}.tmp"
+            with open(temporary, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temporary, target)
+        else:
+            with self.fs.open_output_stream(target) as stream:
+                stream.write(data)
+
+    def list(self, relative: str, suffix: str = "") -> list[str]:
+        """Relative paths of the files directly in a subfolder (hidden temporaries skipped)."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        names = []
+        for info in self.fs.get_file_info(selector):
+            name = info.base_name
+            if info.type == pafs.FileType.File and name.endswith(suffix) and not name.startswith("."):
+                names.append(f"{relative}/{name}")
+        return sorted(names)
+
+    def delete(self, relative: str) -> None:
+        self.fs.delete_file(self.path(relative))
+
+
+def open_location(uri: str) -> Location:
+    if is_s3(uri):
+        parsed = urlparse(uri)
+        if not parsed.netloc:
+            raise StorageError(f"bad S3 URI {uri!r}: expected s3://bucket/prefix")
+        return Location(uri.rstrip("/"), s3_filesystem(), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/"))
+    if "://" in uri:
+        raise StorageError(f"unsupported URI {uri!r}: use a local path or s3://bucket/prefix")
+    return Location(uri, pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve()))
+
+
+def check_writable(uri: str) -> Location:
+    """Fail fast (one line) on an output that cannot be written: before any model loads."""
+    location = open_location(uri)
+    if not is_s3(uri):
+        parent = Path(location.root)
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise StorageError(f"output {uri} is not writable ({parent} is not a writable folder)")
+        return location
+    bucket = location.root.split("/", 1)[0]
+    try:
+        info = location.fs.get_file_info(bucket)
+    except OSError as exc:
+        raise StorageError(f"cannot reach bucket {bucket!r}: {_first_line(exc)}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise StorageError(f"bucket {bucket!r} does not exist")
+    probe = f"_probe/{uuid.uuid4().hex}"
+    try:  # listing can be allowed where writing is not: prove a write works
+        location.write_bytes(probe, b"")
+        location.delete(probe)
+    except OSError as exc:
+        raise StorageError(f"cannot write to {uri}: {_first_line(exc)}") from None
+    return location
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_model_source(source: str, required_file: str | None = None) -> None:
+    """A model named by path or s3:// must exist (a model id is left to the hub client)."""
+    looks_like_path = is_s3(source) or source.startswith((".", "/", "~")) or os.path.exists(source)
+    if not looks_like_path:
+        return
+    location = open_location(source)
+    try:
+        target = required_file or ""
+        if not location.exists(target):
+            what = f"{source}/{required_file}" if required_file else source
+            raise StorageError(f"model not found: {what}")
+    except OSError as exc:
+        raise StorageError(f"cannot read model {source}: {_first_line(exc)}") from None
+
+
+def local_copy(source: str) -> str:
+    """A local path for a model file or folder: s3:// ones are downloaded once into a cache."""
+    if not is_s3(source):
+        return os.path.expanduser(source)
+    location = open_location(source)
+    info = location.fs.get_file_info(location.root)
+    cache = Path(os.environ.get("FACTORY_CACHE", Path.home() / ".cache" / "dataset-factory"))
+    target = cache / "models" / hashlib.sha256(source.encode()).hexdigest()[:16]
+    local = target / info.base_name if info.type == pafs.FileType.File else target
+    if not (target / ".complete").exists():
+        target.mkdir(parents=True, exist_ok=True)
+        pafs.copy_files(location.root, str(local), source_filesystem=location.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        (target / ".complete").touch()
+    return str(local)

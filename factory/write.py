@@ -1,0 +1,196 @@
+"""Encode and write: samples to PNG/JPEG bytes, then to Parquet parts with commit records.
+
+Output layout (local folder or S3 prefix):
+
+    data/part-<hash>.parquet   the samples; <hash> is derived from the part's sample ids
+    _commits/part-<hash>.json  written after its Parquet file: ids written and dropped,
+                               row count, size, sha256, stage timings
+    manifest.json              written last, when the plan is complete
+    preview.png                a grid of samples with their masks
+
+A part counts only once its commit record exists, so a run killed between the two
+writes leaves an orphan that the next run deletes; a retried write task rewrites the
+same names with the same rows, so nothing is ever counted twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image
+
+from factory.storage import Location, open_location
+
+DATA_DIR = "data"
+COMMIT_DIR = "_commits"
+
+# Images are stored as Hugging Face `Image` structs {bytes, path}, so image viewers,
+# pandas and `datasets` all read them without our code.
+IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+
+SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("index", pa.int64()),
+    ("prompt", pa.string()),
+    ("classes", pa.list_(pa.string())),
+    ("class_words", pa.list_(pa.string())),
+    ("class_indices", pa.list_(pa.int16())),
+    ("seed", pa.int64()),
+    ("image", IMAGE),
+    ("label", IMAGE),
+    ("masks", pa.list_(IMAGE)),
+    ("scores", pa.list_(pa.float32())),
+    ("instances", pa.list_(pa.int16())),
+    ("found", pa.list_(pa.bool_())),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("generator", pa.string()),
+    ("labeler", pa.string()),
+])
+
+
+def voc_palette() -> list[int]:
+    """The PASCAL VOC colour map: label PNGs open in any viewer with VOC's colours."""
+    palette = []
+    for index in range(256):
+        r = g = b = 0
+        c = index
+        for shift in range(7, -1, -1):
+            r |= (c & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+PALETTE = voc_palette()  # index 255, VOC's "void", is already cream (224, 224, 192)
+
+
+def encode_image(image: np.ndarray, image_format: str = "png", quality: int = 95) -> bytes:
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    else:
+        Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_label(label: np.ndarray) -> bytes:
+    """Palette PNG whose pixel indices are the labels (as VOC's SegmentationClass)."""
+    image = Image.fromarray(label, mode="P")
+    image.putpalette(PALETTE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def encode_mask(mask: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).save(buffer, format="PNG")  # 1-bit PNG
+    return buffer.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(data)))
+
+
+def _struct(data: bytes) -> dict:
+    return {"bytes": data, "path": None}
+
+
+def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_quality: int,
+                 class_indices: dict[str, int], generator: str, labeler: str) -> pa.Table:
+    """Ray Data stage: arrays to encoded rows (SCHEMA) plus bookkeeping columns."""
+    start = time.perf_counter()
+    n = len(batch["sample_id"])
+    images, labels, bits = batch["image"], batch["label"], batch["class_bits"]
+    height, width = images.shape[1:3]
+    columns = {
+        "sample_id": list(batch["sample_id"]),
+        "index": batch["index"].astype(np.int64),
+        "prompt": list(batch["prompt"]),
+        "classes": [list(c) for c in batch["classes"]],
+        "class_words": [list(w) for w in batch["class_words"]],
+        "class_indices": [[class_indices[name] for name in c] for c in batch["classes"]],
+        "seed": batch["seed"].astype(np.int64),
+        "image": [_struct(encode_image(img, image_format, jpeg_quality)) for img in images],
+        "label": [_struct(encode_label(lab)) for lab in labels],
+        "masks": [[_struct(encode_mask((b >> k) & 1)) for k in range(len(c))]
+                  for b, c in zip(bits, batch["classes"])],
+        "scores": [list(s) for s in batch["scores"]],
+        "instances": [list(i) for i in batch["instances"]],
+        "found": [list(f) for f in batch["found"]],
+        "width": np.full(n, width, np.int32),
+        "height": np.full(n, height, np.int32),
+        "generator": [generator] * n,
+        "labeler": [labeler] * n,
+    }
+    table = pa.table(columns, schema=SCHEMA)
+    encode_seconds = (time.perf_counter() - start) / n
+    return (table.append_column("drop_reason", pa.array(list(batch["drop_reason"]), pa.string()))
+            .append_column("generate_seconds", pa.array(batch["generate_seconds"], pa.float64()))
+            .append_column("label_seconds", pa.array(batch["label_seconds"], pa.float64()))
+            .append_column("encode_seconds", pa.array(np.full(n, encode_seconds), pa.float64())))
+
+
+@dataclass
+class Commit:
+    """What one part added to the dataset; its JSON is the part's commit record."""
+    name: str  # part-<hash>
+    file: str | None  # relative path of the Parquet file; None when every sample was dropped
+    rows: int
+    bytes: int
+    sha256: str | None
+    written: list[str]
+    dropped: dict[str, str]  # sample_id -> reason
+    seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "Commit":
+        return cls(**json.loads(data))
+
+
+def part_name(sample_ids: list[str]) -> str:
+    return "part-" + hashlib.sha256("\n".join(sorted(sample_ids)).encode()).hexdigest()[:20]
+
+
+def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None = None) -> pa.Table:
+    """Ray Data stage: one Parquet part and its commit record; returns the commit as a row."""
+    start = time.perf_counter()
+    location = open_location(out)
+    ids = batch.column("sample_id").to_pylist()
+    reasons = batch.column("drop_reason").to_pylist()
+    name = part_name(ids)
+    kept = batch.filter(pc.equal(batch.column("drop_reason"), ""))
+    commit = Commit(name=name, file=None, rows=kept.num_rows, bytes=0, sha256=None,
+                    written=kept.column("sample_id").to_pylist(),
+                    dropped={i: r for i, r in zip(ids, reasons) if r})
+    if kept.num_rows:
+        table = kept.select(SCHEMA.names).replace_schema_metadata(metadata)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd", row_group_size=len(table))
+        data = sink.getvalue().to_pybytes()
+        commit.file, commit.bytes = f"{DATA_DIR}/{name}.parquet", len(data)
+        commit.sha256 = hashlib.sha256(data).hexdigest()
+        location.write_bytes(commit.file, data)
+    commit.seconds = {stage: float(np.sum(batch.column(f"{stage}_seconds").to_numpy()))
+                      for stage in ("generate", "label", "encode")}
+    commit.seconds["write"] = time.perf_counter() - start
+    location.write_bytes(f"{COMMIT_DIR}/{name}.json", commit.to_json())
+    return pa.table({"commit": [commit.to_json().decode()]})
+
+
+def read_commits(location: Location) -> list[Commit]:
+    return [Commit.from_json(location.read_bytes(path)) for path in location.list(COMMIT_DIR, ".json")]

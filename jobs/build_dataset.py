@@ -1,0 +1,59 @@
+"""Build a synthetic segmentation dataset: plan -> generate -> label -> write.
+
+    python jobs/build_dataset.py                                   # tiny default, local
+    ray job submit -- python jobs/build_dataset.py --recipe voc-oracle --out s3://bucket/prefix
+
+Running the same command again on the same output finishes only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from factory.pipeline import BuildError, Summary, prepare_build, run_build
+from factory.recipe import RecipeError, add_recipe_arguments, recipe_from_args
+from factory.storage import StorageError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_recipe_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def print_summary(summary: Summary) -> None:
+    print(f"\nDataset written to {summary.out}")
+    dropped = ", ".join(f"{n} {reason}" for reason, n in summary.dropped.items()) or "none"
+    print(f"  samples   {summary.written} written of {summary.planned} planned; dropped: {dropped}")
+    if summary.resumed_from:
+        print(f"  resumed   {summary.resumed_from} samples were already done; {summary.new_this_run} made now")
+    rate = summary.new_this_run / summary.wall_seconds if summary.wall_seconds else 0.0
+    print(f"  time      {summary.wall_seconds:.1f} s wall, {rate:.2f} samples/s")
+    for stage, seconds in summary.stage_seconds.items():
+        per = summary.new_this_run / seconds if seconds else float("inf")
+        print(f"    {stage:<9} {seconds:8.1f} s busy   {per:8.2f} samples per busy second")
+    per_sample = summary.bytes_written / summary.written if summary.written else 0
+    print(f"  storage   {summary.bytes_written / 1e6:.2f} MB in {summary.files} Parquet files "
+          f"({per_sample / 1e3:.1f} kB per sample)")
+    for note in summary.notes:
+        print(f"  note      {note}")
+    print(f"  manifest  {summary.manifest}")
+    if summary.preview:
+        print(f"  preview   {summary.preview}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        prepared = prepare_build(recipe_from_args(args))
+        summary = run_build(prepared)
+    except (RecipeError, StorageError, BuildError) as exc:
+        print(f"build_dataset: error: {exc}", file=sys.stderr)
+        return 2
+    print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
