@@ -14,7 +14,8 @@ from typing import Protocol
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2
+from torchvision.models.detection import (MaskRCNN, MaskRCNN_ResNet50_FPN_V2_Weights, MaskRCNN_ResNet50_FPN_Weights,
+                                          maskrcnn_resnet50_fpn, maskrcnn_resnet50_fpn_v2)
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.anchor_utils import AnchorGenerator
@@ -52,8 +53,21 @@ def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
         mask_head=MaskRCNNHeads(width, (width, width), 1), mask_predictor=MaskRCNNPredictor(width, width, COCO_LABELS))
 
 
-def load_weights(model: nn.Module, weights: str) -> None:
-    """Safetensors or a torch checkpoint read with weights_only=True (never pickle)."""
+TORCHVISION_WEIGHTS = "torchvision"
+_TORCHVISION_COCO = {"maskrcnn_resnet50_fpn_v2": MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+                     "maskrcnn_resnet50_fpn": MaskRCNN_ResNet50_FPN_Weights.COCO_V1}
+
+
+def load_weights(model: nn.Module, weights: str, architecture: str) -> None:
+    """Safetensors, or a torch checkpoint read with weights_only=True (never pickle).
+
+    ``weights: torchvision`` downloads torchvision's own COCO checkpoint for the
+    architecture into the torch hub cache (needs the internet on the node).
+    """
+    if weights == TORCHVISION_WEIGHTS:
+        state = _TORCHVISION_COCO[architecture].get_state_dict(progress=False, check_hash=True, weights_only=True)
+        model.load_state_dict(state)
+        return
     path = local_copy(weights)
     if Path(path).suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -73,9 +87,10 @@ def build_maskrcnn(config: LabelerConfig, image_size: int) -> MaskRCNN:
                    "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[config.model]
         model = factory(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
     if config.weights:
-        load_weights(model, config.weights)
+        load_weights(model, config.weights, config.model)
     # Keep candidates down to the lowest threshold any rule looks at; label.py decides.
-    low = min(config.score_threshold, config.ignore_threshold or config.score_threshold)
+    low = config.score_threshold if config.ignore_threshold is None else min(
+        config.score_threshold, config.ignore_threshold)  # 0.0 is a threshold, not 'unset'
     model.roi_heads.score_thresh = low
     model.roi_heads.nms_thresh = config.nms_threshold
     return model.eval()

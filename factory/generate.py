@@ -11,6 +11,7 @@ Both get a DDIM scheduler (eta 0), as in the papers.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import numpy as np
 import torch
@@ -46,15 +47,21 @@ def tiny_tokenizer() -> CLIPTokenizer:
     words = {"a", "photograph", "of", "and"}
     for info in VOC.classes + COCO.classes:
         words.update(info.natural.split())
+    # BPE applies merges by rank, not left to right, so per-word merge chains collide
+    # ("photograph" came out in 7 pieces): learn the merges as BPE training does instead,
+    # most frequent pair first, until every word is one symbol.
+    segments = [list(word[:-1]) + [word[-1] + "</w>"] for word in sorted(words)]
     merges = []
-    for word in sorted(words):
-        current = word[0]
-        for position, char in enumerate(word[1:], start=2):
-            piece = char + ("</w>" if position == len(word) else "")
-            if current + piece not in vocab:
-                vocab[current + piece] = len(vocab)
-                merges.append((current, piece))
-            current += piece
+    while pairs := Counter(pair for parts in segments for pair in zip(parts, parts[1:])):
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        vocab.setdefault(best[0] + best[1], len(vocab))
+        for parts in segments:
+            i = 0
+            while i < len(parts) - 1:
+                if (parts[i], parts[i + 1]) == best:
+                    parts[i:i + 2] = [parts[i] + parts[i + 1]]
+                i += 1
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)

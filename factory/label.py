@@ -44,7 +44,7 @@ def label_classes(detections: Detections, classes: list[ClassInfo], *, score_thr
     ``classes`` of the class owning each pixel (-1 none); overlaps go to the higher
     instance score.
     """
-    height, width = detections.masks.shape[1:] if len(detections.masks) else (0, 0)
+    height, width = detections.masks.shape[1:]  # (K, H, W) even when K is 0
     binary = detections.masks >= mask_threshold
     best = np.zeros((height, width), np.float32)
     owner = np.full((height, width), -1, np.int64)

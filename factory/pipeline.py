@@ -17,12 +17,13 @@ from importlib import metadata
 import pyarrow.parquet as pq
 import ray
 
+from factory.detect import TORCHVISION_WEIGHTS
 from factory.generate import TINY, GenerateStage
 from factory.label import LabelStage
 from factory.plan import Sample, build_plan, plan_digest
 from factory.preview import preview_png
 from factory.recipe import Recipe
-from factory.storage import Location, StorageError, check_model_source, check_writable
+from factory.storage import Location, StorageError, first_line, check_model_source, check_reachable
 from factory.vocab import get_vocabulary
 from factory.write import COMMIT_DIR, DATA_DIR, Commit, encode_batch, read_commits, write_part
 
@@ -62,18 +63,28 @@ class Summary:
 
 
 def prepare_build(recipe: Recipe) -> Prepared:
-    """All checks that need no model: plan, output, model paths, resume compatibility."""
+    """Every check that needs no model, then the output is claimed with build.json.
+
+    Plan, output, model paths, resume compatibility: a failure here writes nothing.
+    Writing build.json last proves write access before any GPU time is spent.
+    """
     plan = build_plan(recipe)
-    location = check_writable(recipe.output)
+    location = check_reachable(recipe.output)
     check_model_source(recipe.generator.model, "model_index.json")
-    if recipe.labeler.weights:
+    if recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
         check_model_source(recipe.labeler.weights)
-    if location.exists(BUILD_FILE):
-        previous = json.loads(location.read_bytes(BUILD_FILE))
-        if previous["content_key"] != recipe.content_key():
-            raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
-                             f"({previous['recipe']['name']}, key {previous['content_key']}); "
-                             f"use another --out or the same recipe")
+    build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
+    try:
+        if location.exists(BUILD_FILE):
+            previous = json.loads(location.read_bytes(BUILD_FILE))
+            if previous["content_key"] != build["content_key"]:
+                raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
+                                 f"({previous['recipe']['name']}, key {previous['content_key']}); "
+                                 f"use another --out or the same recipe")
+            build = previous  # keep the first run's record; num_samples etc. may differ now
+        location.write_bytes(BUILD_FILE, json.dumps(build, indent=2).encode())
+    except OSError as exc:
+        raise StorageError(f"cannot write to {recipe.output}: {first_line(exc)}") from None
     return Prepared(recipe, plan, location)
 
 
@@ -133,6 +144,8 @@ def _versions() -> dict[str, str]:
 def _existing_commits(prepared: Prepared) -> tuple[list[Commit], list[str]]:
     """Commits already in the output, after deleting orphan Parquet files of killed runs."""
     location = prepared.location
+    for folder in (DATA_DIR, COMMIT_DIR):
+        location.remove_temporaries(folder)
     commits = read_commits(location)
     committed = {c.file for c in commits if c.file}
     orphans = [path for path in location.list(DATA_DIR, ".parquet") if path not in committed]
@@ -206,9 +219,6 @@ def run_build(prepared: Prepared) -> Summary:
     start = time.perf_counter()
     commits, orphans = _existing_commits(prepared)
     resumed = sum(len(c.written) + len(c.dropped) for c in commits)
-    if not location.exists(BUILD_FILE):
-        location.write_bytes(BUILD_FILE, json.dumps({"content_key": recipe.content_key(),
-                                                     "recipe": recipe.model_dump(mode="json")}, indent=2).encode())
     done = {i for c in commits for i in (*c.written, *c.dropped)}
     todo = [s for s in plan if s.sample_id not in done]
     new: list[Commit] = []

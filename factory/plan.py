@@ -55,7 +55,8 @@ def find_file(path: str, kind: str) -> Path:
     for candidate in (Path(path), RECIPE_DIR / path):
         if candidate.is_file():
             return candidate
-    raise RecipeError(f"{kind} file not found: {path}")
+    hint = " (derive it with jobs/derive_pairs.py from real annotations)" if kind == "pairs" else ""
+    raise RecipeError(f"{kind} file not found: {path}{hint}")
 
 
 def selected_pairs(recipe: Recipe, vocabulary: Vocabulary, classes: list[str]) -> list[tuple[str, str]]:

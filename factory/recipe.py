@@ -53,10 +53,16 @@ class PromptConfig(_Section):
     @model_validator(mode="after")
     def _placeholders(self) -> "PromptConfig":
         for name, text, n in (("one", self.one, 1), ("two", self.two, 2)):
+            markers = [f"@@{i}@@" for i in range(n)]
             try:
-                text.format(*(["x"] * n))
-            except (IndexError, KeyError) as exc:
+                rendered = text.format(*markers)
+            except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
                 raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {exc}") from None
+            # str.format ignores unused arguments: every class must actually be named.
+            unused = [f"{{{i}}}" for i, marker in enumerate(markers) if marker not in rendered]
+            if unused:
+                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: "
+                                 f"{', '.join(unused)} missing")
         return self
 
 
@@ -76,8 +82,9 @@ class GeneratorConfig(_Section):
 class LabelerConfig(_Section):
     model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn"] = Field(
         "tiny", description="oracle detector architecture (COCO classes)")
-    weights: str | None = Field(None, description="COCO-pretrained weights: a .safetensors or .pth file, "
-                                "local or s3://; required for the real architectures")
+    weights: str | None = Field(None, description="COCO-pretrained weights: 'torchvision' (its COCO "
+                                "checkpoint, downloaded on the node), or a .safetensors/.pth file, local or "
+                                "s3://; required for the real architectures")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="instances at or above this score "
                                    "are merged into their class mask")
     ignore_threshold: float | None = Field(

@@ -32,7 +32,8 @@ def is_s3(uri: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def s3_filesystem() -> pafs.S3FileSystem:
+def s3_filesystem(attempts: int = 8) -> pafs.S3FileSystem:
+    """Throttling, resets and 5xx are retried by the SDK with backoff, ``attempts`` in all."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     scheme = None
     if endpoint:
@@ -42,8 +43,7 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         endpoint_override=endpoint, scheme=scheme, region=region,
         connect_timeout=5, request_timeout=60,
-        # Throttling and connection resets are retried with backoff by the SDK.
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=8))
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
 
 
 @dataclass(frozen=True)
@@ -95,20 +95,34 @@ class Location:
     def delete(self, relative: str) -> None:
         self.fs.delete_file(self.path(relative))
 
+    def remove_temporaries(self, relative: str) -> int:
+        """Delete the hidden temporaries of writers killed mid-write (local folders only)."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        stale = [info.path for info in self.fs.get_file_info(selector)
+                 if info.base_name.startswith(".") and info.base_name.endswith(".tmp")]
+        for path in stale:
+            self.fs.delete_file(path)
+        return len(stale)
 
-def open_location(uri: str) -> Location:
+
+def open_location(uri: str, attempts: int = 8) -> Location:
     if is_s3(uri):
         parsed = urlparse(uri)
         if not parsed.netloc:
             raise StorageError(f"bad S3 URI {uri!r}: expected s3://bucket/prefix")
-        return Location(uri.rstrip("/"), s3_filesystem(), f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/"))
+        return Location(uri.rstrip("/"), s3_filesystem(attempts),
+                        f"{parsed.netloc}/{parsed.path.strip('/')}".rstrip("/"))
     if "://" in uri:
         raise StorageError(f"unsupported URI {uri!r}: use a local path or s3://bucket/prefix")
     return Location(uri, pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve()))
 
 
-def check_writable(uri: str) -> Location:
-    """Fail fast (one line) on an output that cannot be written: before any model loads."""
+def check_reachable(uri: str) -> Location:
+    """Fail fast (one line) on an output that cannot exist: before any model loads.
+
+    The bucket must exist and answer now (one quick attempt); whether we may write is
+    proven by the build's first write, after every other check has passed.
+    """
     location = open_location(uri)
     if not is_s3(uri):
         parent = Path(location.root)
@@ -119,21 +133,15 @@ def check_writable(uri: str) -> Location:
         return location
     bucket = location.root.split("/", 1)[0]
     try:
-        info = location.fs.get_file_info(bucket)
+        info = open_location(uri, attempts=2).fs.get_file_info(bucket)
     except OSError as exc:
-        raise StorageError(f"cannot reach bucket {bucket!r}: {_first_line(exc)}") from None
+        raise StorageError(f"cannot reach bucket {bucket!r}: {first_line(exc)}") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"bucket {bucket!r} does not exist")
-    probe = f"_probe/{uuid.uuid4().hex}"
-    try:  # listing can be allowed where writing is not: prove a write works
-        location.write_bytes(probe, b"")
-        location.delete(probe)
-    except OSError as exc:
-        raise StorageError(f"cannot write to {uri}: {_first_line(exc)}") from None
     return location
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
@@ -149,7 +157,7 @@ def check_model_source(source: str, required_file: str | None = None) -> None:
             what = f"{source}/{required_file}" if required_file else source
             raise StorageError(f"model not found: {what}")
     except OSError as exc:
-        raise StorageError(f"cannot read model {source}: {_first_line(exc)}") from None
+        raise StorageError(f"cannot read model {source}: {first_line(exc)}") from None
 
 
 def local_copy(source: str) -> str:

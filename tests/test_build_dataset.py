@@ -1,0 +1,190 @@
+"""End to end: jobs/build_dataset.py on a real local Ray cluster, to a folder and to S3."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from factory import pipeline, storage
+from factory.plan import build_plan
+from factory.recipe import recipe_from_args
+from factory.write import decode_png
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "jobs"))
+import build_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Small and quick: 12 samples (one-class and pairs), batches of 4, parts of 4 rows.
+SMALL = ["--num-samples", "12", "--generator.steps", "3", "--generator.batch-size", "4",
+         "--labeler.batch-size", "4", "--writer.rows-per-file", "4", "--writer.preview-samples", "4"]
+
+
+def read_rows(root: Path) -> list[dict]:
+    manifest = json.loads((root / "manifest.json").read_text())
+    rows = []
+    for entry in manifest["files"]:
+        rows += pq.read_table(root / entry["path"]).to_pylist()
+    return rows
+
+
+def planned_ids(*args: str) -> list[str]:
+    return [s.sample_id for s in build_plan(recipe_from_args(build_dataset.parse_args(list(args))))]
+
+
+def test_tiny_build_to_local_folder(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert build_dataset.main(["--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert f"Dataset written to {out}" in printed and "preview" in printed
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    rows = read_rows(out)
+    ids = [r["sample_id"] for r in rows]
+    assert sorted(ids) == sorted(planned_ids(*SMALL)) and len(set(ids)) == 12
+    assert manifest["counts"] == {"planned": 12, "written": 12, "dropped": {}}
+    assert manifest["recipe"]["generator"]["steps"] == 3
+    for entry in manifest["files"]:  # checksums and sizes match the files
+        data = (out / entry["path"]).read_bytes()
+        assert len(data) == entry["bytes"] and hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert pq.read_metadata(out / entry["path"]).num_rows == entry["rows"]
+    for row in rows:
+        assert decode_png(row["image"]["bytes"]).shape == (64, 64, 3)
+        label = decode_png(row["label"]["bytes"])
+        assert label.shape == (64, 64)
+        allowed = {0, 255, *row["class_indices"]}
+        assert set(np.unique(label)) <= allowed
+        assert len(row["masks"]) == len(row["classes"]) == len(row["scores"]) == len(row["found"])
+        assert row["prompt"].startswith("a photograph of a")
+    preview = out / "preview.png"
+    assert preview.read_bytes()[:4] == b"\x89PNG"
+    assert not list((out / "data").glob(".*"))  # no temporaries left behind
+
+
+def test_tiny_build_to_s3(ray_cluster, bucket, s3_endpoint):
+    uri = f"s3://{bucket}/datasets/tiny"
+    assert build_dataset.main(["--out", uri, *SMALL]) == 0
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="datasets/tiny/manifest.json")["Body"].read())
+    assert {"datasets/tiny/manifest.json", "datasets/tiny/preview.png", "datasets/tiny/build.json"} <= keys
+    ids = []
+    for entry in manifest["files"]:
+        body = s3.get_object(Bucket=bucket, Key=f"datasets/tiny/{entry['path']}")["Body"].read()
+        assert hashlib.sha256(body).hexdigest() == entry["sha256"]
+        ids += pq.read_table(io.BytesIO(body)).column("sample_id").to_pylist()
+    assert sorted(ids) == sorted(planned_ids(*SMALL))
+
+
+def test_resume_after_killed_driver_completes_the_plan_exactly_once(ray_cluster, tmp_path):
+    """Kill the driver mid-build (SIGKILL), rerun the same command: every id once, rows as
+    an uninterrupted build of the same seed would have made them."""
+    args = ["--num-samples", "24", "--generator.steps", "3", "--generator.batch-size", "2",
+            "--labeler.batch-size", "2", "--writer.rows-per-file", "2"]
+    out = tmp_path / "killed"
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "build_dataset.py"), "--out", str(out), *args],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    commits = out / "_commits"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(list(commits.glob("*.json"))) < 2:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    done_before = len(list(commits.glob("*.json")))
+    assert 2 <= done_before < 12, "the kill must land mid-build"
+    assert not (out / "manifest.json").exists()
+    # A part whose commit record never got written is an orphan: resume must not count it.
+    orphan = out / "data" / "part-orphan.parquet"
+    orphan.write_bytes(next((out / "data").glob("part-*.parquet")).read_bytes())
+    stale = out / "data" / ".part-x.parquet.0123.tmp"  # a writer killed mid-write
+    stale.write_bytes(b"PAR1 half")
+
+    assert build_dataset.main(["--out", str(out), *args]) == 0
+    assert not orphan.exists() and not stale.exists()
+    rows = {r["sample_id"]: r for r in read_rows(out)}
+    assert sorted(rows) == sorted(planned_ids(*args))
+    assert len(list(commits.glob("*.json"))) == 12
+
+    reference = tmp_path / "uninterrupted"
+    assert build_dataset.main(["--out", str(reference), *args]) == 0
+    for sample_id, row in {r["sample_id"]: r for r in read_rows(reference)}.items():
+        mine = rows[sample_id]
+        assert (mine["prompt"], mine["seed"]) == (row["prompt"], row["seed"])
+        difference = np.abs(decode_png(mine["image"]["bytes"]).astype(int) - decode_png(row["image"]["bytes"]))
+        assert difference.max() <= 1  # float noise of other batch mates, at most one level
+
+
+def test_rerun_of_a_finished_build_does_nothing_and_other_recipe_is_refused(ray_cluster, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert build_dataset.main(["--out", str(out), *SMALL]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()}
+    assert build_dataset.main(["--out", str(out), *SMALL]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "data").iterdir()} == before
+    assert "12 samples were already done; 0 made now" in capsys.readouterr().out
+
+    assert build_dataset.main(["--out", str(out), *SMALL, "--seed", "7"]) == 2
+    assert "holds a dataset of a different recipe" in capsys.readouterr().err
+
+
+def _models_must_not_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline started although the input was bad")
+    monkeypatch.setattr(pipeline, "stream_samples", refuse)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--classes", "dgo"], "unknown class 'dgo' in vocabulary voc (did you mean: dog?)"),
+    (["--per-class", "-1"], "per_class: Input should be greater than or equal to 0"),
+    (["--num-samples", "0"], "num_samples: Input should be greater than or equal to 1"),
+    (["--generator.model", "/nonexistent/sd15"], "model not found: /nonexistent/sd15/model_index.json"),
+    (["--labeler.weights", "/nonexistent/maskrcnn.safetensors"], "model not found: /nonexistent/maskrcnn.safetensors"),
+    (["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe'"),
+    (["--split", "4", "--classes", "seen"], "split"),
+])
+def test_bad_input_fails_in_one_line_before_any_model_loads(args, message, tmp_path, monkeypatch, capsys):
+    _models_must_not_load(monkeypatch)
+    out = tmp_path / "never"
+    assert build_dataset.main(["--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_missing_and_unreachable_buckets_fail_fast(s3_endpoint, monkeypatch, capsys):
+    _models_must_not_load(monkeypatch)
+    assert build_dataset.main(["--out", "s3://no-such-bucket/x"]) == 2
+    assert capsys.readouterr().err.strip() == "build_dataset: error: bucket 'no-such-bucket' does not exist"
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    storage.s3_filesystem.cache_clear()
+    try:
+        assert build_dataset.main(["--out", "s3://any-bucket/x"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("build_dataset: error: cannot reach bucket 'any-bucket'") and err.count("\n") == 1
+    finally:
+        storage.s3_filesystem.cache_clear()
+
+
+def test_help_documents_every_recipe_field(capsys):
+    with pytest.raises(SystemExit):
+        build_dataset.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--recipe", "--out", "--num-samples", "--seed", "--generator.steps", "--labeler.score-threshold",
+                 "--labeler.on-missing", "--writer.rows-per-file", "--prompts.file", "--pairs"):
+        assert flag in text

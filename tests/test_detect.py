@@ -1,0 +1,172 @@
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from factory.detect import (COCO_LABELS, Detections, MaskRCNNDetector, build_maskrcnn, load_detector,
+                            tiny_maskrcnn)
+from factory.recipe import LabelerConfig
+from factory.vocab import COCO_CATEGORIES
+
+CPU = torch.device("cpu")
+COCO_IDS = {coco_id for coco_id, _ in COCO_CATEGORIES}
+
+
+def images(n=2, size=64, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def detect(config, batch, size=64):
+    return MaskRCNNDetector(config, size, CPU)(batch)
+
+
+def same(a: list[Detections], b: list[Detections]) -> bool:
+    return all(np.array_equal(x.coco_ids, y.coco_ids) and np.array_equal(x.scores, y.scores)
+               and np.array_equal(x.masks, y.masks) for x, y in zip(a, b, strict=True))
+
+
+def other_tiny_state():
+    """Random weights other than build_maskrcnn's own (it seeds 0)."""
+    torch.manual_seed(1234)
+    state = tiny_maskrcnn(64).state_dict()
+    # Shift the class logits so that the loaded model's outputs differ visibly.
+    bias = state["roi_heads.box_predictor.cls_score.bias"]
+    state["roi_heads.box_predictor.cls_score.bias"] = bias + torch.linspace(0, 3, bias.numel())
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def test_tiny_detections():
+    batch = images(2)
+    out = detect(LabelerConfig(score_threshold=0.0), batch)
+    assert len(out) == 2
+    for d in out:
+        assert isinstance(d, Detections)
+        k = len(d.coco_ids)
+        assert k > 0
+        assert d.coco_ids.dtype == np.int64 and d.scores.dtype == np.float32 and d.masks.dtype == np.float32
+        assert d.scores.shape == (k,) and d.masks.shape == (k, 64, 64)
+        assert ((d.coco_ids >= 1) & (d.coco_ids <= 90)).all()
+        assert ((d.scores >= 0) & (d.scores <= 1)).all()
+        assert d.masks.min() >= 0.0 and d.masks.max() <= 1.0
+        assert k <= 20  # box_detections_per_img of the tiny model
+    # Deterministic: the same random weights on every actor.
+    assert same(out, detect(LabelerConfig(score_threshold=0.0), batch))
+
+
+def test_tiny_nothing_above_threshold():
+    (d,) = detect(LabelerConfig(score_threshold=1.0), images(1))
+    assert d.coco_ids.shape == (0,) and d.scores.shape == (0,) and d.masks.shape == (0, 64, 64)
+
+
+def test_tiny_other_image_size():
+    out = detect(LabelerConfig(score_threshold=0.0), images(1, size=32), size=32)
+    assert out[0].masks.shape[1:] == (32, 32)
+
+
+def test_load_detector():
+    detector = load_detector(LabelerConfig(), 64, CPU)
+    assert callable(detector) and len(detector(images(1))) == 1
+
+
+def test_tiny_weights_by_path_safetensors(tmp_path):
+    state = other_tiny_state()
+    path = tmp_path / "tiny.safetensors"
+    save_file(state, str(path))
+    config = LabelerConfig(model="tiny", weights=str(path), score_threshold=0.0)
+    model = build_maskrcnn(config, 64)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    batch = images(2, seed=3)
+    torch.manual_seed(1234)
+    reference = tiny_maskrcnn(64)
+    reference.load_state_dict(state)
+    reference.roi_heads.score_thresh = 0.0
+    reference.eval()
+    with torch.inference_mode():
+        expected = reference([torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in batch])
+    got = detect(config, batch)
+    for e, g in zip(expected, got, strict=True):
+        assert np.array_equal(e["labels"].numpy(), g.coco_ids)
+        assert np.array_equal(e["scores"].numpy(), g.scores)
+        assert np.array_equal(e["masks"][:, 0].numpy(), g.masks)
+    # And differently from the built-in random weights.
+    assert not same(got, detect(LabelerConfig(score_threshold=0.0), batch))
+
+
+def test_tiny_weights_by_path_pth(tmp_path):
+    state = other_tiny_state()
+    st_path, pth_path, nested_path = (tmp_path / "w.safetensors", tmp_path / "w.pth", tmp_path / "nested.pth")
+    save_file(state, str(st_path))
+    torch.save(state, pth_path)
+    torch.save({"model": state, "epoch": 3}, nested_path)  # torchvision reference-script checkpoint
+    batch = images(2, seed=4)
+    from_st = detect(LabelerConfig(weights=str(st_path), score_threshold=0.0), batch)
+    from_pth = detect(LabelerConfig(weights=str(pth_path), score_threshold=0.0), batch)
+    from_nested = detect(LabelerConfig(weights=str(nested_path), score_threshold=0.0), batch)
+    assert same(from_st, from_pth) and same(from_st, from_nested)
+
+
+def test_pth_is_read_without_pickle(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pickle code ran",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, path)
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported|global"):
+        build_maskrcnn(LabelerConfig(weights=str(path)), 64)
+
+
+def test_weights_of_another_architecture_are_refused(tmp_path):
+    path = tmp_path / "wrong.safetensors"
+    save_file({"backbone.0.weight": torch.zeros(3, 3)}, str(path))
+    with pytest.raises(RuntimeError, match="state_dict"):
+        build_maskrcnn(LabelerConfig(weights=str(path)), 64)
+
+
+def test_real_architecture_loads_weights_by_path(tmp_path):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    torch.manual_seed(99)
+    source = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    path = tmp_path / "maskrcnn_v2.safetensors"
+    save_file(state, str(path))
+    del source
+    config = LabelerConfig(model="maskrcnn_resnet50_fpn_v2", weights=str(path),
+                           score_threshold=0.6, nms_threshold=0.45)
+    model = build_maskrcnn(config, 512)
+    assert model.roi_heads.box_predictor.cls_score.out_features == 91
+    assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 91
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    # Not just build_maskrcnn's own seeded initialisation.
+    key = "roi_heads.box_predictor.cls_score.weight"
+    torch.manual_seed(0)
+    unloaded = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
+    assert not torch.equal(unloaded.state_dict()[key], loaded[key])
+    assert not model.training
+    assert model.roi_heads.score_thresh == 0.6 and model.roi_heads.nms_thresh == 0.45
+
+
+@pytest.mark.parametrize("score,ignore,nms,expected", [
+    (0.5, None, 0.5, 0.5),
+    (0.7, 0.3, 0.4, 0.3),
+    (0.05, None, 0.6, 0.05),
+    (0.5, 0.0, 0.5, 0.0),  # an ignore threshold of 0 keeps every candidate
+])
+def test_thresholds_reach_roi_heads(score, ignore, nms, expected):
+    model = build_maskrcnn(LabelerConfig(score_threshold=score, ignore_threshold=ignore, nms_threshold=nms), 64)
+    assert model.roi_heads.score_thresh == pytest.approx(expected)
+    assert model.roi_heads.nms_thresh == pytest.approx(nms)
+    assert not model.training
+
+
+def test_ignore_threshold_lets_weaker_candidates_through():
+    # The random tiny model scores about 1/91 per class: nothing reaches 0.5.
+    batch = images(1, seed=5)
+    (strict,) = detect(LabelerConfig(score_threshold=0.5), batch)
+    (wide,) = detect(LabelerConfig(score_threshold=0.5, ignore_threshold=0.0), batch)
+    assert len(strict.scores) == 0
+    assert len(wide.scores) > 0 and (wide.scores < 0.5).all()

@@ -1,0 +1,240 @@
+from collections import Counter
+
+import pytest
+
+from factory.plan import build_plan, load_prompt_file, plan_digest, selected_classes
+from factory.recipe import Recipe, RecipeError, load_recipe
+from factory.vocab import VOC
+
+FOUR = ["dog", "cat", "bus", "pottedplant"]
+
+
+def recipe(**fields):
+    return Recipe(**{"name": "test", **fields})
+
+
+def mixture(**fields):
+    """per_class=3 on 4 classes + per_pair=2 on their 6 pairs: 12 + 12 samples."""
+    return recipe(classes=FOUR, per_class=3, per_pair=2, pairs="all", **fields)
+
+
+def as_tuples(plan):
+    return [(s.sample_id, s.index, s.classes, s.class_words, s.prompt, s.seed) for s in plan]
+
+
+# ------------------------------------------------------------------ determinism
+
+def test_same_recipe_same_plan():
+    first, second = build_plan(mixture(seed=3)), build_plan(mixture(seed=3))
+    assert as_tuples(first) == as_tuples(second)
+    assert plan_digest(first) == plan_digest(second)
+    # Also from a recipe rebuilt from scratch (the YAML default).
+    assert as_tuples(build_plan(load_recipe("tiny"))) == as_tuples(build_plan(load_recipe("tiny")))
+
+
+def test_different_seed_different_plan():
+    a, b = build_plan(mixture(seed=0)), build_plan(mixture(seed=1))
+    assert len(a) == len(b) == 24
+    assert [s.classes for s in a] != [s.classes for s in b]  # another order
+    assert not {s.seed for s in a} & {s.seed for s in b}  # other noise seeds
+    assert plan_digest(a) != plan_digest(b)
+    # The same samples, just shuffled differently.
+    assert Counter(frozenset(s.classes) for s in a) == Counter(frozenset(s.classes) for s in b)
+
+
+def test_indices_and_ids():
+    plan = build_plan(mixture())
+    assert [s.index for s in plan] == list(range(len(plan)))
+    ids = [s.sample_id for s in plan]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)  # ids sort in plan order
+    assert all(sid.startswith(f"{s.index:07d}-") for sid, s in zip(ids, plan))
+    # Another recipe (other content key) gives other ids for the same indices.
+    other = build_plan(mixture(prompts={"one": "a picture of a {0}"}))
+    assert not {s.sample_id for s in plan} & {s.sample_id for s in other}
+
+
+# ----------------------------------------------------------------------- counts
+
+def test_counts_per_class_and_pair():
+    plan = build_plan(mixture())
+    singles = [s for s in plan if len(s.classes) == 1]
+    doubles = [s for s in plan if len(s.classes) == 2]
+    assert len(plan) == 24 and len(singles) == 12 and len(doubles) == 12
+    assert Counter(s.classes[0] for s in singles) == {name: 3 for name in FOUR}
+    pairs = Counter(frozenset(s.classes) for s in doubles)
+    expected = {frozenset((a, b)) for i, a in enumerate(FOUR) for b in FOUR[i + 1:]}
+    assert set(pairs) == expected and len(expected) == 6
+    assert all(n == 2 for n in pairs.values())
+    assert all(len(set(s.classes)) == 2 for s in doubles)
+
+
+def test_only_pairs_and_only_classes():
+    assert all(len(s.classes) == 2 for s in build_plan(recipe(classes=FOUR, per_class=0,
+                                                              per_pair=1, pairs="all")))
+    only = build_plan(recipe(classes=FOUR, per_class=2, pairs="all"))  # per_pair 0: pairs unused
+    assert len(only) == 8 and all(len(s.classes) == 1 for s in only)
+
+
+def test_all_voc_classes():
+    plan = build_plan(recipe())
+    assert len(plan) == 20
+    assert sorted(s.classes[0] for s in plan) == sorted(VOC.names)
+
+
+def test_num_samples_keeps_a_prefix():
+    full = build_plan(mixture(seed=5))
+    short = build_plan(mixture(seed=5, num_samples=5))
+    assert as_tuples(short) == as_tuples(full[:5])
+    assert as_tuples(build_plan(mixture(seed=5, num_samples=100))) == as_tuples(full)
+
+
+# ---------------------------------------------------------------------- prompts
+
+def test_prompt_templates_and_natural_names():
+    plan = build_plan(recipe(classes=["dog", "cat", "diningtable", "pottedplant", "tvmonitor"],
+                             per_class=1, per_pair=2, pairs="all"))
+    prompts = {s.prompt for s in plan}
+    assert "a photograph of a dog" in prompts
+    assert "a photograph of a dining table" in prompts
+    assert "a photograph of a potted plant" in prompts
+    assert "a photograph of a tv monitor" in prompts
+    assert prompts & {"a photograph of a dog and a cat", "a photograph of a cat and a dog"}
+    for s in plan:
+        assert s.class_words == tuple(VOC.lookup(name).natural for name in s.classes)
+        if len(s.classes) == 1:
+            assert s.prompt == f"a photograph of a {s.class_words[0]}"
+        else:
+            assert s.prompt == "a photograph of a {} and a {}".format(*s.class_words)
+        assert "diningtable" not in s.prompt and "pottedplant" not in s.prompt
+        assert "tvmonitor" not in s.prompt
+
+
+def test_custom_templates():
+    plan = build_plan(recipe(classes=["dog", "cat"], per_class=1, per_pair=1, pairs="all",
+                             prompts={"one": "{0} in a field", "two": "{1} chasing {0}"}))
+    prompts = sorted(s.prompt for s in plan)
+    assert "dog in a field" in prompts and "cat in a field" in prompts
+    pair = next(s for s in plan if len(s.classes) == 2)
+    assert pair.prompt == f"{pair.class_words[1]} chasing {pair.class_words[0]}"
+
+
+def test_both_orders_of_pairs():
+    plan = build_plan(recipe(classes=["dog", "cat"], per_class=0, per_pair=20, pairs="all"))
+    orders = Counter(s.classes for s in plan)
+    assert set(orders) == {("dog", "cat"), ("cat", "dog")}
+    assert "a photograph of a dog and a cat" in {s.prompt for s in plan}
+    assert "a photograph of a cat and a dog" in {s.prompt for s in plan}
+
+
+def test_sample_seeds_unique_and_int63():
+    plan = build_plan(recipe(per_class=5, per_pair=1, pairs="all"))
+    seeds = [s.seed for s in plan]
+    assert len(plan) == 100 + 190
+    assert len(set(seeds)) == len(seeds)
+    assert all(isinstance(seed, int) and 0 <= seed < 2**63 for seed in seeds)
+
+
+# ------------------------------------------------------------------- pair files
+
+def test_pairs_file_restricts_pairs(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("# vocabulary: voc\n# source: test\n"
+                    "cat\tdog\t7\n"
+                    "bus\tperson\t3\n"           # person is not selected: skipped
+                    "pottedplant\tcat\t1\n")
+    plan = build_plan(recipe(classes=FOUR, per_class=0, per_pair=3, pairs=str(path)))
+    pairs = Counter(frozenset(s.classes) for s in plan)
+    assert pairs == {frozenset(("cat", "dog")): 3, frozenset(("cat", "pottedplant")): 3}
+
+
+def test_pairs_file_without_usable_pair(tmp_path):
+    path = tmp_path / "pairs.tsv"
+    path.write_text("bus\tperson\n")
+    with pytest.raises(RecipeError, match="no pair") as info:
+        build_plan(recipe(classes=FOUR, per_class=1, per_pair=1, pairs=str(path)))
+    assert "\n" not in str(info.value)
+
+
+def test_pairs_file_errors(tmp_path):
+    with pytest.raises(RecipeError, match="pairs file not found"):
+        build_plan(recipe(classes=FOUR, per_pair=1, pairs=str(tmp_path / "missing.tsv")))
+    path = tmp_path / "bad.tsv"
+    path.write_text("cat\tunicorn\n")
+    with pytest.raises(RecipeError, match=r"bad\.tsv:1"):
+        build_plan(recipe(classes=FOUR, per_pair=1, pairs=str(path)))
+
+
+# ----------------------------------------------------------------- prompt files
+
+def test_prompt_file_with_braces(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# complicated prompts\n\n"
+                    "a photograph of a {bus} crossing a busy street\n"
+                    "a {potted plant} on a windowsill and a {cat} asleep\n")
+    plan = build_plan(recipe(classes=["bus", "dog"], per_class=4, prompts={"file": str(path)}))
+    buses = [s for s in plan if s.classes == ("bus",)]
+    dogs = [s for s in plan if s.classes == ("dog",)]
+    assert len(buses) == 4 and len(dogs) == 4
+    for s in buses:
+        assert s.prompt == "a photograph of a bus crossing a busy street"
+        assert s.class_words == ("bus",)
+    for s in dogs:  # no hand-written prompt: the template
+        assert s.prompt == "a photograph of a dog"
+
+
+def test_prompt_file_parsing(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a {potted plant} on a windowsill and a {Cat} asleep\n")
+    (prompt,) = load_prompt_file(path, VOC)
+    assert prompt.text == "a potted plant on a windowsill and a Cat asleep"
+    assert prompt.classes == ("pottedplant", "cat") and prompt.words == ("potted plant", "Cat")
+
+
+def test_prompt_file_pair_prompt(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a {cat} sleeping on a {dog}\n")
+    plan = build_plan(recipe(classes=["dog", "cat"], per_class=1, per_pair=3, pairs="all",
+                             prompts={"file": str(path)}))
+    doubles = [s for s in plan if len(s.classes) == 2]
+    assert len(doubles) == 3
+    assert all(s.prompt == "a cat sleeping on a dog" and s.classes == ("cat", "dog") for s in doubles)
+
+
+def test_prompt_file_unknown_class(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photograph of a {bus}\n# comment\na {unicorn} in a field\n")
+    with pytest.raises(RecipeError) as info:
+        build_plan(recipe(classes=["bus"], prompts={"file": str(path)}))
+    message = str(info.value)
+    assert f"{path}:3" in message and "unicorn" in message and "\n" not in message
+
+
+def test_prompt_file_line_without_braces(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a photograph of a bus\n")
+    with pytest.raises(RecipeError, match=r"prompts\.txt:1: no class in braces"):
+        build_plan(recipe(classes=["bus"], prompts={"file": str(path)}))
+
+
+def test_prompt_file_missing(tmp_path):
+    with pytest.raises(RecipeError, match="prompts file not found"):
+        build_plan(recipe(classes=["bus"], prompts={"file": str(tmp_path / "nope.txt")}))
+
+
+# ------------------------------------------------------------------------ splits
+
+def test_seen_split_excludes_unseen_classes():
+    unseen = {"tvmonitor", "car", "dog", "sofa", "train"}
+    r = recipe(classes="seen", split=1, per_class=2)
+    assert set(selected_classes(r, VOC)) == set(VOC.names) - unseen
+    plan = build_plan(r)
+    assert len(plan) == 30
+    assert not {name for s in plan for name in s.classes} & unseen
+    assert {name for s in plan for name in s.classes} == set(VOC.names) - unseen
+
+
+def test_unseen_split_with_pairs():
+    plan = build_plan(recipe(classes="unseen", split=1, per_class=1, per_pair=1, pairs="all"))
+    assert {name for s in plan for name in s.classes} == {"tvmonitor", "car", "dog", "sofa", "train"}
+    assert len(plan) == 5 + 10

@@ -1,0 +1,298 @@
+import argparse
+from pathlib import Path
+
+import pytest
+
+from factory.recipe import (RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe,
+                            recipe_from_args)
+
+RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
+
+
+def parse(argv):
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser)
+    return recipe_from_args(parser.parse_args(argv))
+
+
+def recipe_error(overrides, recipe="tiny"):
+    """The RecipeError message of a recipe that must not build; always one line."""
+    with pytest.raises(RecipeError) as info:
+        load_recipe(recipe, overrides)
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message and message
+    return message
+
+
+# ------------------------------------------------------------------ YAML recipes
+
+def test_recipe_folder_has_the_default():
+    assert RECIPE_DIR == Path(__file__).resolve().parents[1] / "jobs" / "recipes"
+    assert "tiny" in [p.stem for p in RECIPES]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_validates(path):
+    by_name = load_recipe(path.stem)
+    by_path = load_recipe(str(path))
+    assert isinstance(by_name, Recipe)
+    assert by_name.name == path.stem  # name defaults to the file's stem
+    assert by_name == by_path
+    assert by_name.output == by_name.out or by_name.output == f"outputs/{by_name.name}"
+
+
+def test_tiny_recipe_values():
+    recipe = load_recipe()
+    assert recipe.name == "tiny" and recipe.vocabulary == "voc" and recipe.classes == "all"
+    assert recipe.generator.model == "tiny" and recipe.labeler.model == "tiny"
+    assert (recipe.generator.height, recipe.generator.width) == (64, 64)
+    assert recipe.output == "outputs/tiny"
+
+
+def test_recipe_by_explicit_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("classes: [dog, cat]\nper_class: 2\ngenerator: {steps: 2}\n")
+    recipe = load_recipe(str(path))
+    assert recipe.name == "mine"
+    assert recipe.classes == ["dog", "cat"] and recipe.per_class == 2 and recipe.generator.steps == 2
+
+
+def test_recipe_file_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(str(path))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("classes: [dog\nper_class: : :\n")
+    with pytest.raises(RecipeError, match="not valid YAML") as info:
+        load_recipe(str(bad))
+    assert "\n" not in str(info.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(str(tmp_path / "nope.yaml"))
+
+
+# -------------------------------------------------------------------- overrides
+
+def test_dotted_overrides():
+    recipe = load_recipe("tiny", {"generator.steps": 3, "labeler.score_threshold": 0.25,
+                                  "generator.pool.max_size": 2, "seed": 7})
+    assert recipe.generator.steps == 3
+    assert recipe.labeler.score_threshold == 0.25
+    assert recipe.generator.pool.max_size == 2
+    assert recipe.seed == 7
+    # Fields not overridden keep the recipe's values.
+    assert recipe.generator.height == 64 and recipe.labeler.on_missing == "ignore"
+
+
+def test_override_into_a_value_that_is_not_a_section():
+    message = recipe_error({"seed.value": 1})
+    assert "seed" in message
+
+
+def test_classes_comma_form():
+    recipe = load_recipe("tiny", {"classes": "dog,cat"})
+    assert recipe.classes == ["dog", "cat"]
+    recipe = load_recipe("tiny", {"classes": " dog , potted plant ,"})
+    assert recipe.classes == ["dog", "potted plant"]
+    assert load_recipe("tiny", {"classes": "dog"}).classes == ["dog"]
+    assert load_recipe("tiny", {"classes": "all"}).classes == "all"
+
+
+# ------------------------------------------------------------- one-line errors
+
+def test_unknown_field():
+    assert "bogus" in recipe_error({"bogus": 1})
+    message = recipe_error({"generator.bogus": 1})
+    assert "generator.bogus" in message and "Extra inputs" in message
+
+
+def test_wrong_type():
+    message = recipe_error({"generator.steps": "many"})
+    assert "generator.steps" in message and "integer" in message
+
+
+def test_negative_per_class():
+    message = recipe_error({"per_class": -1})
+    assert "per_class" in message
+
+
+def test_nothing_to_plan():
+    message = recipe_error({"per_class": 0, "per_pair": 0})
+    assert "per_class and per_pair are both 0" in message
+
+
+def test_unknown_class():
+    message = recipe_error({"classes": ["dog", "unicorn"]})
+    assert "unknown class 'unicorn'" in message and "voc" in message
+    # A close spelling gets a suggestion.
+    assert "did you mean" in recipe_error({"classes": ["dgo"]})
+
+
+def test_empty_class_list():
+    assert "empty" in recipe_error({"classes": []})
+    assert "empty" in recipe_error({"classes": ","})
+
+
+def test_seen_without_split():
+    message = recipe_error({"classes": "seen"})
+    assert "split" in message
+    assert "split" in recipe_error({"classes": "unseen"})
+
+
+def test_unknown_split():
+    message = recipe_error({"classes": "seen", "split": 4})
+    assert "unknown split 4" in message and "1, 2, 3" in message
+
+
+def test_threshold_out_of_range():
+    message = recipe_error({"labeler.score_threshold": 1.5})
+    assert "labeler.score_threshold" in message
+    assert "labeler.mask_threshold" in recipe_error({"labeler.mask_threshold": -0.1})
+
+
+def test_ignore_threshold_must_be_below_score_threshold():
+    message = recipe_error({"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.5})
+    assert "ignore_threshold" in message
+    assert "ignore_threshold" in recipe_error({"labeler.score_threshold": 0.5,
+                                               "labeler.ignore_threshold": 0.7})
+    ok = load_recipe("tiny", {"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.2})
+    assert ok.labeler.ignore_threshold == 0.2
+
+
+def test_per_pair_needs_pairs():
+    message = recipe_error({"per_pair": 2, "pairs": None})
+    assert "per_pair" in message and "pairs" in message
+
+
+def test_unknown_recipe_name():
+    message = recipe_error({}, recipe="no-such-recipe")
+    assert "unknown recipe 'no-such-recipe'" in message and "tiny" in message
+
+
+def test_real_labeler_needs_weights():
+    message = recipe_error({"labeler.model": "maskrcnn_resnet50_fpn_v2"})
+    assert "weights" in message
+    ok = load_recipe("tiny", {"labeler.model": "maskrcnn_resnet50_fpn_v2",
+                              "labeler.weights": "/models/maskrcnn.safetensors"})
+    assert ok.labeler.weights == "/models/maskrcnn.safetensors"
+
+
+def test_unknown_labeler_model():
+    assert "labeler.model" in recipe_error({"labeler.model": "yolo"})
+
+
+@pytest.mark.parametrize("field,template", [
+    ("one", "a photograph"),                 # no placeholder at all
+    ("two", "a photograph of a {0}"),        # the second class never named
+    ("two", "a photograph"),
+    ("one", "a photograph of a {name}"),     # named, not positional
+    ("one", "a photograph of a {1}"),        # index out of range
+    ("one", "a photograph of a {"),          # malformed
+])
+def test_template_without_placeholders(field, template):
+    message = recipe_error({f"prompts.{field}": template})
+    assert f"template {field!r}" in message and "placeholder" in message
+
+
+def test_templates_with_placeholders():
+    recipe = load_recipe("tiny", {"prompts.one": "{0}, a photo", "prompts.two": "{1} next to {0}"})
+    assert recipe.prompts.two.format("dog", "cat") == "cat next to dog"
+
+
+def test_bad_pool_and_name():
+    assert "max_size" in recipe_error({"generator.pool.min_size": 3, "generator.pool.max_size": 2})
+    assert "name" in recipe_error({"name": "has spaces"})
+    assert "generator.height" in recipe_error({"generator.height": 100})  # not a multiple of 8
+
+
+# --------------------------------------------------------------- command line
+
+def test_argparse_overrides():
+    recipe = parse(["--generator.steps", "3", "--out", "/tmp/x", "--num-samples", "5"])
+    assert recipe.generator.steps == 3
+    assert recipe.out == "/tmp/x" and recipe.output == "/tmp/x"
+    assert recipe.num_samples == 5
+    assert recipe.name == "tiny"
+
+
+def test_argparse_underscore_and_dash_forms():
+    assert parse(["--num_samples", "7"]).num_samples == 7
+    assert parse(["--num-samples", "7"]).num_samples == 7
+    assert parse(["--generator.batch_size", "2"]).generator.batch_size == 2
+    assert parse(["--generator.batch-size", "2"]).generator.batch_size == 2
+    assert parse(["--labeler.pool.max-size", "3"]).labeler.pool.max_size == 3
+
+
+def test_argparse_without_overrides_is_the_recipe():
+    assert parse([]) == load_recipe("tiny")
+
+
+def test_argparse_yaml_values():
+    recipe = parse(["--classes", "dog,cat", "--labeler.ignore-threshold", "0.001",
+                    "--prompts.two", "a {0} and a {1}"])
+    assert recipe.classes == ["dog", "cat"]
+    assert recipe.labeler.ignore_threshold == 0.001
+    assert recipe.prompts.two == "a {0} and a {1}"
+    assert parse(["--classes", "[dog, cat]"]).classes == ["dog", "cat"]
+    assert parse(["--labeler.weights", "null"]).labeler.weights is None
+
+
+def test_argparse_recipe_path_and_errors(tmp_path):
+    path = tmp_path / "other.yaml"
+    path.write_text("classes: [bus]\nper_class: 4\n")
+    recipe = parse(["--recipe", str(path), "--per-class", "2"])
+    assert recipe.name == "other" and recipe.classes == ["bus"] and recipe.per_class == 2
+    with pytest.raises(RecipeError) as info:
+        parse(["--generator.steps", "0"])
+    assert "generator.steps" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_argparse_rejects_unknown_option():
+    parser = argparse.ArgumentParser()
+    add_recipe_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--generator.stepz", "3"])
+
+
+# ----------------------------------------------------------------- content key
+
+BASE = {"seed": 1}
+
+
+@pytest.mark.parametrize("overrides", [
+    {"out": "/tmp/elsewhere"},
+    {"out": "s3://bucket/prefix"},
+    {"num_samples": 5},
+    {"num_samples": None},
+    {"generator.batch_size": 1},
+    {"labeler.batch_size": 2},
+    {"generator.pool.max_size": 4},
+    {"labeler.pool.min_size": 2, "labeler.pool.max_size": 3},
+    {"writer.preview_samples": 0},
+], ids=lambda o: ",".join(o))
+def test_content_key_ignores_run_settings(overrides):
+    assert load_recipe("tiny", {**BASE, **overrides}).content_key() == load_recipe("tiny", BASE).content_key()
+
+
+@pytest.mark.parametrize("overrides", [
+    {"seed": 2},
+    {"generator.steps": 11},
+    {"labeler.score_threshold": 0.3},
+    {"labeler.ignore_threshold": 0.001},
+    {"generator.guidance_scale": 7.5},
+    {"classes": "dog,cat"},
+    {"per_class": 2},
+    {"prompts.one": "a picture of a {0}"},
+    {"writer.image_format": "jpeg"},
+], ids=lambda o: ",".join(o))
+def test_content_key_follows_content(overrides):
+    assert load_recipe("tiny", {**BASE, **overrides}).content_key() != load_recipe("tiny", BASE).content_key()
+
+
+def test_content_key_is_stable():
+    key = load_recipe("tiny").content_key()
+    assert key == load_recipe("tiny").content_key()
+    assert len(key) == 16 and int(key, 16) >= 0
