@@ -97,7 +97,7 @@ def load_pipeline(source: str, device: torch.device | str = "cpu",
         pipe = tiny_pipeline()
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
-            local_copy(source), torch_dtype=dtype, use_safetensors=True,
+            local_copy(source), dtype=dtype, use_safetensors=True,
             safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = _sd_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -46,13 +46,14 @@ def label_classes(detections: Detections, classes: list[ClassInfo], *, score_thr
     """
     height, width = detections.masks.shape[1:]  # (K, H, W) even when K is 0
     binary = detections.masks >= mask_threshold
-    best = np.zeros((height, width), np.float32)
+    best = np.full((height, width), -1.0, np.float32)  # below any score, so a 0.0 instance still owns pixels
     owner = np.full((height, width), -1, np.int64)
     ignore = np.zeros((height, width), bool)
     labels = []
     for position, info in enumerate(classes):
         of_class = detections.coco_ids == info.coco_id
-        kept = of_class & (detections.scores >= score_threshold)
+        # an instance whose mask is empty after thresholding says nothing about where the class is
+        kept = of_class & (detections.scores >= score_threshold) & binary.any(axis=(1, 2))
         mask = np.zeros((height, width), bool)
         for k in np.flatnonzero(kept):
             mask |= binary[k]

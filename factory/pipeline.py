@@ -109,7 +109,7 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
     vocabulary = get_vocabulary(recipe.vocabulary)
     resources = _accelerator_resources(recipe)
     gen, lab, writer = recipe.generator, recipe.labeler, recipe.writer
-    rows = [{k: v for k, v in asdict(s).items()} for s in todo]
+    rows = [asdict(s) for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
     ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen}, batch_size=gen.batch_size,
                         compute=_pool(gen), batch_format="numpy", **resources)

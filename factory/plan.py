@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from factory.label import MAX_CLASSES
 from factory.pairs import all_pairs, load_pairs
 from factory.recipe import RECIPE_DIR, Recipe, RecipeError
 from factory.vocab import Vocabulary, get_vocabulary
@@ -88,6 +89,8 @@ def load_prompt_file(path: Path, vocabulary: Vocabulary) -> list[Prompt]:
         words = tuple(_BRACED.findall(line))
         if not words:
             raise RecipeError(f"{path}:{number}: no class in braces: {line!r}")
+        if len(words) > MAX_CLASSES:
+            raise RecipeError(f"{path}:{number}: {len(words)} classes; a prompt may name at most {MAX_CLASSES}")
         try:
             classes = tuple(vocabulary.lookup(word).name for word in words)
         except ValueError as exc:

@@ -29,7 +29,8 @@ def _tile(array: np.ndarray) -> Image.Image:
 
 
 def render_preview(rows: list[dict]) -> Image.Image:
-    """rows: dataset rows (image, label, classes, found, scores); two tiles each plus a caption."""
+    """rows: dataset rows; each gets its image, the image with its label map, and a caption
+    of the prompt and each class (colour swatch, name, score or 'missing')."""
     font = ImageFont.load_default()
     caption = 34
     columns = 4
@@ -43,10 +44,14 @@ def render_preview(rows: list[dict]) -> Image.Image:
         label = decode_png(row["label"]["bytes"])
         sheet.paste(_tile(image), (x, y))
         sheet.paste(_tile(overlay(image, label)), (x + TILE, y))
-        parts = [f"{name} {score:.2f}" if found else f"{name} missing"
-                 for name, found, score in zip(row["classes"], row["found"], row["scores"])]
-        draw.text((x + 2, y + TILE + 2), row["prompt"][:58], fill="black", font=font)
-        draw.text((x + 2, y + TILE + 17), ", ".join(parts)[:58], fill="dimgray", font=font)
+        draw.text((x + 2, y + TILE + 2), row["prompt"][:60], fill="black", font=font)
+        cursor = x + 2
+        for name, index, found, score in zip(row["classes"], row["class_indices"], row["found"], row["scores"]):
+            # a swatch in the class's overlay colour, then its name and score
+            draw.rectangle((cursor, y + TILE + 19, cursor + 9, y + TILE + 28), fill=tuple(_COLORS[index]))
+            text = f"{name} {score:.2f}" if found else f"{name} missing"
+            draw.text((cursor + 13, y + TILE + 17), text, fill="black" if found else "firebrick", font=font)
+            cursor += 13 + int(draw.textlength(text, font=font)) + 10
     return sheet
 
 

@@ -105,6 +105,8 @@ class LabelerConfig(_Section):
                              f"score_threshold {self.score_threshold}")
         if self.model != "tiny" and self.weights is None:
             raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
+        if self.model == "tiny" and self.weights == "torchvision":
+            raise ValueError("weights: torchvision needs a torchvision architecture, not the tiny model")
         return self
 
 
@@ -168,14 +170,15 @@ class Recipe(_Section):
         return self.out or f"outputs/{self.name}"
 
     def content_key(self) -> str:
-        """Hash of every field that decides what a sample contains.
+        """Hash of every field that decides what a sample contains; part of sample ids.
 
-        Resuming into an existing output requires the same key; the fields left out
-        (output, sample count, batch and pool sizes, preview) may change between runs.
+        Resuming into an existing output requires the same key. Left out, and free to
+        change between runs: name, output, sample count, batch and pool sizes, file sizes.
         """
-        data = self.model_dump(mode="json", exclude={"out": True, "num_samples": True, "writer": {"preview_samples"},
-                                                     "generator": {"pool", "batch_size"},
-                                                     "labeler": {"pool", "batch_size"}})
+        data = self.model_dump(mode="json", exclude={
+            "name": True, "out": True, "num_samples": True,
+            "writer": {"rows_per_file", "preview_samples"},
+            "generator": {"pool", "batch_size"}, "labeler": {"pool", "batch_size"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -228,14 +231,16 @@ def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | 
 
 
 def _fields(model: type[BaseModel], prefix: str = ""):
-    """(dotted name, description) of every leaf field, sections recursed."""
+    """(dotted name, field) of every leaf field, sections recursed."""
     for name, field in model.model_fields.items():
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _fields(annotation, f"{prefix}{name}.")
         else:
-            default = field.default
-            yield f"{prefix}{name}", f"{field.description or ''} (default: {default!r})"
+            yield f"{prefix}{name}", field
+
+
+_TEXT_FIELDS = {dotted: field.annotation for dotted, field in _fields(Recipe) if field.annotation in (str, str | None)}
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -244,20 +249,30 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"recipe name in jobs/recipes/ or a YAML path (default: {DEFAULT_RECIPE})")
     group = parser.add_argument_group("recipe fields (override the recipe; values are YAML, "
                                       "e.g. --classes '[dog, cat]')")
-    for dotted, help_text in _fields(Recipe):
+    for dotted, field in _fields(Recipe):
         flags = [f"--{dotted.replace('_', '-')}"]
         if "_" in dotted:
             flags.append(f"--{dotted}")
+        help_text = f"{field.description or ''} (default: {field.default!r})"
         group.add_argument(*flags, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
                            help=help_text.replace("%", "%%"))
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """The recipe with the command line's overrides. Text fields are taken verbatim
+    (`--out no` is a folder named "no"; `null` unsets an optional one), others are
+    parsed as YAML (`--classes [dog, cat]`)."""
     overrides = {}
     for key, value in vars(args).items():
-        if key.startswith("field:"):
+        if not key.startswith("field:"):
+            continue
+        dotted = key.removeprefix("field:")
+        if _TEXT_FIELDS.get(dotted) == str | None and value == "null":
+            value = None
+        elif dotted not in _TEXT_FIELDS:
             try:
-                overrides[key.removeprefix("field:")] = yaml.safe_load(value)
+                value = yaml.safe_load(value)
             except yaml.YAMLError:
-                overrides[key.removeprefix("field:")] = value
+                pass  # left as text: validation says what is wrong with it
+        overrides[dotted] = value
     return load_recipe(args.recipe, overrides)

@@ -283,3 +283,15 @@ def test_label_stage_policy_with_a_stub_detector():
         assert out["found"][1].tolist() == [False, True]
         assert empty.shape == (size, size) and (empty == IGNORE).all()
         assert out["class_bits"][0][0, 0] == 1 and out["class_bits"][0][0, 7] == 2
+
+
+def test_kept_instance_with_an_empty_mask_does_not_count_as_found():
+    faint = box(0, 4, 0, 4, value=0.2)  # below the mask threshold everywhere
+    (dog,), label = run(detections((18, 0.9, faint)), [DOG])
+    assert not dog.found and dog.instances == 0
+    assert (label == IGNORE).all()  # missing class: no pixel may be called background
+
+
+def test_instance_with_score_zero_still_owns_its_pixels():
+    (dog,), label = run(detections((18, 0.0, box(0, 2, 0, 2))), [DOG], score=0.0)
+    assert dog.found and (label[:2, :2] == 12).all()

@@ -238,3 +238,11 @@ def test_unseen_split_with_pairs():
     plan = build_plan(recipe(classes="unseen", split=1, per_class=1, per_pair=1, pairs="all"))
     assert {name for s in plan for name in s.classes} == {"tvmonitor", "car", "dog", "sofa", "train"}
     assert len(plan) == 5 + 10
+
+
+def test_prompt_file_with_too_many_classes(tmp_path):
+    path = tmp_path / "crowded.txt"
+    names = ["dog", "cat", "bus", "car", "cow", "sheep", "horse", "bird", "boat"]
+    path.write_text("a photograph of " + " and ".join(f"{{{n}}}" for n in names) + "\n")
+    with pytest.raises(RecipeError, match="at most 8"):
+        build_plan(load_recipe("tiny", {"prompts": {"file": str(path)}}))

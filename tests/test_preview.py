@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 from factory.preview import TILE, overlay, preview_png, render_preview
+from factory.vocab import VOC
 from factory.write import PALETTE, encode_image, encode_label
 
 COLOURS = np.array(PALETTE, np.uint8).reshape(256, 3)
@@ -20,7 +21,8 @@ def hand_made(seed, classes, found, scores, label_values, image_format="png"):
     label[-4:, -4:] = 255
     row = {"image": {"bytes": encode_image(image, image_format), "path": None},
            "label": {"bytes": encode_label(label), "path": None},
-           "classes": classes, "found": found, "scores": scores,
+           "classes": classes, "class_indices": [VOC.lookup(name).index for name in classes],
+           "found": found, "scores": scores,
            "prompt": f"a photograph of a {' and a '.join(classes)}"}
     return row, image, label
 

@@ -296,3 +296,15 @@ def test_content_key_is_stable():
     key = load_recipe("tiny").content_key()
     assert key == load_recipe("tiny").content_key()
     assert len(key) == 16 and int(key, 16) >= 0
+
+
+def test_text_fields_are_taken_verbatim_from_the_command_line():
+    assert parse(["--out", "no"]).out == "no"  # YAML would have made it False
+    assert parse(["--name", "2024"]).name == "2024"
+    assert parse(["--prompts.one", "{0}"]).prompts.one == "{0}"
+    assert parse(["--prompts.file", "null"]).prompts.file is None
+
+
+def test_torchvision_weights_need_a_torchvision_architecture():
+    with pytest.raises(RecipeError, match="weights: torchvision needs a torchvision architecture"):
+        load_recipe("tiny", {"labeler.weights": "torchvision"})
