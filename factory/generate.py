@@ -10,6 +10,7 @@ Both get a DDIM scheduler (eta 0), as in the papers.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter
 
@@ -20,7 +21,8 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from factory.devices import pick_device, pick_dtype
-from factory.recipe import GeneratorConfig
+from factory.features import FeatureCapture, capture_call_index
+from factory.recipe import CaptureConfig, GeneratorConfig
 from factory.storage import local_copy
 from factory.vocab import COCO, VOC
 
@@ -117,18 +119,42 @@ def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int]
 
 
 class GenerateStage:
-    """Ray Data actor: one pipeline per actor (one GPU each when the cluster has GPUs)."""
+    """Ray Data actor: one pipeline per actor (one GPU each when the cluster has GPUs).
 
-    def __init__(self, config: GeneratorConfig):
-        self.config = config
+    With capture on, the same generation call also yields the U-Net's features (or
+    the latent they come from) at the capture step.
+    """
+
+    def __init__(self, config: GeneratorConfig, capture: CaptureConfig | None = None):
+        self.config, self.capture = config, capture or CaptureConfig()
         device = pick_device()
         self.pipe = load_pipeline(config.model, device, pick_dtype(config.dtype, device))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        c = self.config
-        images = generate(self.pipe, list(batch["prompt"]), list(batch["seed"]), steps=c.steps,
-                          guidance_scale=c.guidance_scale, height=c.height, width=c.width)
-        batch["image"] = images
-        batch["generate_seconds"] = np.full(len(images), (time.perf_counter() - start) / len(images))
+        c, capture = self.config, self.capture
+        n = len(batch["prompt"])
+        with contextlib.ExitStack() as stack:
+            hooks = None
+            if capture.features != "none":
+                hooks = stack.enter_context(FeatureCapture(
+                    self.pipe.unet, capture_call_index(c.steps, capture.step), batch=n,
+                    keep_unconditional=capture.unconditional))
+            batch["image"] = generate(self.pipe, list(batch["prompt"]), list(batch["seed"]), steps=c.steps,
+                                      guidance_scale=c.guidance_scale, height=c.height, width=c.width)
+        if hooks is not None:
+            batch["timestep"] = np.full(n, hooks.timestep, np.int64)
+            if capture.features == "latent":
+                batch["latent"] = _fp16(hooks.latent)
+            else:
+                for r, tensor in hooks.features.items():
+                    batch[f"features_{r}"] = _fp16(tensor)
+                if capture.unconditional:
+                    for r, tensor in hooks.unconditional.items():
+                        batch[f"ufeatures_{r}"] = _fp16(tensor)
+        batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)
         return batch
+
+
+def _fp16(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.float().cpu().numpy().astype(np.float16)

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import ray
 
 from factory.detect import TORCHVISION_WEIGHTS
+from factory.features import capture_call_index
 from factory.generate import TINY, GenerateStage
 from factory.label import LabelStage
 from factory.plan import Sample, build_plan, plan_digest
@@ -111,7 +112,8 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
     gen, lab, writer = recipe.generator, recipe.labeler, recipe.writer
     rows = [asdict(s) for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
-    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen}, batch_size=gen.batch_size,
+    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen, "capture": recipe.capture},
+                        batch_size=gen.batch_size,
                         compute=_pool(gen), batch_format="numpy", **resources)
     ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
                             "config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width)},
@@ -194,8 +196,20 @@ def build_manifest(prepared: Prepared, commits: list[Commit]) -> dict:
         "models": {"generator": recipe.generator.model, "labeler": _labeler_id(recipe)},
         "versions": _versions(),
         "counts": {"planned": len(plan), "written": sum(f["rows"] for f in files), "dropped": dropped},
+        "capture": _capture_info(recipe, commits),
         "files": files,
     }
+
+
+def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:
+    """How to read the triplet columns: mode, step and the fp16 array shape of each column."""
+    capture = recipe.capture
+    if capture.features == "none":
+        return None
+    shapes = next((c.capture_shapes for c in commits if c.capture_shapes), {})
+    return {"features": capture.features, "steps_remaining": capture.step,
+            "unet_call": capture_call_index(recipe.generator.steps, capture.step),
+            "dtype": "float16", "shapes": shapes}
 
 
 def _preview(prepared: Prepared, files: list[dict]) -> str | None:

@@ -110,6 +110,14 @@ class LabelerConfig(_Section):
         return self
 
 
+class CaptureConfig(_Section):
+    features: Literal["none", "latent", "tensors"] = Field(
+        "none", description="U-Net features for grounding triplets: 'latent' stores the capture call's "
+        "latent (features are one U-Net pass away, ~1000x smaller), 'tensors' the features themselves (fp16)")
+    step: int = Field(5, ge=1, description="denoising steps remaining at capture (the paper's t; best: 5 of 50)")
+    unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
+
+
 class WriterConfig(_Section):
     rows_per_file: int = Field(64, ge=1, le=100_000, description="samples per Parquet file")
     image_format: Literal["png", "jpeg"] = Field("png", description="encoding of the generated image")
@@ -136,6 +144,7 @@ class Recipe(_Section):
     prompts: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()
     labeler: LabelerConfig = LabelerConfig()
+    capture: CaptureConfig = CaptureConfig()
     writer: WriterConfig = WriterConfig()
 
     @field_validator("classes", mode="before")
@@ -163,6 +172,10 @@ class Recipe(_Section):
             raise ValueError("per_class and per_pair are both 0: the plan would be empty")
         if self.per_pair > 0 and self.pairs is None:
             raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
+        if self.capture.features != "none" and self.capture.step > self.generator.steps:
+            raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
+        if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
+            raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self
 
     @property

@@ -107,6 +107,13 @@ def _struct(data: bytes) -> dict:
     return {"bytes": data, "path": None}
 
 
+def capture_columns(batch) -> list[str]:
+    """Names of the optional U-Net capture columns present in a batch or table."""
+    names = batch.keys() if isinstance(batch, dict) else batch.column_names
+    return [name for name in names
+            if name in ("timestep", "latent") or name.startswith(("features_", "ufeatures_"))]
+
+
 def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_quality: int,
                  class_indices: dict[str, int], generator: str, labeler: str) -> pa.Table:
     """Ray Data stage: arrays to encoded rows (SCHEMA) plus bookkeeping columns."""
@@ -135,7 +142,16 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_qualit
         "labeler": [labeler] * n,
     }
     table = pa.table(columns, schema=SCHEMA)
+    shapes = {}
+    for name in capture_columns(batch):  # grounding triplets: fp16 C x H x W per row
+        if name == "timestep":
+            table = table.append_column(name, pa.array(batch[name], pa.int64()))
+            continue
+        shapes[name] = list(batch[name].shape[1:])
+        table = table.append_column(name, pa.array([np.ascontiguousarray(a).tobytes() for a in batch[name]],
+                                                   pa.binary()))
     encode_seconds = (time.perf_counter() - start) / n
+    table = table.append_column("capture_shapes", pa.array([json.dumps(shapes)] * n, pa.string()))
     return (table.append_column("drop_reason", pa.array(list(batch["drop_reason"]), pa.string()))
             .append_column("generate_seconds", pa.array(batch["generate_seconds"], pa.float64()))
             .append_column("label_seconds", pa.array(batch["label_seconds"], pa.float64()))
@@ -153,6 +169,7 @@ class Commit:
     written: list[str]
     dropped: dict[str, str]  # sample_id -> reason
     seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage
+    capture_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-row array shapes of capture columns
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -178,7 +195,7 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
                     written=kept.column("sample_id").to_pylist(),
                     dropped={i: r for i, r in zip(ids, reasons) if r})
     if kept.num_rows:
-        table = kept.select(SCHEMA.names).replace_schema_metadata(metadata)
+        table = kept.select(SCHEMA.names + capture_columns(kept)).replace_schema_metadata(metadata)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=len(table))
         data = sink.getvalue().to_pybytes()
@@ -188,6 +205,7 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
     commit.seconds = {stage: float(np.sum(batch.column(f"{stage}_seconds").to_numpy()))
                       for stage in ("generate", "label", "encode")}
     commit.seconds["write"] = time.perf_counter() - start
+    commit.capture_shapes = json.loads(batch.column("capture_shapes")[0].as_py())
     location.write_bytes(f"{COMMIT_DIR}/{name}.json", commit.to_json())
     return pa.table({"commit": [commit.to_json().decode()]})
 

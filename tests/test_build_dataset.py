@@ -142,6 +142,11 @@ def test_rerun_of_a_finished_build_does_nothing_and_other_recipe_is_refused(ray_
     assert "holds a dataset of a different recipe" in capsys.readouterr().err
 
 
+def our_lines(stream: str) -> list[str]:
+    """The job's own lines: Ray's background threads may log into the same captured stream."""
+    return [line for line in stream.splitlines() if line.startswith("build_dataset:")]
+
+
 def _models_must_not_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline started although the input was bad")
@@ -161,22 +166,22 @@ def test_bad_input_fails_in_one_line_before_any_model_loads(args, message, tmp_p
     _models_must_not_load(monkeypatch)
     out = tmp_path / "never"
     assert build_dataset.main(["--out", str(out), *args]) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    (line,) = our_lines(capsys.readouterr().err)
+    assert message in line
     assert not out.exists()
 
 
 def test_missing_and_unreachable_buckets_fail_fast(s3_endpoint, monkeypatch, capsys):
     _models_must_not_load(monkeypatch)
     assert build_dataset.main(["--out", "s3://no-such-bucket/x"]) == 2
-    assert capsys.readouterr().err.strip() == "build_dataset: error: bucket 'no-such-bucket' does not exist"
+    assert our_lines(capsys.readouterr().err) == ["build_dataset: error: bucket 'no-such-bucket' does not exist"]
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     storage.s3_filesystem.cache_clear()
     try:
         assert build_dataset.main(["--out", "s3://any-bucket/x"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith("build_dataset: error: cannot reach bucket 'any-bucket'") and err.count("\n") == 1
+        (line,) = our_lines(capsys.readouterr().err)
+        assert line.startswith("build_dataset: error: cannot reach bucket 'any-bucket'")
     finally:
         storage.s3_filesystem.cache_clear()
 
@@ -188,3 +193,18 @@ def test_help_documents_every_recipe_field(capsys):
     for flag in ("--recipe", "--out", "--num-samples", "--seed", "--generator.steps", "--labeler.score-threshold",
                  "--labeler.on-missing", "--writer.rows-per-file", "--prompts.file", "--pairs"):
         assert flag in text
+
+
+def test_triplet_build_stores_the_capture_latent(ray_cluster, tmp_path):
+    out = tmp_path / "triplets"
+    args = ["--out", str(out), "--num-samples", "4", "--generator.steps", "4", "--capture.features", "latent",
+            "--capture.step", "2", "--writer.preview-samples", "0"]
+    assert build_dataset.main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["capture"] == {"features": "latent", "steps_remaining": 2, "unet_call": 2, "dtype": "float16",
+                                   "shapes": {"latent": [4, 32, 32]}}
+    rows = read_rows(out)
+    assert len(rows) == 4 and len({r["timestep"] for r in rows}) == 1
+    for row in rows:
+        latent = np.frombuffer(row["latent"], np.float16).reshape(4, 32, 32)
+        assert np.isfinite(latent).all() and latent.std() > 0

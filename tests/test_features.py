@@ -1,0 +1,98 @@
+import numpy as np
+import pytest
+import torch
+
+from factory.features import (FeatureCapture, capture_call_index, capture_modules, feature_channels,
+                              from_fp16_bytes, to_fp16_bytes, unet_features)
+from factory.generate import GenerateStage, generate, tiny_pipeline
+from factory.recipe import CaptureConfig, GeneratorConfig
+
+PROMPTS = ["a photograph of a dog", "a photograph of a cat and a sofa", "a photograph of a bus"]
+SEEDS = [11, 22, 33]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def run(pipe, prompts, seeds, call, **kwargs):
+    with FeatureCapture(pipe.unet, call, batch=len(prompts), **kwargs) as capture:
+        images = generate(pipe, prompts, seeds, steps=STEPS, guidance_scale=5.0, height=64, width=64)
+    return capture, images
+
+
+def test_call_index_counts_steps_before_the_end():
+    assert capture_call_index(50, 5) == 45  # the paper's t=5 of 50
+    assert capture_call_index(50, 50) == 0 and capture_call_index(50, 1) == 49
+    with pytest.raises(ValueError, match="outside 1..50"):
+        capture_call_index(50, 51)
+
+
+def test_features_are_grouped_by_resolution_for_each_sample(pipe):
+    capture, _ = run(pipe, PROMPTS, SEEDS, call=2)
+    # tiny U-Net: 32x32 latent, one down level; input, middle and output blocks all captured
+    assert feature_channels(capture.features) == {16: 288, 32: 192}
+    assert all(t.shape[0] == 3 and t.shape[-1] == r for r, t in capture.features.items())
+    assert capture.latent.shape == (3, 4, 32, 32)
+    assert capture.timestep == int(pipe.scheduler.timesteps[2])
+    assert capture.calls == STEPS
+
+
+def test_sample_features_do_not_depend_on_batch_mates(pipe):
+    """The reference code mixed samples up for batch > 1; sample i must be sample i."""
+    batched, _ = run(pipe, PROMPTS, SEEDS, call=1)
+    for i in range(3):
+        alone, _ = run(pipe, PROMPTS[i:i + 1], SEEDS[i:i + 1], call=1)
+        for r in batched.features:
+            torch.testing.assert_close(alone.features[r][0], batched.features[r][i], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(batched.features[32][0], batched.features[32][1])
+
+
+def test_conditional_and_unconditional_halves_differ(pipe):
+    capture, _ = run(pipe, PROMPTS, SEEDS, call=1, keep_unconditional=True)
+    assert capture.unconditional[32].shape == capture.features[32].shape
+    assert not torch.allclose(capture.unconditional[32], capture.features[32])
+
+
+def test_one_pass_on_the_stored_latent_gives_the_captured_features(pipe):
+    capture, _ = run(pipe, PROMPTS, SEEDS, call=3)
+    embeddings = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0]
+    again = unet_features(pipe.unet, capture.latent, capture.timestep, embeddings)
+    for r in again:
+        torch.testing.assert_close(again[r], capture.features[r], atol=1e-4, rtol=1e-4)
+
+
+def test_capture_leaves_the_image_unchanged_and_removes_its_hooks(pipe):
+    plain = generate(pipe, PROMPTS, SEEDS, steps=STEPS, guidance_scale=5.0, height=64, width=64)
+    _, captured = run(pipe, PROMPTS, SEEDS, call=0)
+    np.testing.assert_array_equal(plain, captured)
+    assert all(not m._forward_hooks for m in capture_modules(pipe.unet))
+    assert not pipe.unet._forward_pre_hooks
+
+
+def test_missed_call_is_an_error(pipe):
+    capture, _ = run(pipe, PROMPTS[:1], SEEDS[:1], call=STEPS + 3)
+    with pytest.raises(RuntimeError, match="never happened"):
+        capture.features
+
+
+def test_fp16_bytes_round_trip():
+    array = np.random.default_rng(0).normal(size=(3, 4, 4)).astype(np.float32)
+    back = from_fp16_bytes(to_fp16_bytes(torch.from_numpy(array)), (3, 4, 4))
+    np.testing.assert_allclose(back, array, atol=2e-3)
+
+
+@pytest.mark.parametrize("mode", ["latent", "tensors"])
+def test_generate_stage_adds_capture_columns(mode):
+    stage = GenerateStage(GeneratorConfig(steps=STEPS, height=64, width=64, guidance_scale=5.0),
+                          CaptureConfig(features=mode, step=2, unconditional=mode == "tensors"))
+    batch = stage({"prompt": np.array(PROMPTS[:2], dtype=object), "seed": np.array(SEEDS[:2])})
+    assert batch["image"].shape == (2, 64, 64, 3)
+    assert (batch["timestep"] == int(stage.pipe.scheduler.timesteps[STEPS - 2])).all()
+    if mode == "latent":
+        assert batch["latent"].shape == (2, 4, 32, 32) and batch["latent"].dtype == np.float16
+    else:
+        assert batch["features_16"].shape == (2, 288, 16, 16) and batch["features_32"].dtype == np.float16
+        assert batch["ufeatures_32"].shape == (2, 192, 32, 32)
