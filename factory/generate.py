@@ -21,9 +21,11 @@ from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from factory.devices import pick_device, pick_dtype
+from factory.daam import CrossAttentionRecorder
 from factory.features import FeatureCapture, capture_call_index
 from factory.recipe import CaptureConfig, GeneratorConfig
 from factory.storage import local_copy
+from factory.tokens import class_token_positions
 from factory.vocab import COCO, VOC
 
 TINY = "tiny"
@@ -135,13 +137,20 @@ class GenerateStage:
         c, capture = self.config, self.capture
         n = len(batch["prompt"])
         with contextlib.ExitStack() as stack:
-            hooks = None
+            hooks = recorder = None
             if capture.features != "none":
                 hooks = stack.enter_context(FeatureCapture(
                     self.pipe.unet, capture_call_index(c.steps, capture.step), batch=n,
                     keep_unconditional=capture.unconditional))
+            if capture.attention:
+                recorder = stack.enter_context(CrossAttentionRecorder(self.pipe))
             batch["image"] = generate(self.pipe, list(batch["prompt"]), list(batch["seed"]), steps=c.steps,
                                       guidance_scale=c.guidance_scale, height=c.height, width=c.width)
+        if recorder is not None:
+            positions = [class_token_positions(self.pipe.tokenizer, prompt, words)
+                         for prompt, words in zip(batch["prompt"], batch["class_words"])]
+            maps = recorder.heatmaps(positions).astype(np.float16)  # (n, O, h, w), O = most classes
+            batch["daam"] = _ragged([maps[i, :len(p)] for i, p in enumerate(positions)])
         if hooks is not None:
             batch["timestep"] = np.full(n, hooks.timestep, np.int64)
             if capture.features == "latent":
@@ -154,6 +163,12 @@ class GenerateStage:
                         batch[f"ufeatures_{r}"] = _fp16(tensor)
         batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)
         return batch
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
 
 
 def _fp16(tensor: torch.Tensor) -> np.ndarray:

@@ -202,14 +202,16 @@ def build_manifest(prepared: Prepared, commits: list[Commit]) -> dict:
 
 
 def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:
-    """How to read the triplet columns: mode, step and the fp16 array shape of each column."""
+    """How to read the triplet columns: what was captured when, and each column's fp16 shape."""
     capture = recipe.capture
-    if capture.features == "none":
+    if capture.features == "none" and not capture.attention:
         return None
-    shapes = next((c.capture_shapes for c in commits if c.capture_shapes), {})
-    return {"features": capture.features, "steps_remaining": capture.step,
-            "unet_call": capture_call_index(recipe.generator.steps, capture.step),
-            "dtype": "float16", "shapes": shapes}
+    info = {"features": capture.features, "attention": capture.attention, "dtype": "float16",
+            "shapes": next((c.capture_shapes for c in commits if c.capture_shapes), {})}
+    if capture.features != "none":
+        info.update(steps_remaining=capture.step,
+                    unet_call=capture_call_index(recipe.generator.steps, capture.step))
+    return info
 
 
 def _preview(prepared: Prepared, files: list[dict]) -> str | None:

@@ -116,6 +116,8 @@ class CaptureConfig(_Section):
         "latent (features are one U-Net pass away, ~1000x smaller), 'tensors' the features themselves (fp16)")
     step: int = Field(5, ge=1, description="denoising steps remaining at capture (the paper's t; best: 5 of 50)")
     unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
+    attention: bool = Field(False, description="store DAAM cross-attention heat maps per class "
+                            "(the baseline that Protocol-I evaluation compares the grounding module with)")
 
 
 class WriterConfig(_Section):

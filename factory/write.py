@@ -111,7 +111,7 @@ def capture_columns(batch) -> list[str]:
     """Names of the optional U-Net capture columns present in a batch or table."""
     names = batch.keys() if isinstance(batch, dict) else batch.column_names
     return [name for name in names
-            if name in ("timestep", "latent") or name.startswith(("features_", "ufeatures_"))]
+            if name in ("timestep", "latent", "daam") or name.startswith(("features_", "ufeatures_"))]
 
 
 def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_quality: int,
@@ -146,6 +146,11 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_qualit
     for name in capture_columns(batch):  # grounding triplets: fp16 C x H x W per row
         if name == "timestep":
             table = table.append_column(name, pa.array(batch[name], pa.int64()))
+            continue
+        if name == "daam":  # one (h, w) heat map per class
+            shapes[name] = list(batch[name][0].shape[1:])
+            table = table.append_column(name, pa.array(
+                [[np.ascontiguousarray(m).tobytes() for m in maps] for maps in batch[name]], pa.list_(pa.binary())))
             continue
         shapes[name] = list(batch[name].shape[1:])
         table = table.append_column(name, pa.array([np.ascontiguousarray(a).tobytes() for a in batch[name]],

@@ -198,13 +198,16 @@ def test_help_documents_every_recipe_field(capsys):
 def test_triplet_build_stores_the_capture_latent(ray_cluster, tmp_path):
     out = tmp_path / "triplets"
     args = ["--out", str(out), "--num-samples", "4", "--generator.steps", "4", "--capture.features", "latent",
-            "--capture.step", "2", "--writer.preview-samples", "0"]
+            "--capture.step", "2", "--capture.attention", "true", "--writer.preview-samples", "0"]
     assert build_dataset.main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["capture"] == {"features": "latent", "steps_remaining": 2, "unet_call": 2, "dtype": "float16",
-                                   "shapes": {"latent": [4, 32, 32]}}
+    assert manifest["capture"] == {"features": "latent", "attention": True, "steps_remaining": 2, "unet_call": 2,
+                                   "dtype": "float16", "shapes": {"latent": [4, 32, 32], "daam": [32, 32]}}
     rows = read_rows(out)
     assert len(rows) == 4 and len({r["timestep"] for r in rows}) == 1
     for row in rows:
         latent = np.frombuffer(row["latent"], np.float16).reshape(4, 32, 32)
         assert np.isfinite(latent).all() and latent.std() > 0
+        assert len(row["daam"]) == len(row["classes"])
+        heat = np.frombuffer(row["daam"][0], np.float16).reshape(32, 32)
+        assert heat.min() >= 0 and heat.max() == 1  # normalised per class

@@ -1,0 +1,248 @@
+"""Triplet rows -> grounding module inputs; shared by training, evaluation and annotation.
+
+A triplet dataset is a factory build with U-Net capture on (README, "Output"): each row
+holds a prompt, its classes, one oracle mask per class, and either the U-Net features
+(``features_<r>`` columns, fp16) or the latent they come from (``latent`` + ``timestep``).
+``TripletSource`` reads the dataset; ``Featurizer`` owns the frozen Stable Diffusion
+parts (tokenizer, text encoder and, for latent datasets, the U-Net) and turns a table
+of rows into a ``Batch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from factory.devices import pick_dtype
+from factory.features import feature_channels, from_fp16_bytes, unet_features
+from factory.generate import load_pipeline
+from factory.storage import StorageError, first_line, open_location
+from factory.tokens import class_embeddings, class_token_positions
+from factory.vocab import get_vocabulary
+from factory.write import decode_png
+
+MANIFEST_FILE = "manifest.json"
+ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for grounding; the message is one line."""
+
+
+class TextConfig(BaseModel):
+    """The text whose class-word tokens give the class embeddings (spec section 3).
+
+    002 (Table 3) found "{x} and {y}" the best text-encoder input of the grounding module,
+    while the images were generated with "a photograph of a {x} and a {y}".
+    """
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["template", "prompt"] = Field(
+        "template", description="'prompt': the generation prompt; 'template': one/two filled with the class words")
+    one: str = Field("{0}", description="template for one class")
+    two: str = Field("{0} and {1}", description="template for two classes")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "TextConfig":
+        for name, template, n in (("one", self.one, 1), ("two", self.two, 2)):
+            markers = [f"@@{i}@@" for i in range(n)]
+            try:
+                text = template.format(*markers)
+            except (IndexError, KeyError, ValueError) as exc:
+                raise ValueError(f"text template {name!r} must use only {{0}}..{{{n - 1}}}: {exc}") from None
+            if not all(marker in text for marker in markers):
+                raise ValueError(f"text template {name!r} must name every class: {{0}}..{{{n - 1}}}")
+        return self
+
+    def render(self, prompt: str, class_words: Sequence[str]) -> str:
+        if self.source == "prompt":
+            return prompt
+        templates = {1: self.one, 2: self.two}
+        if len(class_words) not in templates:
+            raise ValueError(f"no text template for {len(class_words)} classes ({list(class_words)})")
+        return templates[len(class_words)].format(*class_words)
+
+
+def in_validation(sample_ids: Sequence[str], fraction: float) -> np.ndarray:
+    """Deterministic split: a sample is held out when the hash of its id falls below `fraction`,
+    so the split depends on nothing but the ids (not on file order, workers or seeds)."""
+    def unit(sample_id: str) -> float:
+        return int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / 16 ** 12
+    return np.array([unit(i) < fraction for i in sample_ids], dtype=bool)
+
+
+class TripletSource:
+    """A triplet dataset (local folder or s3:// prefix): manifest, files and capture layout."""
+
+    def __init__(self, uri: str):
+        try:
+            self.location = open_location(uri)
+            if not self.location.exists(MANIFEST_FILE):
+                raise DataError(f"no dataset at {uri}: {MANIFEST_FILE} not found (missing, or its build "
+                                f"has not finished)")
+            self.manifest = json.loads(self.location.read_bytes(MANIFEST_FILE))
+        except (OSError, StorageError) as exc:
+            raise DataError(f"cannot read dataset {uri}: {first_line(exc)}") from None
+        capture = self.manifest.get("capture")
+        if not capture:
+            raise DataError(f"{uri} has no U-Net capture columns (built with capture.features: none); "
+                            f"build it with --capture.features latent")
+        self.uri = self.location.uri
+        self.files = [(entry["path"], entry["rows"]) for entry in self.manifest["files"]]
+        self.mode: Literal["latent", "tensors"] = capture["features"]
+        self.shapes = {name: tuple(shape) for name, shape in capture["shapes"].items()}
+        self.capture_step: int = capture["steps_remaining"]
+        recipe = self.manifest["recipe"]
+        self.generator: str = recipe["generator"]["model"]
+        self.image_size = (recipe["generator"]["height"], recipe["generator"]["width"])
+        self.split: int | None = recipe.get("split")
+        self.vocabulary = get_vocabulary(self.manifest["vocabulary"]["name"])
+
+    def __len__(self) -> int:
+        return sum(rows for _, rows in self.files)
+
+    @property
+    def feature_columns(self) -> list[str]:
+        if self.mode == "latent":
+            return ["latent", "timestep"]
+        return sorted(name for name in self.shapes if name.startswith("features_"))
+
+    @property
+    def columns(self) -> list[str]:
+        """What a Featurizer reads (images and label maps are left on disk)."""
+        return ROW_COLUMNS + self.feature_columns
+
+    def _read_file(self, path: str, columns: list[str]) -> pa.Table:
+        with self.location.fs.open_input_file(self.location.path(path)) as handle:
+            return pq.read_table(handle, columns=columns)
+
+    def read(self, columns: list[str]) -> pa.Table:
+        """Whole columns of the dataset, files in manifest order."""
+        return pa.concat_tables([self._read_file(path, columns) for path, _ in self.files])
+
+    def take(self, positions: Sequence[int], columns: list[str] | None = None) -> pa.Table:
+        """Rows by position in `read` order, fetched file by file: only the rows asked for are
+        kept in memory, never a whole dataset of feature tensors. Result in position order."""
+        wanted = np.unique(np.asarray(positions, dtype=np.int64))
+        parts, start = [], 0
+        for path, rows in self.files:
+            local = wanted[(wanted >= start) & (wanted < start + rows)] - start
+            if len(local):
+                parts.append(self._read_file(path, columns or self.columns).take(local))
+            start += rows
+        if not parts:
+            return self._read_file(self.files[0][0], columns or self.columns).slice(0, 0)
+        return pa.concat_tables(parts)
+
+
+@dataclass
+class Batch:
+    """Grounding module inputs and targets; O = the most classes of any row, padded."""
+    features: dict[int, Tensor]  # resolution -> (B, C_r, r, r)
+    class_embeddings: Tensor  # (B, O, d) mean text-encoder state of each class word's tokens
+    class_mask: Tensor  # (B, O) real class slots
+    class_indices: Tensor  # (B, O) vocabulary label index per slot, 0 for padding
+    targets: Tensor  # (B, O, H, W) float oracle masks
+    valid: Tensor  # (B, O) slots the loss and the metrics count
+
+    def to(self, device: torch.device | str) -> "Batch":
+        tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "features"}
+        return Batch(features={r: t.to(device) for r, t in self.features.items()}, **tensors)
+
+
+def _padded(rows: list[list], fill, dtype: torch.dtype) -> Tensor:
+    most = max(len(row) for row in rows)
+    return torch.tensor([list(row) + [fill] * (most - len(row)) for row in rows], dtype=dtype)
+
+
+class Featurizer:
+    """Frozen Stable Diffusion parts that turn triplet rows into a Batch.
+
+    `classes` restricts the valid slots to those class names (seen classes for training;
+    None: all). With `ignore_empty`, classes whose oracle mask is empty are not valid
+    ("training without zero masks", 003 Table 3: 71.18 -> 83.19 one-object unseen).
+    """
+
+    def __init__(self, source: TripletSource, text: TextConfig, *, ignore_empty: bool = True,
+                 classes: Collection[str] | None = None, device: torch.device | str = "cpu"):
+        self.mode, self.shapes, self.text = source.mode, source.shapes, text
+        self.ignore_empty = ignore_empty
+        self.allowed = None if classes is None else set(classes)
+        self.device = torch.device(device)
+        self.pipe = load_pipeline(source.generator, self.device, pick_dtype("auto", self.device))
+        if self.mode == "tensors":
+            self.pipe.unet = None  # the features are stored; only the text encoder is needed
+
+    @property
+    def text_dim(self) -> int:
+        return self.pipe.text_encoder.config.hidden_size
+
+    def feature_channels(self) -> dict[int, int]:
+        """Channels per resolution of this dataset's features: stored shapes, or one U-Net pass
+        on a zero latent (the capture code, not a table, decides what a U-Net gives)."""
+        if self.mode == "tensors":
+            return {int(name.removeprefix("features_")): shape[0]
+                    for name, shape in self.shapes.items() if name.startswith("features_")}
+        latent = torch.zeros(1, *self.shapes["latent"], device=self.device, dtype=self.pipe.unet.dtype)
+        return feature_channels(unet_features(self.pipe.unet, latent, 0, self._encode([""])))
+
+    @torch.no_grad()  # not inference_mode: its tensors could not enter the trained module's autograd graph
+    def _encode(self, texts: list[str]) -> Tensor:
+        """Last hidden state of the text encoder, tokenized as the generator does."""
+        embeddings, _ = self.pipe.encode_prompt(texts, self.device, 1, do_classifier_free_guidance=False)
+        return embeddings
+
+    def class_embeddings(self, prompts: Sequence[str], class_words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+        """(B, O, d) class embeddings and (B, O) mask: each class word's tokens averaged, in the
+        text the TextConfig makes from the prompt and class words."""
+        texts = [self.text.render(p, w) for p, w in zip(prompts, class_words)]
+        positions = [class_token_positions(self.pipe.tokenizer, t, w) for t, w in zip(texts, class_words)]
+        return class_embeddings(self._encode(texts), positions)
+
+    def features(self, rows: pa.Table) -> dict[int, Tensor]:
+        """Stored features decoded, or recomputed by one U-Net pass on the stored latent,
+        conditioned on the prompt as in the generation's conditional branch."""
+        if self.mode == "tensors":
+            out = {}
+            for name in sorted(n for n in self.shapes if n.startswith("features_")):
+                arrays = [from_fp16_bytes(b, self.shapes[name]) for b in rows.column(name).to_pylist()]
+                out[int(name.removeprefix("features_"))] = torch.from_numpy(np.stack(arrays)).to(self.device)
+            return out
+        timesteps = set(rows.column("timestep").to_pylist())
+        if len(timesteps) != 1:
+            raise ValueError(f"rows of one batch must share a capture timestep, got {sorted(timesteps)}")
+        arrays = [from_fp16_bytes(b, self.shapes["latent"]) for b in rows.column("latent").to_pylist()]
+        unet = self.pipe.unet
+        latent = torch.from_numpy(np.stack(arrays)).to(self.device, unet.dtype)
+        prompt_embeds = self._encode(rows.column("prompt").to_pylist())
+        features = unet_features(unet, latent, timesteps.pop(), prompt_embeds)
+        return {r: t.clone() for r, t in features.items()}  # clones leave inference mode: trainable inputs
+
+    def __call__(self, rows: pa.Table) -> Batch:
+        prompts = rows.column("prompt").to_pylist()
+        words = rows.column("class_words").to_pylist()
+        classes = rows.column("classes").to_pylist()
+        found = rows.column("found").to_pylist()
+        embeddings, class_mask = self.class_embeddings(prompts, words)
+        masks = [[decode_png(m["bytes"]).astype(bool) for m in row] for row in rows.column("masks").to_pylist()]
+        height, width = masks[0][0].shape
+        targets = torch.zeros(len(masks), class_mask.shape[1], height, width)
+        valid = torch.zeros(class_mask.shape, dtype=torch.bool)
+        for b, row in enumerate(masks):
+            for o, mask in enumerate(row):
+                targets[b, o] = torch.from_numpy(mask)
+                valid[b, o] = (found[b][o] and (self.allowed is None or classes[b][o] in self.allowed)
+                               and not (self.ignore_empty and not mask.any()))
+        return Batch(features=self.features(rows), class_embeddings=embeddings, class_mask=class_mask,
+                     class_indices=_padded(rows.column("class_indices").to_pylist(), 0, torch.long),
+                     targets=targets, valid=valid).to(self.device)

@@ -1,0 +1,477 @@
+"""Protocol-I training of the grounding module on a triplet dataset, data-parallel on Ray Train.
+
+The driver (`prepare_training`) does every check that needs no model: datasets, classes,
+the train/validation rows, the output, and whether the output's checkpoint can be resumed.
+Each Ray Train worker (`train_loop_per_worker`) then reads its own share of those rows
+straight from the Parquet files (`TripletSource.take`, file by file, only the columns
+the Featurizer needs) and keeps it in memory: a latent-mode row is ~40 kB, and U-Net
+features are recomputed on the worker's own device, next to the module being trained.
+Workers get equal step counts (a shorter share wraps around), as DDP needs.
+
+Each epoch: train (Adam, spec section 7), then validation mIoU over classes, one log
+line, and checkpoints written by rank 0 through factory.storage (local or s3://):
+
+    <out>/last/   every epoch          model.safetensors       module weights
+    <out>/best/   when val mIoU rises  optimizer.safetensors   optimizer state tensors
+                                       checkpoint.json         epoch, metrics, configs, vocabulary,
+                                                               optimizer scalars, file checksums
+Nothing is pickled. checkpoint.json is written last and holds the sha256 of the other two,
+so a save interrupted between files is detected; resuming then falls back to best/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import safetensors.torch
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import Tensor
+
+from factory.storage import Location, check_reachable, is_s3, open_location
+from factory.vocab import UnknownClassError
+from grounding.config import GroundingModelConfig
+from grounding.data import Batch, DataError, Featurizer, TextConfig, TripletSource, in_validation
+from grounding.losses import grounding_loss
+from grounding.model import GroundingModule
+
+FORMAT = "grounding-checkpoint/1"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+METADATA_FILE = "checkpoint.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or resumed; the message is one line."""
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "real"] = Field(
+        "tiny", description="module sizes: 'tiny' (tests, CPU) or 'real' (spec section 7: D=240, d_e=512, "
+        "3 decoder layers); feature channels, text width and mask size come from the dataset")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
+    text: TextConfig = TextConfig()
+
+
+class GroundingTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="triplet dataset: local folder or s3:// prefix")
+    val: str | None = Field(None, description="validation triplet dataset; null: hold out val_fraction of data")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of data held out for validation "
+                                "(by sample_id hash) when val is null")
+    out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from it")
+    model: ModelSection = ModelSection()
+    loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (003) or "
+                                                     "BCE + log-cosh Dice (002)")
+    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count (003 Table 3)")
+    classes: Literal["seen", "all"] | list[str] = Field(
+        "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
+        "naming any other class are left out, so unseen classes are never shown")
+    split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's split")
+    epochs: int = Field(10, ge=1, description="epochs in all (a resumed run continues up to this)")
+    batch_size: int = Field(8, ge=1, description="samples per step over all workers")
+    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
+    seed: int = Field(0, ge=0, description="module initialisation and sample order")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("seen", "all"):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "GroundingTrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        return self
+
+
+# Changing these makes a different experiment: such an output is not resumed.
+_RUN_IDENTITY = ("data", "val", "val_fraction", "model", "classes", "split", "ignore_empty")
+
+
+def grounding_model_config(section: ModelSection, feature_channels: dict[int, int], text_dim: int,
+                           image_size: int) -> GroundingModelConfig:
+    """The preset's sizes on this dataset: its feature resolutions (the preset's reduce widths,
+    coarsest first), its text encoder's width, and masks at the image size (as the paper)."""
+    preset = GroundingModelConfig.tiny() if section.preset == "tiny" else GroundingModelConfig.real()
+    widths = [preset.reduce_channels[r] for r in sorted(preset.reduce_channels)]
+    if len(widths) != len(feature_channels):
+        raise ValueError(f"preset {section.preset} fuses {len(widths)} feature resolutions, the dataset "
+                         f"has {sorted(feature_channels)}")
+    sizes = dict(feature_channels=feature_channels, reduce_channels=dict(zip(sorted(feature_channels), widths)),
+                 text_dim=text_dim, mask_resolution=image_size, fuse_resolution=None)
+    if section.dropout is not None:
+        sizes["dropout"] = section.dropout
+    return GroundingModelConfig(**{**preset.model_dump(), **sizes})
+
+
+class IoUTotals:
+    """Protocol-I IoU: per class, intersection and union over all pixels of valid slots;
+    prediction = sigmoid > 0.5. mIoU is the mean over classes with a non-empty union."""
+
+    def __init__(self, class_names: Sequence[str], device: torch.device | str = "cpu"):
+        self.names = list(class_names)  # label index i is names[i - 1]; 0 is background
+        self.intersection = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
+        self.union = torch.zeros_like(self.intersection)
+
+    def update(self, predicted: Tensor, batch: Batch) -> None:
+        predicted, targets = predicted[batch.valid], batch.targets[batch.valid].bool()
+        index = batch.class_indices[batch.valid]
+        self.intersection.index_add_(0, index, (predicted & targets).flatten(1).sum(1).double())
+        self.union.index_add_(0, index, (predicted | targets).flatten(1).sum(1).double())
+
+    def all_reduce(self) -> None:
+        if dist.is_initialized():
+            dist.all_reduce(self.intersection)
+            dist.all_reduce(self.union)
+
+    def per_class(self) -> dict[str, float]:
+        return {self.names[i - 1]: float(self.intersection[i] / self.union[i])
+                for i in range(1, len(self.union)) if self.union[i] > 0}
+
+    def miou(self) -> float:
+        ious = list(self.per_class().values())
+        return sum(ious) / len(ious) if ious else float("nan")
+
+
+# ---------------------------------------------------------------- checkpoints
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
+    """Optimizer state_dict -> safetensors tensors ("<param>.<name>") and JSON (scalars such as
+    Adam's step counter, and the param groups)."""
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(index), {})[name] = value.item() if torch.is_tensor(value) else value
+    return tensors, {"state": scalars, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, Tensor], saved: dict) -> dict:
+    # Optimizers turn plain-number step counters back into tensors when loading.
+    state: dict[int, dict] = {int(index): dict(values) for index, values in saved["state"].items()}
+    for key, tensor in tensors.items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = tensor
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def save_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Optimizer | None,
+                    metadata: dict) -> None:
+    """Write a checkpoint folder; checkpoint.json last, with the checksums of the other files."""
+    location = open_location(uri)
+    files = {MODEL_FILE: safetensors.torch.save({k: v.detach().contiguous().cpu()
+                                                 for k, v in module.state_dict().items()})}
+    metadata = {**metadata, "format": FORMAT, "model": module.config.model_dump(mode="json")}
+    if optimizer is not None:
+        tensors, metadata["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        files[OPTIMIZER_FILE] = safetensors.torch.save(tensors)
+    for name, data in files.items():
+        location.write_bytes(name, data)
+    metadata["files"] = {name: _sha256(data) for name, data in files.items()}
+    location.write_bytes(METADATA_FILE, json.dumps(metadata, indent=2).encode())
+
+
+def read_checkpoint_metadata(uri: str) -> dict:
+    location = open_location(uri)
+    try:
+        metadata = json.loads(location.read_bytes(METADATA_FILE))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"no readable checkpoint at {uri}: {type(exc).__name__}: "
+                              f"{(str(exc).splitlines() or [''])[0]}") from None
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{uri}/{METADATA_FILE} is not a {FORMAT} checkpoint")
+    return metadata
+
+
+def _read_tensors(uri: str, name: str, metadata: dict) -> dict[str, Tensor]:
+    data = open_location(uri).read_bytes(name)
+    if _sha256(data) != metadata["files"].get(name):
+        raise CheckpointError(f"{uri}/{name} does not match its checkpoint.json (a save was interrupted)")
+    return safetensors.torch.load(data)
+
+
+def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
+    """The trained module (eval mode, CPU) and its checkpoint.json: epoch, metrics, model and
+    text config, generator model id, capture step, vocabulary and trained classes."""
+    metadata = read_checkpoint_metadata(uri)
+    module = GroundingModule(GroundingModelConfig.model_validate(metadata["model"]))
+    module.load_state_dict(_read_tensors(uri, MODEL_FILE, metadata))
+    return module.eval(), metadata
+
+
+def load_optimizer_state(uri: str, optimizer: torch.optim.Optimizer, metadata: dict) -> None:
+    tensors = _read_tensors(uri, OPTIMIZER_FILE, metadata)
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, metadata["optimizer"]))
+
+
+def resume_point(location: Location) -> tuple[str, dict] | None:
+    """The checkpoint a rerun continues from: last/, or best/ when last/ was left half-written
+    (its files no longer match its checkpoint.json)."""
+    for name in ("last", "best"):
+        if not location.exists(f"{name}/{METADATA_FILE}"):
+            continue
+        uri = location.url(name)
+        metadata = read_checkpoint_metadata(uri)
+        try:
+            for file in metadata["files"]:
+                _read_tensors(uri, file, metadata)
+        except CheckpointError:
+            continue
+        return name, metadata
+    return None
+
+
+# ---------------------------------------------------------------- driver side
+
+@dataclass
+class TrainingPlan:
+    """What every worker needs, decided once by the driver."""
+    config: GroundingTrainConfig
+    classes: list[str]  # canonical names trained on
+    train_rows: list[int]  # positions in config.data
+    val_rows: list[int]  # positions in config.val (or config.data)
+    resume: str | None  # "last" or "best" folder of config.out, None for a fresh start
+    done_epochs: int
+
+    def worker_config(self) -> dict:
+        return {"config": self.config.model_dump(mode="json"), "classes": self.classes,
+                "train_rows": self.train_rows, "val_rows": self.val_rows, "resume": self.resume}
+
+
+@dataclass
+class TrainingSummary:
+    out: str
+    epochs: int
+    resumed_from: int  # epochs done before this run
+    trained: int  # epochs run now
+    train_samples: int
+    val_samples: int
+    best_epoch: int | None
+    best_miou: float | None
+    best: str | None  # checkpoint URI
+    last: str
+
+
+def _absolute(uri: str) -> str:
+    # Ray Train workers run in their own working directory: relative paths must not reach them.
+    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list[str]:
+    vocabulary = source.vocabulary
+    if config.classes == "all":
+        return list(vocabulary.names)
+    if config.classes == "seen":
+        split = config.split or source.split
+        if split is None:
+            raise DataError(f"classes: seen needs a split, and {source.uri} was built without one; "
+                            f"pass --split 1..3 or --classes all")
+        try:
+            return list(vocabulary.seen(split))
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+    try:
+        return [vocabulary.lookup(name).name for name in config.classes]
+    except UnknownClassError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _usable_rows(source: TripletSource, classes: list[str]) -> tuple[list[str], np.ndarray]:
+    """Sample ids and which rows name only trained classes."""
+    index = source.read(["sample_id", "classes"])
+    allowed = set(classes)
+    usable = np.array([set(names) <= allowed for names in index.column("classes").to_pylist()], dtype=bool)
+    return index.column("sample_id").to_pylist(), usable
+
+
+def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
+    """Every check that needs no model; raises DataError, StorageError or CheckpointError (one line)."""
+    config = config.model_copy(update={"data": _absolute(config.data), "out": _absolute(config.out),
+                                       "val": config.val and _absolute(config.val)})
+    source = TripletSource(config.data)
+    val_source = TripletSource(config.val) if config.val else source
+    for what, ours, theirs in (("generator", source.generator, val_source.generator),
+                               ("capture step", source.capture_step, val_source.capture_step),
+                               ("vocabulary", source.vocabulary.name, val_source.vocabulary.name),
+                               ("image size", source.image_size, val_source.image_size)):
+        if ours != theirs:
+            raise DataError(f"validation set {val_source.uri} differs from {source.uri} in {what}: {theirs} vs {ours}")
+    if source.image_size[0] != source.image_size[1]:
+        raise DataError(f"{source.uri} has {source.image_size[0]}x{source.image_size[1]} images; "
+                        f"the grounding module makes square masks")
+    classes = resolve_classes(config, source)
+    ids, usable = _usable_rows(source, classes)
+    if config.val:
+        train = usable
+        _, val = _usable_rows(val_source, classes)
+    else:
+        held = in_validation(ids, config.val_fraction)
+        train, val = usable & ~held, usable & held
+    if train.sum() < config.num_workers:
+        raise DataError(f"{source.uri}: {train.sum()} training samples name only the {len(classes)} trained "
+                        f"classes; need at least num_workers={config.num_workers}")
+    if not val.any():
+        raise DataError(f"no validation samples name only the trained classes "
+                        f"({'in ' + val_source.uri if config.val else f'val_fraction {config.val_fraction}'})")
+    location = check_reachable(config.out)
+    resume, done = resume_point(location), 0
+    if resume is not None:
+        name, metadata = resume
+        before = {key: metadata["train"][key] for key in _RUN_IDENTITY}
+        now = {key: value for key, value in config.model_dump(mode="json").items() if key in _RUN_IDENTITY}
+        changed = [key for key in _RUN_IDENTITY if before[key] != now[key]]
+        if changed:
+            raise CheckpointError(f"{config.out} holds a run with different {', '.join(changed)}; "
+                                  f"use another --out or the same settings")
+        done = metadata["epoch"]
+    return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), np.flatnonzero(val).tolist(),
+                        resume and resume[0], done)
+
+
+def summarize(plan: TrainingPlan) -> TrainingSummary:
+    location = open_location(plan.config.out)
+    last = read_checkpoint_metadata(location.url("last"))
+    best = read_checkpoint_metadata(location.url("best")) if location.exists(f"best/{METADATA_FILE}") else None
+    return TrainingSummary(
+        out=plan.config.out, epochs=last["epoch"], resumed_from=plan.done_epochs,
+        trained=last["epoch"] - plan.done_epochs, train_samples=len(plan.train_rows),
+        val_samples=len(plan.val_rows), best_epoch=best and best["epoch"],
+        best_miou=best and best["metrics"]["val_miou"], best=best and location.url("best"),
+        last=location.url("last"))
+
+
+def run_training(plan: TrainingPlan) -> TrainingSummary:
+    """Train the remaining epochs on Ray Train (joins the cluster ray.init finds, or starts one)."""
+    config = plan.config
+    if plan.done_epochs < config.epochs:
+        ray.init(ignore_reinit_error=True)
+        use_gpu = config.use_gpu if config.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop_per_worker, train_loop_config=plan.worker_config(),
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu))
+        trainer.fit()
+    return summarize(plan)
+
+
+# ---------------------------------------------------------------- worker side
+
+def _all_reduce_mean(total: float, count: int, device: torch.device) -> float:
+    values = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return float(values[0] / values[1])
+
+
+@torch.no_grad()
+def validate(module: GroundingModule, featurizer: Featurizer, rows, batch_size: int,
+             class_names: Sequence[str], device: torch.device) -> IoUTotals:
+    """IoU totals of `rows` (this worker's share), summed over all workers."""
+    module.eval()
+    totals = IoUTotals(class_names, device)
+    for start in range(0, len(rows), batch_size):
+        batch = featurizer(rows.slice(start, batch_size))
+        totals.update(module.predict(batch.features, batch.class_embeddings, batch.class_mask), batch)
+    totals.all_reduce()
+    return totals
+
+
+def train_loop_per_worker(worker_config: dict) -> None:
+    """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
+    config = GroundingTrainConfig.model_validate(worker_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    source = TripletSource(config.data)
+    val_source = TripletSource(config.val) if config.val else source
+    classes = worker_config["classes"]
+    featurizer = Featurizer(source, config.model.text, ignore_empty=config.ignore_empty, classes=classes,
+                            device=device)
+    model_config = grounding_model_config(config.model, featurizer.feature_channels(), featurizer.text_dim,
+                                          source.image_size[0])
+    # After the featurizer (the tiny pipeline reseeds torch). DDP copies rank 0's initial
+    # weights to every worker; per-rank seeds only vary dropout.
+    torch.manual_seed(config.seed + rank)
+    module = GroundingModule(model_config).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    out = open_location(config.out)
+    start, best, history = 1, {"epoch": None, "val_miou": None}, []
+    if worker_config["resume"]:
+        uri = out.url(worker_config["resume"])
+        saved = read_checkpoint_metadata(uri)
+        if GroundingModelConfig.model_validate(saved["model"]) != model_config:
+            raise CheckpointError(f"{uri} holds a module of other sizes than this dataset and preset give")
+        module.load_state_dict(_read_tensors(uri, MODEL_FILE, saved))
+        load_optimizer_state(uri, optimizer, saved)
+        for group in optimizer.param_groups:  # the command line may change them between runs
+            group.update(lr=config.lr, weight_decay=config.weight_decay)
+        start, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+    model = ray.train.torch.prepare_model(module)
+
+    train_rows = source.take(worker_config["train_rows"][rank::world])
+    val_rows = val_source.take(worker_config["val_rows"][rank::world])
+    per_worker = math.ceil(len(worker_config["train_rows"]) / world)
+    local_batch = config.batch_size // world
+    names = source.vocabulary.names
+    for epoch in range(start, config.epochs + 1):
+        model.train()
+        order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(train_rows))
+        order = np.resize(order, per_worker)  # equal step counts on every worker
+        total, steps = 0.0, 0
+        for i in range(0, per_worker, local_batch):
+            batch = featurizer(train_rows.take(order[i:i + local_batch]))
+            loss = grounding_loss(model(batch.features, batch.class_embeddings, batch.class_mask),
+                                  batch.targets, batch.valid, config.loss)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+        train_loss = _all_reduce_mean(total, steps, device)
+        if dist.is_initialized():  # validate exactly the module rank 0 saves (batch-norm statistics)
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
+        totals = validate(module, featurizer, val_rows, local_batch, names, device)
+        miou = totals.miou()
+        improved = not math.isnan(miou) and (best["val_miou"] is None or miou > best["val_miou"])
+        if improved:
+            best = {"epoch": epoch, "val_miou": miou}
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})
+        if rank == 0:
+            metadata = {
+                "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": totals.per_class()},
+                "best": best, "history": history, "resumed_from": start - 1,
+                "text": config.model.text.model_dump(), "generator": source.generator,
+                "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
+                "classes": classes, "train": config.model_dump(mode="json")}
+            save_checkpoint(out.url("last"), module, optimizer, metadata)
+            if improved:
+                save_checkpoint(out.url("best"), module, optimizer, metadata)
+            best_text = "none" if best["epoch"] is None else f"{best['val_miou']:.4f} (epoch {best['epoch']})"
+            print(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  best {best_text}",
+                  flush=True)
+        ray.train.report({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})
