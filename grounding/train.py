@@ -316,7 +316,9 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
                                        "val": config.val and _absolute(config.val)})
     source = TripletSource(config.data)
     val_source = TripletSource(config.val) if config.val else source
+    # One Featurizer serves both sets, so they must be featurized alike.
     for what, ours, theirs in (("generator", source.generator, val_source.generator),
+                               ("capture mode", source.mode, val_source.mode),
                                ("capture step", source.capture_step, val_source.capture_step),
                                ("vocabulary", source.vocabulary.name, val_source.vocabulary.name),
                                ("image size", source.image_size, val_source.image_size)):

@@ -1,0 +1,293 @@
+"""Grounding training: featurizer, valid slots, IoU, checkpoints (local and S3), Ray Train runs, CLI.
+
+The fixture datasets go through the factory's own code (plan, tiny generator with capture,
+encode, write, manifest) in-process, with the random detector replaced by known boxes:
+class slot 0 covers the top-left quarter, slot 1 the bottom-right one.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow as pa
+import pytest
+import safetensors.torch
+import torch
+
+from factory.features import from_fp16_bytes, unet_features
+from factory.generate import GenerateStage, load_pipeline
+from factory.pipeline import MANIFEST_FILE, build_manifest, prepare_build
+from factory.recipe import load_recipe
+from factory.storage import open_location
+from factory.tokens import class_token_positions
+from factory.vocab import VOC
+from factory.write import Commit, encode_batch, encode_mask, write_part
+from grounding import data as grounding_data
+from grounding.config import GroundingModelConfig
+from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.model import GroundingModule
+from grounding.train import (CheckpointError, IoUTotals, load_grounding_checkpoint, load_optimizer_state,
+                             resume_point, save_checkpoint)
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "jobs"))
+import train_grounding  # noqa: E402
+
+SIZE = 64  # tiny recipe images; masks and the module's output are this size
+BOXES = [(slice(0, 32), slice(0, 32)), (slice(32, 64), slice(32, 64))]
+
+
+def make_triplets(out: Path, features: str, num_samples: int = 24) -> Path:
+    recipe = load_recipe("tiny", {
+        "out": str(out), "split": 1, "num_samples": num_samples, "capture.features": features,
+        "capture.step": 2, "generator.steps": 4, "labeler.on_missing": "ignore", "writer.preview_samples": 0})
+    prepared = prepare_build(recipe)
+    samples = prepared.plan
+    n = len(samples)
+
+    def objects(values):
+        array = np.empty(len(values), dtype=object)
+        array[:] = values
+        return array
+
+    batch = {"sample_id": objects([s.sample_id for s in samples]), "index": np.array([s.index for s in samples]),
+             "classes": objects([list(s.classes) for s in samples]),
+             "class_words": objects([list(s.class_words) for s in samples]),
+             "prompt": objects([s.prompt for s in samples]), "seed": np.array([s.seed for s in samples])}
+    batch = GenerateStage(recipe.generator, recipe.capture)(batch)
+    bits = np.zeros((n, SIZE, SIZE), np.uint8)
+    for i, sample in enumerate(samples):
+        for k in range(len(sample.classes)):
+            bits[i][BOXES[k]] |= 1 << k
+    batch.update(label=np.zeros((n, SIZE, SIZE), np.uint8), class_bits=bits,
+                 scores=objects([np.ones(len(s.classes), np.float32) for s in samples]),
+                 instances=objects([np.ones(len(s.classes), np.int16) for s in samples]),
+                 found=objects([np.ones(len(s.classes), bool) for s in samples]),
+                 drop_reason=objects([""] * n), label_seconds=np.zeros(n))
+    table = encode_batch(batch, image_format="png", jpeg_quality=95, generator="tiny", labeler="boxes",
+                         class_indices={c.name: c.index for c in VOC.classes})
+    commits = []
+    for start in range(0, n, 8):  # several Parquet parts, as a real build
+        row = write_part(table.slice(start, 8), out=str(out)).column("commit")[0].as_py()
+        commits.append(Commit.from_json(row.encode()))
+    manifest = build_manifest(prepared, commits)
+    open_location(str(out)).write_bytes(MANIFEST_FILE, json.dumps(manifest).encode())
+    return out
+
+
+@pytest.fixture(scope="module")
+def latent_set(tmp_path_factory) -> Path:
+    return make_triplets(tmp_path_factory.mktemp("latent"), "latent")
+
+
+@pytest.fixture(scope="module")
+def tensors_set(tmp_path_factory) -> Path:
+    return make_triplets(tmp_path_factory.mktemp("tensors"), "tensors", num_samples=4)
+
+
+def test_featurizer_latent_mode_equals_direct_unet_pass(latent_set):
+    source = TripletSource(str(latent_set))
+    assert source.mode == "latent" and source.shapes == {"latent": (4, 32, 32)}
+    rows = source.take([0, 1, 9])
+    batch = Featurizer(source, TextConfig(source="prompt"))(rows)
+
+    pipe = load_pipeline("tiny")
+    prompts = rows.column("prompt").to_pylist()
+    prompt_embeds = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
+    latent = torch.from_numpy(np.stack([from_fp16_bytes(b, (4, 32, 32)) for b in rows.column("latent").to_pylist()]))
+    expected = unet_features(pipe.unet, latent.float(), rows.column("timestep")[0].as_py(), prompt_embeds)
+    assert batch.features.keys() == expected.keys() == {16, 32}
+    for r in expected:
+        torch.testing.assert_close(batch.features[r], expected[r])
+
+    # Class embeddings: the mean of the class word's token states in the prompt.
+    words = rows.column("class_words").to_pylist()
+    tokens = class_token_positions(pipe.tokenizer, prompts[2], words[2])[1]
+    torch.testing.assert_close(batch.class_embeddings[2, 1], prompt_embeds[2, tokens].mean(0))
+    assert batch.class_mask.tolist() == [[True] * len(w) + [False] * (2 - len(w)) for w in words]
+    for b, row_words in enumerate(words):  # targets are the fixture's boxes
+        for o in range(len(row_words)):
+            expected_mask = torch.zeros(SIZE, SIZE)
+            expected_mask[BOXES[o]] = 1
+            assert torch.equal(batch.targets[b, o], expected_mask)
+    assert torch.equal(batch.valid, batch.class_mask)  # all found, none empty, no class restriction
+
+
+def test_featurizer_tensors_mode_decodes_manifest_shapes(tensors_set):
+    source = TripletSource(str(tensors_set))
+    shapes = source.manifest["capture"]["shapes"]
+    assert source.mode == "tensors" and set(shapes) == {"features_16", "features_32"}
+    featurizer = Featurizer(source, TextConfig())
+    assert featurizer.pipe.unet is None  # only the text encoder is needed
+    rows = source.take([0, 2])
+    batch = featurizer(rows)
+    for r, tensor in batch.features.items():
+        assert tuple(tensor.shape) == (2, *shapes[f"features_{r}"]) and tensor.dtype == torch.float16
+        stored = from_fp16_bytes(rows.column(f"features_{r}")[1].as_py(), tuple(shapes[f"features_{r}"]))
+        assert np.array_equal(tensor[1].numpy(), stored)
+    assert featurizer.feature_channels() == {16: shapes["features_16"][0], 32: shapes["features_32"][0]}
+
+
+def test_valid_slot_rules(latent_set):
+    source = TripletSource(str(latent_set))
+    empty = {"bytes": encode_mask(np.zeros((SIZE, SIZE), bool)), "path": None}
+    rows = source.take([0, 1, 2]).to_pylist()
+    rows[0].update(classes=["cat", "dog"], class_words=["cat", "dog"], class_indices=[8, 12],
+                   prompt="a photograph of a cat and a dog")  # dog is unseen in split 1
+    rows[1]["found"] = [False, True][:len(rows[1]["found"])]  # the oracle missed class 0
+    rows[2]["masks"] = [empty] + rows[2]["masks"][1:]  # class 0 found, but its mask is empty
+    table = pa.Table.from_pylist(rows, schema=source.take([0]).schema)
+    seen = VOC.seen(1)
+
+    featurizer = Featurizer(source, TextConfig(), classes=seen)
+    valid = featurizer(table).valid
+    assert valid[0].tolist() == [True, False]  # unseen class excluded
+    assert not valid[1, 0] and not valid[2, 0]  # missing class; empty mask with ignore_empty
+    assert Featurizer(source, TextConfig(), ignore_empty=False, classes=seen)(table).valid[2, 0]
+
+
+def test_text_templates():
+    text = TextConfig()
+    assert text.render("a photograph of a dog and a cat", ["dog", "cat"]) == "dog and cat"
+    assert text.render("a photograph of a dog", ["dog"]) == "dog"
+    assert TextConfig(source="prompt").render("a photograph of a dog", ["dog"]) == "a photograph of a dog"
+    with pytest.raises(ValueError, match="name every class"):
+        TextConfig(two="{0} alone")
+
+
+def test_iou_totals_over_pixels_of_valid_slots():
+    batch = grounding_data.Batch(
+        features={}, class_embeddings=torch.zeros(2, 2, 1), class_mask=torch.ones(2, 2, dtype=torch.bool),
+        class_indices=torch.tensor([[1, 2], [1, 3]]), targets=torch.zeros(2, 2, 2, 2),
+        valid=torch.tensor([[True, True], [True, False]]))
+    batch.targets[0, 0, 0] = 1  # class 1: 2 target pixels in sample 0, 1 in sample 1
+    batch.targets[1, 0, 0, 0] = 1
+    predicted = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    predicted[0, 0, 0, 0] = predicted[1, 0, 0, 0] = predicted[1, 0, 1, 1] = True
+    predicted[0, 1] = True  # class 2: 4 predicted pixels, no target
+    predicted[1, 1] = True  # class 3: invalid slot, not counted
+    totals = IoUTotals(VOC.names)
+    totals.update(predicted, batch)
+    assert totals.per_class() == {"aeroplane": 2 / 4, "bicycle": 0.0}
+    assert totals.miou() == pytest.approx(0.25)
+
+
+def _tiny_module_and_optimizer():
+    torch.manual_seed(0)
+    module = GroundingModule(GroundingModelConfig.tiny(mask_resolution=SIZE))
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-4, weight_decay=1e-4)
+    features = {r: torch.randn(2, c, r, r) for r, c in module.config.feature_channels.items()}
+    module(features, torch.randn(2, 1, 32), torch.ones(2, 1, dtype=torch.bool)).mean().backward()
+    optimizer.step()
+    return module, optimizer
+
+
+def _assert_round_trip(uri: str, module, optimizer):
+    loaded, metadata = load_grounding_checkpoint(uri)
+    assert metadata["epoch"] == 1 and metadata["metrics"] == {"val_miou": 0.5}
+    assert GroundingModelConfig.model_validate(metadata["model"]) == module.config
+    for key, tensor in module.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor)
+    fresh = torch.optim.Adam(loaded.parameters(), lr=1e-4, weight_decay=1e-4)
+    load_optimizer_state(uri, fresh, metadata)
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    assert float(fresh.state_dict()["state"][0]["step"]) == 1.0
+
+
+def test_checkpoint_round_trip_local(tmp_path):
+    module, optimizer = _tiny_module_and_optimizer()
+    uri = str(tmp_path / "run" / "last")
+    save_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["checkpoint.json", "model.safetensors",
+                                                           "optimizer.safetensors"]
+    assert set(safetensors.torch.load_file(Path(uri) / "model.safetensors")) == set(module.state_dict())
+    _assert_round_trip(uri, module, optimizer)
+
+    # A save interrupted after the weights: detected, and a rerun resumes from best/ instead.
+    save_checkpoint(str(tmp_path / "run" / "best"), module, optimizer, {"epoch": 1, "metrics": {}})
+    (Path(uri) / "model.safetensors").write_bytes(safetensors.torch.save({"x": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match="interrupted"):
+        load_grounding_checkpoint(uri)
+    assert resume_point(open_location(str(tmp_path / "run")))[0] == "best"
+
+
+def test_checkpoint_round_trip_s3(bucket, s3_endpoint):
+    module, optimizer = _tiny_module_and_optimizer()
+    uri = f"s3://{bucket}/grounding/run/best"
+    save_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
+    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="grounding/")
+    assert sorted(o["Key"] for o in listed["Contents"]) == [
+        "grounding/run/best/checkpoint.json", "grounding/run/best/model.safetensors",
+        "grounding/run/best/optimizer.safetensors"]
+    _assert_round_trip(uri, module, optimizer)
+
+
+def _cli_error(capsys, *args: str) -> str:
+    assert train_grounding.main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_grounding: error: ") and "\n" not in err
+    return err
+
+
+def test_cli_one_line_errors_before_any_model(tmp_path, latent_set, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+    monkeypatch.setattr(grounding_data, "load_pipeline", no_model)
+    out = ["--out", str(tmp_path / "ck")]
+    assert "no dataset at" in _cli_error(capsys, "--data", str(tmp_path / "missing"), *out)
+
+    plain = tmp_path / "plain"  # a dataset built without capture
+    plain.mkdir()
+    manifest = json.loads((latent_set / "manifest.json").read_text())
+    (plain / "manifest.json").write_text(json.dumps({**manifest, "capture": None}))
+    assert "no U-Net capture columns" in _cli_error(capsys, "--data", str(plain), *out)
+
+    assert "unknown class 'unicorn'" in _cli_error(capsys, "--data", str(latent_set), "--classes", "dog,unicorn", *out)
+    assert "not divisible" in _cli_error(capsys, "--data", str(latent_set), "--batch-size", "3", "--num-workers",
+                                         "2", *out)
+    assert "unknown config" in _cli_error(capsys, "--config", "nope")
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys):
+    out = tmp_path / "ck"
+    args = ["--data", str(latent_set), "--out", str(out), "--num-workers", "2", "--batch-size", "4",
+            "--val-fraction", "0.3", "--classes", "seen"]
+    assert train_grounding.main([*args, "--epochs", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "epochs    2 run now; 2 done" in printed and f"checkpoint {out}/" in printed
+
+    for name in ("last", "best"):
+        assert {p.name for p in (out / name).iterdir()} == {"checkpoint.json", "model.safetensors",
+                                                            "optimizer.safetensors"}
+    module, last = load_grounding_checkpoint(str(out / "last"))
+    assert last["epoch"] == 2 and last["resumed_from"] == 0 and len(last["history"]) == 2
+    assert 0.0 <= last["metrics"]["val_miou"] <= 1.0 and np.isfinite(last["metrics"]["train_loss"])
+    assert set(last["metrics"]["val_iou"]) <= set(VOC.seen(1)) and last["classes"] == list(VOC.seen(1))
+    assert last["best"]["epoch"] in (1, 2) and last["generator"] == "tiny"
+    assert last["capture"]["steps_remaining"] == 2 and last["text"]["two"] == "{0} and {1}"
+    assert module.config.feature_channels == {16: 288, 32: 192} and module.config.mask_resolution == SIZE
+    steps_two_epochs = last["optimizer"]["state"]["0"]["step"]
+    optimizer_two_epochs = safetensors.torch.load_file(out / "last" / "optimizer.safetensors")
+
+    # Rerun with more epochs: continues at epoch 3 with the saved optimizer state.
+    assert train_grounding.main([*args, "--epochs", "3"]) == 0
+    assert "1 run now (resumed after epoch 2); 3 done" in capsys.readouterr().out
+    _, resumed = load_grounding_checkpoint(str(out / "last"))
+    assert resumed["epoch"] == 3 and resumed["resumed_from"] == 2
+    assert resumed["history"][:2] == last["history"] and len(resumed["history"]) == 3
+    assert resumed["optimizer"]["state"]["0"]["step"] == steps_two_epochs * 3 / 2  # not restarted at 0
+    optimizer = torch.optim.Adam(module.parameters())
+    load_optimizer_state(str(out / "last"), optimizer, resumed)
+    assert not torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], optimizer_two_epochs["0.exp_avg"])
+
+    # Everything done: stops at once, writes nothing.
+    written = (out / "last" / "checkpoint.json").stat().st_mtime_ns
+    assert train_grounding.main([*args, "--epochs", "3"]) == 0
+    assert "all 3 were already done" in capsys.readouterr().out
+    assert (out / "last" / "checkpoint.json").stat().st_mtime_ns == written
