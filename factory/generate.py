@@ -23,6 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from factory.devices import pick_device, pick_dtype
 from factory.daam import CrossAttentionRecorder
 from factory.features import FeatureCapture, capture_call_index
+from factory.label import ragged
 from factory.recipe import CaptureConfig, GeneratorConfig
 from factory.storage import local_copy
 from factory.tokens import class_token_positions
@@ -150,7 +151,7 @@ class GenerateStage:
             positions = [class_token_positions(self.pipe.tokenizer, prompt, words)
                          for prompt, words in zip(batch["prompt"], batch["class_words"])]
             maps = recorder.heatmaps(positions).astype(np.float16)  # (n, O, h, w), O = most classes
-            batch["daam"] = _ragged([maps[i, :len(p)] for i, p in enumerate(positions)])
+            batch["daam"] = ragged([maps[i, :len(p)] for i, p in enumerate(positions)])
         if hooks is not None:
             batch["timestep"] = np.full(n, hooks.timestep, np.int64)
             if capture.features == "latent":
@@ -163,12 +164,6 @@ class GenerateStage:
                         batch[f"ufeatures_{r}"] = _fp16(tensor)
         batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)
         return batch
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    out[:] = arrays
-    return out
 
 
 def _fp16(tensor: torch.Tensor) -> np.ndarray:

@@ -120,13 +120,14 @@ class LabelStage:
         for key in ("label", "class_bits"):
             batch[key] = np.stack(outputs[key])
         for key in ("scores", "instances", "found"):
-            batch[key] = _ragged(outputs[key])
+            batch[key] = ragged(outputs[key])
         batch["drop_reason"] = np.array(outputs["drop_reason"], dtype=object)
         batch["label_seconds"] = np.full(len(images), (time.perf_counter() - start) / len(images))
         return batch
 
 
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+def ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    """An object array of arrays of different lengths: Ray Data turns it into a list column."""
     out = np.empty(len(arrays), dtype=object)
     out[:] = arrays
     return out

@@ -19,10 +19,12 @@ import ray
 
 from factory.detect import TORCHVISION_WEIGHTS
 from factory.features import capture_call_index
+from factory.annotate import AnnotateStage
 from factory.generate import TINY, GenerateStage
 from factory.label import LabelStage
 from factory.plan import Sample, build_plan, plan_digest
 from factory.preview import preview_png
+from factory.quality import TINY as QUALITY_TINY, QualityStage
 from factory.recipe import Recipe
 from factory.storage import Location, StorageError, first_line, check_model_source, check_reachable
 from factory.vocab import get_vocabulary
@@ -72,7 +74,11 @@ def prepare_build(recipe: Recipe) -> Prepared:
     plan = build_plan(recipe)
     location = check_reachable(recipe.output)
     check_model_source(recipe.generator.model, "model_index.json")
-    if recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
+    if recipe.quality.model and recipe.quality.model != QUALITY_TINY:
+        check_model_source(recipe.quality.model, "config.json")
+    if recipe.annotator.checkpoint:
+        _check_annotator(recipe)
+    elif recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
         check_model_source(recipe.labeler.weights)
     build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
     try:
@@ -87,6 +93,23 @@ def prepare_build(recipe: Recipe) -> Prepared:
     except OSError as exc:
         raise StorageError(f"cannot write to {recipe.output}: {first_line(exc)}") from None
     return Prepared(recipe, plan, location)
+
+
+def _check_annotator(recipe: Recipe) -> None:
+    """The checkpoint must exist and read features of the same U-Net, at a step this run has."""
+    from grounding.train import CheckpointError, read_checkpoint_metadata  # the factory needs grounding only here
+
+    try:
+        metadata = read_checkpoint_metadata(recipe.annotator.checkpoint)
+    except CheckpointError as exc:
+        raise BuildError(str(exc)) from None
+    if metadata["generator"] != recipe.generator.model:
+        raise BuildError(f"grounding checkpoint {recipe.annotator.checkpoint} reads features of generator "
+                         f"{metadata['generator']!r}, not {recipe.generator.model!r}")
+    step = metadata["capture"]["steps_remaining"]
+    if step > recipe.generator.steps:
+        raise BuildError(f"grounding checkpoint needs capture step {step}, beyond generator.steps "
+                         f"{recipe.generator.steps}")
 
 
 def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
@@ -112,12 +135,21 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
     gen, lab, writer = recipe.generator, recipe.labeler, recipe.writer
     rows = [asdict(s) for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
-    ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen, "capture": recipe.capture},
-                        batch_size=gen.batch_size,
-                        compute=_pool(gen), batch_format="numpy", **resources)
-    ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
-                            "config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width)},
-                        batch_size=lab.batch_size, compute=_pool(lab), batch_format="numpy", **resources)
+    if recipe.annotator.checkpoint:  # generation and labelling in one actor: features never leave the GPU
+        ds = ds.map_batches(AnnotateStage, fn_constructor_kwargs={
+                                "generator": gen, "annotator": recipe.annotator, "vocabulary": recipe.vocabulary},
+                            batch_size=gen.batch_size, compute=_pool(gen), batch_format="numpy", **resources)
+    else:
+        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen, "capture": recipe.capture},
+                            batch_size=gen.batch_size, compute=_pool(gen), batch_format="numpy", **resources)
+        ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
+                                "config": lab, "vocabulary": recipe.vocabulary,
+                                "image_size": min(gen.height, gen.width)},
+                            batch_size=lab.batch_size, compute=_pool(lab), batch_format="numpy", **resources)
+    if recipe.quality.model:
+        ds = ds.map_batches(QualityStage, fn_constructor_kwargs={"model": recipe.quality.model},
+                            batch_size=lab.batch_size, compute=_pool(recipe.quality), batch_format="numpy",
+                            **resources)
     ds = ds.map_batches(encode_batch, fn_kwargs={
                             "image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
                             "class_indices": {c.name: c.index for c in vocabulary.classes},
@@ -129,6 +161,8 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
 
 
 def _labeler_id(recipe: Recipe) -> str:
+    if recipe.annotator.checkpoint:
+        return f"grounding:{recipe.annotator.checkpoint}"
     lab = recipe.labeler
     return lab.model if not lab.weights else f"{lab.model}:{lab.weights}"
 

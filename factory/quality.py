@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
+from factory.devices import pick_device
 from factory.generate import tiny_tokenizer
 from factory.storage import local_copy
 
@@ -108,3 +109,15 @@ def select_top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
     mask = np.zeros(len(scores), dtype=bool)
     mask[order[:keep]] = True
     return mask
+
+
+class QualityStage:
+    """Ray Data actor: adds a ``quality`` score per image (the CLIP-IQA-style probability)."""
+
+    def __init__(self, model: str):
+        device = pick_device()
+        self.scorer = QualityScorer(*load_clip(model, device))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch["quality"] = self.scorer(batch["image"]).astype(np.float32)
+        return batch

@@ -110,6 +110,23 @@ class LabelerConfig(_Section):
         return self
 
 
+class AnnotatorConfig(_Section):
+    checkpoint: str | None = Field(
+        None, description="a trained grounding module (checkpoint folder, local or s3://): when set, it "
+        "labels the images inside the generator's actor instead of the detector (Algorithm 2)")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
+    ignore_below: float | None = Field(
+        None, ge=0.0, le=1.0, description="pixels whose best probability is in [ignore_below, threshold] become 255")
+    on_missing: Literal["drop", "ignore"] = Field("drop", description="a class with an empty predicted mask: "
+                                                  "drop the sample, or keep it with unclaimed pixels 255")
+
+    @model_validator(mode="after")
+    def _band(self) -> "AnnotatorConfig":
+        if self.ignore_below is not None and self.ignore_below >= self.threshold:
+            raise ValueError(f"ignore_below {self.ignore_below} must be below threshold {self.threshold}")
+        return self
+
+
 class CaptureConfig(_Section):
     features: Literal["none", "latent", "tensors"] = Field(
         "none", description="U-Net features for grounding triplets: 'latent' stores the capture call's "
@@ -118,6 +135,13 @@ class CaptureConfig(_Section):
     unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
     attention: bool = Field(False, description="store DAAM cross-attention heat maps per class "
                             "(the baseline that Protocol-I evaluation compares the grounding module with)")
+
+
+class QualityConfig(_Section):
+    model: str | None = Field(
+        None, description="CLIP for an image-quality score per sample ('tiny', a local folder or s3:// "
+        "prefix of a saved CLIPModel): P('Good photo.') against 'Bad photo.', to filter test sets")
+    pool: PoolConfig = PoolConfig()
 
 
 class WriterConfig(_Section):
@@ -146,7 +170,9 @@ class Recipe(_Section):
     prompts: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()
     labeler: LabelerConfig = LabelerConfig()
+    annotator: AnnotatorConfig = AnnotatorConfig()
     capture: CaptureConfig = CaptureConfig()
+    quality: QualityConfig = QualityConfig()
     writer: WriterConfig = WriterConfig()
 
     @field_validator("classes", mode="before")
@@ -176,6 +202,8 @@ class Recipe(_Section):
             raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
         if self.capture.features != "none" and self.capture.step > self.generator.steps:
             raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
+        if self.annotator.checkpoint and (self.capture.features != "none" or self.capture.attention):
+            raise ValueError("annotator.checkpoint makes a segmentation set; capture is for oracle triplet sets")
         if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
             raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self

@@ -108,10 +108,10 @@ def _struct(data: bytes) -> dict:
 
 
 def capture_columns(batch) -> list[str]:
-    """Names of the optional U-Net capture columns present in a batch or table."""
+    """Names of the optional columns present in a batch or table: U-Net capture, quality."""
     names = batch.keys() if isinstance(batch, dict) else batch.column_names
     return [name for name in names
-            if name in ("timestep", "latent", "daam") or name.startswith(("features_", "ufeatures_"))]
+            if name in ("timestep", "latent", "daam", "quality") or name.startswith(("features_", "ufeatures_"))]
 
 
 def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_quality: int,
@@ -144,8 +144,8 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_qualit
     table = pa.table(columns, schema=SCHEMA)
     shapes = {}
     for name in capture_columns(batch):  # grounding triplets: fp16 C x H x W per row
-        if name == "timestep":
-            table = table.append_column(name, pa.array(batch[name], pa.int64()))
+        if name in ("timestep", "quality"):
+            table = table.append_column(name, pa.array(batch[name]))
             continue
         if name == "daam":  # one (h, w) heat map per class
             shapes[name] = list(batch[name][0].shape[1:])

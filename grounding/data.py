@@ -145,6 +145,22 @@ class TripletSource:
         return pa.concat_tables(parts)
 
 
+@torch.no_grad()  # not inference_mode: its tensors could not enter the trained module's autograd graph
+def encode_texts(pipe, texts: list[str]) -> Tensor:
+    """Last hidden state of the text encoder, tokenized as the generator does (padded to 77)."""
+    embeddings, _ = pipe.encode_prompt(texts, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)
+    return embeddings
+
+
+def text_class_embeddings(pipe, text: TextConfig, prompts: Sequence[str],
+                          class_words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
+    """(B, O, d) class embeddings and (B, O) mask: each class word's tokens averaged, in the
+    text that `text` makes from the prompt and class words. Shared with the annotator."""
+    texts = [text.render(p, w) for p, w in zip(prompts, class_words)]
+    positions = [class_token_positions(pipe.tokenizer, t, w) for t, w in zip(texts, class_words)]
+    return class_embeddings(encode_texts(pipe, texts), positions)
+
+
 @dataclass
 class Batch:
     """Grounding module inputs and targets; O = the most classes of any row, padded."""
@@ -194,20 +210,7 @@ class Featurizer:
             return {int(name.removeprefix("features_")): shape[0]
                     for name, shape in self.shapes.items() if name.startswith("features_")}
         latent = torch.zeros(1, *self.shapes["latent"], device=self.device, dtype=self.pipe.unet.dtype)
-        return feature_channels(unet_features(self.pipe.unet, latent, 0, self._encode([""])))
-
-    @torch.no_grad()  # not inference_mode: its tensors could not enter the trained module's autograd graph
-    def _encode(self, texts: list[str]) -> Tensor:
-        """Last hidden state of the text encoder, tokenized as the generator does."""
-        embeddings, _ = self.pipe.encode_prompt(texts, self.device, 1, do_classifier_free_guidance=False)
-        return embeddings
-
-    def class_embeddings(self, prompts: Sequence[str], class_words: Sequence[Sequence[str]]) -> tuple[Tensor, Tensor]:
-        """(B, O, d) class embeddings and (B, O) mask: each class word's tokens averaged, in the
-        text the TextConfig makes from the prompt and class words."""
-        texts = [self.text.render(p, w) for p, w in zip(prompts, class_words)]
-        positions = [class_token_positions(self.pipe.tokenizer, t, w) for t, w in zip(texts, class_words)]
-        return class_embeddings(self._encode(texts), positions)
+        return feature_channels(unet_features(self.pipe.unet, latent, 0, encode_texts(self.pipe, [""])))
 
     def features(self, rows: pa.Table) -> dict[int, Tensor]:
         """Stored features decoded, or recomputed by one U-Net pass on the stored latent,
@@ -224,7 +227,7 @@ class Featurizer:
         arrays = [from_fp16_bytes(b, self.shapes["latent"]) for b in rows.column("latent").to_pylist()]
         unet = self.pipe.unet
         latent = torch.from_numpy(np.stack(arrays)).to(self.device, unet.dtype)
-        prompt_embeds = self._encode(rows.column("prompt").to_pylist())
+        prompt_embeds = encode_texts(self.pipe, rows.column("prompt").to_pylist())
         features = unet_features(unet, latent, timesteps.pop(), prompt_embeds)
         return {r: t.clone() for r, t in features.items()}  # clones leave inference mode: trainable inputs
 
@@ -233,7 +236,7 @@ class Featurizer:
         words = rows.column("class_words").to_pylist()
         classes = rows.column("classes").to_pylist()
         found = rows.column("found").to_pylist()
-        embeddings, class_mask = self.class_embeddings(prompts, words)
+        embeddings, class_mask = text_class_embeddings(self.pipe, self.text, prompts, words)
         masks = [[decode_png(m["bytes"]).astype(bool) for m in row] for row in rows.column("masks").to_pylist()]
         height, width = masks[0][0].shape
         targets = torch.zeros(len(masks), class_mask.shape[1], height, width)

@@ -195,10 +195,11 @@ def test_help_documents_every_recipe_field(capsys):
         assert flag in text
 
 
-def test_triplet_build_stores_the_capture_latent(ray_cluster, tmp_path):
+def test_triplet_build_stores_latent_attention_and_quality(ray_cluster, tmp_path):
     out = tmp_path / "triplets"
     args = ["--out", str(out), "--num-samples", "4", "--generator.steps", "4", "--capture.features", "latent",
-            "--capture.step", "2", "--capture.attention", "true", "--writer.preview-samples", "0"]
+            "--capture.step", "2", "--capture.attention", "true", "--quality.model", "tiny",
+            "--writer.preview-samples", "0"]
     assert build_dataset.main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["capture"] == {"features": "latent", "attention": True, "steps_remaining": 2, "unet_call": 2,
@@ -211,3 +212,4 @@ def test_triplet_build_stores_the_capture_latent(ray_cluster, tmp_path):
         assert len(row["daam"]) == len(row["classes"])
         heat = np.frombuffer(row["daam"][0], np.float16).reshape(32, 32)
         assert heat.min() >= 0 and heat.max() == 1  # normalised per class
+        assert 0.0 <= row["quality"] <= 1.0

@@ -1,0 +1,98 @@
+"""Annotate: label generated images with the trained grounding module (Algorithm 2).
+
+One actor holds Stable Diffusion and the module: the generation call's U-Net features
+at the capture step go straight into the module, which predicts a mask for each of
+the prompt's classes, seen or unseen. The outputs have the same columns as the oracle
+labeler's, so encoding and writing are shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from factory.devices import pick_device, pick_dtype
+from factory.features import FeatureCapture, capture_call_index
+from factory.generate import generate, load_pipeline
+from factory.label import CLASS_NOT_FOUND, IGNORE, ragged
+from factory.recipe import AnnotatorConfig, GeneratorConfig
+from factory.vocab import get_vocabulary
+from grounding.data import TextConfig, text_class_embeddings
+from grounding.train import load_grounding_checkpoint
+
+
+def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, threshold: float = 0.5,
+                         ignore_below: float | None = None) -> np.ndarray:
+    """uint8 map from per-class probabilities (O, H, W).
+
+    A pixel goes to the most probable class when that probability exceeds ``threshold``
+    (so overlaps go to the higher score); otherwise it is background, or 255 when its best
+    probability is in the unsure band [ignore_below, threshold).
+    """
+    best = probabilities.max(axis=0)
+    lut = np.array(indices, np.uint8)
+    out = np.where(best > threshold, lut[probabilities.argmax(axis=0)], 0).astype(np.uint8)
+    if ignore_below is not None:
+        out[(best >= ignore_below) & (best <= threshold)] = IGNORE
+    return out
+
+
+class AnnotateStage:
+    """Ray Data actor: generate, capture, predict masks, label; one GPU when there are GPUs."""
+
+    def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str):
+        self.generator, self.annotator = generator, annotator
+        self.vocabulary = get_vocabulary(vocabulary)
+        self.device = pick_device()
+        self.pipe = load_pipeline(generator.model, self.device, pick_dtype(generator.dtype, self.device))
+        module, metadata = load_grounding_checkpoint(annotator.checkpoint)
+        self.module = module.to(self.device)
+        self.text = TextConfig.model_validate(metadata["text"])
+        self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        g, a = self.generator, self.annotator
+        prompts, words = list(batch["prompt"]), [list(w) for w in batch["class_words"]]
+        with contextlib.ExitStack() as stack:
+            hooks = stack.enter_context(FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)))
+            images = generate(self.pipe, prompts, list(batch["seed"]), steps=g.steps,
+                              guidance_scale=g.guidance_scale, height=g.height, width=g.width)
+        features = {r: t.float() for r, t in hooks.features.items()}
+        embeddings, mask = text_class_embeddings(self.pipe, self.text, prompts, words)
+        logits = self.module(features, embeddings.float(), mask)
+        probabilities = torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
+                                                    align_corners=False)).cpu().numpy()
+        outputs = {"label": [], "class_bits": [], "scores": [], "instances": [], "found": [], "drop_reason": []}
+        for i, names in enumerate(batch["classes"]):
+            p = probabilities[i, :len(names)]
+            indices = [self.vocabulary.lookup(name).index for name in names]
+            label = annotation_label_map(p, indices, threshold=a.threshold, ignore_below=a.ignore_below)
+            masks = p > a.threshold
+            found = masks.reshape(len(names), -1).any(axis=1)
+            if not found.all():  # as with the oracle: a missing class may be anywhere unclaimed
+                label[label == 0] = IGNORE
+            outputs["label"].append(label)
+            outputs["class_bits"].append(np.bitwise_or.reduce(
+                [masks[k].astype(np.uint8) << k for k in range(len(names))], axis=0))
+            # score: mean probability inside the class's mask, a confidence for later filtering
+            outputs["scores"].append(np.array([p[k][masks[k]].mean() if found[k] else 0.0
+                                               for k in range(len(names))], np.float32))
+            outputs["instances"].append(found.astype(np.int16))
+            outputs["found"].append(found)
+            outputs["drop_reason"].append("" if found.all() or a.on_missing == "ignore" else CLASS_NOT_FOUND)
+        batch["image"] = images
+        for key in ("label", "class_bits"):
+            batch[key] = np.stack(outputs[key])
+        for key in ("scores", "instances", "found"):
+            batch[key] = ragged(outputs[key])
+        batch["drop_reason"] = np.array(outputs["drop_reason"], dtype=object)
+        seconds = (time.perf_counter() - start) / len(prompts)
+        batch["generate_seconds"] = np.full(len(prompts), seconds)
+        batch["label_seconds"] = np.zeros(len(prompts))  # labelling happens inside the generation actor
+        return batch

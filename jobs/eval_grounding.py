@@ -1,0 +1,233 @@
+"""Protocol-I evaluation: a trained grounding module against the DAAM baseline (spec section 8).
+
+    python jobs/eval_grounding.py --checkpoint outputs/grounding-tiny/best --data outputs/tiny-test
+    ray job submit --working-dir . -- python jobs/eval_grounding.py \\
+        --checkpoint s3://bucket/grounding/voc-split1/best --data s3://bucket/datasets/pascal-sim-test \\
+        --splits 1 --out s3://bucket/evals/voc-split1.json
+
+--data is a triplet test set: a factory build with `--capture.features latent` (or tensors)
+and `--capture.attention true` (DAAM's heat maps; without them the DAAM rows are skipped).
+The module runs on every row through Ray Data, in an actor pool (one GPU per actor when the
+cluster has GPUs); DAAM's masks are its stored heat maps, upsampled to the mask size and
+thresholded. Both are scored on the same slots of the same images: the classes the oracle
+found with a non-empty mask (the others have no ground truth). The batches are fixed by
+the driver and the counts are integers, so the result does not depend on the worker count.
+Prints a table like Table 1 of 003 and, with --out, writes the results as JSON (local or s3://).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from factory.daam import DAAM_THRESHOLD, daam_masks
+from factory.devices import pick_device
+from factory.features import from_fp16_bytes
+from factory.storage import StorageError, check_reachable, is_s3, open_location
+from grounding.data import DataError, Featurizer, TextConfig, TripletSource
+from grounding.evaluate import ProtocolIAccumulator, format_table
+from grounding.train import CheckpointError, load_grounding_checkpoint, read_checkpoint_metadata
+
+FORMAT = "protocol-i-results/1"
+MODULE = "grounding module"
+DAAM = "DAAM"
+MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
+_CHECKPOINT_KEYS = ("model", "text", "generator", "capture", "vocabulary", "classes")
+
+
+class EvalError(ValueError):
+    """Inputs that cannot be evaluated; the message is one line."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="grounding checkpoint folder (local or s3://), "
+                        "e.g. <training out>/best")
+    parser.add_argument("--data", required=True, help="triplet test set (local or s3://)")
+    parser.add_argument("--out", help="results JSON file, local or s3:// (default: print only)")
+    parser.add_argument("--splits", type=int, nargs="+", default=[1, 2, 3], help="seen/unseen splits (default: 1 2 3)")
+    parser.add_argument("--daam-threshold", type=float, default=DAAM_THRESHOLD,
+                        help=f"DAAM heat-map threshold (default: {DAAM_THRESHOLD}, Tang et al.'s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per module call (default: 8)")
+    parser.add_argument("--num-workers", type=int, help="actors (default: one per GPU in the cluster, else 1)")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class EvalPlan:
+    checkpoint: str
+    data: str
+    out: str | None
+    splits: list[int]
+    vocabulary: str
+    daam_threshold: float | None  # None: the dataset has no heat maps, DAAM is skipped
+    batches: list[list[int]]  # row positions of each module call, fixed here
+    num_workers: int | None
+    report: dict  # the JSON's fields other than the results
+
+
+def _absolute(uri: str) -> str:
+    # Ray workers run in their own working directory: relative paths must not reach them.
+    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _output_file(uri: str) -> tuple[str, str]:
+    """(folder, file name) of an output file URI."""
+    folder, _, name = uri.rpartition("/")
+    if not name or folder in ("s3:", "s3:/"):
+        raise EvalError(f"--out {uri!r} must name a file, e.g. results.json or s3://bucket/evals/results.json")
+    return folder or ".", name
+
+
+def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
+    """Every check that needs no model; raises EvalError, DataError, StorageError or CheckpointError."""
+    if args.batch_size < 1 or (args.num_workers is not None and args.num_workers < 1):
+        raise EvalError("--batch-size and --num-workers must be at least 1")
+    if not 0.0 <= args.daam_threshold <= 1.0:
+        raise EvalError(f"--daam-threshold {args.daam_threshold} is outside [0, 1] (heat maps are normalised)")
+    checkpoint, data = _absolute(args.checkpoint), _absolute(args.data)
+    metadata = read_checkpoint_metadata(checkpoint)
+    missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{checkpoint} lacks {', '.join(missing)} in its checkpoint.json")
+    source = TripletSource(data)
+    vocabulary = source.vocabulary
+    for what, trained, tested in (("generator", metadata["generator"], source.generator),
+                                  ("capture step", metadata["capture"].get("steps_remaining"), source.capture_step),
+                                  ("vocabulary", metadata["vocabulary"]["name"], vocabulary.name)):
+        if trained != tested:
+            raise EvalError(f"{data} differs from the checkpoint's training data in {what}: {tested} vs {trained}")
+    height, width = source.image_size
+    if not metadata["model"]["mask_resolution"] == height == width:
+        raise EvalError(f"the module makes {metadata['model']['mask_resolution']}-pixel masks, "
+                        f"{data} has {height}x{width} images")
+    try:
+        unseen = {k: set(vocabulary.unseen(k)) for k in args.splits}
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    if len(source) == 0:
+        raise EvalError(f"{data} has no rows")
+    out = args.out and (args.out if is_s3(args.out) else _absolute(args.out))
+    if out:
+        check_reachable(_output_file(out)[0])
+
+    notes = []
+    daam_threshold = args.daam_threshold
+    if "daam" not in source.shapes:
+        daam_threshold = None
+        notes.append(f"{data} has no DAAM heat maps (built without --capture.attention true): DAAM skipped")
+    trained = set(metadata["classes"])
+    for k in args.splits:
+        shown = sorted(trained & unseen[k])
+        if shown:
+            notes.append(f"split {k}: the module was trained on {len(shown)} of its unseen classes "
+                         f"({', '.join(shown)}), so its unseen columns are not zero-shot")
+    n = len(source)
+    batches = [list(range(start, min(start + args.batch_size, n))) for start in range(0, n, args.batch_size)]
+    thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
+    report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_epoch": metadata.get("epoch"),
+              "trained_classes": metadata["classes"], "data": data,
+              "plan_digest": source.manifest["plan"]["digest"], "samples": n, "vocabulary": vocabulary.name,
+              "splits": list(args.splits), "thresholds": thresholds,
+              "scored": "classes the oracle found with a non-empty mask", "notes": notes}
+    return EvalPlan(checkpoint, data, out, list(args.splits), vocabulary.name, daam_threshold, batches,
+                    args.num_workers, report)
+
+
+class EvalStage:
+    """Ray Data actor: the module and the frozen Stable Diffusion parts, loaded once.
+
+    Each call gets batches of row positions and returns, per batch, the JSON of a
+    module accumulator and of a DAAM one (empty when DAAM is skipped).
+    """
+
+    def __init__(self, checkpoint: str, data: str, splits: list[int], daam_threshold: float | None):
+        device = pick_device()
+        module, metadata = load_grounding_checkpoint(checkpoint)
+        self.module = module.to(device)
+        self.source = TripletSource(data)
+        self.featurizer = Featurizer(self.source, TextConfig.model_validate(metadata["text"]), ignore_empty=True,
+                                     device=device)
+        self.splits, self.daam_threshold = splits, daam_threshold
+        self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module_json, daam_json = [], []
+        for positions in batch["positions"]:
+            module_acc, daam_acc = self._evaluate(self.source.take(list(positions), self.columns))
+            module_json.append(json.dumps(module_acc.to_dict()))
+            daam_json.append(json.dumps(daam_acc.to_dict()) if daam_acc else "")
+        return {"module": np.array(module_json), "daam": np.array(daam_json)}
+
+    def _evaluate(self, rows) -> tuple[ProtocolIAccumulator, ProtocolIAccumulator | None]:
+        vocabulary = self.source.vocabulary
+        inputs = self.featurizer(rows)
+        predicted = self.module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).cpu().numpy()
+        truth, valid = inputs.targets.bool().cpu().numpy(), inputs.valid.cpu().numpy()
+        module_acc = ProtocolIAccumulator(vocabulary, self.splits)
+        daam_acc = ProtocolIAccumulator(vocabulary, self.splits) if self.daam_threshold is not None else None
+        heatmaps = rows.column("daam").to_pylist() if daam_acc else None
+        for i, classes in enumerate(rows.column("classes").to_pylist()):
+            n = len(classes)
+            module_acc.add(classes, predicted[i, :n], truth[i, :n], valid[i, :n])
+            if daam_acc:
+                maps = np.stack([from_fp16_bytes(m, self.source.shapes["daam"]) for m in heatmaps[i]])
+                masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
+                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n])
+        return module_acc, daam_acc
+
+
+def run_evaluation(plan: EvalPlan) -> dict:
+    """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    # Workers import the installed factory and grounding packages, not this script: ship its code.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    workers = min(plan.num_workers or max(1, gpus), len(plan.batches))
+    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
+    ds = ray.data.from_items([{"positions": p} for p in plan.batches], override_num_blocks=len(plan.batches))
+    ds = ds.map_batches(EvalStage, fn_constructor_kwargs={
+                            "checkpoint": plan.checkpoint, "data": plan.data, "splits": plan.splits,
+                            "daam_threshold": plan.daam_threshold},
+                        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers),
+                        **resources)
+    totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, plan.splits)}
+    if plan.daam_threshold is not None:
+        totals[DAAM] = ProtocolIAccumulator(plan.vocabulary, plan.splits)
+    for row in ds.iter_rows():  # integer counts: the merge order does not matter
+        totals[MODULE].merge(ProtocolIAccumulator.from_dict(json.loads(row["module"])))
+        if DAAM in totals:
+            totals[DAAM].merge(ProtocolIAccumulator.from_dict(json.loads(row["daam"])))
+    return {**plan.report, "results": {method: acc.result() for method, acc in totals.items()}}
+
+
+def write_report(uri: str, report: dict) -> None:
+    folder, name = _output_file(uri)
+    open_location(folder).write_bytes(name, json.dumps(report, indent=2).encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        plan = prepare_evaluation(args)
+    except (EvalError, DataError, StorageError, CheckpointError) as exc:
+        print(f"eval_grounding: error: {exc}", file=sys.stderr)
+        return 2
+    report = run_evaluation(plan)
+    print(format_table(report["results"]))
+    for note in report["notes"]:
+        print(f"note: {note}")
+    if plan.out:
+        write_report(plan.out, report)
+        print(f"results written to {plan.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
