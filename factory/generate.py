@@ -100,13 +100,15 @@ def load_pipeline(source: str, device: torch.device | str = "cpu",
     """The tiny pipeline, or a saved one by model id, local folder or s3:// prefix."""
     if source == TINY:
         pipe = tiny_pipeline()
+        if dtype != torch.float32:
+            pipe = pipe.to(dtype=dtype)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(
             local_copy(source), dtype=dtype, use_safetensors=True,
             safety_checker=None, requires_safety_checker=False)
         pipe.scheduler = _sd_scheduler(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device, dtype=dtype)
+    return pipe.to(device)
 
 
 @torch.inference_mode()

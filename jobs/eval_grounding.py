@@ -113,7 +113,7 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         raise EvalError(str(exc)) from None
     if len(source) == 0:
         raise EvalError(f"{data} has no rows")
-    out = args.out and (args.out if is_s3(args.out) else _absolute(args.out))
+    out = args.out and _absolute(args.out)
     if out:
         check_reachable(_output_file(out)[0])
 

@@ -269,7 +269,7 @@ def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_eval_job_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path, capsys):
+def test_dataset_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path):
     # What a build without --capture.attention records: no "daam" capture shape.
     copy = tmp_path / "no-daam"
     shutil.copytree(test_set, copy)
@@ -277,13 +277,17 @@ def test_eval_job_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path, c
     manifest["capture"]["attention"] = False
     del manifest["capture"]["shapes"]["daam"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    out = tmp_path / "results.json"
-    assert eval_grounding.main(["--checkpoint", str(checkpoint), "--data", str(copy), "--splits", "1",
-                                "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    report = json.loads(out.read_text())
-    assert set(report["results"]) == {"grounding module"} and "DAAM" not in report["thresholds"]
-    assert "no DAAM heat maps" in printed and report["results"]["grounding module"]["splits"].keys() == {"1"}
+    args = eval_grounding.parse_args(["--checkpoint", str(checkpoint), "--data", str(copy), "--splits", "1"])
+    plan = eval_grounding.prepare_evaluation(args)
+    assert plan.daam_threshold is None and "DAAM" not in plan.report["thresholds"]
+    assert plan.report["notes"] == [f"{copy} has no DAAM heat maps (built without --capture.attention true): "
+                                    f"DAAM skipped"]
+    # The actor, in-process (a Ray run is the test above): module counts only.
+    stage = eval_grounding.EvalStage(plan.checkpoint, plan.data, plan.splits, plan.daam_threshold)
+    out = stage({"positions": np.array([[0, 1, 2], [3, 4, 5]])})
+    assert list(out["daam"]) == ["", ""]
+    counts = ProtocolIAccumulator.from_dict(json.loads(out["module"][0]))
+    assert counts.splits == (1,) and counts.vocabulary is VOC
 
 
 @pytest.mark.slow
