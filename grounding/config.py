@@ -7,8 +7,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Channels per spatial resolution of the Stable Diffusion 1.5 U-Net features for a
-# 64x64 latent (512x512 image): all captured block outputs at one resolution,
-# concatenated. The capture code defines these; keep the two in sync.
+# 64x64 latent (512x512 image): all blocks factory/features.py captures at one
+# resolution, concatenated (measured by bench/storage.py). Training reads the actual
+# channels from its dataset; these size the real preset before any data is seen.
 REAL_SD15_CHANNELS = {8: 8960, 16: 8320, 32: 4800, 64: 2560}
 
 

@@ -99,6 +99,8 @@ class TripletSource:
                             f"build it with --capture.features latent")
         self.uri = self.location.uri
         self.files = [(entry["path"], entry["rows"]) for entry in self.manifest["files"]]
+        if not self.files:
+            raise DataError(f"{uri} holds no samples")
         self.mode: Literal["latent", "tensors"] = capture["features"]
         self.shapes = {name: tuple(shape) for name, shape in capture["shapes"].items()}
         self.capture_step: int = capture["steps_remaining"]
@@ -108,14 +110,14 @@ class TripletSource:
         self.split: int | None = recipe.get("split")
         self.vocabulary = get_vocabulary(self.manifest["vocabulary"]["name"])
 
-    def __len__(self) -> int:
-        return sum(rows for _, rows in self.files)
+    @property
+    def stored_features(self) -> dict[int, str]:
+        """Resolution -> column of the stored U-Net features (none in latent mode)."""
+        return {int(name.removeprefix("features_")): name for name in self.shapes if name.startswith("features_")}
 
     @property
     def feature_columns(self) -> list[str]:
-        if self.mode == "latent":
-            return ["latent", "timestep"]
-        return sorted(name for name in self.shapes if name.startswith("features_"))
+        return ["latent", "timestep"] if self.mode == "latent" else list(self.stored_features.values())
 
     @property
     def columns(self) -> list[str]:
@@ -191,12 +193,12 @@ class Featurizer:
 
     def __init__(self, source: TripletSource, text: TextConfig, *, ignore_empty: bool = True,
                  classes: Collection[str] | None = None, device: torch.device | str = "cpu"):
-        self.mode, self.shapes, self.text = source.mode, source.shapes, text
+        self.source, self.text = source, text
         self.ignore_empty = ignore_empty
         self.allowed = None if classes is None else set(classes)
         self.device = torch.device(device)
         self.pipe = load_pipeline(source.generator, self.device, pick_dtype("auto", self.device))
-        if self.mode == "tensors":
+        if source.mode == "tensors":
             self.pipe.unet = None  # the features are stored; only the text encoder is needed
 
     @property
@@ -206,25 +208,23 @@ class Featurizer:
     def feature_channels(self) -> dict[int, int]:
         """Channels per resolution of this dataset's features: stored shapes, or one U-Net pass
         on a zero latent (the capture code, not a table, decides what a U-Net gives)."""
-        if self.mode == "tensors":
-            return {int(name.removeprefix("features_")): shape[0]
-                    for name, shape in self.shapes.items() if name.startswith("features_")}
-        latent = torch.zeros(1, *self.shapes["latent"], device=self.device, dtype=self.pipe.unet.dtype)
+        if self.source.mode == "tensors":
+            return {r: self.source.shapes[name][0] for r, name in self.source.stored_features.items()}
+        latent = torch.zeros(1, *self.source.shapes["latent"], device=self.device, dtype=self.pipe.unet.dtype)
         return feature_channels(unet_features(self.pipe.unet, latent, 0, encode_texts(self.pipe, [""])))
 
     def features(self, rows: pa.Table) -> dict[int, Tensor]:
         """Stored features decoded, or recomputed by one U-Net pass on the stored latent,
         conditioned on the prompt as in the generation's conditional branch."""
-        if self.mode == "tensors":
-            out = {}
-            for name in sorted(n for n in self.shapes if n.startswith("features_")):
-                arrays = [from_fp16_bytes(b, self.shapes[name]) for b in rows.column(name).to_pylist()]
-                out[int(name.removeprefix("features_"))] = torch.from_numpy(np.stack(arrays)).to(self.device)
-            return out
+        shapes = self.source.shapes
+        if self.source.mode == "tensors":
+            return {r: torch.from_numpy(np.stack([from_fp16_bytes(b, shapes[name])
+                                                  for b in rows.column(name).to_pylist()])).to(self.device)
+                    for r, name in self.source.stored_features.items()}
         timesteps = set(rows.column("timestep").to_pylist())
         if len(timesteps) != 1:
             raise ValueError(f"rows of one batch must share a capture timestep, got {sorted(timesteps)}")
-        arrays = [from_fp16_bytes(b, self.shapes["latent"]) for b in rows.column("latent").to_pylist()]
+        arrays = [from_fp16_bytes(b, shapes["latent"]) for b in rows.column("latent").to_pylist()]
         unet = self.pipe.unet
         latent = torch.from_numpy(np.stack(arrays)).to(self.device, unet.dtype)
         prompt_embeds = encode_texts(self.pipe, rows.column("prompt").to_pylist())

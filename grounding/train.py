@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,7 +41,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor
 
 from factory.storage import Location, check_reachable, is_s3, open_location
-from factory.vocab import UnknownClassError
 from grounding.config import GroundingModelConfig
 from grounding.data import Batch, DataError, Featurizer, TextConfig, TripletSource, in_validation
 from grounding.losses import grounding_loss
@@ -50,6 +50,8 @@ FORMAT = "grounding-checkpoint/1"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 METADATA_FILE = "checkpoint.json"
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -284,21 +286,21 @@ def _absolute(uri: str) -> str:
 
 
 def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list[str]:
+    """Canonical names of the trained classes, checked against the dataset's vocabulary."""
     vocabulary = source.vocabulary
-    if config.classes == "all":
-        return list(vocabulary.names)
-    if config.classes == "seen":
-        split = config.split or source.split
-        if split is None:
-            raise DataError(f"classes: seen needs a split, and {source.uri} was built without one; "
-                            f"pass --split 1..3 or --classes all")
-        try:
-            return list(vocabulary.seen(split))
-        except ValueError as exc:
-            raise DataError(str(exc)) from None
+    split = config.split or source.split
+    if config.classes == "seen" and split is None:
+        raise DataError(f"classes: seen needs a split, and {source.uri} was built without one; "
+                        f"pass --split 1..3 or --classes all")
     try:
+        if split is not None:
+            vocabulary.unseen(split)  # checks the split
+        if config.classes == "all":
+            return list(vocabulary.names)
+        if config.classes == "seen":
+            return list(vocabulary.seen(split))
         return [vocabulary.lookup(name).name for name in config.classes]
-    except UnknownClassError as exc:
+    except ValueError as exc:  # an unknown split or class name
         raise DataError(str(exc)) from None
 
 
@@ -474,6 +476,6 @@ def train_loop_per_worker(worker_config: dict) -> None:
             if improved:
                 save_checkpoint(out.url("best"), module, optimizer, metadata)
             best_text = "none" if best["epoch"] is None else f"{best['val_miou']:.4f} (epoch {best['epoch']})"
-            print(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  best {best_text}",
-                  flush=True)
+            # Ray Train shows worker logs on the driver (a print is echoed twice there).
+            logger.info(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  best {best_text}")
         ray.train.report({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})

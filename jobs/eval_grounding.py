@@ -102,17 +102,15 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
                                   ("capture step", metadata["capture"].get("steps_remaining"), source.capture_step),
                                   ("vocabulary", metadata["vocabulary"]["name"], vocabulary.name)):
         if trained != tested:
-            raise EvalError(f"{data} differs from the checkpoint's training data in {what}: {tested} vs {trained}")
+            raise EvalError(f"{data} was made with {what} {tested}, the checkpoint's training data with {trained}")
     height, width = source.image_size
     if not metadata["model"]["mask_resolution"] == height == width:
         raise EvalError(f"the module makes {metadata['model']['mask_resolution']}-pixel masks, "
                         f"{data} has {height}x{width} images")
     try:
-        unseen = {k: set(vocabulary.unseen(k)) for k in args.splits}
+        ProtocolIAccumulator(vocabulary, args.splits)  # rejects unknown and repeated splits
     except ValueError as exc:
         raise EvalError(str(exc)) from None
-    if len(source) == 0:
-        raise EvalError(f"{data} has no rows")
     out = args.out and _absolute(args.out)
     if out:
         check_reachable(_output_file(out)[0])
@@ -124,11 +122,11 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         notes.append(f"{data} has no DAAM heat maps (built without --capture.attention true): DAAM skipped")
     trained = set(metadata["classes"])
     for k in args.splits:
-        shown = sorted(trained & unseen[k])
+        shown = sorted(trained.intersection(vocabulary.unseen(k)))
         if shown:
             notes.append(f"split {k}: the module was trained on {len(shown)} of its unseen classes "
                          f"({', '.join(shown)}), so its unseen columns are not zero-shot")
-    n = len(source)
+    n = sum(rows for _, rows in source.files)
     batches = [list(range(start, min(start + args.batch_size, n))) for start in range(0, n, args.batch_size)]
     thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
     report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_epoch": metadata.get("epoch"),

@@ -19,6 +19,7 @@ from factory.daam import daam_masks
 from factory.features import from_fp16_bytes
 from factory.pipeline import prepare_build, run_build
 from factory.recipe import load_recipe
+from factory.storage import open_location
 from factory.vocab import VOC
 from factory.write import decode_png
 from grounding.data import Featurizer, TextConfig, TripletSource
@@ -236,17 +237,16 @@ def daam_by_hand(test_set: Path, threshold: float) -> dict:
 
 
 @pytest.mark.slow
-def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, capsys):
-    common = ["--checkpoint", str(checkpoint), "--data", str(test_set), "--batch-size", "3"]
+def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, bucket, capsys):
+    common = ["--checkpoint", str(checkpoint), "--data", str(test_set), "--batch-size", "3"]  # 4 batches
     assert eval_grounding.main([*common, "--num-workers", "1", "--out", str(tmp_path / "one.json")]) == 0
     printed = capsys.readouterr().out
-    with capsys.disabled():
-        print(printed)  # the table, for `pytest -s`
-    assert eval_grounding.main([*common, "--num-workers", "2", "--out", str(tmp_path / "two.json")]) == 0
-    capsys.readouterr()
+    uri = f"s3://{bucket}/evals/two.json"
+    assert eval_grounding.main([*common, "--num-workers", "2", "--out", uri]) == 0
+    assert f"results written to {uri}" in capsys.readouterr().out
 
     one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
+    two = json.loads(open_location(f"s3://{bucket}/evals").read_bytes("two.json"))
     assert one == two  # deterministic, whatever the worker count
     manifest = json.loads((test_set / "manifest.json").read_text())
     assert one["plan_digest"] == manifest["plan"]["digest"] and one["samples"] == manifest["counts"]["written"] == 10
@@ -258,7 +258,7 @@ def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, capsys):
         assert set(result["splits"]) == {"1", "2", "3"} and set(result["mean"]) == set(GROUPS)
         for groups in result["splits"].values():
             for group in groups.values():
-                values = [group["miou"], *group["iou"].values()] if group["miou"] is not None else []
+                values = [v for v in (group["miou"], *group["iou"].values()) if v is not None]
                 assert all(0.0 <= v <= 100.0 for v in values)
                 numbers += bool(values)
     assert numbers > 0  # the oracle found something to score
@@ -307,5 +307,6 @@ def test_eval_job_input_errors(test_set, checkpoint, tmp_path, capsys):
     assert "no U-Net capture" in error("--checkpoint", str(checkpoint), "--data", str(no_capture))
     assert "no dataset" in error("--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere"))
     assert "unknown split 4" in error(*good, "--splits", "1", "4")
+    assert "distinct" in error(*good, "--splits", "1", "1")
     assert "outside [0, 1]" in error(*good, "--daam-threshold", "2")
     assert "must name a file" in error(*good, "--out", "s3://bucket")
