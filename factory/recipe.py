@@ -14,17 +14,17 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from factory.options import (ConfigError, add_config_arguments, load_config, overrides_from_args,
+                             resolve_config_path)
 from factory.vocab import get_vocabulary
 
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "jobs" / "recipes"
 DEFAULT_RECIPE = "tiny"
 
 
-class RecipeError(ValueError):
-    """A recipe or command line that cannot be built; the message is one line."""
+RecipeError = ConfigError  # a recipe or command line that cannot be built; the message is one line
 
 
 class _Section(BaseModel):
@@ -221,101 +221,26 @@ class Recipe(_Section):
         data = self.model_dump(mode="json", exclude={
             "name": True, "out": True, "num_samples": True,
             "writer": {"rows_per_file", "preview_samples"},
-            "generator": {"pool", "batch_size"}, "labeler": {"pool", "batch_size"}})
+            "generator": {"pool", "batch_size"}, "labeler": {"pool", "batch_size"}, "quality": {"pool"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _one_line(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "recipe"
-        message = item["msg"].removeprefix("Value error, ")
-        parts.append(f"{where}: {message}")
-    return "; ".join(parts)
-
-
 def resolve_recipe_path(name_or_path: str) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise RecipeError(f"recipe file not found: {name_or_path}")
-        return path
-    path = RECIPE_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        known = sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
-        raise RecipeError(f"unknown recipe {name_or_path!r} (known: {', '.join(known)})")
-    return path
+    return resolve_config_path(name_or_path, RECIPE_DIR, kind="recipe")
 
 
 def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read a recipe by name (jobs/recipes/NAME.yaml) or path and apply dotted overrides."""
     path = resolve_recipe_path(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
-    for dotted, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise RecipeError(f"cannot set {dotted}: {key} is not a section")
-        node[leaf] = value
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as exc:
-        raise RecipeError(f"{path.name}: {_one_line(exc)}") from None
-    except ValueError as exc:  # raised by vocabulary lookups outside pydantic's wrapping
-        raise RecipeError(f"{path.name}: {exc}") from None
-
-
-def _fields(model: type[BaseModel], prefix: str = ""):
-    """(dotted name, field) of every leaf field, sections recursed."""
-    for name, field in model.model_fields.items():
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            yield from _fields(annotation, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", field
-
-
-_TEXT_FIELDS = {dotted: field.annotation for dotted, field in _fields(Recipe) if field.annotation in (str, str | None)}
+    return load_config(Recipe, path, overrides, defaults={"name": path.stem})
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """--recipe plus one --dotted.field option per recipe field, values parsed as YAML."""
+    """--recipe plus one --dotted.field option per recipe field."""
     parser.add_argument("--recipe", default=DEFAULT_RECIPE,
                         help=f"recipe name in jobs/recipes/ or a YAML path (default: {DEFAULT_RECIPE})")
-    group = parser.add_argument_group("recipe fields (override the recipe; values are YAML, "
-                                      "e.g. --classes '[dog, cat]')")
-    for dotted, field in _fields(Recipe):
-        flags = [f"--{dotted.replace('_', '-')}"]
-        if "_" in dotted:
-            flags.append(f"--{dotted}")
-        help_text = f"{field.description or ''} (default: {field.default!r})"
-        group.add_argument(*flags, dest=f"field:{dotted}", metavar="VALUE", default=argparse.SUPPRESS,
-                           help=help_text.replace("%", "%%"))
+    add_config_arguments(parser, Recipe)
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    """The recipe with the command line's overrides. Text fields are taken verbatim
-    (`--out no` is a folder named "no"; `null` unsets an optional one), others are
-    parsed as YAML (`--classes [dog, cat]`)."""
-    overrides = {}
-    for key, value in vars(args).items():
-        if not key.startswith("field:"):
-            continue
-        dotted = key.removeprefix("field:")
-        if _TEXT_FIELDS.get(dotted) == str | None and value == "null":
-            value = None
-        elif dotted not in _TEXT_FIELDS:
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                pass  # left as text: validation says what is wrong with it
-        overrides[dotted] = value
-    return load_recipe(args.recipe, overrides)
+    return load_recipe(args.recipe, overrides_from_args(args, Recipe))

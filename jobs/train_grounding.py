@@ -17,7 +17,7 @@ from pathlib import Path
 
 from factory.storage import StorageError
 from grounding.data import DataError
-from grounding.options import ConfigError, add_config_arguments, load_config, overrides_from_args, resolve_config_path
+from factory.options import ConfigError, add_config_arguments, load_config, overrides_from_args, resolve_config_path
 from grounding.train import (CheckpointError, GroundingTrainConfig, TrainingSummary, prepare_training,
                              run_training)
 

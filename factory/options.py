@@ -1,7 +1,7 @@
-"""Typed YAML configs with `--dotted.field VALUE` overrides, in the style of factory/recipe.py.
+"""Typed YAML configs with `--dotted.field VALUE` overrides, for every job's config.
 
-A config is a YAML file validated by a pydantic model; every leaf field gets a command-line
-option. Text fields are taken verbatim (a template like "{0} and {1}" is not YAML),
+A config (a build recipe, a training config) is a YAML file validated by a pydantic
+model; every leaf field gets a command-line option. Text fields are taken verbatim (a template like "{0} and {1}" is not YAML),
 `null` unsets an optional one; other values are parsed as YAML (`--classes [dog, cat]`).
 Every error is one line.
 """
@@ -63,17 +63,17 @@ def overrides_from_args(args: argparse.Namespace, model: type[BaseModel]) -> dic
     return overrides
 
 
-def resolve_config_path(name_or_path: str, folder: Path) -> Path:
+def resolve_config_path(name_or_path: str, folder: Path, kind: str = "config") -> Path:
     """A YAML path, or a name in `folder`."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"config file not found: {name_or_path}")
+            raise ConfigError(f"{kind} file not found: {name_or_path}")
         return path
     path = folder / f"{name_or_path}.yaml"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
-        raise ConfigError(f"unknown config {name_or_path!r} (known: {known})")
+        raise ConfigError(f"unknown {kind} {name_or_path!r} (known: {known})")
     return path
 
 
@@ -85,14 +85,16 @@ def one_line(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def load_config(model: type[BaseModel], path: Path, overrides: dict[str, Any] | None = None) -> BaseModel:
-    """Read a YAML config and apply dotted overrides."""
+def load_config(model: type[BaseModel], path: Path, overrides: dict[str, Any] | None = None,
+                defaults: dict[str, Any] | None = None) -> BaseModel:
+    """Read a YAML config, fill top-level `defaults` it leaves out, apply dotted overrides."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config is a mapping of fields, got {type(data).__name__}")
+    data = {**(defaults or {}), **data}
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
