@@ -13,7 +13,7 @@ from factory.write import (COMMIT_DIR, DATA_DIR, PALETTE, SCHEMA, Commit, decode
                            encode_image, encode_label, encode_mask, part_name, read_commits, voc_palette,
                            write_part)
 
-EXTRA = ["drop_reason", "generate_seconds", "label_seconds", "encode_seconds"]
+EXTRA = ["capture_shapes", "drop_reason", "generate_seconds", "label_seconds", "encode_seconds"]
 CLASS_INDICES = {"dog": 12, "cat": 8, "bus": 6}
 
 
