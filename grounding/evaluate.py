@@ -9,16 +9,24 @@ Per group and class the accumulator sums intersection and union pixel counts ove
 samples (exact integers, so accumulators of any partition of the test set merge into the
 same totals); a class's IoU is its intersection over its union, and a group's mIoU is the
 mean IoU over its classes with a non-empty union. Values are reported in percent, as in
-the paper's tables. No models here: predictions and oracle masks come in as bool arrays.
+the paper's tables. The metric code takes predictions and oracle masks as bool arrays;
+``EvalStage`` at the end is the Ray actor that makes them with a module and with DAAM.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import json
+
 import numpy as np
 
+from factory.daam import daam_masks
+from factory.devices import pick_device
+from factory.features import from_fp16_bytes
 from factory.vocab import Vocabulary, get_vocabulary
+from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.train import load_grounding_checkpoint
 
 GROUPS = ("one/seen", "one/unseen", "two/seen", "two/seen+unseen", "two/unseen")
 COLUMN_TITLES = ("One/Seen", "One/Unseen", "Two/Seen", "Two/Seen+Unseen", "Two/Unseen")
@@ -154,3 +162,50 @@ def format_table(results_by_method: dict[str, dict]) -> str:
 
     rule = "-" * len(line(header))
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+MODULE = "grounding module"
+DAAM = "DAAM"
+
+
+class EvalStage:
+    """Ray Data actor: the module and the frozen Stable Diffusion parts, loaded once.
+
+    Each call gets batches of row positions and returns, per batch, the JSON of a
+    module accumulator and of a DAAM one (empty when DAAM is skipped).
+    """
+
+    def __init__(self, checkpoint: str, data: str, splits: list[int], daam_threshold: float | None):
+        device = pick_device()
+        module, metadata = load_grounding_checkpoint(checkpoint)
+        self.module = module.to(device)
+        self.source = TripletSource(data)
+        self.featurizer = Featurizer(self.source, TextConfig.model_validate(metadata["text"]), ignore_empty=True,
+                                     device=device)
+        self.splits, self.daam_threshold = splits, daam_threshold
+        self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        module_json, daam_json = [], []
+        for positions in batch["positions"]:
+            module_acc, daam_acc = self._evaluate(self.source.take(list(positions), self.columns))
+            module_json.append(json.dumps(module_acc.to_dict()))
+            daam_json.append(json.dumps(daam_acc.to_dict()) if daam_acc else "")
+        return {"module": np.array(module_json), "daam": np.array(daam_json)}
+
+    def _evaluate(self, rows) -> tuple[ProtocolIAccumulator, ProtocolIAccumulator | None]:
+        vocabulary = self.source.vocabulary
+        inputs = self.featurizer(rows)
+        predicted = self.module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).cpu().numpy()
+        truth, valid = inputs.targets.bool().cpu().numpy(), inputs.valid.cpu().numpy()
+        module_acc = ProtocolIAccumulator(vocabulary, self.splits)
+        daam_acc = ProtocolIAccumulator(vocabulary, self.splits) if self.daam_threshold is not None else None
+        heatmaps = rows.column("daam").to_pylist() if daam_acc else None
+        for i, classes in enumerate(rows.column("classes").to_pylist()):
+            n = len(classes)
+            module_acc.add(classes, predicted[i, :n], truth[i, :n], valid[i, :n])
+            if daam_acc:
+                maps = np.stack([from_fp16_bytes(m, self.source.shapes["daam"]) for m in heatmaps[i]])
+                masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
+                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n])
+        return module_acc, daam_acc

@@ -23,20 +23,15 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 
-from factory.daam import DAAM_THRESHOLD, daam_masks
-from factory.devices import pick_device
-from factory.features import from_fp16_bytes
+from factory.daam import DAAM_THRESHOLD
 from factory.storage import StorageError, check_reachable, is_s3, open_location
-from grounding.data import DataError, Featurizer, TextConfig, TripletSource
-from grounding.evaluate import ProtocolIAccumulator, format_table
-from grounding.train import CheckpointError, load_grounding_checkpoint, read_checkpoint_metadata
+from grounding.data import DataError, TripletSource
+from grounding.evaluate import DAAM, MODULE, EvalStage, ProtocolIAccumulator, format_table
+from grounding.train import CheckpointError, read_checkpoint_metadata
 
 FORMAT = "protocol-i-results/1"
-MODULE = "grounding module"
-DAAM = "DAAM"
 MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
 _CHECKPOINT_KEYS = ("model", "text", "generator", "capture", "vocabulary", "classes")
 
@@ -138,54 +133,9 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
                     args.num_workers, report)
 
 
-class EvalStage:
-    """Ray Data actor: the module and the frozen Stable Diffusion parts, loaded once.
-
-    Each call gets batches of row positions and returns, per batch, the JSON of a
-    module accumulator and of a DAAM one (empty when DAAM is skipped).
-    """
-
-    def __init__(self, checkpoint: str, data: str, splits: list[int], daam_threshold: float | None):
-        device = pick_device()
-        module, metadata = load_grounding_checkpoint(checkpoint)
-        self.module = module.to(device)
-        self.source = TripletSource(data)
-        self.featurizer = Featurizer(self.source, TextConfig.model_validate(metadata["text"]), ignore_empty=True,
-                                     device=device)
-        self.splits, self.daam_threshold = splits, daam_threshold
-        self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module_json, daam_json = [], []
-        for positions in batch["positions"]:
-            module_acc, daam_acc = self._evaluate(self.source.take(list(positions), self.columns))
-            module_json.append(json.dumps(module_acc.to_dict()))
-            daam_json.append(json.dumps(daam_acc.to_dict()) if daam_acc else "")
-        return {"module": np.array(module_json), "daam": np.array(daam_json)}
-
-    def _evaluate(self, rows) -> tuple[ProtocolIAccumulator, ProtocolIAccumulator | None]:
-        vocabulary = self.source.vocabulary
-        inputs = self.featurizer(rows)
-        predicted = self.module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).cpu().numpy()
-        truth, valid = inputs.targets.bool().cpu().numpy(), inputs.valid.cpu().numpy()
-        module_acc = ProtocolIAccumulator(vocabulary, self.splits)
-        daam_acc = ProtocolIAccumulator(vocabulary, self.splits) if self.daam_threshold is not None else None
-        heatmaps = rows.column("daam").to_pylist() if daam_acc else None
-        for i, classes in enumerate(rows.column("classes").to_pylist()):
-            n = len(classes)
-            module_acc.add(classes, predicted[i, :n], truth[i, :n], valid[i, :n])
-            if daam_acc:
-                maps = np.stack([from_fp16_bytes(m, self.source.shapes["daam"]) for m in heatmaps[i]])
-                masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
-                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n])
-        return module_acc, daam_acc
-
-
 def run_evaluation(plan: EvalPlan) -> dict:
     """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
     ray.init(ignore_reinit_error=True, log_to_driver=False)
-    # Workers import the installed factory and grounding packages, not this script: ship its code.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = min(plan.num_workers or max(1, gpus), len(plan.batches))
     resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}

@@ -8,7 +8,7 @@ import ray
 import torch
 from safetensors.torch import save_file
 
-from factory import pipeline, storage
+from factory import pipeline
 from factory.detect import build_maskrcnn
 from factory.generate import generate, load_pipeline, tiny_pipeline
 from factory.recipe import LabelerConfig, load_recipe
