@@ -23,9 +23,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import ray
 
 from factory.daam import DAAM_THRESHOLD
+from factory.quality import select_top_fraction
 from factory.storage import StorageError, check_reachable, is_s3, open_location
 from grounding.data import DataError, TripletSource
 from grounding.evaluate import DAAM, MODULE, EvalStage, ProtocolIAccumulator, format_table
@@ -51,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"DAAM heat-map threshold (default: {DAAM_THRESHOLD}, Tang et al.'s)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per module call (default: 8)")
     parser.add_argument("--num-workers", type=int, help="actors (default: one per GPU in the cluster, else 1)")
+    parser.add_argument("--min-score", type=float, help="automatic test-set filter, detector agreement: keep "
+                        "samples whose every class the oracle found with at least this score")
+    parser.add_argument("--keep-quality", type=float, help="automatic test-set filter, image quality: keep this "
+                        "best fraction by the CLIP quality score (002 keeps 0.8; needs a build with quality.model)")
     return parser.parse_args(argv)
 
 
@@ -78,6 +85,25 @@ def _output_file(uri: str) -> tuple[str, str]:
     if not name or folder in ("s3:", "s3:/"):
         raise EvalError(f"--out {uri!r} must name a file, e.g. results.json or s3://bucket/evals/results.json")
     return folder or ".", name
+
+
+def select_test_rows(source: TripletSource, min_score: float | None, keep_quality: float | None) -> list[int]:
+    """Row positions that pass the automatic filter replacing the papers' manual check."""
+    columns = ["found", "scores"] + (["quality"] if keep_quality is not None else [])
+    try:
+        table = source.read(columns)
+    except (KeyError, pa.ArrowInvalid):
+        raise EvalError(f"--keep-quality needs quality scores: build {source.uri} with --quality.model") from None
+    keep = np.ones(table.num_rows, bool)
+    if min_score is not None:
+        keep &= np.array([all(found) and min(scores) >= min_score for found, scores in
+                          zip(table.column("found").to_pylist(), table.column("scores").to_pylist())])
+    if keep_quality is not None and keep.any():
+        if not 0.0 < keep_quality <= 1.0:
+            raise EvalError(f"--keep-quality {keep_quality} must be in (0, 1]")
+        quality = table.column("quality").to_numpy()
+        keep &= select_top_fraction(np.where(keep, quality, -np.inf), keep_quality * keep.mean())
+    return [int(i) for i in np.flatnonzero(keep)]
 
 
 def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
@@ -121,8 +147,14 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         if shown:
             notes.append(f"split {k}: the module was trained on {len(shown)} of its unseen classes "
                          f"({', '.join(shown)}), so its unseen columns are not zero-shot")
-    n = sum(rows for _, rows in source.files)
-    batches = [list(range(start, min(start + args.batch_size, n))) for start in range(0, n, args.batch_size)]
+    kept = select_test_rows(source, args.min_score, args.keep_quality)
+    n = len(kept)
+    if n == 0:
+        raise EvalError(f"no sample of {data} passes the test-set filter")
+    batches = [kept[start:start + args.batch_size] for start in range(0, n, args.batch_size)]
+    if n < sum(rows for _, rows in source.files):
+        notes.append(f"test-set filter (min score {args.min_score}, best quality fraction {args.keep_quality}) "
+                     f"kept {n} of {sum(rows for _, rows in source.files)} samples")
     thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
     report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_epoch": metadata.get("epoch"),
               "trained_classes": metadata["classes"], "data": data,

@@ -196,7 +196,7 @@ def test_table_text():
 # and 2 and unseen in split 3; dog, horse and bus are each unseen in one split.
 TEST_SET = {"classes": ["cow", "dog", "horse", "bus"], "per_class": 1, "per_pair": 1, "pairs": "all",
             "num_samples": None, "generator.steps": 3, "capture.features": "latent", "capture.step": 2,
-            "capture.attention": True, "writer.preview_samples": 0}
+            "capture.attention": True, "quality.model": "tiny", "writer.preview_samples": 0}
 
 
 @pytest.fixture(scope="module")
@@ -310,3 +310,21 @@ def test_eval_job_input_errors(test_set, checkpoint, tmp_path, capsys):
     assert "distinct" in error(*good, "--splits", "1", "1")
     assert "outside [0, 1]" in error(*good, "--daam-threshold", "2")
     assert "must name a file" in error(*good, "--out", "s3://bucket")
+
+
+def test_automatic_test_set_filter(test_set):
+    """Detector agreement and the quality score replace the papers' manual check of test sets."""
+    source = TripletSource(str(test_set))
+    table = source.read(["found", "scores", "quality"])
+    n = table.num_rows
+    assert eval_grounding.select_test_rows(source, None, None) == list(range(n))
+    agree = [i for i, (found, scores) in enumerate(zip(table.column("found").to_pylist(),
+                                                        table.column("scores").to_pylist()))
+             if all(found) and min(scores) >= 0.01]
+    assert eval_grounding.select_test_rows(source, 0.01, None) == agree
+    quality = table.column("quality").to_numpy()
+    best_half = eval_grounding.select_test_rows(source, None, 0.5)
+    assert len(best_half) == -(-n // 2)
+    assert min(quality[best_half]) >= max(np.delete(quality, best_half))  # the best ones, not any
+    with pytest.raises(eval_grounding.EvalError, match="must be in"):
+        eval_grounding.select_test_rows(source, None, 1.5)
