@@ -10,13 +10,13 @@ pixel has no IoU (NaN) and counts in no mean.
 
 Background. The ZS3 literature has two conventions on PASCAL VOC:
 
-- ``"ignore"`` (ZegFormer [003's ref 7] and the CLIP-based methods after it): background
+- ``"ignore"`` (ZegFormer [003's ref 7]; its VOC preparation maps background to 255): background
   pixels are turned into 255 before scoring, so background is in neither mean and a class
   predicted over background costs nothing. The paper compares itself with ZegFormer using
   ZegFormer's published VOC numbers (003, Table 2: "the results on PASCAL VOC are from
   [7]"), so this is the default here.
-- ``"seen"`` (ZS3Net [ref 3] and CaGNet, whose code scores every index but the unseen ones
-  as seen): background is a class among the seen ones and its pixels are scored.
+- ``"seen"`` (ZS3Net [ref 3], whose code scores every label but the unseen ones as seen):
+  background is a class among the seen ones and its pixels are scored.
 
 ``zs3_scores`` takes the convention as a parameter; both come from the same matrix.
 """

@@ -1,0 +1,195 @@
+"""The segmenter's training data as Ray Data datasets, and the training transform.
+
+- Synthetic factory datasets (README, "Output"), local or s3://: `ray.data.read_parquet` of
+  the files its manifest lists, the `image` and `label` columns (PNG bytes), file order
+  shuffled on every pass.
+- Real datasets (`segmenter.datasets`: VOC, COCO): sample positions, in blocks of 16 whose
+  order is shuffled on every pass, read by a pool of actors that each hold one reader
+  (COCO's parses its annotation file once per actor). Their root must be readable on
+  every node.
+
+Both go through the same transform in Ray Data tasks: random resized crop to the crop size,
+horizontal flip, colour jitter; label maps by nearest neighbour, so their values (and 255)
+stay as they are. Rows come out as {"image": uint8 (S, S, 3), "label": uint8 (S, S)}:
+normalisation (`normalize`) happens on the training device, so a quarter of the bytes
+travel. Augmentation draws from fresh entropy in every call: Ray Data's tasks have no
+stable identity to seed from, and training needs no bit-exact crops.
+
+Ignoring classes (`ignore_classes`, pixels to 255) is how unseen classes stay out of
+training: the inductive setting does it to synthetic labels, Model-D to real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from PIL import Image
+from torch import Tensor
+
+from factory.storage import Location, StorageError, first_line, open_location
+from factory.vocab import Vocabulary, get_vocabulary
+from factory.write import decode_png
+from segmenter.datasets import ignore_classes, real_dataset
+
+MANIFEST_FILE = "manifest.json"
+# The backbone's ImageNet pretraining statistics (torchvision's and transformers' ResNets alike).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random resized crop, as torchvision's
+JITTER = 0.4  # brightness, contrast and saturation factors from [0.6, 1.4], as ColorJitter(0.4, 0.4, 0.4)
+ROWS_PER_CALL = 16
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used for training; the message is one line."""
+
+
+@dataclass(frozen=True)
+class SyntheticSource:
+    """A finished factory dataset: its manifest, files and vocabulary."""
+    uri: str
+    location: Location
+    manifest: dict
+
+    @classmethod
+    def open(cls, uri: str) -> "SyntheticSource":
+        try:
+            location = open_location(uri)
+            found = location.exists(MANIFEST_FILE)
+            manifest = json.loads(location.read_bytes(MANIFEST_FILE)) if found else None
+        except (OSError, StorageError, ValueError) as exc:
+            raise DataError(f"cannot read dataset {uri}: {first_line(exc)}") from None
+        if manifest is None:
+            raise DataError(f"no dataset at {uri}: {MANIFEST_FILE} not found (missing, or its build has not finished)")
+        if not manifest.get("files"):
+            raise DataError(f"{uri} holds no samples")
+        return cls(location.uri, location, manifest)
+
+    @property
+    def files(self) -> list[str]:
+        return [entry["path"] for entry in self.manifest["files"]]
+
+    @property
+    def rows(self) -> int:
+        return sum(entry["rows"] for entry in self.manifest["files"])
+
+    @cached_property
+    def vocabulary(self) -> Vocabulary:
+        return get_vocabulary(self.manifest["vocabulary"]["name"])
+
+    @property
+    def split(self) -> int | None:
+        return self.manifest["recipe"].get("split")
+
+
+def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int, scale: tuple[float, float],
+                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random box of `scale` (fraction of the area) and aspect ratio 3/4..4/3, resized to
+    size x size: the image bilinearly, the label map by nearest neighbour."""
+    height, width = label.shape
+    for _ in range(10):
+        area = height * width * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ASPECT_RATIOS[0]), math.log(ASPECT_RATIOS[1])))
+        crop_w, crop_h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            break
+    else:  # an image too elongated for these ratios: all of it
+        crop_h, crop_w = height, width
+    top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+    box = (left, top, left + crop_w, top + crop_h)
+    image = Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=box)
+    label = Image.fromarray(label).resize((size, size), Image.Resampling.NEAREST, box=box)
+    return np.asarray(image), np.asarray(label)
+
+
+def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = JITTER) -> np.ndarray:
+    """Brightness, contrast and saturation, each by a factor from [1 - strength, 1 + strength]."""
+    brightness, contrast, saturation = rng.uniform(1 - strength, 1 + strength, size=3)
+    luma = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    x = np.clip(image.astype(np.float32) * brightness, 0, 255)
+    mean = float((x @ luma).mean())
+    x = np.clip((x - mean) * contrast + mean, 0, 255)
+    gray = (x @ luma)[..., None]
+    x = np.clip((x - gray) * saturation + gray, 0, 255)
+    return np.round(x).astype(np.uint8)
+
+
+def train_transform(image: np.ndarray, label: np.ndarray, *, size: int, scale: tuple[float, float],
+                    rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 RGB (H, W, 3) and label map (H, W) -> a random crop of size x size, maybe flipped,
+    colour jittered; the label map keeps its values (255 included)."""
+    image, label = random_resized_crop(image, label, size, scale, rng)
+    if rng.random() < 0.5:
+        image, label = image[:, ::-1], label[:, ::-1]
+    return color_jitter(image, rng), np.ascontiguousarray(label)
+
+
+def normalize(images: Tensor) -> Tensor:
+    """uint8 RGB (B, H, W, 3) on any device -> float32 (B, 3, H, W), ImageNet mean and std."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _transformed(pairs, crop_size: int, crop_scale: tuple[float, float], ignore: list[int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng()
+    images, labels = [], []
+    for image, label in pairs:
+        image, label = train_transform(image, ignore_classes(label, ignore), size=crop_size, scale=crop_scale,
+                                       rng=rng)
+        images.append(image)
+        labels.append(label)
+    return {"image": np.stack(images), "label": np.stack(labels)}
+
+
+def transform_synthetic(batch: dict[str, Any], *, crop_size: int, crop_scale: tuple[float, float],
+                        ignore: list[int]) -> dict[str, np.ndarray]:
+    """Ray Data batch of factory rows -> training rows (see the module docstring)."""
+    pairs = ((decode_png(image["bytes"]), decode_png(label["bytes"]))
+             for image, label in zip(batch["image"], batch["label"]))
+    return _transformed(pairs, crop_size, crop_scale, ignore)
+
+
+class RealSamples:
+    """Ray Data actor: batches of sample positions ("id") -> training rows of a real dataset."""
+
+    def __init__(self, *, format: str, root: str, split: str, crop_size: int, crop_scale: tuple[float, float],
+                 ignore: list[int]):
+        self.reader = real_dataset(format, root, split)
+        self.crop_size, self.crop_scale, self.ignore = crop_size, crop_scale, ignore
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        samples = (self.reader[int(i)] for i in batch["id"])
+        return _transformed(((s.image, s.label) for s in samples), self.crop_size, self.crop_scale, self.ignore)
+
+
+def synthetic_dataset(source: SyntheticSource, *, crop_size: int, crop_scale: tuple[float, float],
+                      ignore: list[int]) -> ray.data.Dataset:
+    """Training rows of a factory dataset; `ignore`: class indices whose pixels become 255."""
+    paths = [source.location.path(path) for path in source.files]
+    ds = ray.data.read_parquet(paths, filesystem=source.location.fs, columns=["image", "label"], shuffle="files")
+    return ds.map_batches(transform_synthetic, batch_size=ROWS_PER_CALL, batch_format="numpy",
+                          fn_kwargs={"crop_size": crop_size, "crop_scale": crop_scale, "ignore": ignore})
+
+
+def real_training_dataset(format: str, root: str, split: str, size: int, *, crop_size: int,
+                          crop_scale: tuple[float, float], ignore: list[int], readers: int) -> ray.data.Dataset:
+    """Training rows of a real dataset of `size` samples, read by up to `readers` actors.
+
+    The positions are made in the driver and their blocks reordered there on every pass: no
+    task competes with the readers and the training workers for CPUs."""
+    positions = ray.data.from_items([{"id": i} for i in range(size)],
+                                    override_num_blocks=math.ceil(size / ROWS_PER_CALL))
+    return positions.randomize_block_order().map_batches(
+        RealSamples, batch_size=ROWS_PER_CALL, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers),
+        fn_constructor_kwargs={"format": format, "root": root, "split": split, "crop_size": crop_size,
+                               "crop_scale": crop_scale, "ignore": ignore})

@@ -1,0 +1,388 @@
+"""Protocol-II training of the segmenter on synthetic (and real) data, data-parallel on Ray Train.
+
+The driver (`prepare_training`) does every check that needs no model: datasets and their
+vocabulary, the split, the init checkpoint, backbone weights, the output, and whether the
+output's checkpoint can be resumed. `run_training` then streams the training rows (Ray Data,
+`segmenter.data`) to the Ray Train workers, one equal shard each (DDP needs equal step
+counts), and every worker runs `train_loop_per_worker`.
+
+One iteration is one optimizer step on `batch_size` samples over all workers; a shard is
+read again, newly shuffled and cropped, whenever it runs out. The optimisation is
+MaskFormer's standard one around the paper's numbers (spec section 9): AdamW, lr 1e-4,
+weight decay 1e-4, a poly schedule (power 0.9), the backbone at 0.1 x lr, and the gradient
+norm of the whole model clipped at 0.01. On CUDA the forward runs under autocast (bf16, or
+fp16 with loss scaling).
+
+Settings: "transductive" (the paper's) trains on every synthetic image and label as made;
+"inductive" sets the pixels of the split's unseen classes to 255 (ignored) in synthetic
+labels, so no unseen class is ever a target. Real images (Model-D) always have their unseen
+pixels ignored, never trained as background.
+
+Rank 0 writes `<out>/last/` (segmenter.model's checkpoint format) every `checkpoint_every`
+iterations and at the end; a rerun of the same command resumes from it: weights, optimizer
+state, iteration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from factory.storage import check_model_source, check_reachable, first_line, is_s3, open_location
+from factory.vocab import Vocabulary
+from segmenter.data import DataError, SyntheticSource, normalize, real_training_dataset, synthetic_dataset
+from segmenter.datasets import real_dataset
+from segmenter.model import (METADATA_FILE, CheckpointError, Segmenter, SegmenterModelConfig, batch_targets,
+                             load_backbone_weights, load_optimizer_state, load_segmenter_checkpoint,
+                             read_checkpoint_metadata, save_segmenter_checkpoint)
+
+logger = logging.getLogger(__name__)
+
+SHUFFLE_BUFFER = 64  # rows each worker shuffles locally, on top of the per-pass file/sample order
+
+
+class RealSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["voc", "coco"]
+    root: str = Field(description="VOC: VOCdevkit/VOC2012; COCO: the folder holding <split>/ and annotations/; "
+                      "readable on every node")
+    split: str = Field(description="VOC: train (ImageSets/Segmentation/train.txt); COCO: train2017")
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "real"] = Field("tiny", description="'tiny' (tests, CPU) or 'real' (MaskFormer R101)")
+    backbone_weights: str | None = Field(
+        None, description="ImageNet ResNet weights for a fresh start (.safetensors file or folder with "
+        "model.safetensors, local or s3://; torchvision or transformers layout); null: random")
+
+
+class SegmenterTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str | None = Field(None, description="synthetic factory dataset: local folder or s3:// prefix")
+    real: RealSection | None = Field(None, description="real training images, e.g. {format: voc, root: "
+                                     "VOCdevkit/VOC2012, split: train} (Model-D); unseen-class pixels ignored")
+    readers: int = Field(2, ge=1, description="actors reading the real images")
+    init: str | None = Field(None, description="checkpoint folder to start from (its architecture and weights), "
+                             "e.g. Model-C's last/ for Model-D")
+    out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from its last/")
+    model: ModelSection = ModelSection()
+    setting: Literal["transductive", "inductive"] = Field(
+        "transductive", description="'inductive': unseen classes' synthetic pixels are ignored")
+    split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's (or init's)")
+    crop_size: int = Field(224, ge=16, description="side of the square training crops")
+    crop_scale: tuple[float, float] = Field((0.25, 1.0), description="area fraction range of the random resized crop")
+    iterations: int = Field(40000, ge=1, description="optimizer steps in all (a resumed run continues up to this)")
+    batch_size: int = Field(8, ge=1, description="samples per step over all workers")
+    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
+    poly_power: float = Field(0.9, ge=0.0, description="lr x (1 - iteration/iterations)^power; 0: constant")
+    backbone_lr_factor: float = Field(0.1, gt=0.0, description="the backbone's lr relative to lr")
+    clip_grad_norm: float | None = Field(0.01, gt=0.0, description="max gradient norm of the whole model; null: none")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each worker holds; the rest read and crop data")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
+    mixed_precision: bool = Field(True, description="autocast on CUDA: bf16 where supported, else fp16")
+    checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints to <out>/last")
+    log_every: int = Field(50, ge=1, description="iterations between log lines (loss, it/s)")
+    seed: int = Field(0, ge=0, description="model initialisation")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SegmenterTrainConfig":
+        if self.data is None and self.real is None:
+            raise ValueError("nothing to train on: set data (a synthetic dataset) and/or real")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
+        if self.init and self.model.backbone_weights:
+            raise ValueError("model.backbone_weights is for a fresh start; init brings its own weights")
+        return self
+
+
+# Changing these makes a different experiment: such an output is not resumed.
+_RUN_IDENTITY = ("data", "real", "init", "model", "setting", "split")
+
+
+def vocabulary_json(vocabulary: Vocabulary) -> dict:
+    """As a dataset manifest's "vocabulary"."""
+    return {"name": vocabulary.name,
+            "classes": [{"index": c.index, "name": c.name, "natural": c.natural} for c in vocabulary.classes]}
+
+
+@dataclass
+class TrainingPlan:
+    """What every worker needs, decided once by the driver."""
+    config: SegmenterTrainConfig
+    vocabulary: Vocabulary
+    split: int | None
+    synthetic_rows: int
+    real_rows: int
+    model: SegmenterModelConfig  # for a fresh start; init and resume bring theirs
+    resume: bool  # from <out>/last
+    done_iterations: int
+
+    @property
+    def unseen(self) -> list[str] | None:
+        return None if self.split is None else list(self.vocabulary.unseen(self.split))
+
+    def unseen_indices(self) -> list[int]:
+        return [self.vocabulary.lookup(name).index for name in self.unseen or []]
+
+    def worker_config(self) -> dict:
+        seen = None if self.split is None else list(self.vocabulary.seen(self.split))
+        return {"config": self.config.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
+                "resume": self.resume, "metadata": {
+                    "vocabulary": vocabulary_json(self.vocabulary), "setting": self.config.setting,
+                    "split": self.split, "seen": seen, "unseen": self.unseen}}
+
+
+@dataclass
+class TrainingSummary:
+    out: str
+    iterations: int  # done in all
+    resumed_from: int  # done before this run
+    synthetic_rows: int
+    real_rows: int
+    last: str
+
+
+def _absolute(uri: str | None) -> str | None:
+    # Ray Train workers run in their own working directory: relative paths must not reach them.
+    return uri if uri is None or is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
+    update = {name: _absolute(getattr(config, name)) for name in ("data", "init", "out")}
+    if config.real:
+        update["real"] = config.real.model_copy(update={"root": _absolute(config.real.root)})
+    if config.model.backbone_weights:
+        update["model"] = config.model.model_copy(update={"backbone_weights": _absolute(config.model.backbone_weights)})
+    return config.model_copy(update=update)
+
+
+def _real_rows(config: SegmenterTrainConfig) -> tuple[int, Vocabulary]:
+    try:
+        reader = real_dataset(config.real.format, config.real.root, config.real.split)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"real {config.real.format} images: {first_line(exc)}") from None
+    return len(reader), reader.vocabulary
+
+
+def _model_config(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: dict | None) -> SegmenterModelConfig:
+    if init is not None:
+        model = SegmenterModelConfig.model_validate(init["model"])
+        if model.preset != config.model.preset:
+            raise CheckpointError(f"init {config.init} holds a {model.preset} model; set model.preset: {model.preset}")
+    elif config.model.preset == "real":
+        model = SegmenterModelConfig.real(len(vocabulary) + 1, frozen_backbone_norm=bool(config.model.backbone_weights))
+    else:
+        model = SegmenterModelConfig.tiny(len(vocabulary) + 1)
+    if model.num_labels != len(vocabulary) + 1:
+        raise CheckpointError(f"init {config.init} predicts {model.num_labels} labels, the {vocabulary.name} "
+                              f"vocabulary has {len(vocabulary) + 1} with background")
+    return model
+
+
+def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
+    """Every check that needs no model; raises DataError, StorageError or CheckpointError (one line)."""
+    config = _absolute_paths(config)
+    source = SyntheticSource.open(config.data) if config.data else None
+    real_rows, real_vocabulary = _real_rows(config) if config.real else (0, None)
+    init = read_checkpoint_metadata(config.init) if config.init else None
+    vocabularies = {name for name in (source and source.vocabulary.name, real_vocabulary and real_vocabulary.name,
+                                      init and init["vocabulary"]["name"]) if name}
+    if len(vocabularies) > 1:
+        raise DataError(f"data, real images and init use different vocabularies: {', '.join(sorted(vocabularies))}")
+    vocabulary = (source and source.vocabulary) or real_vocabulary
+
+    split = config.split or (source and source.split) or (init and init["split"])
+    if split is None and (config.setting == "inductive" or config.real):
+        why = "the inductive setting ignores" if config.setting == "inductive" else "real images ignore"
+        raise DataError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
+    if split is not None:
+        try:
+            vocabulary.unseen(split)
+        except ValueError as exc:
+            raise DataError(str(exc)) from None
+
+    synthetic_rows = source.rows if source else 0
+    if synthetic_rows + real_rows < config.batch_size:
+        raise DataError(f"{synthetic_rows + real_rows} training samples are fewer than batch_size {config.batch_size}")
+    model = _model_config(config, vocabulary, init)
+    if config.model.backbone_weights:
+        check_model_source(config.model.backbone_weights)
+
+    location = check_reachable(config.out)
+    resume, done = location.exists(f"last/{METADATA_FILE}"), 0
+    if resume:
+        saved = read_checkpoint_metadata(location.url("last"))
+        now = config.model_dump(mode="json")
+        changed = [key for key in _RUN_IDENTITY if saved["train"][key] != now[key]]
+        if changed:
+            raise CheckpointError(f"{config.out} holds a run with different {', '.join(changed)}; "
+                                  f"use another --out or the same settings")
+        done = saved["iteration"]
+    return TrainingPlan(config, vocabulary, split, synthetic_rows, real_rows, model, resume, done)
+
+
+def training_dataset(plan: TrainingPlan) -> ray.data.Dataset:
+    config = plan.config
+    crop = {"crop_size": config.crop_size, "crop_scale": config.crop_scale}
+    parts = []
+    if config.data:
+        ignore = plan.unseen_indices() if config.setting == "inductive" else []
+        parts.append(synthetic_dataset(SyntheticSource.open(config.data), **crop, ignore=ignore))
+    if config.real:
+        parts.append(real_training_dataset(config.real.format, config.real.root, config.real.split, plan.real_rows,
+                                           **crop, ignore=plan.unseen_indices(), readers=config.readers))
+    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+
+
+def summarize(plan: TrainingPlan) -> TrainingSummary:
+    last = open_location(plan.config.out).url("last")
+    return TrainingSummary(out=plan.config.out, iterations=read_checkpoint_metadata(last)["iteration"],
+                           resumed_from=plan.done_iterations, synthetic_rows=plan.synthetic_rows,
+                           real_rows=plan.real_rows, last=last)
+
+
+def check_data_cpus(config: SegmenterTrainConfig) -> None:
+    """The data pipeline needs CPUs beside the workers' (a task reading synthetic rows, an actor
+    per real-image reader); without them Ray would wait for ever."""
+    needed = (1 if config.data else 0) + (config.readers if config.real else 0)
+    total = ray.cluster_resources().get("CPU", 0)
+    spare = total - config.num_workers * config.cpus_per_worker
+    if spare < needed:
+        raise DataError(f"the cluster's {total:g} CPUs leave {spare:g} beside {config.num_workers} worker(s) of "
+                        f"{config.cpus_per_worker:g}; reading data needs {needed} (1 for synthetic rows, 1 per "
+                        f"real-image reader): lower cpus_per_worker or readers")
+
+
+def run_training(plan: TrainingPlan) -> TrainingSummary:
+    """Train the remaining iterations on Ray Train (joins the cluster ray.init finds, or starts one)."""
+    config = plan.config
+    if plan.done_iterations < config.iterations:
+        ray.init(ignore_reinit_error=True)
+        check_data_cpus(config)
+        use_gpu = config.use_gpu if config.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+        trainer = ray.train.torch.TorchTrainer(
+            train_loop_per_worker, train_loop_config=plan.worker_config(),
+            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": config.cpus_per_worker,
+                                                                         **({"GPU": 1} if use_gpu else {})}),
+            datasets={"train": training_dataset(plan)})
+        trainer.fit()
+    return summarize(plan)
+
+
+# ---------------------------------------------------------------- worker side
+
+def make_optimizer(model: Segmenter, config: SegmenterTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable weights: group 0 the backbone (lr x backbone_lr_factor), group 1 the rest."""
+    backbone = {id(p) for p in model.backbone.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in backbone]},
+              {"params": [p for p in trainable if id(p) not in backbone]}]
+    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, config: SegmenterTrainConfig, iteration: int) -> None:
+    """The poly schedule at `iteration` (steps done so far)."""
+    factor = (1 - iteration / config.iterations) ** config.poly_power
+    for group, base in zip(optimizer.param_groups, (config.lr * config.backbone_lr_factor, config.lr)):
+        group.update(lr=base * factor, weight_decay=config.weight_decay)
+
+
+def _mixed_precision(device: torch.device, enabled: bool):
+    """(autocast context, gradient scaler): a no-op pair off CUDA; fp16 needs loss scaling, bf16 not."""
+    if device.type != "cuda" or not enabled:
+        return contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+
+
+def _all_reduce_mean(total: float, count: int, device: torch.device) -> float:
+    values = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return float(values[0] / values[1])
+
+
+def train_loop_per_worker(worker_config: dict) -> None:
+    """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
+    config = SegmenterTrainConfig.model_validate(worker_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    last = open_location(config.out).url("last")
+    start, log = 0, []
+    if worker_config["resume"]:
+        model, saved = load_segmenter_checkpoint(last)
+        start, log = saved["iteration"], saved["log"]
+    elif config.init:
+        model, _ = load_segmenter_checkpoint(config.init)
+    else:
+        torch.manual_seed(config.seed)  # the same start on every rank (DDP copies rank 0's anyway)
+        model = Segmenter(SegmenterModelConfig.model_validate(worker_config["model"]))
+        if config.model.backbone_weights:
+            load_backbone_weights(model, config.model.backbone_weights)
+    model.to(device).train()
+    optimizer = make_optimizer(model, config)
+    if worker_config["resume"]:
+        load_optimizer_state(last, optimizer, saved)
+    trained = ray.train.torch.prepare_model(model)
+    autocast, scaler = _mixed_precision(device, config.mixed_precision)
+    shard = ray.train.get_dataset_shard("train")
+    num_labels = model.config.num_labels
+
+    iteration, window_loss, window_steps, window_start = start, 0.0, 0, time.perf_counter()
+    while iteration < config.iterations:
+        batches = shard.iter_torch_batches(batch_size=config.batch_size // world, drop_last=True,
+                                           local_shuffle_buffer_size=SHUFFLE_BUFFER)
+        steps_this_pass = 0
+        for batch in batches:
+            set_learning_rates(optimizer, config, iteration)
+            mask_labels, class_labels = batch_targets(batch["label"], num_labels)
+            with autocast:
+                loss = trained(normalize(batch["image"]), mask_labels, class_labels).loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            iteration, steps_this_pass = iteration + 1, steps_this_pass + 1
+            window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+            finished = iteration == config.iterations
+            if iteration % config.log_every == 0 or finished:
+                mean = _all_reduce_mean(window_loss, window_steps, device)
+                rate = window_steps / (time.perf_counter() - window_start)
+                log.append({"iteration": iteration, "loss": mean, "iterations_per_second": rate})
+                if rank == 0:
+                    # Ray Train shows worker logs on the driver (a print is echoed twice there).
+                    logger.info(f"iteration {iteration}/{config.iterations}  loss {mean:.4f}  {rate:.2f} it/s")
+                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+            if rank == 0 and (iteration % config.checkpoint_every == 0 or finished):
+                metadata = {**worker_config["metadata"], "iteration": iteration, "resumed_from": start, "log": log,
+                            "train": config.model_dump(mode="json")}
+                save_segmenter_checkpoint(last, model, optimizer, metadata)
+            if finished:
+                break
+        if steps_this_pass == 0:
+            raise DataError(f"worker {rank}'s data shard holds fewer than {config.batch_size // world} rows")

@@ -1,0 +1,241 @@
+"""GPU placement on a simulated cluster: a head without GPUs and two workers with two (fake) GPUs each.
+
+Two builds run, one after the other, in a child process (this file, run as a script) with
+a Ray cluster of its own, so that they neither join nor disturb the test session's cluster:
+"placement", then "node-loss", which kills a worker node mid-build. Their generator and
+labeler actors are the real stages wrapped to record, from inside each actor, the node it
+runs on, the GPU Ray gave it and when it worked; the tests read those records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from itertools import combinations
+from pathlib import Path
+from typing import Callable
+
+import pyarrow.parquet as pq
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from factory import pipeline
+from factory.plan import build_plan
+from factory.recipe import recipe_from_args
+from factory.storage import open_location
+from factory.write import read_commits
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "jobs"))
+import build_dataset  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+# Twelve samples in parts of up to two. In "placement" the generator's pool starts with one
+# actor and may grow to three, which with the one labeler takes all four GPUs; in
+# "node-loss" it keeps one actor, so that the restarted one finds a free GPU at once.
+BUILD = ["--num-samples", "12", "--generator.steps", "2", "--generator.batch-size", "1", "--labeler.batch-size", "1",
+         "--writer.rows-per-file", "2", "--writer.preview-samples", "0",
+         "--generator.pool.min-size", "1", "--labeler.pool.min-size", "1", "--labeler.pool.max-size", "1"]
+GENERATORS = 3
+SCENARIOS = {"placement": ["--generator.pool.max-size", str(GENERATORS)],
+             "node-loss": ["--generator.pool.max-size", "1"]}
+KILL_AFTER_PARTS = 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def recording(stage_class: type, stage: str, folder: Path, hold: Callable[[], bool] | None = None) -> type:
+    """The stage as an actor that also writes down where it runs and when it works.
+
+    A batch waits while ``hold()`` is true (two minutes at most), so that an event the
+    test is about (the pool growing, a node dying) happens while the build is busy, on
+    any machine, rather than when some amount of work happens to take long enough.
+    """
+
+    class Recorded(stage_class):
+        def __init__(self, *args, **kwargs):
+            self._record = {"stage": stage, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                            "gpus": [str(g) for g in ray.get_gpu_ids()],
+                            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "started": time.time(), "calls": []}
+            super().__init__(*args, **kwargs)
+            self._save()
+
+        def __call__(self, batch):
+            start = time.time()
+            while hold is not None and hold() and time.time() < start + 120:
+                time.sleep(0.2)
+            batch = super().__call__(batch)
+            self._record["calls"].append([start, time.time()])
+            self._save()
+            return batch
+
+        def _save(self):
+            (folder / f"{stage}-{self._record['pid']}.json").write_text(json.dumps(self._record))
+
+    return Recorded
+
+
+def simulate(workdir: str) -> int:
+    """Child process: the cluster, then each scenario's build with recorded stages."""
+    real_stages = pipeline.GenerateStage, pipeline.LabelStage
+    # No dashboard and a free agent port: the defaults (8265, 52365) may be another cluster's.
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "num_gpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()})
+    try:
+        # Two CPUs per worker: every model actor asks for one CPU beside its GPU.
+        for _ in range(2):
+            cluster.add_node(num_cpus=2, num_gpus=2)
+        cluster.connect()
+        failed = 0
+        for scenario, options in SCENARIOS.items():
+            out, folder = scenario_paths(Path(workdir), scenario)
+            folder.mkdir(parents=True)
+            (folder / "cluster.json").write_text(json.dumps({"head": cluster.head_node.node_id}))
+            if scenario == "placement":
+                hold = pool_still_small(folder)
+            else:
+                hold = node_not_yet_removed(out / "_commits", folder)
+                threading.Thread(target=remove_generator_node, args=(cluster, out / "_commits", folder),
+                                 daemon=True).start()
+            pipeline.GenerateStage = recording(real_stages[0], "generate", folder, hold)
+            pipeline.LabelStage = recording(real_stages[1], "label", folder)
+            failed |= build_dataset.main(["--out", str(out), *BUILD, *options])
+        return failed
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def pool_still_small(folder: Path) -> Callable[[], bool]:
+    return lambda: len(list(folder.glob("generate-*.json"))) < GENERATORS
+
+
+def node_not_yet_removed(commits: Path, folder: Path) -> Callable[[], bool]:
+    """After the first parts, generation waits until a worker node is gone."""
+    return lambda: len(list(commits.glob("*.json"))) >= KILL_AFTER_PARTS and not (folder / "removed.json").exists()
+
+
+def scenario_paths(workdir: Path, scenario: str) -> tuple[Path, Path]:
+    """A scenario's output and its folder of actor records."""
+    return workdir / scenario / "ds", workdir / scenario / "records"
+
+
+def remove_generator_node(cluster, commits: Path, folder: Path) -> None:
+    """Kill the worker node of a generator actor (all its processes, no grace) mid-build."""
+    while len(list(commits.glob("*.json"))) < KILL_AFTER_PARTS:
+        time.sleep(0.1)
+    node_id = json.loads(next(folder.glob("generate-*.json")).read_text())["node"]
+    (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+    committed = len(list(commits.glob("*.json")))
+    cluster.remove_node(worker, allow_graceful=False)
+    (folder / "removed.json").write_text(json.dumps({"node": node_id, "committed_before": committed}))
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory) -> tuple[Path, str]:
+    """Runs both scenarios once; yields their folder and the child's output."""
+    workdir = tmp_path_factory.mktemp("simulated")
+    ray_tmp = tempfile.mkdtemp(prefix="rg", dir="/tmp")  # short: Ray's socket paths live under it
+    # RAY_TMPDIR keeps this cluster's address file out of /tmp/ray, where any other
+    # `ray.init()` on the machine would find it and join this cluster.
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
+    child = subprocess.Popen([sys.executable, __file__, str(workdir)], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    timeout = 480
+    try:
+        output, _ = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the child's session: its Ray processes too
+        output, _ = child.communicate()
+        output += f"\n[killed: still running after {timeout} s]"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return workdir, output
+
+
+def built(simulated, scenario: str) -> tuple[Path, Path]:
+    workdir, output = simulated
+    out, records = scenario_paths(workdir, scenario)
+    assert f"Dataset written to {out}" in output, output[-3000:]
+    return out, records
+
+
+def read_records(records: Path) -> tuple[str, list[dict]]:
+    """The head node's id, and one record per model actor."""
+    head = json.loads((records / "cluster.json").read_text())["head"]
+    return head, [json.loads(p.read_text()) for p in sorted(records.glob("*-*.json"))]
+
+
+def assert_every_planned_sample_once(out: Path) -> None:
+    # Pool sizes are not part of a sample's content: both scenarios plan the same ids.
+    planned = sorted(s.sample_id for s in build_plan(recipe_from_args(build_dataset.parse_args(BUILD))))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {"planned": 12, "written": 12, "dropped": {}}
+    rows = [pq.read_table(out / entry["path"]).column("sample_id").to_pylist() for entry in manifest["files"]]
+    assert sorted(i for part in rows for i in part) == planned
+    commits = read_commits(open_location(str(out)))
+    assert sorted(i for c in commits for i in (*c.written, *c.dropped)) == planned
+    assert sorted(p.name for p in (out / "data").iterdir()) == sorted(Path(c.file).name for c in commits if c.file)
+
+
+def assert_gpu_actors_off_the_head(head: str, records: list[dict]) -> None:
+    for record in records:
+        assert record["node"] != head, f"{record['stage']} actor on the head node"
+        assert len(record["gpus"]) == 1, record  # exactly one GPU per model actor
+        assert record["cuda_visible_devices"] == record["gpus"][0]  # and CUDA sees only that one
+
+
+def lifetime(record: dict) -> tuple[float, float]:
+    return record["started"], max([record["started"]] + [end for _, end in record["calls"]])
+
+
+def test_model_actors_hold_distinct_gpus_off_the_head_and_pools_grow_to_max(simulated):
+    out, records_dir = built(simulated, "placement")
+    assert_every_planned_sample_once(out)
+    head, records = read_records(records_dir)
+    assert_gpu_actors_off_the_head(head, records)
+    for a, b in combinations(records, 2):
+        (a_start, a_end), (b_start, b_end) = lifetime(a), lifetime(b)
+        if a_start <= b_end and b_start <= a_end:  # alive at the same time
+            assert (a["node"], a["gpus"]) != (b["node"], b["gpus"]), f"two live actors share a GPU: {a} {b}"
+
+    # The generator pool starts with min_size (one) actor, which is already working when
+    # the others come up, and grows to max_size (three); the labeler's stays at one.
+    generators = sorted((r for r in records if r["stage"] == "generate"), key=lambda r: r["started"])
+    assert len(generators) == GENERATORS and len([r for r in records if r["stage"] == "label"]) == 1
+    first, *added = generators
+    assert first["calls"] and all(r["started"] > first["calls"][0][0] for r in added)
+    assert any(r["calls"] for r in added)  # and take part of the work
+    assert len({(r["node"], r["gpus"][0]) for r in records}) == 4  # all four GPUs, on both workers
+
+
+def test_build_survives_the_loss_of_a_worker_node(simulated):
+    out, records_dir = built(simulated, "node-loss")
+    removed = json.loads((records_dir / "removed.json").read_text())
+    assert removed["committed_before"] < len(list((out / "_commits").glob("*.json")))  # it died mid-build
+    assert_every_planned_sample_once(out)
+    head, records = read_records(records_dir)
+    assert_gpu_actors_off_the_head(head, records)
+    # Actors were lost with the node, and the work went on on the other worker.
+    assert any(r["node"] == removed["node"] for r in records)
+    assert any(r["node"] != removed["node"] and r["stage"] == "generate" and r["calls"] for r in records)
+
+
+if __name__ == "__main__":
+    sys.exit(simulate(sys.argv[1]))

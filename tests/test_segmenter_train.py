@@ -1,0 +1,250 @@
+"""Segmenter training: the transform, inductive and Model-D ignoring, the plan, the CLI's errors,
+and a Ray Train run with two workers that is then resumed.
+
+The fixture datasets are written with pyarrow in the factory's format (the columns the
+segmenter reads, a manifest) rather than by running the factory: every sample shows a cat
+(label 8, seen in split 1) in the top-left quarter, a dog (12, unseen in split 1) in the
+bottom-right one, and an unsure band of 255 in the first row.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import safetensors.torch
+import torch
+from PIL import Image
+
+from factory.storage import open_location
+from factory.vocab import VOC
+from factory.write import SCHEMA, encode_image, encode_label
+from segmenter import model as segmenter_model
+from segmenter.data import (RealSamples, SyntheticSource, ignore_classes, normalize, random_resized_crop,
+                            train_transform, transform_synthetic)
+from segmenter.model import load_segmenter_checkpoint
+from segmenter.train import SegmenterTrainConfig, prepare_training, training_dataset, vocabulary_json
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "jobs"))
+import train_segmenter  # noqa: E402
+
+SIZE = 32
+CAT, DOG = VOC.lookup("cat").index, VOC.lookup("dog").index
+UNSEEN_1 = sorted(VOC.lookup(name).index for name in VOC.unseen(1))
+
+
+def _label() -> np.ndarray:
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    label[:16, :16] = CAT
+    label[16:, 16:] = DOG
+    label[0] = 255
+    return label
+
+
+def make_synthetic(uri: str, split: int | None = 1, samples: int = 12) -> str:
+    """A factory-format dataset at a local folder or s3:// prefix, in two Parquet parts."""
+    location = open_location(uri)
+    rng = np.random.default_rng(0)
+    columns = ("sample_id", "classes", "class_indices", "image", "label")
+    schema = pa.schema([SCHEMA.field(name) for name in columns])
+    files = []
+    for part in range(2):
+        rows = [{"sample_id": f"s{part}-{i}", "classes": ["cat", "dog"], "class_indices": [CAT, DOG],
+                 "image": {"bytes": encode_image(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)), "path": None},
+                 "label": {"bytes": encode_label(_label()), "path": None}} for i in range(samples // 2)]
+        buffer = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), buffer)
+        path = f"data/part-{part}.parquet"
+        location.write_bytes(path, buffer.getvalue())
+        files.append({"path": path, "rows": len(rows)})
+    manifest = {"format": "dataset-factory/1", "name": "fixture", "recipe": {"vocabulary": "voc", "split": split},
+                "vocabulary": vocabulary_json(VOC), "files": files}
+    location.write_bytes("manifest.json", json.dumps(manifest).encode())
+    return uri
+
+
+def make_voc(root: Path, samples: int = 3) -> Path:
+    """A VOCdevkit/VOC2012 folder with the fixture's label maps (VOC border 255 included)."""
+    ids = [f"2007_{i:06d}" for i in range(samples)]
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    for image_id in ids:
+        Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        (root / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label(_label()))
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> str:
+    return make_synthetic(str(tmp_path_factory.mktemp("synthetic")))
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory) -> Path:
+    return make_voc(tmp_path_factory.mktemp("voc") / "VOC2012")
+
+
+def test_transform_keeps_label_values_and_ignore():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 40, 3), dtype=np.uint8)
+    label = np.zeros((48, 40), np.uint8)
+    label[10:30, 5:25], label[30:] = 5, 255
+    seen = set()
+    for _ in range(20):
+        out_image, out_label = train_transform(image, label, size=24, scale=(0.25, 1.0), rng=rng)
+        assert out_image.shape == (24, 24, 3) and out_image.dtype == np.uint8
+        assert out_label.shape == (24, 24) and out_label.dtype == np.uint8
+        seen |= set(np.unique(out_label).tolist())
+    assert seen == {0, 5, 255}  # nearest neighbour: no value is blended or lost
+
+
+def test_crop_and_flip_keep_image_and_label_aligned():
+    rng = np.random.default_rng(1)
+    label = np.zeros((64, 64), np.uint8)
+    label[:, 32:], label[40:, :] = 100, 200
+    image = np.repeat(label[..., None], 3, axis=2)  # the image shows its own label
+    for _ in range(10):
+        out_image, out_label = random_resized_crop(image, label, 32, (0.3, 1.0), rng)
+        assert np.mean(out_image[..., 0] == out_label) > 0.9  # all but the blended region borders
+    _, flipped = train_transform(image, label, size=64, scale=(1.0, 1.0), rng=np.random.default_rng(3))
+    assert np.array_equal(flipped, label) or np.array_equal(flipped, label[:, ::-1])
+
+
+def test_normalize_imagenet_statistics():
+    images = torch.tensor([[[[0, 128, 255]]]], dtype=torch.uint8)  # (1, 1, 1, 3)
+    out = normalize(images)
+    assert out.shape == (1, 3, 1, 1) and out.dtype == torch.float32
+    expected = [(0 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (1 - 0.406) / 0.225]
+    torch.testing.assert_close(out.flatten(), torch.tensor(expected))
+
+
+def test_ignore_classes():
+    label = np.array([[0, 8, 12], [255, 12, 7]], np.uint8)
+    assert ignore_classes(label, [12, 7]).tolist() == [[0, 8, 255], [255, 255, 255]]
+    assert label[0, 2] == 12  # a copy
+
+
+def _synthetic_batch(uri: str) -> dict:
+    source = SyntheticSource.open(uri)
+    table = pq.read_table(source.location.path(source.files[0]), columns=["image", "label"])
+    return {name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("image", "label")}
+
+
+def test_inductive_ignores_unseen_pixels_and_keeps_samples(synthetic):
+    batch = _synthetic_batch(synthetic)
+    whole = {"crop_size": SIZE, "crop_scale": (1.0, 1.0)}  # the whole image, maybe flipped
+    transductive = transform_synthetic(batch, **whole, ignore=[])
+    inductive = transform_synthetic(batch, **whole, ignore=UNSEEN_1)
+    assert len(inductive["label"]) == len(batch["label"])  # samples are kept
+    assert set(np.unique(transductive["label"]).tolist()) == {0, CAT, DOG, 255}
+    assert set(np.unique(inductive["label"]).tolist()) == {0, CAT, 255}
+    assert (inductive["label"] == 255).sum() == ((transductive["label"] == 255) | (transductive["label"] == DOG)).sum()
+
+
+def test_real_images_of_seen_classes_ignore_unseen_pixels(voc):
+    reader = RealSamples(format="voc", root=str(voc), split="train", crop_size=SIZE, crop_scale=(1.0, 1.0),
+                         ignore=UNSEEN_1)
+    rows = reader({"id": np.array([0, 2])})
+    assert rows["image"].shape == (2, SIZE, SIZE, 3) and rows["label"].shape == (2, SIZE, SIZE)
+    assert set(np.unique(rows["label"]).tolist()) == {0, CAT, 255}  # the dog is ignored, not background
+    assert (rows["label"] == 255).sum() == 2 * (SIZE + 16 * 16)
+
+
+def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
+    plan = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "a"), setting="inductive"))
+    assert plan.split == 1 and plan.synthetic_rows == 12 and plan.unseen_indices() == UNSEEN_1
+    assert plan.model.num_labels == 21 and plan.model.preset == "tiny" and not plan.resume
+    metadata = plan.worker_config()["metadata"]
+    assert metadata["seen"] == list(VOC.seen(1)) and metadata["vocabulary"]["name"] == "voc"
+
+    real = {"format": "voc", "root": str(voc), "split": "train"}
+    plan = prepare_training(SegmenterTrainConfig(real=real, split=1, out=str(tmp_path / "d"), batch_size=2))
+    assert plan.real_rows == 3 and plan.synthetic_rows == 0 and plan.unseen_indices() == UNSEEN_1
+
+    real_model = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "r"),
+                                                       model={"preset": "real"})).model
+    assert real_model.backbone_depths == [3, 4, 23, 3] and not real_model.frozen_backbone_norm
+
+
+def _cli_error(capsys, *args: str) -> str:
+    assert train_segmenter.main(list(args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train_segmenter: error: ") and "\n" not in err
+    return err
+
+
+def test_cli_one_line_errors_before_any_model(tmp_path, synthetic, voc, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+    monkeypatch.setattr(segmenter_model, "MaskFormerForInstanceSegmentation", no_model)
+    out = ["--out", str(tmp_path / "ck")]
+    data = ["--data", synthetic]
+    assert "no dataset at" in _cli_error(capsys, "--data", str(tmp_path / "missing"), *out)
+    assert "nothing to train on" in _cli_error(capsys, "--data", "null", *out)
+    assert "unknown config" in _cli_error(capsys, "--config", "nope")
+    assert "not divisible" in _cli_error(capsys, *data, "--batch-size", "3", "--num-workers", "2", *out)
+    assert "unknown split 7" in _cli_error(capsys, *data, "--split", "7", *out)
+    assert "fewer than batch_size" in _cli_error(capsys, *data, "--batch-size", "64", *out)
+
+    no_split = make_synthetic(str(tmp_path / "no-split"), split=None, samples=4)
+    assert "pass --split" in _cli_error(capsys, "--data", no_split, "--setting", "inductive", *out)
+    assert "VOC root not found" in _cli_error(
+        capsys, *data, "--real", f"{{format: voc, root: {tmp_path / 'nowhere'}, split: train}}", *out)
+    assert "no readable checkpoint" in _cli_error(capsys, *data, "--init", str(tmp_path / "none"), *out)
+    assert "model not found" in _cli_error(capsys, *data, "--model.preset", "real", "--model.backbone-weights",
+                                           str(tmp_path / "r101.safetensors"), *out)
+    assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.slow
+def test_training_rows_of_synthetic_and_real_images(ray_cluster, synthetic, voc, tmp_path):
+    config = SegmenterTrainConfig(data=synthetic, real={"format": "voc", "root": str(voc), "split": "train"},
+                                  readers=1, out=str(tmp_path / "ck"), crop_size=16, setting="inductive")
+    rows = training_dataset(prepare_training(config)).take_all()
+    assert len(rows) == 12 + 3
+    assert {r["image"].shape for r in rows} == {(16, 16, 3)} and {r["label"].shape for r in rows} == {(16, 16)}
+    assert DOG not in set(np.unique([r["label"] for r in rows]).tolist())
+
+
+@pytest.mark.slow
+def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
+    data = make_synthetic(f"s3://{bucket}/datasets/fixture")  # read by Ray Data from S3
+    out = tmp_path / "ck"
+    args = ["--data", data, "--out", str(out), "--num-workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "4",
+            "--crop-size", str(SIZE), "--setting", "inductive", "--checkpoint-every", "1", "--log-every", "1"]
+    assert train_segmenter.main([*args, "--iterations", "2"]) == 0
+    assert "iterations 2 run now; 2 done" in capsys.readouterr().out
+    assert {p.name for p in (out / "last").iterdir()} == {
+        "checkpoint.json", "model-00000002.safetensors", "optimizer-00000002.safetensors"}
+    model, first = load_segmenter_checkpoint(str(out / "last"))
+    assert first["iteration"] == 2 and first["resumed_from"] == 0 and [e["iteration"] for e in first["log"]] == [1, 2]
+    assert all(np.isfinite(e["loss"]) and e["iterations_per_second"] > 0 for e in first["log"])
+    assert first["setting"] == "inductive" and first["split"] == 1 and first["unseen"] == list(VOC.unseen(1))
+    assert first["vocabulary"]["name"] == "voc" and model.config.num_labels == 21
+    assert first["optimizer"]["state"]["0"]["step"] == 2
+    optimizer_before = safetensors.torch.load_file(out / "last" / "optimizer-00000002.safetensors")
+
+    # A rerun with more iterations continues at iteration 3 with the saved optimizer state.
+    assert train_segmenter.main([*args, "--iterations", "3"]) == 0
+    assert "1 run now (resumed after iteration 2); 3 done" in capsys.readouterr().out
+    _, resumed = load_segmenter_checkpoint(str(out / "last"))
+    assert resumed["iteration"] == 3 and resumed["resumed_from"] == 2
+    assert resumed["log"][:2] == first["log"] and len(resumed["log"]) == 3
+    assert resumed["optimizer"]["state"]["0"]["step"] == 3  # not restarted at 0
+    after = safetensors.torch.load_file(out / "last" / "optimizer-00000003.safetensors")
+    # AdamW's second moment decays by beta2 from where it was; a restart from zero would fall below.
+    assert torch.all(after["0.exp_avg_sq"] >= optimizer_before["0.exp_avg_sq"] * 0.999 * (1 - 1e-5))
+
+    written = (out / "last" / "checkpoint.json").stat().st_mtime_ns
+    assert train_segmenter.main([*args, "--iterations", "3"]) == 0
+    assert "all 3 were already done" in capsys.readouterr().out
+    assert (out / "last" / "checkpoint.json").stat().st_mtime_ns == written
+    assert "different setting" in _cli_error(capsys, *args, "--iterations", "4", "--setting", "transductive")
