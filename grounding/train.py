@@ -21,7 +21,6 @@ so a save interrupted between files is detected; resuming then falls back to bes
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
+from factory.checkpoints import flatten_optimizer, sha256, unflatten_optimizer
 from factory.storage import Location, check_reachable, is_s3, open_location
 from grounding.config import GroundingModelConfig
 from grounding.data import Batch, DataError, Featurizer, TextConfig, TripletSource, in_validation
@@ -157,32 +157,6 @@ class IoUTotals:
 
 # ---------------------------------------------------------------- checkpoints
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
-    """Optimizer state_dict -> safetensors tensors ("<param>.<name>") and JSON (scalars such as
-    Adam's step counter, and the param groups)."""
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[name] = value.item() if torch.is_tensor(value) else value
-    return tensors, {"state": scalars, "param_groups": state["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, Tensor], saved: dict) -> dict:
-    # Optimizers turn plain-number step counters back into tensors when loading.
-    state: dict[int, dict] = {int(index): dict(values) for index, values in saved["state"].items()}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
-    return {"state": state, "param_groups": saved["param_groups"]}
-
-
 def save_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Optimizer | None,
                     metadata: dict) -> None:
     """Write a checkpoint folder; checkpoint.json last, with the checksums of the other files."""
@@ -191,11 +165,11 @@ def save_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Op
                                                  for k, v in module.state_dict().items()})}
     metadata = {**metadata, "format": FORMAT, "model": module.config.model_dump(mode="json")}
     if optimizer is not None:
-        tensors, metadata["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors, metadata["optimizer"] = flatten_optimizer(optimizer.state_dict())
         files[OPTIMIZER_FILE] = safetensors.torch.save(tensors)
     for name, data in files.items():
         location.write_bytes(name, data)
-    metadata["files"] = {name: _sha256(data) for name, data in files.items()}
+    metadata["files"] = {name: sha256(data) for name, data in files.items()}
     location.write_bytes(METADATA_FILE, json.dumps(metadata, indent=2).encode())
 
 
@@ -213,7 +187,7 @@ def read_checkpoint_metadata(uri: str) -> dict:
 
 def _read_tensors(uri: str, name: str, metadata: dict) -> dict[str, Tensor]:
     data = open_location(uri).read_bytes(name)
-    if _sha256(data) != metadata["files"].get(name):
+    if sha256(data) != metadata["files"].get(name):
         raise CheckpointError(f"{uri}/{name} does not match its checkpoint.json (a save was interrupted)")
     return safetensors.torch.load(data)
 
@@ -229,7 +203,7 @@ def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
 
 def load_optimizer_state(uri: str, optimizer: torch.optim.Optimizer, metadata: dict) -> None:
     tensors = _read_tensors(uri, OPTIMIZER_FILE, metadata)
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, metadata["optimizer"]))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, metadata["optimizer"]))
 
 
 def resume_point(location: Location) -> tuple[str, dict] | None:

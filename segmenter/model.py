@@ -29,7 +29,6 @@ whole.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -44,6 +43,7 @@ from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, Re
 from transformers.models.maskformer.configuration_maskformer import MaskFormerDetrConfig
 from transformers.models.maskformer.modeling_maskformer import MaskFormerLoss, dice_loss, sigmoid_focal_loss
 
+from factory.checkpoints import flatten_optimizer, sha256, unflatten_optimizer
 from factory.storage import first_line, local_copy, open_location
 from segmenter.datasets import IGNORE
 
@@ -270,32 +270,6 @@ def load_backbone_weights(model: Segmenter, source: str) -> None:
 
 # ---------------------------------------------------------------- checkpoints
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _flatten_optimizer(state: dict) -> tuple[dict[str, Tensor], dict]:
-    """Optimizer state_dict -> safetensors tensors ("<param>.<name>") and JSON (scalars such as
-    AdamW's step counter, and the param groups)."""
-    tensors, scalars = {}, {}
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value) and value.dim() > 0:
-                tensors[f"{index}.{name}"] = value.detach().contiguous().cpu()
-            else:
-                scalars.setdefault(str(index), {})[name] = value.item() if torch.is_tensor(value) else value
-    return tensors, {"state": scalars, "param_groups": state["param_groups"]}
-
-
-def _unflatten_optimizer(tensors: dict[str, Tensor], saved: dict) -> dict:
-    # Optimizers turn plain-number step counters back into tensors when loading.
-    state: dict[int, dict] = {int(index): dict(values) for index, values in saved["state"].items()}
-    for key, tensor in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = tensor
-    return {"state": state, "param_groups": saved["param_groups"]}
-
-
 def save_segmenter_checkpoint(uri: str, model: Segmenter, optimizer: torch.optim.Optimizer | None,
                               metadata: dict) -> None:
     """Write a checkpoint folder. `metadata` must hold "iteration" (it names the weight files);
@@ -306,11 +280,11 @@ def save_segmenter_checkpoint(uri: str, model: Segmenter, optimizer: torch.optim
     files = {"model": (f"model-{step}.safetensors", safetensors.torch.save(weights))}
     metadata = {**metadata, "format": FORMAT, "model": model.config.model_dump(mode="json")}
     if optimizer is not None:
-        tensors, metadata["optimizer"] = _flatten_optimizer(optimizer.state_dict())
+        tensors, metadata["optimizer"] = flatten_optimizer(optimizer.state_dict())
         files["optimizer"] = (f"optimizer-{step}.safetensors", safetensors.torch.save(tensors))
     for name, data in files.values():
         location.write_bytes(name, data)
-    metadata["files"] = {role: {"name": name, "sha256": _sha256(data)} for role, (name, data) in files.items()}
+    metadata["files"] = {role: {"name": name, "sha256": sha256(data)} for role, (name, data) in files.items()}
     location.write_bytes(METADATA_FILE, json.dumps(metadata, indent=2).encode())
     current = {name for name, _ in files.values()}
     for path in location.list("", ".safetensors"):
@@ -335,7 +309,7 @@ def _read_tensors(uri: str, entry: dict) -> dict[str, Tensor]:
         data = open_location(uri).read_bytes(entry["name"])
     except OSError as exc:
         raise CheckpointError(f"cannot read {uri}/{entry['name']}: {first_line(exc)}") from None
-    if _sha256(data) != entry["sha256"]:
+    if sha256(data) != entry["sha256"]:
         raise CheckpointError(f"{uri}/{entry['name']} does not match its {METADATA_FILE}")
     return safetensors.torch.load(data)
 
@@ -351,4 +325,4 @@ def load_segmenter_checkpoint(uri: str) -> tuple[Segmenter, dict]:
 
 def load_optimizer_state(uri: str, optimizer: torch.optim.Optimizer, metadata: dict) -> None:
     tensors = _read_tensors(uri, metadata["files"]["optimizer"])
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, metadata["optimizer"]))
+    optimizer.load_state_dict(unflatten_optimizer(tensors, metadata["optimizer"]))
