@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from grounding.data import Featurizer, TextConfig, TripletSource
-from grounding.procedural import SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
+from grounding.procedural import CELL, SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
@@ -35,6 +35,8 @@ def test_drawings_are_seeded_with_disjoint_exact_masks():
         assert image.shape == (64, 64, 3) and masks.shape == (len(classes), 64, 64)
         assert all(mask.sum() >= 200 for mask in masks)  # objects are large: boundaries are not most of a mask
         assert masks.sum(axis=0).max() == 1  # two objects never touch, so each pixel has one class
+        cells = masks[:, ::CELL, ::CELL].repeat(CELL, axis=1).repeat(CELL, axis=2)
+        assert np.array_equal(cells, masks)  # shapes follow the latent grid
     assert not np.array_equal(draw(("bird",), 0)[0], draw(("bird",), 1)[0])
 
 
@@ -58,6 +60,6 @@ def test_latent_and_tensors_sets_featurize_alike(tmp_path):
 
 @pytest.mark.slow
 def test_grounding_module_learns_seen_masks(tmp_path, ray_cluster):
-    report = learnability.run(train=384, val=48, test=96, epochs=10, seed=0, work=tmp_path / "run")
+    report = learnability.run(train=384, val=48, test=96, epochs=20, seed=0, work=tmp_path / "run")
     print(report.text())
     assert report.passed, report.text()
