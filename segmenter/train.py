@@ -37,6 +37,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from factory.storage import check_model_source, check_reachable, first_line, is_s3, open_location
@@ -323,6 +324,24 @@ def _all_reduce_mean(total: float, count: int, device: torch.device) -> float:
     return float(values[0] / values[1])
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
+               num_labels: int, autocast=contextlib.nullcontext(), scaler: torch.amp.GradScaler | None = None,
+               clip_grad_norm: float | None = None) -> float:
+    """One optimizer step on uint8 images (B, H, W, 3) and label maps (B, H, W); returns the loss."""
+    scaler = scaler or torch.amp.GradScaler("cpu", enabled=False)
+    mask_labels, class_labels = batch_targets(labels, num_labels)
+    with autocast:
+        loss = model(normalize(images), mask_labels, class_labels).loss
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip_grad_norm:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
     config = SegmenterTrainConfig.model_validate(worker_config["config"])
@@ -357,18 +376,10 @@ def train_loop_per_worker(worker_config: dict) -> None:
         steps_this_pass = 0
         for batch in batches:
             set_learning_rates(optimizer, config, iteration)
-            mask_labels, class_labels = batch_targets(batch["label"], num_labels)
-            with autocast:
-                loss = trained(normalize(batch["image"]), mask_labels, class_labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
+            loss = train_step(trained, optimizer, batch["image"], batch["label"], num_labels=num_labels,
+                              autocast=autocast, scaler=scaler, clip_grad_norm=config.clip_grad_norm)
             iteration, steps_this_pass = iteration + 1, steps_this_pass + 1
-            window_loss, window_steps = window_loss + loss.item(), window_steps + 1
+            window_loss, window_steps = window_loss + loss, window_steps + 1
             finished = iteration == config.iterations
             if iteration % config.log_every == 0 or finished:
                 mean = _all_reduce_mean(window_loss, window_steps, device)

@@ -14,7 +14,6 @@ from PIL import Image
 
 from factory.storage import open_location
 from factory.vocab import COCO, VOC, Vocabulary
-from factory.write import encode_label
 from segmenter.datasets import real_dataset
 from segmenter.evaluate import predict, short_side_size
 from segmenter.metrics import ConfusionMatrix
@@ -26,58 +25,6 @@ sys.path.insert(0, str(REPO / "jobs"))
 import eval_zs3  # noqa: E402
 
 SIZE = 48  # inference short side: tiny images, fast runs
-
-
-def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-@pytest.fixture(scope="module")
-def voc_root(tmp_path_factory) -> Path:
-    """Five VOC images of different sizes: boxes of classes in 255 borders on background."""
-    root = tmp_path_factory.mktemp("voc") / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (root / sub).mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    ids = []
-    for n, (height, width) in enumerate([(40, 56), (56, 40), (36, 36), (44, 64), (30, 50)]):
-        image_id = f"2007_{n:06d}"
-        label = np.zeros((height, width), np.uint8)
-        for index in rng.choice(np.arange(1, 21), size=2, replace=False):
-            top, left = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
-            label[top:top + 12, left:left + 12] = 255
-            label[top + 2:top + 10, left + 2:left + 10] = index
-        Image.fromarray(random_image(rng, height, width)).save(root / "JPEGImages" / f"{image_id}.jpg")
-        (root / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label(label))
-        ids.append(image_id)
-    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("".join(f"{i}\n" for i in ids))
-    return root
-
-
-@pytest.fixture(scope="module")
-def coco_root(tmp_path_factory) -> Path:
-    """Three COCO images with polygon annotations under official ids: person 1, dog 18, chair 62,
-    mouse 74 (dropped from the vocabulary: its pixels are ignored)."""
-    root = tmp_path_factory.mktemp("coco")
-    (root / "val2017").mkdir()
-    (root / "annotations").mkdir()
-    rng = np.random.default_rng(1)
-    images, annotations = [], []
-    boxes = {139: [(1, 4, 4, 30, 24), (74, 20, 20, 40, 36)], 285: [(18, 2, 10, 26, 40)], 632: [(62, 6, 6, 20, 20)]}
-    for image_id, objects in boxes.items():
-        height, width = 44, 52
-        file_name = f"{image_id:012d}.jpg"
-        Image.fromarray(random_image(rng, height, width)).save(root / "val2017" / file_name)
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width})
-        for category_id, x0, y0, x1, y1 in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
-                                "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]], "area": (x1 - x0) * (y1 - y0),
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "iscrowd": 0})
-    categories = [{"id": i, "name": n, "supercategory": "x"} for i, n in
-                  ((1, "person"), (18, "dog"), (62, "chair"), (74, "mouse"))]
-    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": categories}))
-    return root
 
 
 def save_tiny_checkpoint(uri: Path, vocabulary: Vocabulary, setting: str, split: int | None) -> Path:
@@ -115,8 +62,8 @@ def without_run(report: dict) -> dict:
 
 
 @pytest.mark.slow
-def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_root, voc_checkpoint, tmp_path, bucket, capsys):
-    common = ["--checkpoint", str(voc_checkpoint), "--format", "voc", "--root", str(voc_root),
+def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, voc_checkpoint, tmp_path, bucket, capsys):
+    common = ["--checkpoint", str(voc_checkpoint), "--format", "voc", "--root", str(voc_eval_root),
               "--size", str(SIZE), "--batch-size", "2", "--splits", "1", "2", "3", "--qualitative", "3"]
     # Same file name in both places: the panels are named after it.
     assert eval_zs3.main([*common, "--num-workers", "1", "--out", str(tmp_path / "results.json")]) == 0
@@ -134,13 +81,13 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_root, voc_ch
 
     # The distributed sum equals one process's count of the same predictions.
     counts = np.array(one["confusion"])
-    assert np.array_equal(counts, confusion_in_process(voc_checkpoint, "voc", voc_root))
-    labels = [np.array(Image.open(p)) for p in sorted((voc_root / "SegmentationClass").glob("*.png"))]
+    assert np.array_equal(counts, confusion_in_process(voc_checkpoint, "voc", voc_eval_root))
+    labels = [np.array(Image.open(p)) for p in sorted((voc_eval_root / "SegmentationClass").glob("*.png"))]
     assert counts.sum() == sum(int((label != 255).sum()) for label in labels)
 
     assert one["checkpoint"] == str(voc_checkpoint) and one["setting"] == "transductive"
     assert one["trained_split"] == 1 and one["background"] == "ignore"
-    assert one["dataset"] == {"format": "voc", "root": str(voc_root), "split_set": "val", "images": 5}
+    assert one["dataset"] == {"format": "voc", "root": str(voc_eval_root), "split_set": "val", "images": 5}
     assert one["inference"] == {"mode": "resize", "short_side": SIZE, "label_resize": "nearest"}
     assert set(one["results"]) == {"1", "2", "3"}
     for k, result in one["results"].items():
@@ -157,7 +104,7 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_root, voc_ch
         assert Image.open(io.BytesIO(evals.read_bytes(name))).mode == "RGB"
     first = np.array(Image.open(tmp_path / one["qualitative"][0]))
     assert first.shape == (40, 3 * 56 + 8, 3)
-    truth = np.array(Image.open(voc_root / "SegmentationClass" / "2007_000000.png").convert("RGB"))
+    truth = np.array(Image.open(voc_eval_root / "SegmentationClass" / "2007_000000.png").convert("RGB"))
     assert np.array_equal(first[:, 60:116], truth)  # VOC colours
 
     lines = printed.splitlines()
@@ -168,9 +115,9 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_root, voc_ch
 
 
 @pytest.mark.slow
-def test_coco_inductive_background_seen(ray_cluster, coco_root, coco_checkpoint, tmp_path, capsys):
+def test_coco_inductive_background_seen(ray_cluster, coco_eval_root, coco_checkpoint, tmp_path, capsys):
     out = tmp_path / "coco.json"
-    assert eval_zs3.main(["--checkpoint", str(coco_checkpoint), "--format", "coco", "--root", str(coco_root),
+    assert eval_zs3.main(["--checkpoint", str(coco_checkpoint), "--format", "coco", "--root", str(coco_eval_root),
                           "--size", str(SIZE), "--background", "seen", "--num-workers", "2",
                           "--out", str(out), "--qualitative", "0"]) == 0
     report = json.loads(out.read_text())
@@ -179,9 +126,9 @@ def test_coco_inductive_background_seen(ray_cluster, coco_root, coco_checkpoint,
     assert report["qualitative"] == [] and report["notes"] == []
     counts = np.array(report["confusion"])
     assert counts.shape == (80, 80)
-    assert np.array_equal(counts, confusion_in_process(coco_checkpoint, "coco", coco_root))
+    assert np.array_equal(counts, confusion_in_process(coco_checkpoint, "coco", coco_eval_root))
     # The mouse's pixels (drawn over the larger person box) are the only ignored ones.
-    dataset = real_dataset("coco", coco_root)
+    dataset = real_dataset("coco", coco_eval_root)
     labels = [dataset[i].label for i in range(len(dataset))]
     assert counts.sum() == sum(int((label != 255).sum()) for label in labels) < 3 * 44 * 52
 
@@ -210,20 +157,20 @@ def test_table_layout():
     assert lines[2].index("78.64") + 5 == len(lines[0])  # right-aligned under "Harmonic"
 
 
-def test_input_errors_are_one_line(voc_root, coco_root, voc_checkpoint, tmp_path, capsys):
+def test_input_errors_are_one_line(voc_eval_root, coco_eval_root, voc_checkpoint, tmp_path, capsys):
     def error(*argv: str) -> str:
         assert eval_zs3.main(list(argv)) == 2
         message = capsys.readouterr().err
         assert message.startswith("eval_zs3: error: ") and message.count("\n") == 1
         return message
 
-    voc = ["--checkpoint", str(voc_checkpoint), "--format", "voc", "--root", str(voc_root)]
+    voc = ["--checkpoint", str(voc_checkpoint), "--format", "voc", "--root", str(voc_eval_root)]
     assert "no readable checkpoint" in error("--checkpoint", str(tmp_path / "missing"), *voc[2:])
     assert "VOC root not found" in error(*voc[:4], "--root", str(tmp_path / "nowhere"))
     assert "no image list" in error(*voc, "--split-set", "test")
     assert "must be a local folder" in error(*voc[:4], "--root", "s3://bucket/voc")
     assert "trained on the voc vocabulary, the dataset has coco" in error(
-        "--checkpoint", str(voc_checkpoint), "--format", "coco", "--root", str(coco_root))
+        "--checkpoint", str(voc_checkpoint), "--format", "coco", "--root", str(coco_eval_root))
     assert "unknown split 4" in error(*voc, "--splits", "1", "4")
     assert "distinct" in error(*voc, "--splits", "2", "2")
     assert "below 32" in error(*voc, "--size", "16")
