@@ -19,6 +19,7 @@ from factory.devices import pick_device, pick_dtype
 from factory.features import FeatureCapture, capture_call_index
 from factory.generate import generate, load_pipeline
 from factory.label import CLASS_NOT_FOUND, IGNORE, ragged
+from factory.loading import load_with_retries
 from factory.recipe import AnnotatorConfig, GeneratorConfig
 from factory.vocab import get_vocabulary
 from grounding.data import TextConfig, text_class_embeddings
@@ -44,12 +45,15 @@ def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, thres
 class AnnotateStage:
     """Ray Data actor: generate, capture, predict masks, label; one GPU when there are GPUs."""
 
-    def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str):
+    def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str,
+                 load_attempts: int = 3):
         self.generator, self.annotator = generator, annotator
         self.vocabulary = get_vocabulary(vocabulary)
         self.device = pick_device()
-        self.pipe = load_pipeline(generator.model, self.device, pick_dtype(generator.dtype, self.device))
-        module, metadata = load_grounding_checkpoint(annotator.checkpoint)
+        self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
+            generator.model, self.device, pick_dtype(generator.dtype, self.device)), load_attempts)
+        module, metadata = load_with_retries(f"grounding checkpoint {annotator.checkpoint}",
+                                             lambda: load_grounding_checkpoint(annotator.checkpoint), load_attempts)
         self.module = module.to(self.device)
         self.text = TextConfig.model_validate(metadata["text"])
         self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])

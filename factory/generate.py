@@ -24,6 +24,7 @@ from factory.devices import pick_device, pick_dtype
 from factory.daam import CrossAttentionRecorder
 from factory.features import FeatureCapture, capture_call_index
 from factory.label import ragged
+from factory.loading import load_with_retries
 from factory.recipe import CaptureConfig, GeneratorConfig
 from factory.storage import local_copy
 from factory.tokens import class_token_positions
@@ -130,10 +131,12 @@ class GenerateStage:
     the latent they come from) at the capture step.
     """
 
-    def __init__(self, config: GeneratorConfig, capture: CaptureConfig | None = None):
+    def __init__(self, config: GeneratorConfig, capture: CaptureConfig | None = None, load_attempts: int = 3):
         self.config, self.capture = config, capture or CaptureConfig()
         device = pick_device()
-        self.pipe = load_pipeline(config.model, device, pick_dtype(config.dtype, device))
+        self.pipe = load_with_retries(f"generator {config.model}",
+                                      lambda: load_pipeline(config.model, device, pick_dtype(config.dtype, device)),
+                                      load_attempts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()

@@ -15,6 +15,7 @@ import numpy as np
 
 from factory.detect import Detections, load_detector
 from factory.devices import pick_device
+from factory.loading import load_with_retries
 from factory.recipe import LabelerConfig
 from factory.vocab import ClassInfo, get_vocabulary
 
@@ -92,10 +93,12 @@ def pack_masks(labels: list[ClassLabel], shape: tuple[int, int]) -> np.ndarray:
 class LabelStage:
     """Ray Data actor around the detector: adds label maps, class masks and scores."""
 
-    def __init__(self, config: LabelerConfig, vocabulary: str, image_size: int):
+    def __init__(self, config: LabelerConfig, vocabulary: str, image_size: int, load_attempts: int = 3):
         self.config = config
         self.vocabulary = get_vocabulary(vocabulary)
-        self.detector = load_detector(config, image_size, pick_device())
+        self.detector = load_with_retries(f"labeler {config.model}" + (f" weights {config.weights}" if config.weights else ""),
+                                          lambda: load_detector(config, image_size, pick_device()),
+                                          load_attempts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()

@@ -1,17 +1,19 @@
 """Typed YAML configs with `--dotted.field VALUE` overrides, for every job's config.
 
 A config (a build recipe, a training config) is a YAML file validated by a pydantic
-model; every leaf field gets a command-line option. Text fields are taken verbatim (a template like "{0} and {1}" is not YAML),
-`null` unsets an optional one; other values are parsed as YAML (`--classes [dog, cat]`).
-Every error is one line.
+model; every leaf field gets a command-line option. Text fields are taken verbatim (a
+template like "{0} and {1}" is not YAML), `null` unsets an optional one; other values are
+parsed as YAML (`--classes [dog, cat]`). Every error, of the file, a field or the command
+line (`ArgumentParser`), is one ConfigError line that names the field.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -21,6 +23,21 @@ from pydantic_core import PydanticUndefined
 
 class ConfigError(ValueError):
     """A config file or command line that cannot be used; the message is one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors (unknown option, missing value) raise a one-line ConfigError
+    instead of printing the whole usage text: jobs report it like any other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        hint = "see --help"
+        if message.startswith("unrecognized arguments:"):  # a typo of a long option gets its correction
+            known = [option for action in self._actions for option in action.option_strings]
+            typed = [word.split("=")[0] for word in message.split()[2:] if word.startswith("--")]
+            close = [match for word in typed for match in difflib.get_close_matches(word, known, n=1, cutoff=0.8)]
+            if close:
+                hint = f"did you mean {', '.join(close)}?"
+        raise ConfigError(f"{message} ({hint})")
 
 
 def leaf_fields(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[str, FieldInfo]]:
@@ -77,11 +94,43 @@ def resolve_config_path(name_or_path: str, folder: Path, kind: str = "config") -
     return path
 
 
-def one_line(error: ValidationError) -> str:
-    parts = []
+def _union_tag(part: str | int) -> bool:
+    # pydantic names a union's members by type: literal['a','b'], list[str], bool, a section's class name
+    return isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool", "none")
+                                      or part[:1].isupper())
+
+
+def _section(model: type[BaseModel] | None, path: list) -> type[BaseModel] | None:
+    """The config section (a pydantic model) at a dotted path, if it is one."""
+    for key in path:
+        field = model.model_fields.get(key) if model and isinstance(key, str) else None
+        annotation = field and field.annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def one_line(error: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """Every problem as `field.path: message`, joined by '; '.
+
+    A union's member tags (`literal[...]`, `list[str]`) are left out of the path and the
+    alternatives of one field are joined by 'or'; an unknown field gets a suggestion.
+    """
+    messages: dict[str, list[str]] = {}
     for item in error.errors():
-        where = ".".join(str(p) for p in item["loc"]) or "config"
-        parts.append(f"{where}: {item['msg'].removeprefix('Value error, ')}")
+        loc = item["loc"]
+        if item["type"] == "extra_forbidden":  # the last part is the unknown key, whatever it looks like
+            path = [p for p in loc[:-1] if not _union_tag(p)] + [loc[-1]]
+            section = _section(model, path[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), section.model_fields, n=1) if section else []
+            message = "unknown field" + (f" (did you mean {close[0]}?)" if close else "")
+        else:
+            path = [p for p in loc if not _union_tag(p)]
+            message = item["msg"].removeprefix("Value error, ")
+        messages.setdefault(".".join(map(str, path)), []).append(message)
+    parts = []
+    for where, texts in messages.items():
+        text = texts[0] + "".join(f", or {t.removeprefix('Input should be ')}" for t in texts[1:])
+        parts.append(f"{where}: {text}" if where else text)
     return "; ".join(parts)
 
 
@@ -90,6 +139,8 @@ def load_config(model: type[BaseModel], path: Path, overrides: dict[str, Any] | 
     """Read a YAML config, fill top-level `defaults` it leaves out, apply dotted overrides."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -106,4 +157,4 @@ def load_config(model: type[BaseModel], path: Path, overrides: dict[str, Any] | 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{path.name}: {one_line(exc)}") from None
+        raise ConfigError(f"{path.name}: {one_line(exc, model)}") from None

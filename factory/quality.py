@@ -21,6 +21,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 
 from factory.devices import pick_device
 from factory.generate import tiny_tokenizer
+from factory.loading import load_with_retries
 from factory.storage import local_copy
 
 TINY = "tiny"
@@ -114,9 +115,10 @@ def select_top_fraction(scores: np.ndarray, fraction: float) -> np.ndarray:
 class QualityStage:
     """Ray Data actor: adds a ``quality`` score per image (the CLIP-IQA-style probability)."""
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, load_attempts: int = 3):
         device = pick_device()
-        self.scorer = QualityScorer(*load_clip(model, device))
+        self.scorer = QualityScorer(*load_with_retries(f"quality model {model}", lambda: load_clip(model, device),
+                                                       load_attempts))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch["quality"] = self.scorer(batch["image"]).astype(np.float32)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from factory.options import (ConfigError, add_config_arguments, load_config, overrides_from_args,
                              resolve_config_path)
@@ -28,12 +28,17 @@ RecipeError = ConfigError  # a recipe or command line that cannot be built; the 
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: `per_class: yes` or `steps: 2.5` is a mistake, not 1 or a silent rounding.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 class PoolConfig(_Section):
+    """The model actors: each holds every model of the recipe (generator, labeler or annotator,
+    quality) on one GPU when the cluster has GPUs, and encodes what it made."""
     min_size: int = Field(1, ge=1, description="actors started at once")
     max_size: int = Field(1, ge=1, description="actors the pool may grow to (one GPU each when GPUs exist)")
+    load_attempts: int = Field(3, ge=1, le=20, description="tries per actor to load its models (backoff 2 s, "
+                               "4 s, ...) before the build fails with the cause")
 
     @model_validator(mode="after")
     def _ordered(self) -> "PoolConfig":
@@ -46,7 +51,7 @@ class PromptConfig(_Section):
     one: str = Field("a photograph of a {0}", description="template for one class")
     two: str = Field("a photograph of a {0} and a {1}", description="template for a pair")
     file: str | None = Field(
-        None, description="file of 'complicated' prompts, class names in braces: "
+        None, min_length=1, description="file of 'complicated' prompts, class names in braces: "
         "'a photograph of a {bus} crossing a busy street'; used for one-class samples "
         "whose class it mentions, the template otherwise")
 
@@ -67,7 +72,7 @@ class PromptConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    model: str = Field("tiny", description="'tiny' (random, built in code), a diffusers model id, "
+    model: str = Field("tiny", min_length=1, description="'tiny' (random, built in code), a diffusers model id, "
                        "a local folder or an s3:// prefix of a saved pipeline")
     steps: int = Field(50, ge=1, le=1000, description="DDIM denoising steps")
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
@@ -76,13 +81,12 @@ class GeneratorConfig(_Section):
     batch_size: int = Field(4, ge=1, le=256, description="prompts per generator call")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto': float16 on CUDA, float32 on CPU")
-    pool: PoolConfig = PoolConfig()
 
 
 class LabelerConfig(_Section):
     model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn"] = Field(
         "tiny", description="oracle detector architecture (COCO classes)")
-    weights: str | None = Field(None, description="COCO-pretrained weights: 'torchvision' (its COCO "
+    weights: str | None = Field(None, min_length=1, description="COCO-pretrained weights: 'torchvision' (its COCO "
                                 "checkpoint, downloaded on the node), or a .safetensors/.pth file, local or "
                                 "s3://; required for the real architectures")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="instances at or above this score "
@@ -96,7 +100,6 @@ class LabelerConfig(_Section):
         "drop", description="a prompt class the detector does not find: 'drop' the sample, or "
         "'ignore': keep it, mark the class missing and make unclaimed pixels 255")
     batch_size: int = Field(4, ge=1, le=256, description="images per detector call")
-    pool: PoolConfig = PoolConfig()
 
     @model_validator(mode="after")
     def _thresholds(self) -> "LabelerConfig":
@@ -112,7 +115,7 @@ class LabelerConfig(_Section):
 
 class AnnotatorConfig(_Section):
     checkpoint: str | None = Field(
-        None, description="a trained grounding module (checkpoint folder, local or s3://): when set, it "
+        None, min_length=1, description="a trained grounding module (checkpoint folder, local or s3://): when set, it "
         "labels the images inside the generator's actor instead of the detector (Algorithm 2)")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
     ignore_below: float | None = Field(
@@ -139,9 +142,8 @@ class CaptureConfig(_Section):
 
 class QualityConfig(_Section):
     model: str | None = Field(
-        None, description="CLIP for an image-quality score per sample ('tiny', a local folder or s3:// "
+        None, min_length=1, description="CLIP for an image-quality score per sample ('tiny', a local folder or s3:// "
         "prefix of a saved CLIPModel): P('Good photo.') against 'Bad photo.', to filter test sets")
-    pool: PoolConfig = PoolConfig()
 
 
 class WriterConfig(_Section):
@@ -160,12 +162,12 @@ class Recipe(_Section):
     per_class: int = Field(1, ge=0, description="one-class samples per class")
     per_pair: int = Field(0, ge=0, description="two-class samples per co-appearing pair")
     pairs: str | None = Field(
-        None, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, or 'all' for "
+        None, min_length=1, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, or 'all' for "
         "every pair of the selected classes; pairs with a class outside the selection are skipped")
     num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
                                     "shuffled plan (a prefix: a larger N extends the same dataset)")
     seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
-    out: str | None = Field(None, description="output folder or s3://bucket/prefix "
+    out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "
                             "(default: outputs/<name>)")
     prompts: PromptConfig = PromptConfig()
     generator: GeneratorConfig = GeneratorConfig()
@@ -173,6 +175,7 @@ class Recipe(_Section):
     annotator: AnnotatorConfig = AnnotatorConfig()
     capture: CaptureConfig = CaptureConfig()
     quality: QualityConfig = QualityConfig()
+    pool: PoolConfig = PoolConfig()
     writer: WriterConfig = WriterConfig()
 
     @field_validator("classes", mode="before")
@@ -183,19 +186,29 @@ class Recipe(_Section):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
+    # Field validators, so that errors name the field; `vocabulary` is validated before both.
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("empty list: name at least one class, or use all, seen or unseen")
+            if "vocabulary" in info.data:
+                for name in value:
+                    get_vocabulary(info.data["vocabulary"]).lookup(name)
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _known_split(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and "vocabulary" in info.data:
+            get_vocabulary(info.data["vocabulary"]).unseen(value)  # one line naming the valid splits
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
-        vocabulary = get_vocabulary(self.vocabulary)
-        if self.classes in ("seen", "unseen"):
-            if self.split is None:
-                raise ValueError(f"classes: {self.classes} needs split (1-3)")
-        if self.split is not None:
-            vocabulary.unseen(self.split)  # raises a one-line error for an unknown split
-        if isinstance(self.classes, list):
-            if not self.classes:
-                raise ValueError("classes is an empty list")
-            for name in self.classes:
-                vocabulary.lookup(name)
+        if self.classes in ("seen", "unseen") and self.split is None:
+            raise ValueError(f"classes: {self.classes} needs split (1-3)")
         if self.per_class == 0 and self.per_pair == 0:
             raise ValueError("per_class and per_pair are both 0: the plan would be empty")
         if self.per_pair > 0 and self.pairs is None:
@@ -221,7 +234,7 @@ class Recipe(_Section):
         data = self.model_dump(mode="json", exclude={
             "name": True, "out": True, "num_samples": True,
             "writer": {"rows_per_file", "preview_samples"},
-            "generator": {"pool", "batch_size"}, "labeler": {"pool", "batch_size"}, "quality": {"pool"}})
+            "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

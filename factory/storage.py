@@ -33,7 +33,10 @@ def is_s3(uri: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def s3_filesystem(attempts: int = 8) -> pafs.S3FileSystem:
-    """Throttling, resets and 5xx are retried by the SDK with backoff, ``attempts`` in all."""
+    """Throttling, resets, refused connections and 5xx are retried by the SDK, ``attempts``
+    in all, with exponential backoff and jitter (1 s, 2 s, 4 s, ... capped at 20 s): the
+    default 8 ride out about 30-45 s of an endpoint restarting or throttling.
+    """
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     scheme = None
     if endpoint:
@@ -43,6 +46,9 @@ def s3_filesystem(attempts: int = 8) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(
         endpoint_override=endpoint, scheme=scheme, region=region,
         connect_timeout=5, request_timeout=60,
+        # Objects smaller than a part go up in one PutObject, which a retry repeats safely,
+        # instead of a three-request multipart upload.
+        allow_delayed_open=True,
         retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts))
 
 
@@ -120,8 +126,9 @@ def open_location(uri: str, attempts: int = 8) -> Location:
 def check_reachable(uri: str) -> Location:
     """Fail fast (one line) on an output that cannot exist: before any model loads.
 
-    The bucket must exist and answer now (one quick attempt); whether we may write is
-    proven by the build's first write, after every other check has passed.
+    The bucket must exist and answer now (one quick attempt) to these credentials;
+    whether we may write is proven by the build's first write, after every other check
+    has passed.
     """
     location = open_location(uri)
     if not is_s3(uri):
@@ -132,9 +139,15 @@ def check_reachable(uri: str) -> Location:
             raise StorageError(f"output {uri} is not writable ({parent} is not a writable folder)")
         return location
     bucket = location.root.split("/", 1)[0]
+    fs = open_location(uri, attempts=2).fs
     try:
-        info = open_location(uri, attempts=2).fs.get_file_info(bucket)
+        # A refused HeadBucket has no body; a refused listing says why (unknown key,
+        # wrong secret, no permission).
+        fs.get_file_info(pafs.FileSelector(location.root, allow_not_found=True))
+        info = fs.get_file_info(bucket)
     except OSError as exc:
+        if access_refused(exc):
+            raise StorageError(f"no access to bucket {bucket!r} with these credentials: {first_line(exc)}") from None
         raise StorageError(f"cannot reach bucket {bucket!r}: {first_line(exc)}") from None
     if info.type == pafs.FileType.NotFound:
         raise StorageError(f"bucket {bucket!r} does not exist")
@@ -143,6 +156,15 @@ def check_reachable(uri: str) -> Location:
 
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+# How the AWS SDK names refusals that no retry fixes (pyarrow passes its error names on).
+_REFUSALS = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "AccessDenied")
+
+
+def access_refused(exc: BaseException) -> bool:
+    """The store refused these credentials or this action (permanent, unlike a 5xx or a reset)."""
+    return any(name in str(exc) for name in _REFUSALS)
 
 
 def check_model_source(source: str, required_file: str | None = None) -> None:

@@ -29,6 +29,7 @@ import ray
 
 from factory.daam import DAAM_THRESHOLD
 from factory.quality import select_top_fraction
+from factory.options import ArgumentParser, ConfigError
 from factory.storage import StorageError, check_reachable, is_s3, open_location
 from grounding.data import DataError, TripletSource
 from grounding.evaluate import DAAM, MODULE, EvalStage, ProtocolIAccumulator, format_table
@@ -44,7 +45,7 @@ class EvalError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="grounding checkpoint folder (local or s3://), "
                         "e.g. <training out>/best")
     parser.add_argument("--data", required=True, help="triplet test set (local or s3://)")
@@ -193,10 +194,9 @@ def write_report(uri: str, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        plan = prepare_evaluation(args)
-    except (EvalError, DataError, StorageError, CheckpointError) as exc:
+        plan = prepare_evaluation(parse_args(argv))
+    except (ConfigError, EvalError, DataError, StorageError, CheckpointError) as exc:
         print(f"eval_grounding: error: {exc}", file=sys.stderr)
         return 2
     report = run_evaluation(plan)

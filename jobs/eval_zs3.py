@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from factory.options import ArgumentParser, ConfigError
 from factory.storage import StorageError, check_reachable, first_line, is_s3, open_location
 from factory.vocab import Vocabulary
 from segmenter.datasets import DEFAULT_SPLITS, READERS, real_dataset
@@ -55,7 +56,7 @@ class EvalError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="segmenter checkpoint folder (local or s3://)")
     parser.add_argument("--format", required=True, choices=sorted(READERS), help="real dataset format")
     parser.add_argument("--root", required=True, help="real dataset folder (local, readable on every node)")
@@ -105,8 +106,7 @@ def _output_file(uri: str) -> tuple[str, str]:
     return folder or ".", name
 
 
-def _check_checkpoint(checkpoint: str, vocabulary: Vocabulary) -> dict:
-    metadata = read_checkpoint_metadata(checkpoint)
+def _check_checkpoint(checkpoint: str, metadata: dict, vocabulary: Vocabulary) -> None:
     missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
     if missing:
         raise CheckpointError(f"{checkpoint} lacks {', '.join(missing)} in its checkpoint.json")
@@ -120,7 +120,6 @@ def _check_checkpoint(checkpoint: str, vocabulary: Vocabulary) -> dict:
     if metadata["model"]["num_labels"] != len(vocabulary) + 1:
         raise EvalError(f"the checkpoint predicts {metadata['model']['num_labels']} labels, "
                         f"{vocabulary.name} has {len(vocabulary) + 1} with background")
-    return metadata
 
 
 def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
@@ -133,12 +132,13 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         raise EvalError(f"--root {args.root} must be a local folder (readable on every node)")
     root, checkpoint = _absolute(args.root), _absolute(args.checkpoint)
     split_set = args.split_set or DEFAULT_SPLITS[args.format]
+    metadata = read_checkpoint_metadata(checkpoint)  # first: a wrong path is the likeliest mistake
     try:
         dataset = real_dataset(args.format, root, split_set)
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot read the {args.format} dataset: {first_line(exc)}") from None
     vocabulary = dataset.vocabulary
-    metadata = _check_checkpoint(checkpoint, vocabulary)
+    _check_checkpoint(checkpoint, metadata, vocabulary)
     trained_split = metadata["split"]
     splits = args.splits or ([trained_split] if trained_split is not None else [1, 2, 3])
     if len(set(splits)) != len(splits):
@@ -241,10 +241,9 @@ def write_report(uri: str, report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
-        plan = prepare_evaluation(args)
-    except (EvalError, StorageError, CheckpointError) as exc:
+        plan = prepare_evaluation(parse_args(argv))
+    except (ConfigError, EvalError, StorageError, CheckpointError) as exc:
         print(f"eval_zs3: error: {exc}", file=sys.stderr)
         return 2
     report = run_evaluation(plan)

@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from factory.options import ConfigError, add_config_arguments, load_config, overrides_from_args, resolve_config_path
+from factory.options import (ArgumentParser, ConfigError, add_config_arguments, load_config, overrides_from_args,
+                             resolve_config_path)
 from factory.storage import StorageError
 from segmenter.data import DataError
 from segmenter.model import CheckpointError
@@ -26,7 +27,7 @@ DEFAULT_CONFIG = "tiny"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help=f"config name in jobs/recipes/segmenter/ or a YAML path (default: {DEFAULT_CONFIG})")
     add_config_arguments(parser, SegmenterTrainConfig)
@@ -50,8 +51,8 @@ def print_summary(summary: TrainingSummary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         summary = run_training(prepare_training(config_from_args(args)))
     except (ConfigError, DataError, StorageError, CheckpointError) as exc:
         print(f"train_segmenter: error: {exc}", file=sys.stderr)

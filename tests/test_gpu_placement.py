@@ -2,9 +2,9 @@
 
 Two builds run, one after the other, in a child process (this file, run as a script) with
 a Ray cluster of its own, so that they neither join nor disturb the test session's cluster:
-"placement", then "node-loss", which kills a worker node mid-build. Their generator and
-labeler actors are the real stages wrapped to record, from inside each actor, the node it
-runs on, the GPU Ray gave it and when it worked; the tests read those records.
+"placement", then "node-loss", which kills a worker node mid-build. Each model actor holds
+the real generator and labeler, wrapped to record, from inside the actor, the node it runs
+on, the GPU Ray gave it and when it worked; the tests read those records.
 """
 
 from __future__ import annotations
@@ -40,15 +40,13 @@ import build_dataset  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-# Twelve samples in parts of up to two. In "placement" the generator's pool starts with one
-# actor and may grow to three, which with the one labeler takes all four GPUs; in
-# "node-loss" it keeps one actor, so that the restarted one finds a free GPU at once.
+# Twelve samples in parts of up to two. In "placement" the pool of model actors starts with
+# one and may grow to four, all the GPUs; in "node-loss" it keeps one actor, so that the
+# restarted one finds a free GPU at once.
 BUILD = ["--num-samples", "12", "--generator.steps", "2", "--generator.batch-size", "1", "--labeler.batch-size", "1",
-         "--writer.rows-per-file", "2", "--writer.preview-samples", "0",
-         "--generator.pool.min-size", "1", "--labeler.pool.min-size", "1", "--labeler.pool.max-size", "1"]
-GENERATORS = 3
-SCENARIOS = {"placement": ["--generator.pool.max-size", str(GENERATORS)],
-             "node-loss": ["--generator.pool.max-size", "1"]}
+         "--writer.rows-per-file", "2", "--writer.preview-samples", "0", "--pool.min-size", "1"]
+ACTORS = 4
+SCENARIOS = {"placement": ["--pool.max-size", str(ACTORS)], "node-loss": ["--pool.max-size", "1"]}
 KILL_AFTER_PARTS = 2
 
 
@@ -97,9 +95,10 @@ def simulate(workdir: str) -> int:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()})
     try:
-        # Two CPUs per worker: every model actor asks for one CPU beside its GPU.
+        # Every model actor asks for one CPU beside its GPU, and write tasks need CPUs too:
+        # GPU nodes have several CPUs per GPU (a g5.12xlarge: 48 for 4).
         for _ in range(2):
-            cluster.add_node(num_cpus=2, num_gpus=2)
+            cluster.add_node(num_cpus=4, num_gpus=2)
         cluster.connect()
         failed = 0
         for scenario, options in SCENARIOS.items():
@@ -122,7 +121,7 @@ def simulate(workdir: str) -> int:
 
 
 def pool_still_small(folder: Path) -> Callable[[], bool]:
-    return lambda: len(list(folder.glob("generate-*.json"))) < GENERATORS
+    return lambda: len(list(folder.glob("generate-*.json"))) < ACTORS
 
 
 def node_not_yet_removed(commits: Path, folder: Path) -> Callable[[], bool]:
@@ -177,7 +176,7 @@ def built(simulated, scenario: str) -> tuple[Path, Path]:
 
 
 def read_records(records: Path) -> tuple[str, list[dict]]:
-    """The head node's id, and one record per model actor."""
+    """The head node's id, and one record per stage in each model actor."""
     head = json.loads((records / "cluster.json").read_text())["head"]
     return head, [json.loads(p.read_text()) for p in sorted(records.glob("*-*.json"))]
 
@@ -210,19 +209,29 @@ def test_model_actors_hold_distinct_gpus_off_the_head_and_pools_grow_to_max(simu
     assert_every_planned_sample_once(out)
     head, records = read_records(records_dir)
     assert_gpu_actors_off_the_head(head, records)
-    for a, b in combinations(records, 2):
+
+    # One actor (process) runs both models, on its one GPU, and labels what it generated.
+    actors = {}
+    for record in records:
+        actors.setdefault(record["pid"], {})[record["stage"]] = record
+    assert all(set(stages) == {"generate", "label"} for stages in actors.values()), actors
+    for stages in actors.values():
+        generate, label = stages["generate"], stages["label"]
+        assert (generate["node"], generate["gpus"]) == (label["node"], label["gpus"])
+        assert len(generate["calls"]) == len(label["calls"])
+    generators = [stages["generate"] for stages in actors.values()]
+    for a, b in combinations(generators, 2):
         (a_start, a_end), (b_start, b_end) = lifetime(a), lifetime(b)
         if a_start <= b_end and b_start <= a_end:  # alive at the same time
             assert (a["node"], a["gpus"]) != (b["node"], b["gpus"]), f"two live actors share a GPU: {a} {b}"
 
-    # The generator pool starts with min_size (one) actor, which is already working when
-    # the others come up, and grows to max_size (three); the labeler's stays at one.
-    generators = sorted((r for r in records if r["stage"] == "generate"), key=lambda r: r["started"])
-    assert len(generators) == GENERATORS and len([r for r in records if r["stage"] == "label"]) == 1
-    first, *added = generators
+    # The pool starts with min_size (one) actor, which is already working when the others
+    # come up, and grows to max_size (four): every GPU, on both workers.
+    first, *added = sorted(generators, key=lambda r: r["started"])
+    assert len(generators) == ACTORS
     assert first["calls"] and all(r["started"] > first["calls"][0][0] for r in added)
     assert any(r["calls"] for r in added)  # and take part of the work
-    assert len({(r["node"], r["gpus"][0]) for r in records}) == 4  # all four GPUs, on both workers
+    assert len({(r["node"], r["gpus"][0]) for r in generators}) == ACTORS
 
 
 def test_build_survives_the_loss_of_a_worker_node(simulated):

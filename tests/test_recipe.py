@@ -57,31 +57,14 @@ def test_recipe_by_explicit_path(tmp_path):
     assert recipe.classes == ["dog", "cat"] and recipe.per_class == 2 and recipe.generator.steps == 2
 
 
-def test_recipe_file_that_is_not_a_mapping(tmp_path):
-    path = tmp_path / "list.yaml"
-    path.write_text("- a\n- b\n")
-    with pytest.raises(RecipeError, match="mapping"):
-        load_recipe(str(path))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("classes: [dog\nper_class: : :\n")
-    with pytest.raises(RecipeError, match="not valid YAML") as info:
-        load_recipe(str(bad))
-    assert "\n" not in str(info.value)
-
-
-def test_missing_recipe_file(tmp_path):
-    with pytest.raises(RecipeError, match="not found"):
-        load_recipe(str(tmp_path / "nope.yaml"))
-
-
 # -------------------------------------------------------------------- overrides
 
 def test_dotted_overrides():
     recipe = load_recipe("tiny", {"generator.steps": 3, "labeler.score_threshold": 0.25,
-                                  "generator.pool.max_size": 2, "seed": 7})
+                                  "pool.max_size": 2, "seed": 7})
     assert recipe.generator.steps == 3
     assert recipe.labeler.score_threshold == 0.25
-    assert recipe.generator.pool.max_size == 2
+    assert recipe.pool.max_size == 2
     assert recipe.seed == 7
     # Fields not overridden keep the recipe's values.
     assert recipe.generator.height == 64 and recipe.labeler.on_missing == "ignore"
@@ -101,87 +84,17 @@ def test_classes_comma_form():
     assert load_recipe("tiny", {"classes": "all"}).classes == "all"
 
 
-# ------------------------------------------------------------- one-line errors
+# ------------------------------------- validators (bad input: tests/test_bad_input.py)
 
-def test_unknown_field():
-    assert "bogus" in recipe_error({"bogus": 1})
-    message = recipe_error({"generator.bogus": 1})
-    assert "generator.bogus" in message and "Extra inputs" in message
-
-
-def test_wrong_type():
-    message = recipe_error({"generator.steps": "many"})
-    assert "generator.steps" in message and "integer" in message
-
-
-def test_negative_per_class():
-    message = recipe_error({"per_class": -1})
-    assert "per_class" in message
-
-
-def test_nothing_to_plan():
-    message = recipe_error({"per_class": 0, "per_pair": 0})
-    assert "per_class and per_pair are both 0" in message
-
-
-def test_unknown_class():
-    message = recipe_error({"classes": ["dog", "unicorn"]})
-    assert "unknown class 'unicorn'" in message and "voc" in message
-    # A close spelling gets a suggestion.
-    assert "did you mean" in recipe_error({"classes": ["dgo"]})
-
-
-def test_empty_class_list():
-    assert "empty" in recipe_error({"classes": []})
-    assert "empty" in recipe_error({"classes": ","})
-
-
-def test_seen_without_split():
-    message = recipe_error({"classes": "seen"})
-    assert "split" in message
-    assert "split" in recipe_error({"classes": "unseen"})
-
-
-def test_unknown_split():
-    message = recipe_error({"classes": "seen", "split": 4})
-    assert "unknown split 4" in message and "1, 2, 3" in message
-
-
-def test_threshold_out_of_range():
-    message = recipe_error({"labeler.score_threshold": 1.5})
-    assert "labeler.score_threshold" in message
-    assert "labeler.mask_threshold" in recipe_error({"labeler.mask_threshold": -0.1})
-
-
-def test_ignore_threshold_must_be_below_score_threshold():
-    message = recipe_error({"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.5})
-    assert "ignore_threshold" in message
-    assert "ignore_threshold" in recipe_error({"labeler.score_threshold": 0.5,
-                                               "labeler.ignore_threshold": 0.7})
+def test_ignore_threshold_below_score_threshold():
     ok = load_recipe("tiny", {"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.2})
     assert ok.labeler.ignore_threshold == 0.2
 
 
-def test_per_pair_needs_pairs():
-    message = recipe_error({"per_pair": 2, "pairs": None})
-    assert "per_pair" in message and "pairs" in message
-
-
-def test_unknown_recipe_name():
-    message = recipe_error({}, recipe="no-such-recipe")
-    assert "unknown recipe 'no-such-recipe'" in message and "tiny" in message
-
-
-def test_real_labeler_needs_weights():
-    message = recipe_error({"labeler.model": "maskrcnn_resnet50_fpn_v2"})
-    assert "weights" in message
+def test_real_labeler_with_weights():
     ok = load_recipe("tiny", {"labeler.model": "maskrcnn_resnet50_fpn_v2",
                               "labeler.weights": "/models/maskrcnn.safetensors"})
     assert ok.labeler.weights == "/models/maskrcnn.safetensors"
-
-
-def test_unknown_labeler_model():
-    assert "labeler.model" in recipe_error({"labeler.model": "yolo"})
 
 
 @pytest.mark.parametrize("field,template", [
@@ -202,12 +115,6 @@ def test_templates_with_placeholders():
     assert recipe.prompts.two.format("dog", "cat") == "cat next to dog"
 
 
-def test_bad_pool_and_name():
-    assert "max_size" in recipe_error({"generator.pool.min_size": 3, "generator.pool.max_size": 2})
-    assert "name" in recipe_error({"name": "has spaces"})
-    assert "generator.height" in recipe_error({"generator.height": 100})  # not a multiple of 8
-
-
 # --------------------------------------------------------------- command line
 
 def test_argparse_overrides():
@@ -223,7 +130,7 @@ def test_argparse_underscore_and_dash_forms():
     assert parse(["--num-samples", "7"]).num_samples == 7
     assert parse(["--generator.batch_size", "2"]).generator.batch_size == 2
     assert parse(["--generator.batch-size", "2"]).generator.batch_size == 2
-    assert parse(["--labeler.pool.max-size", "3"]).labeler.pool.max_size == 3
+    assert parse(["--pool.max-size", "3"]).pool.max_size == 3
 
 
 def test_argparse_without_overrides_is_the_recipe():
@@ -240,21 +147,11 @@ def test_argparse_yaml_values():
     assert parse(["--labeler.weights", "null"]).labeler.weights is None
 
 
-def test_argparse_recipe_path_and_errors(tmp_path):
+def test_argparse_recipe_path(tmp_path):
     path = tmp_path / "other.yaml"
     path.write_text("classes: [bus]\nper_class: 4\n")
     recipe = parse(["--recipe", str(path), "--per-class", "2"])
     assert recipe.name == "other" and recipe.classes == ["bus"] and recipe.per_class == 2
-    with pytest.raises(RecipeError) as info:
-        parse(["--generator.steps", "0"])
-    assert "generator.steps" in str(info.value) and "\n" not in str(info.value)
-
-
-def test_argparse_rejects_unknown_option():
-    parser = argparse.ArgumentParser()
-    add_recipe_arguments(parser)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--generator.stepz", "3"])
 
 
 # ----------------------------------------------------------------- content key
@@ -269,8 +166,8 @@ BASE = {"seed": 1}
     {"num_samples": None},
     {"generator.batch_size": 1},
     {"labeler.batch_size": 2},
-    {"generator.pool.max_size": 4},
-    {"labeler.pool.min_size": 2, "labeler.pool.max_size": 3},
+    {"pool.max_size": 4},
+    {"pool.min_size": 2, "pool.max_size": 3, "pool.load_attempts": 5},
     {"writer.preview_samples": 0},
 ], ids=lambda o: ",".join(o))
 def test_content_key_ignores_run_settings(overrides):
@@ -305,6 +202,3 @@ def test_text_fields_are_taken_verbatim_from_the_command_line():
     assert parse(["--prompts.file", "null"]).prompts.file is None
 
 
-def test_torchvision_weights_need_a_torchvision_architecture():
-    with pytest.raises(RecipeError, match="weights: torchvision needs a torchvision architecture"):
-        load_recipe("tiny", {"labeler.weights": "torchvision"})

@@ -1,0 +1,292 @@
+"""Bad input, one table: every malformed recipe or command line ends with exit code 2 and one
+line `<job>: error: ...` that names the problem, before any model loads, with nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import boto3
+import pytest
+import ray
+
+from factory import detect, generate, pipeline, quality, storage
+from factory.write import COMMIT_DIR, Commit, part_name
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "jobs"))
+import build_dataset  # noqa: E402
+import eval_grounding  # noqa: E402
+import eval_zs3  # noqa: E402
+import train_grounding  # noqa: E402
+import train_segmenter  # noqa: E402
+
+JOBS = {job.__name__: job for job in (build_dataset, train_grounding, train_segmenter, eval_grounding, eval_zs3)}
+RECIPE = "{tmp}/recipe.yaml"  # a case's `recipe` text is written here
+OUT = "{tmp}/out"
+
+
+def case(id: str, args: list[str], expect: str, *, recipe: str | None = None, files: dict | None = None,
+         job: str = "build_dataset", before: list[str] | None = None):
+    """`args` of `job` ({tmp}: the case's folder; build_dataset gets --out {tmp}/out unless it has one);
+    `expect`: a fragment of the error line; `files`: written into {tmp} first; `before`: build_dataset
+    arguments of an earlier run into {tmp}/out (see `earlier_run`)."""
+    files = {**(files or {}), **({"recipe.yaml": recipe} if recipe is not None else {})}
+    return pytest.param(job, args, expect, files, before, id=id)
+
+
+PAIRS_HEADER = "# vocabulary: voc\n"
+CASES = [
+    # --- classes, vocabulary, counts, splits
+    case("unknown-class", ["--classes", "dog,unicorn"], "classes: unknown class 'unicorn' in vocabulary voc"),
+    case("misspelt-class-gets-a-suggestion", ["--classes", "dgo"],
+         "unknown class 'dgo' in vocabulary voc (did you mean: dog?)"),
+    case("empty-class-list-in-recipe", ["--recipe", RECIPE], "classes: empty list", recipe="classes: []\n"),
+    case("empty-class-list-on-cli", ["--classes", ","], "classes: empty list"),
+    case("unknown-vocabulary", ["--vocabulary", "ade20k"], "vocabulary: Input should be 'voc' or 'coco'"),
+    case("empty-vocabulary", ["--recipe", RECIPE],
+         "vocabulary: Input should be 'voc' or 'coco'", recipe="vocabulary: ''\n"),
+    case("per-class-negative", ["--per-class", "-1"], "per_class: Input should be greater than or equal to 0"),
+    case("per-pair-negative", ["--per-pair", "-2"], "per_pair: Input should be greater than or equal to 0"),
+    case("nothing-to-plan", ["--per-class", "0", "--per-pair", "0"], "per_class and per_pair are both 0"),
+    case("num-samples-zero", ["--num-samples", "0"], "num_samples: Input should be greater than or equal to 1"),
+    case("num-samples-negative", ["--num-samples", "-5"], "num_samples: Input should be greater than or equal to 1"),
+    case("seed-negative", ["--seed", "-1"], "seed: Input should be greater than or equal to 0"),
+    case("unknown-split", ["--classes", "seen", "--split", "4"],
+         "split: unknown split 4 for vocabulary voc (valid splits: 1, 2, 3)"),
+    case("unknown-split-with-all-classes", ["--split", "0"], "split: unknown split 0"),
+    case("unseen-classes-without-split", ["--classes", "unseen"], "classes: unseen needs split"),
+    # --- where the output goes
+    case("gs-uri", ["--out", "gs://bucket/ds"], "unsupported URI 'gs://bucket/ds'"),
+    case("http-uri", ["--out", "http://example.com/ds"], "unsupported URI 'http://example.com/ds'"),
+    case("s3-uri-without-bucket", ["--out", "s3:///ds"], "bad S3 URI 's3:///ds': expected s3://bucket/prefix"),
+    case("output-is-a-file", ["--out", "{tmp}/file"], "is not writable", files={"file": "not a folder"}),
+    case("output-inside-a-file", ["--out", "{tmp}/file/ds"], "is not writable", files={"file": "not a folder"}),
+    case("output-empty", ["--out", ""], "out: String should have at least 1 character"),
+    case("output-of-a-different-recipe", ["--seed", "1"],
+         "holds a dataset of a different recipe", before=["--seed", "2"]),
+    case("smaller-num-samples-than-the-output-holds", ["--num-samples", "3"], "holds 2 samples outside this plan",
+         before=["--num-samples", "5"]),
+    # --- recipe files and fields
+    case("unknown-recipe-name", ["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe' (known: "),
+    case("missing-recipe-file", ["--recipe", "{tmp}/nope.yaml"], "recipe file not found"),
+    case("malformed-yaml", ["--recipe", RECIPE], "not valid YAML", recipe="classes: [dog\nper_class: : :\n"),
+    case("recipe-not-a-mapping", ["--recipe", RECIPE], "a config is a mapping of fields, got list", recipe="- dog\n"),
+    case("recipe-not-text", ["--recipe", RECIPE], "cannot read", files={"recipe.yaml": b"\xff\xfe\x00\x81"}),
+    case("unknown-field-typo", ["--recipe", RECIPE], "generater: unknown field (did you mean generator?)",
+         recipe="generater: {steps: 2}\n"),
+    case("unknown-nested-field", ["--recipe", RECIPE], "generator.stepz: unknown field (did you mean steps?)",
+         recipe="generator: {stepz: 2}\n"),
+    case("string-for-an-int", ["--recipe", RECIPE],
+         "per_class: Input should be a valid integer", recipe="per_class: many\n"),
+    case("list-for-a-string", ["--recipe", RECIPE], "generator.model: Input should be a valid string",
+         recipe="generator: {model: [a, b]}\n"),
+    case("scalar-for-a-section", ["--recipe", RECIPE],
+         "labeler: Input should be a valid dictionary", recipe="labeler: 5\n"),
+    case("bool-for-an-int", ["--per-class", "true"], "per_class: Input should be a valid integer"),
+    case("fraction-for-an-int", ["--generator.steps", "2.5"], "generator.steps: Input should be a valid integer"),
+    case("number-for-classes", ["--classes", "5"],
+         "classes: Input should be 'all', 'seen' or 'unseen', or a valid list"),
+    case("bad-recipe-name", ["--name", "has spaces"], "name: String should match pattern"),
+    # --- command line
+    case("unknown-cli-flag", ["--generator.stepz", "3"],
+         "unrecognized arguments: --generator.stepz 3 (did you mean --generator.steps?)"),
+    case("unknown-cli-flags-without-a-close-one", ["--bogus", "--frobnicate=2"],
+         "unrecognized arguments: --bogus --frobnicate=2 (see --help)"),
+    case("cli-flag-without-value", ["--seed"], "argument --seed: expected one argument"),
+    case("cli-value-of-wrong-type", ["--generator.steps", "many"], "generator.steps: Input should be a valid integer"),
+    # --- numbers out of range
+    case("score-threshold-above-1", ["--labeler.score-threshold", "1.5"],
+         "labeler.score_threshold: Input should be less than or equal to 1"),
+    case("mask-threshold-below-0", ["--labeler.mask-threshold", "-0.1"],
+         "labeler.mask_threshold: Input should be greater than or equal to 0"),
+    case("ignore-threshold-not-below-score", ["--labeler.ignore-threshold", "0.5"],
+         "ignore_threshold 0.5 must be below score_threshold"),
+    case("ignore-threshold-above-score", ["--labeler.score-threshold", "0.5", "--labeler.ignore-threshold", "0.7"],
+         "ignore_threshold 0.7 must be below score_threshold 0.5"),
+    case("annotator-threshold-above-1", ["--annotator.threshold", "2"],
+         "annotator.threshold: Input should be less than or equal to 1"),
+    case("guidance-negative", ["--generator.guidance-scale", "-1"],
+         "generator.guidance_scale: Input should be greater than or equal to 0"),
+    case("steps-zero", ["--generator.steps", "0"], "generator.steps: Input should be greater than or equal to 1"),
+    case("height-not-a-multiple-of-8", ["--generator.height", "100"],
+         "generator.height: Input should be a multiple of 8"),
+    case("width-zero", ["--generator.width", "0"], "generator.width: Input should be greater than or equal to 16"),
+    case("generator-batch-zero", ["--generator.batch-size", "0"],
+         "generator.batch_size: Input should be greater than or equal to 1"),
+    case("labeler-batch-zero", ["--labeler.batch-size", "0"],
+         "labeler.batch_size: Input should be greater than or equal to 1"),
+    case("pool-min-above-max", ["--pool.min-size", "3", "--pool.max-size", "2"],
+         "pool: max_size 2 is smaller than min_size 3"),
+    case("pool-size-zero", ["--pool.min-size", "0"], "pool.min_size: Input should be greater than or equal to 1"),
+    case("pool-of-a-stage", ["--labeler.pool.max-size", "2"], "unrecognized arguments: --labeler.pool.max-size"),
+    case("jpeg-quality-above-100", ["--writer.jpeg-quality", "101"],
+         "writer.jpeg_quality: Input should be less than or equal to 100"),
+    case("jpeg-quality-zero", ["--writer.jpeg-quality", "0"],
+         "writer.jpeg_quality: Input should be greater than or equal to 1"),
+    case("unknown-image-format", ["--writer.image-format", "gif"],
+         "writer.image_format: Input should be 'png' or 'jpeg'"),
+    case("unknown-dtype", ["--generator.dtype", "float8"], "generator.dtype: Input should be"),
+    case("capture-step-beyond-steps", ["--capture.features", "latent", "--capture.step", "20"],
+         "capture.step 20 is beyond generator.steps"),
+    # --- pairs and prompt files
+    case("pair-with-an-unknown-class", ["--per-pair", "1", "--pairs", "{tmp}/pairs.tsv"],
+         "pairs.tsv:2: unknown class 'unicorn'",
+         files={"pairs.tsv": PAIRS_HEADER + "dog\tunicorn\t3\n"}),
+    case("malformed-pairs-file", ["--per-pair", "1", "--pairs", "{tmp}/pairs.tsv"],
+         "pairs.tsv:2: expected 'class_a<TAB>class_b",
+         files={"pairs.tsv": PAIRS_HEADER + "dog cat\n"}),
+    case("pairs-of-another-vocabulary", ["--per-pair", "1", "--pairs", "{tmp}/pairs.tsv"], "pairs of vocabulary 'coco'",
+         files={"pairs.tsv": "# vocabulary: coco\nperson\tdog\n"}),
+    case("missing-pairs-file", ["--per-pair", "1", "--pairs", "{tmp}/nope.tsv"], "pairs file not found"),
+    case("per-pair-without-pairs", ["--per-pair", "1", "--pairs", "null"], "per_pair > 0 needs pairs"),
+    case("prompt-file-with-an-unknown-class", ["--prompts.file", "{tmp}/prompts.txt"],
+         "prompts.txt:1: unknown class 'unicorn'",
+         files={"prompts.txt": "a {unicorn} on a beach\n"}),
+    case("missing-prompt-file", ["--prompts.file", "{tmp}/nope.txt"], "prompts file not found"),
+    case("template-without-placeholder", ["--prompts.one", "a photograph"],
+         "template 'one' must use 1 positional placeholder"),
+    # --- models and checkpoints
+    case("missing-generator-model", ["--generator.model", "{tmp}/sd15"],
+         "model not found: {tmp}/sd15/model_index.json"),
+    case("empty-generator-model", ["--generator.model", ""],
+         "generator.model: String should have at least 1 character"),
+    case("missing-labeler-weights", ["--labeler.weights", "{tmp}/maskrcnn.safetensors"],
+         "model not found: {tmp}/maskrcnn.safetensors"),
+    case("torchvision-weights-for-the-tiny-labeler", ["--labeler.weights", "torchvision"],
+         "weights: torchvision needs a torchvision architecture"),
+    case("real-labeler-without-weights", ["--labeler.model", "maskrcnn_resnet50_fpn_v2"], "needs weights"),
+    case("unknown-labeler-model", ["--labeler.model", "yolo"], "labeler.model: Input should be 'tiny'"),
+    case("missing-quality-model", ["--quality.model", "{tmp}/clip"], "model not found: {tmp}/clip/config.json"),
+    case("missing-annotator-checkpoint", ["--annotator.checkpoint", "{tmp}/grounding"],
+         "no readable checkpoint at {tmp}/grounding"),
+    # --- the other jobs share the config and command-line code
+    case("train-grounding-unknown-field", ["--config", RECIPE, "--data", "{tmp}/data", "--out", OUT],
+         "epochz: unknown field (did you mean epochs?)", recipe="epochz: 3\n", job="train_grounding"),
+    case("train-grounding-unknown-flag", ["--epochz", "3"],
+         "unrecognized arguments: --epochz 3", job="train_grounding"),
+    case("train-grounding-missing-data", ["--data", "{tmp}/data", "--out", OUT],
+         "no dataset at {tmp}/data", job="train_grounding"),
+    case("train-segmenter-unknown-nested-field", ["--config", RECIPE, "--data", "{tmp}/data", "--out", OUT],
+         "model.backbone: unknown field", recipe="model: {backbone: resnet}\n", job="train_segmenter"),
+    case("train-segmenter-unknown-flag", ["--iteratons", "3"],
+         "unrecognized arguments: --iteratons 3 (did you mean --iterations?)", job="train_segmenter"),
+    case("eval-grounding-missing-checkpoint",
+         ["--checkpoint", "{tmp}/ck", "--data", "{tmp}/data", "--out", "{tmp}/out/r.json"],
+         "no readable checkpoint at {tmp}/ck", job="eval_grounding"),
+    case("eval-grounding-missing-argument", ["--checkpoint", "{tmp}/ck"],
+         "the following arguments are required: --data", job="eval_grounding"),
+    case("eval-zs3-missing-checkpoint",
+         ["--checkpoint", "{tmp}/ck", "--format", "voc", "--root", "{tmp}/voc", "--out", "{tmp}/out/r.json"],
+         "no readable checkpoint at {tmp}/ck", job="eval_zs3"),
+    case("eval-zs3-unknown-format", ["--checkpoint", "{tmp}/ck", "--format", "ade", "--root", "{tmp}/voc"],
+         "argument --format: invalid choice: 'ade'", job="eval_zs3"),
+]
+
+
+def _refuse(*args, **kwargs):
+    raise AssertionError("a model loaded or Ray started although the input was bad")
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    """Model loaders and Ray raise: bad input must be refused before any of them runs."""
+    for module, name in ((ray, "init"), (pipeline, "stream_samples"), (generate, "load_pipeline"),
+                         (generate, "tiny_pipeline"), (detect, "load_detector"), (quality, "load_clip"),
+                         (quality, "tiny_clip")):
+        monkeypatch.setattr(module, name, _refuse)
+
+
+def earlier_run(args: list[str], out: Path) -> None:
+    """What an earlier build leaves in `out`: build.json and a commit record of its whole plan (as
+    dropped samples, which need no Parquet file and no model)."""
+    earlier = build_dataset.recipe_from_args(build_dataset.parse_args([*args, "--out", str(out)]))
+    prepared = pipeline.prepare_build(earlier)
+    ids = [sample.sample_id for sample in prepared.plan]
+    commit = Commit(part_name(ids), None, 0, 0, None, written=[], dropped=dict.fromkeys(ids, "not found"))
+    prepared.location.write_bytes(f"{COMMIT_DIR}/{commit.name}.json", commit.to_json())
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder` with its size and modification time."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def error_line(job: str, argv: list[str], capsys) -> str:
+    """Runs the job in-process; asserts exit code 2 and one error line of the job; returns it."""
+    assert JOBS[job].main(argv) == 2
+    captured = capsys.readouterr()
+    # Only the job's own lines: a Ray started by other tests of the session may log from its threads.
+    lines = [line for line in captured.err.splitlines() if line.startswith(job)]
+    assert len(lines) == 1 and lines[0].startswith(f"{job}: error: "), captured.err
+    assert "Traceback" not in captured.err and not captured.out
+    return lines[0]
+
+
+@pytest.mark.parametrize("job, args, expect, files, before", CASES)
+def test_bad_input_is_one_line_before_any_model_and_writes_nothing(job, args, expect, files, before, tmp_path,
+                                                                    monkeypatch, capsys, no_models):
+    monkeypatch.chdir(tmp_path)  # a default output (outputs/<name>) would land here and be seen
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
+    if job == "build_dataset" and "--out" not in args:
+        argv += ["--out", OUT.replace("{tmp}", str(tmp_path))]
+    if before is not None:
+        earlier_run(before, tmp_path / "out")
+    files_before = snapshot(tmp_path)
+
+    line = error_line(job, argv, capsys)
+
+    assert expect.replace("{tmp}", str(tmp_path)) in line
+    assert snapshot(tmp_path) == files_before
+
+
+# ------------------------------------------------------------------ S3 outputs
+
+def test_missing_bucket_is_refused_before_any_model(s3_endpoint, no_models, capsys):
+    line = error_line("build_dataset", ["--out", "s3://no-such-bucket/ds"], capsys)
+    assert line == "build_dataset: error: bucket 'no-such-bucket' does not exist"
+
+
+def test_unreachable_endpoint_is_refused_fast(s3_endpoint, no_models, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    storage.s3_filesystem.cache_clear()
+    try:
+        line = error_line("build_dataset", ["--out", "s3://any-bucket/ds"], capsys)
+    finally:
+        storage.s3_filesystem.cache_clear()
+    assert line.startswith("build_dataset: error: cannot reach bucket 'any-bucket'")
+
+
+def test_bad_recipe_with_an_s3_output_writes_nothing_there(bucket, s3_endpoint, no_models, capsys):
+    line = error_line("build_dataset", ["--out", f"s3://{bucket}/ds", "--generator.model", "/nonexistent/sd15"], capsys)
+    assert "model not found: /nonexistent/sd15/model_index.json" in line
+    assert boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket)["KeyCount"] == 0
+
+
+# ------------------------------------------------------------- the real script
+
+@pytest.mark.slow  # two fresh interpreters import torch, diffusers and Ray: about 10 CPU seconds each
+def test_the_script_prints_one_line_and_no_traceback(tmp_path):
+    """As a user runs it: a separate Python process, its own exit code and stderr."""
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("generator: {steps: 2}\nlabeler: {score_treshold: 0.3}\n")
+    commands = {"unknown-flag": ["--generater.steps", "2"],
+                "unknown-field": ["--recipe", str(recipe)]}
+    out = tmp_path / "out"
+    script = [sys.executable, str(REPO / "jobs" / "build_dataset.py"), "--out", str(out)]
+    running = {name: subprocess.Popen([*script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      cwd=tmp_path)
+               for name, args in commands.items()}  # side by side: each spends its time importing torch and Ray
+    results = {}
+    for name, process in running.items():
+        stdout, stderr = process.communicate(timeout=300)
+        results[name] = (process.returncode, stdout, stderr)
+    for name, (code, stdout, stderr) in results.items():
+        assert code == 2 and stdout == "", (name, stderr)
+        assert stderr.count("\n") == 1 and stderr.startswith("build_dataset: error: "), (name, stderr)
+    assert "--generater.steps 2 (did you mean --generator.steps?)" in results["unknown-flag"][2]
+    assert "labeler.score_treshold: unknown field (did you mean score_threshold?)" in results["unknown-field"][2]
+    assert not out.exists()
