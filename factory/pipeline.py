@@ -9,11 +9,14 @@ with the manifest and the preview.
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
+import numpy as np
 import pyarrow.parquet as pq
 import ray
 
@@ -23,12 +26,17 @@ from factory.annotate import AnnotateStage
 from factory.generate import TINY, GenerateStage
 from factory.label import LabelStage
 from factory.plan import Sample, build_plan, plan_digest
+from factory.card import write_card
 from factory.preview import preview_png
 from factory.quality import TINY as QUALITY_TINY, QualityStage
 from factory.recipe import Recipe
-from factory.storage import Location, StorageError, first_line, check_model_source, check_reachable
+from factory.loading import pipeline_failure
+from factory.storage import (Location, StorageError, access_refused, check_model_source, check_reachable,
+                             first_line)
 from factory.vocab import get_vocabulary
 from factory.write import COMMIT_DIR, DATA_DIR, Commit, encode_batch, read_commits, write_part
+
+logger = logging.getLogger(__name__)
 
 BUILD_FILE = "build.json"
 MANIFEST_FILE = "manifest.json"
@@ -62,6 +70,7 @@ class Summary:
     files: int
     preview: str | None
     manifest: str
+    card: str
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,9 +98,15 @@ def prepare_build(recipe: Recipe) -> Prepared:
                                  f"({previous['recipe']['name']}, key {previous['content_key']}); "
                                  f"use another --out or the same recipe")
             build = previous  # keep the first run's record; num_samples etc. may differ now
+            planned = {s.sample_id for s in plan}
+            outside = sum(1 for c in read_commits(location) for i in (*c.written, *c.dropped) if i not in planned)
+            if outside:
+                raise BuildError(f"{recipe.output} holds {outside} samples outside this plan "
+                                 f"(was num_samples larger before?); use the same or a larger --num-samples")
         location.write_bytes(BUILD_FILE, json.dumps(build, indent=2).encode())
     except OSError as exc:
-        raise StorageError(f"cannot write to {recipe.output}: {first_line(exc)}") from None
+        what = "no permission to write to" if access_refused(exc) else "cannot write to"
+        raise StorageError(f"{what} {recipe.output}: {first_line(exc)}") from None
     return Prepared(recipe, plan, location)
 
 
@@ -120,41 +135,76 @@ def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
     """
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if has_gpus or recipe.generator.model != TINY:
+        if not has_gpus:  # without an autoscaler nothing would ever start: say what we wait for
+            logger.warning("the cluster has no GPU now; the model actors wait for GPU nodes (an autoscaler "
+                           "adds them; on a machine without GPUs use the tiny models)")
         return {"num_gpus": 1, "num_cpus": 1}
     return {"num_cpus": 1}
 
 
-def _pool(config) -> ray.data.ActorPoolStrategy:
-    return ray.data.ActorPoolStrategy(min_size=config.pool.min_size, max_size=config.pool.max_size)
+class ModelActor:
+    """Ray Data actor: every model a sample needs, in one process on one GPU, then encoding.
+
+    The labeler needs a few percent of the generator's time, so a pool of its own would
+    hold GPUs that mostly idle (and one GPU could not host both pools); here every GPU
+    does both, and only PNG bytes cross the object store. Two calls run at once: the
+    lock keeps the models to one batch at a time, and the other call encodes its
+    finished batch meanwhile, off the GPU's critical path.
+    """
+
+    def __init__(self, stages: list[tuple[type, dict, int]], encode: dict):
+        self.stages = [(stage(**kwargs), batch_size) for stage, kwargs, batch_size in stages]
+        self.encode = encode
+        self.models = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        with self.models:
+            for stage, batch_size in self.stages:
+                batch = _in_batches(stage, batch, batch_size)
+        return encode_batch(batch, **self.encode)
 
 
-def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes]) -> list[Commit]:
-    """The Ray Data pipeline over the samples still to make; returns their commits."""
+def _in_batches(stage, batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The stage over the batch, at most ``size`` samples per call (its own batch size)."""
+    n = len(batch["sample_id"])
+    if n <= size:
+        return stage(batch)
+    parts = [stage({key: column[i:i + size] for key, column in batch.items()}) for i in range(0, n, size)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
+                   generate_stage: type | None = None, label_stage: type | None = None) -> list[Commit]:
+    """The Ray Data pipeline over the samples still to make; returns their commits.
+
+    One pool of model actors (generate, label, quality score, encode), then write tasks.
+    ``generate_stage`` and ``label_stage`` are the model classes (default: the real
+    ones); bench/scaling.py passes stand-ins that hold a GPU for a fixed time.
+    """
     vocabulary = get_vocabulary(recipe.vocabulary)
-    resources = _accelerator_resources(recipe)
-    gen, lab, writer = recipe.generator, recipe.labeler, recipe.writer
+    gen, lab, writer, pool = recipe.generator, recipe.labeler, recipe.writer, recipe.pool
+    if recipe.annotator.checkpoint:  # the grounding module reads the generator's own U-Net features
+        stages = [(AnnotateStage, {"generator": gen, "annotator": recipe.annotator, "vocabulary": recipe.vocabulary,
+                                   "load_attempts": pool.load_attempts}, gen.batch_size)]
+    else:
+        stages = [(generate_stage or GenerateStage, {"config": gen, "capture": recipe.capture,
+                                                     "load_attempts": pool.load_attempts}, gen.batch_size),
+                  (label_stage or LabelStage, {"config": lab, "vocabulary": recipe.vocabulary,
+                                               "image_size": min(gen.height, gen.width),
+                                               "load_attempts": pool.load_attempts}, lab.batch_size)]
+    if recipe.quality.model:
+        stages.append((QualityStage, {"model": recipe.quality.model,
+                                      "load_attempts": pool.load_attempts}, lab.batch_size))
+    encode = {"image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
+              "class_indices": {c.name: c.index for c in vocabulary.classes},
+              "generator": gen.model, "labeler": _labeler_id(recipe)}
     rows = [asdict(s) for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
-    if recipe.annotator.checkpoint:  # generation and labelling in one actor: features never leave the GPU
-        ds = ds.map_batches(AnnotateStage, fn_constructor_kwargs={
-                                "generator": gen, "annotator": recipe.annotator, "vocabulary": recipe.vocabulary},
-                            batch_size=gen.batch_size, compute=_pool(gen), batch_format="numpy", **resources)
-    else:
-        ds = ds.map_batches(GenerateStage, fn_constructor_kwargs={"config": gen, "capture": recipe.capture},
-                            batch_size=gen.batch_size, compute=_pool(gen), batch_format="numpy", **resources)
-        ds = ds.map_batches(LabelStage, fn_constructor_kwargs={
-                                "config": lab, "vocabulary": recipe.vocabulary,
-                                "image_size": min(gen.height, gen.width)},
-                            batch_size=lab.batch_size, compute=_pool(lab), batch_format="numpy", **resources)
-    if recipe.quality.model:
-        ds = ds.map_batches(QualityStage, fn_constructor_kwargs={"model": recipe.quality.model},
-                            batch_size=lab.batch_size, compute=_pool(recipe.quality), batch_format="numpy",
-                            **resources)
-    ds = ds.map_batches(encode_batch, fn_kwargs={
-                            "image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
-                            "class_indices": {c.name: c.index for c in vocabulary.classes},
-                            "generator": gen.model, "labeler": _labeler_id(recipe)},
-                        batch_size=lab.batch_size, batch_format="numpy", num_cpus=0.5)
+    actors = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                        max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"stages": stages, "encode": encode},
+                        batch_size=gen.batch_size, compute=actors, batch_format="numpy",
+                        **_accelerator_resources(recipe))
     ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
                         batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5)
     return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
@@ -187,11 +237,6 @@ def _existing_commits(prepared: Prepared) -> tuple[list[Commit], list[str]]:
     orphans = [path for path in location.list(DATA_DIR, ".parquet") if path not in committed]
     for path in orphans:
         location.delete(path)
-    planned = {s.sample_id for s in prepared.plan}
-    outside = sum(1 for c in commits for i in (*c.written, *c.dropped) if i not in planned)
-    if outside:
-        raise BuildError(f"{prepared.recipe.output} holds {outside} samples outside this plan "
-                         f"(was num_samples larger before?); use the same or a larger --num-samples")
     return commits, orphans
 
 
@@ -275,12 +320,19 @@ def run_build(prepared: Prepared) -> Summary:
     if todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
         metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
-        new = stream_samples(recipe, todo, location.uri, metadata)
+        try:
+            new = stream_samples(recipe, todo, location.uri, metadata)
+        except Exception as exc:  # a model that would not load, or storage that failed beyond its retries
+            cause = pipeline_failure(exc)
+            if cause is None:
+                raise
+            raise BuildError(f"{cause} (committed parts are kept; the same command resumes)") from None
     commits += new
     _check_complete(plan, commits)
     manifest = build_manifest(prepared, commits)
     preview = _preview(prepared, manifest["files"])
     location.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    card = write_card(location, manifest)
     stage_seconds: dict[str, float] = {}
     for commit in new:
         for stage, seconds in commit.seconds.items():
@@ -290,4 +342,4 @@ def run_build(prepared: Prepared) -> Summary:
                    dropped=manifest["counts"]["dropped"], new_this_run=sum(len(c.written) + len(c.dropped) for c in new),
                    resumed_from=resumed, wall_seconds=time.perf_counter() - start, stage_seconds=stage_seconds,
                    bytes_written=sum(f["bytes"] for f in manifest["files"]), files=len(manifest["files"]),
-                   preview=preview, manifest=location.url(MANIFEST_FILE), notes=notes)
+                   preview=preview, manifest=location.url(MANIFEST_FILE), card=card, notes=notes)

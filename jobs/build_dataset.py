@@ -11,15 +11,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from factory.cost import add_estimate_arguments, estimate, format_estimate, load_rates
+from factory.options import ArgumentParser
 from factory.pipeline import BuildError, Summary, prepare_build, run_build
+from factory.plan import build_plan
 from factory.recipe import RecipeError, add_recipe_arguments, recipe_from_args
-from factory.storage import StorageError
+from factory.storage import StorageError, first_line
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_recipe_arguments(parser)
+    add_estimate_arguments(parser)
     return parser.parse_args(argv)
+
+
+def print_estimate(args: argparse.Namespace) -> int:
+    """--estimate: the recipe is validated and planned, then only the cost model runs."""
+    recipe = recipe_from_args(args)
+    rates = load_rates(args.rates)
+    samples = len(build_plan(recipe))
+    print(format_estimate(estimate(recipe, samples, rates, args.gpus, args.usd_per_gpu_hour), recipe))
+    return 0
 
 
 def print_summary(summary: Summary) -> None:
@@ -39,17 +52,24 @@ def print_summary(summary: Summary) -> None:
     for note in summary.notes:
         print(f"  note      {note}")
     print(f"  manifest  {summary.manifest}")
+    print(f"  card      {summary.card}")
     if summary.preview:
         print(f"  preview   {summary.preview}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
+        if args.estimate:
+            return print_estimate(args)
         prepared = prepare_build(recipe_from_args(args))
         summary = run_build(prepared)
     except (RecipeError, StorageError, BuildError) as exc:
         print(f"build_dataset: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # storage failed beyond the S3 client's retries while resuming or finishing
+        print(f"build_dataset: error: {first_line(exc)} (committed parts are kept; the same command resumes)",
+              file=sys.stderr)
         return 2
     print_summary(summary)
     return 0

@@ -1,0 +1,42 @@
+"""bench/gpu.py smoke test: every stage of the small configuration on the CPU, rates the cost model reads."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from factory.cost import load_rates
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+import gpu  # noqa: E402
+
+
+def test_small_run_measures_every_stage(tmp_path, capsys):
+    out = tmp_path / "rates.json"
+    assert gpu.main(["--small", "--batch-sizes", "1", "--repeats", "1", "--peak-tflops", "0.5",
+                     "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {(m["stage"], m["scheduler"]): m for m in report["measurements"]}
+    assert set(rows) == {("unet", ""), ("vae", ""), ("maskrcnn", ""), ("generate", "ddim"), ("generate", "dpm")}
+    for m in rows.values():
+        assert m["images_per_s"] > 0 and m["tflop_per_image"] > 0
+        assert m["fraction_of_peak"] == pytest.approx(m["achieved_tflops"] / 0.5)
+    # A pipeline call costs its guided U-Net evaluations and one decode (plus the small text encoder).
+    unet, vae = rows[("unet", "")]["tflop_per_image"], rows[("vae", "")]["tflop_per_image"]
+    for scheduler, steps in (("ddim", 2), ("dpm", 1)):
+        m = rows[("generate", scheduler)]
+        assert m["steps"] == steps and m["predicted_images_per_s"] > 0
+        assert 2 * steps * unet + vae <= m["tflop_per_image"] < 1.5 * (2 * steps * unet + vae)
+    rates = load_rates(str(out))  # the cost model reads what the bench writes
+    assert rates.image_size == 64
+    assert rates.unet_forwards_per_s == pytest.approx(rows[("unet", "")]["images_per_s"])
+    assert "DPM-Solver++-1 / DDIM-2" in capsys.readouterr().out
+
+
+def test_unknown_stage_is_refused():
+    with pytest.raises(SystemExit) as info:
+        gpu.main(["--small", "--stages", "unet,bogus"])
+    assert info.value.code == 2

@@ -1,0 +1,139 @@
+"""The cost model: every figure follows from the recipe, the plan size, the rates and the GPUs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factory.cost import (DEFAULT_RATES, FEATURE_BYTES_512, LATENT_BYTES_512, Rates, bytes_per_sample, estimate,
+                          in_flight_bytes, load_rates)
+from factory.options import ConfigError
+from factory.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+RATES = Rates(source="test", image_size=512, unet_forwards_per_s=100.0, vae_images_per_s=10.0, label_images_per_s=40.0)
+
+
+def test_gpu_hours_are_samples_over_rates():
+    recipe = load_recipe("voc-oracle-one")  # detector-labelled: generate and label stages
+    e = estimate(recipe, 10_000, RATES, gpus=4)
+    g = recipe.generator
+    generate = 2 * g.steps / RATES.unet_forwards_per_s + 1 / RATES.vae_images_per_s  # guided: two evaluations a step
+    assert e.seconds_per_sample["generate"] == pytest.approx(generate)
+    assert e.seconds_per_sample["label"] == pytest.approx(1 / RATES.label_images_per_s)
+    assert e.gpu_hours["generate"] == pytest.approx(10_000 * generate / 3600)
+    assert e.total_gpu_hours == pytest.approx(10_000 * (generate + 1 / RATES.label_images_per_s) / 3600)
+
+
+def test_doubling_gpus_halves_wall_hours_until_the_pool_is_full():
+    recipe = load_recipe("voc-oracle-one", {"pool.max_size": 16})
+    two, four = estimate(recipe, 10_000, RATES, gpus=2), estimate(recipe, 10_000, RATES, gpus=4)
+    assert four.wall_hours == pytest.approx(two.wall_hours / 2)
+    assert four.wall_hours == pytest.approx(four.total_gpu_hours / 4)
+    assert four.total_gpu_hours == pytest.approx(two.total_gpu_hours)  # the work is the same
+    # One model actor per GPU, at most pool.max_size of them: more GPUs do not help.
+    capped = load_recipe("voc-oracle-one", {"pool.max_size": 3})
+    many = estimate(capped, 10_000, RATES, gpus=64)
+    assert many.wall_hours == pytest.approx(estimate(capped, 10_000, RATES, gpus=3).wall_hours)
+    assert any("61 of the 64 GPUs would sit idle" in note for note in many.notes)
+
+
+def test_steps_guidance_and_resolution_scale_the_generator():
+    base = estimate(load_recipe("voc-oracle-one"), 100, RATES, gpus=1).seconds_per_sample["generate"]
+    unet = 2 * 50 / RATES.unet_forwards_per_s
+    half_steps = load_recipe("voc-oracle-one", {"generator.steps": 25})
+    no_guidance = load_recipe("voc-oracle-one", {"generator.guidance_scale": 1.0})
+    double_side = load_recipe("voc-oracle-one", {"generator.height": 1024, "generator.width": 1024})
+    assert estimate(half_steps, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(base - unet / 2)
+    assert estimate(no_guidance, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(base - unet / 2)
+    assert estimate(double_side, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(4 * base)
+
+
+def test_annotator_recipes_have_one_gpu_stage():
+    recipe = load_recipe("voc-synthetic-one")
+    e = estimate(recipe, 10_000, RATES, gpus=8)
+    assert list(e.gpu_hours) == ["generate+annotate"]
+    assert e.total_gpu_hours == pytest.approx(10_000 * (100 / 100.0 + 1 / 10.0) / 3600)
+
+
+def test_bytes_follow_the_capture_mode():
+    oracle = load_recipe("voc-oracle-one")
+    latent = load_recipe("voc-oracle-one", {"capture.features": "latent"})
+    tensors = load_recipe("voc-oracle-one", {"capture.features": "tensors"})
+    both = load_recipe("voc-oracle-one", {"capture.features": "tensors", "capture.unconditional": True})
+    assert bytes_per_sample(latent) - bytes_per_sample(oracle) == pytest.approx(LATENT_BYTES_512)
+    assert bytes_per_sample(tensors) - bytes_per_sample(oracle) == pytest.approx(FEATURE_BYTES_512)
+    assert bytes_per_sample(both) - bytes_per_sample(oracle) == pytest.approx(2 * FEATURE_BYTES_512)
+    e = estimate(tensors, 1_000, RATES, gpus=1)
+    assert e.bytes_written == pytest.approx(1_000 * bytes_per_sample(tensors))
+    flight = in_flight_bytes(tensors)  # only encoded rows leave the model actor
+    assert flight["model actor -> write"] == pytest.approx(tensors.generator.batch_size * bytes_per_sample(tensors))
+    assert flight["one Parquet part"] == pytest.approx(tensors.writer.rows_per_file * bytes_per_sample(tensors))
+
+
+def test_price_is_gpu_hours_times_rate():
+    e = estimate(load_recipe("voc-oracle-one"), 5_000, RATES, gpus=2, usd_per_gpu_hour=1.5)
+    assert e.usd == pytest.approx(1.5 * e.total_gpu_hours)
+
+
+def test_default_rates_reproduce_the_public_a100_figure():
+    # spec section 11: about 1.3 images/s at 50 guided DDIM steps on an A100
+    seconds = estimate(load_recipe("voc-oracle-one"), 1, DEFAULT_RATES, gpus=1).seconds_per_sample["generate"]
+    assert 1 / seconds == pytest.approx(1.3)
+
+
+def test_rates_files(tmp_path):
+    bench_output = tmp_path / "gpu.json"  # the layout bench/gpu.py --out writes
+    bench_output.write_text(json.dumps({"device": "x", "rates": RATES.model_dump(), "measurements": []}))
+    assert load_rates(str(bench_output)) == RATES
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({"unet_forwards_per_s": 1, "vae_images_per_s": 2, "label_images_per_s": 3}))
+    assert load_rates(str(bare)).vae_images_per_s == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"unet_forwards_per_s": -1, "vae_images_per_s": 2, "label_images_per_s": 3}))
+    for path, words in ((bad, "unet_forwards_per_s"), (tmp_path / "missing.json", "cannot read")):
+        with pytest.raises(ConfigError, match=words) as info:
+            load_rates(str(path))
+        assert "\n" not in str(info.value)
+
+
+def test_estimate_job_prints_and_starts_nothing(tmp_path):
+    """The real job, VOC 10k and COCO 110k: exits 0 without Ray, models or writes; COCO/VOC = plan sizes."""
+    rates = tmp_path / "rates.json"
+    rates.write_text(json.dumps({"rates": RATES.model_dump()}))
+    out = tmp_path / "never-written"
+    script = f"""
+import sys, ray
+sys.path.insert(0, {str(REPO / 'jobs')!r})
+import build_dataset
+for recipe in ("voc-synthetic-one", "coco-synthetic-one"):
+    rc = build_dataset.main(["--recipe", recipe, "--estimate", "--gpus", "8", "--rates", {str(rates)!r},
+                             "--out", {str(out)!r}, "--usd-per-gpu-hour", "2"])
+    assert rc == 0, rc
+assert not ray.is_initialized()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert not out.exists()
+    voc, coco = result.stdout.split("Estimate for ")[1:]
+    assert "10,000 samples" in voc and "118,500 samples" in coco
+    hours = [float(block.split("total")[1].split("GPU-hours")[0]) for block in (voc, coco)]
+    assert hours[1] / hours[0] == pytest.approx(118_500 / 10_000, rel=0.01)
+    assert f"{10_000 * 1.1 / 3600:.2f} GPU-hours" in voc  # 50 guided steps at 100/s + a 10/s decode
+
+
+def test_estimate_bad_input_is_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import build_dataset
+
+    for argv, words in ((["--estimate", "--gpus", "0"], "--gpus"),
+                        (["--estimate", "--rates", str(tmp_path / "nope.json")], "cannot read rates"),
+                        (["--estimate", "--generator.steps", "0"], "steps")):
+        assert build_dataset.main(argv + ["--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
