@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from factory.storage import Location, open_location
+from factory.storage import Location, StorageError, first_line, open_location
 
 DATA_DIR = "data"
 COMMIT_DIR = "_commits"
@@ -55,6 +55,24 @@ SCHEMA = pa.schema([
     ("generator", pa.string()),
     ("labeler", pa.string()),
 ])
+
+# How `datasets` names Arrow types whose Value dtype differs from pyarrow's name for them.
+_HF_DTYPES = {"float": "float32", "double": "float64", "halffloat": "float16"}
+
+
+def _hf_feature(dtype: pa.DataType) -> dict:
+    if dtype == IMAGE:
+        return {"_type": "Image"}  # decodes to PIL; label maps keep mode "P" (their indices)
+    if pa.types.is_list(dtype):
+        return {"feature": _hf_feature(dtype.value_type), "_type": "List"}
+    return {"dtype": _HF_DTYPES.get(str(dtype), str(dtype)), "_type": "Value"}
+
+
+def huggingface_metadata(schema: pa.Schema) -> dict[bytes, bytes]:
+    """Parquet schema metadata from which `datasets.load_dataset("parquet", ...)` takes its
+    features: image, label and masks as `Image`, lists as `List`, capture tensors as binary."""
+    features = {field.name: _hf_feature(field.type) for field in schema}
+    return {b"huggingface": json.dumps({"info": {"features": features}}).encode()}
 
 
 def voc_palette() -> list[int]:
@@ -200,19 +218,28 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
                     written=kept.column("sample_id").to_pylist(),
                     dropped={i: r for i, r in zip(ids, reasons) if r})
     if kept.num_rows:
-        table = kept.select(SCHEMA.names + capture_columns(kept)).replace_schema_metadata(metadata)
+        table = kept.select(SCHEMA.names + capture_columns(kept))
+        table = table.replace_schema_metadata({**(metadata or {}), **huggingface_metadata(table.schema)})
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd", row_group_size=len(table))
         data = sink.getvalue().to_pybytes()
         commit.file, commit.bytes = f"{DATA_DIR}/{name}.parquet", len(data)
         commit.sha256 = hashlib.sha256(data).hexdigest()
-        location.write_bytes(commit.file, data)
+        _write(location, commit.file, data)
     commit.seconds = {stage: float(np.sum(batch.column(f"{stage}_seconds").to_numpy()))
                       for stage in ("generate", "label", "encode")}
     commit.seconds["write"] = time.perf_counter() - start
     commit.capture_shapes = json.loads(batch.column("capture_shapes")[0].as_py())
-    location.write_bytes(f"{COMMIT_DIR}/{name}.json", commit.to_json())
+    _write(location, f"{COMMIT_DIR}/{name}.json", commit.to_json())
     return pa.table({"commit": [commit.to_json().decode()]})
+
+
+def _write(location: Location, relative: str, data: bytes) -> None:
+    """A failure that outlasted the S3 client's retries ends the build with this one line."""
+    try:
+        location.write_bytes(relative, data)
+    except OSError as exc:
+        raise StorageError(f"cannot write {location.url(relative)}: {first_line(exc)}") from None
 
 
 def read_commits(location: Location) -> list[Commit]:

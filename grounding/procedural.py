@@ -26,6 +26,7 @@ from diffusers import StableDiffusionPipeline
 from factory.devices import pick_device, pick_dtype
 from factory.features import capture_call_index, unet_features
 from factory.generate import TINY, load_pipeline
+from factory.card import write_card
 from factory.pipeline import MANIFEST_FILE, PREVIEW_FILE, build_manifest, prepare_build
 from factory.plan import Sample
 from factory.preview import preview_png
@@ -232,7 +233,7 @@ def _batch(pipe: StableDiffusionPipeline, samples: Sequence[Sample], recipe: Rec
 @torch.inference_mode()
 def build_procedural(recipe: Recipe) -> dict:
     """Write the recipe's samples as a triplet dataset at recipe.output (build.json, Parquet
-    parts with commit records, preview.png, manifest.json last); returns the manifest."""
+    parts with commit records, preview.png, manifest.json, README.md card); returns the manifest."""
     prepared = prepare_build(recipe)
     gen, writer = recipe.generator, recipe.writer
     device = pick_device()
@@ -253,4 +254,5 @@ def build_procedural(recipe: Recipe) -> dict:
     if preview_rows:
         prepared.location.write_bytes(PREVIEW_FILE, preview_png(preview_rows))
     prepared.location.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    write_card(prepared.location, manifest)
     return manifest

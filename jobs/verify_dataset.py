@@ -7,7 +7,8 @@ Checks that every Parquet file the manifest lists is there with its recorded siz
 sha256 and row count, and no other; that each file holds the ids of its commit record;
 that sample ids are unique across files and are exactly the planned ids (the plan
 rebuilt from the manifest's recipe) minus those recorded as dropped; that the counts
-add up; and that every image, label map and class mask decodes at the recorded size.
+add up; that every image, label map and class mask decodes at the recorded size; and
+that the dataset card (README.md) is there.
 Prints a short report; exit code 0 when everything holds, 1 otherwise.
 """
 
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pydantic import ValidationError
 
+from factory.card import CARD_FILE
 from factory.plan import build_plan, plan_digest
 from factory.recipe import Recipe, RecipeError
 from factory.storage import Location, StorageError, first_line, open_location
@@ -101,6 +103,8 @@ class Verifier:
                     self.problems.append(some(wrong, what))
         if written & dropped.keys():
             self.problems.append(some(written & dropped.keys(), "ids both written and recorded as dropped"))
+        if not location.exists(CARD_FILE):
+            self.problems.append(f"no {CARD_FILE} (the dataset card): run the same build command again to write it")
         reasons = dict(Counter(dropped.values()))
         found = {"planned": len(planned) if planned is not None else manifest["counts"]["planned"],
                  "written": sum(ids.values()), "dropped": reasons}

@@ -1,8 +1,8 @@
 """The segmenter's training data as Ray Data datasets, and the training transform.
 
-- Synthetic factory datasets (README, "Output"), local or s3://: `ray.data.read_parquet` of
-  the files its manifest lists, the `image` and `label` columns (PNG bytes), file order
-  shuffled on every pass.
+- Synthetic factory datasets (README, "Output"), local or s3://: `factory.reader`'s Ray Data
+  reader over the files its manifest lists, the `image` and `label` columns, file order
+  shuffled on every pass, decoded by the reader's decoders inside the augmentation call.
 - Real datasets (`segmenter.datasets`: VOC, COCO): sample positions, in blocks of 16 whose
   order is shuffled on every pass, read by a pool of actors that each hold one reader
   (COCO's parses its annotation file once per actor). Their root must be readable on
@@ -21,10 +21,7 @@ training: the inductive setting does it to synthetic labels, Model-D to real one
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -34,60 +31,20 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from factory.storage import Location, StorageError, first_line, open_location
-from factory.vocab import Vocabulary, get_vocabulary
-from factory.write import decode_png
+from factory.reader import DatasetError, DatasetSource, decode_image, decode_label, read_dataset
 from segmenter.datasets import ignore_classes, real_dataset
 
-MANIFEST_FILE = "manifest.json"
+# The factory's reader opens factory datasets; the segmenter's names for its source and for
+# an unusable dataset (which the training job reports in one line) are the reader's.
+SyntheticSource = DatasetSource
+DataError = DatasetError
+
 # The backbone's ImageNet pretraining statistics (torchvision's and transformers' ResNets alike).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random resized crop, as torchvision's
 JITTER = 0.4  # brightness, contrast and saturation factors from [0.6, 1.4], as ColorJitter(0.4, 0.4, 0.4)
 ROWS_PER_CALL = 16
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used for training; the message is one line."""
-
-
-@dataclass(frozen=True)
-class SyntheticSource:
-    """A finished factory dataset: its manifest, files and vocabulary."""
-    uri: str
-    location: Location
-    manifest: dict
-
-    @classmethod
-    def open(cls, uri: str) -> "SyntheticSource":
-        try:
-            location = open_location(uri)
-            found = location.exists(MANIFEST_FILE)
-            manifest = json.loads(location.read_bytes(MANIFEST_FILE)) if found else None
-        except (OSError, StorageError, ValueError) as exc:
-            raise DataError(f"cannot read dataset {uri}: {first_line(exc)}") from None
-        if manifest is None:
-            raise DataError(f"no dataset at {uri}: {MANIFEST_FILE} not found (missing, or its build has not finished)")
-        if not manifest.get("files"):
-            raise DataError(f"{uri} holds no samples")
-        return cls(location.uri, location, manifest)
-
-    @property
-    def files(self) -> list[str]:
-        return [entry["path"] for entry in self.manifest["files"]]
-
-    @property
-    def rows(self) -> int:
-        return sum(entry["rows"] for entry in self.manifest["files"])
-
-    @cached_property
-    def vocabulary(self) -> Vocabulary:
-        return get_vocabulary(self.manifest["vocabulary"]["name"])
-
-    @property
-    def split(self) -> int | None:
-        return self.manifest["recipe"].get("split")
 
 
 def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int, scale: tuple[float, float],
@@ -153,8 +110,7 @@ def _transformed(pairs, crop_size: int, crop_scale: tuple[float, float], ignore:
 def transform_synthetic(batch: dict[str, Any], *, crop_size: int, crop_scale: tuple[float, float],
                         ignore: list[int]) -> dict[str, np.ndarray]:
     """Ray Data batch of factory rows -> training rows (see the module docstring)."""
-    pairs = ((decode_png(image["bytes"]), decode_png(label["bytes"]))
-             for image, label in zip(batch["image"], batch["label"]))
+    pairs = ((decode_image(image), decode_label(label)) for image, label in zip(batch["image"], batch["label"]))
     return _transformed(pairs, crop_size, crop_scale, ignore)
 
 
@@ -174,8 +130,7 @@ class RealSamples:
 def synthetic_dataset(source: SyntheticSource, *, crop_size: int, crop_scale: tuple[float, float],
                       ignore: list[int]) -> ray.data.Dataset:
     """Training rows of a factory dataset; `ignore`: class indices whose pixels become 255."""
-    paths = [source.location.path(path) for path in source.files]
-    ds = ray.data.read_parquet(paths, filesystem=source.location.fs, columns=["image", "label"], shuffle="files")
+    ds = read_dataset(source, columns=["image", "label"], shuffle_files=True, decode=False)
     return ds.map_batches(transform_synthetic, batch_size=ROWS_PER_CALL, batch_format="numpy",
                           fn_kwargs={"crop_size": crop_size, "crop_scale": crop_scale, "ignore": ignore})
 

@@ -10,8 +10,8 @@ from PIL import Image
 
 from factory.storage import open_location
 from factory.write import (COMMIT_DIR, DATA_DIR, PALETTE, SCHEMA, Commit, decode_png, encode_batch,
-                           encode_image, encode_label, encode_mask, part_name, read_commits, voc_palette,
-                           write_part)
+                           encode_image, encode_label, encode_mask, huggingface_metadata, part_name, read_commits,
+                           voc_palette, write_part)
 
 EXTRA = ["capture_shapes", "drop_reason", "generate_seconds", "label_seconds", "encode_seconds"]
 CLASS_INDICES = {"dog": 12, "cat": 8, "bus": 6}
@@ -202,7 +202,7 @@ def test_write_part(tmp_path):
     stored = pq.read_table(parquet)
     assert stored.column_names == SCHEMA.names  # bookkeeping columns are not stored
     assert stored.column("sample_id").to_pylist() == [ids[0], ids[2], ids[3]]
-    assert stored.schema.metadata == metadata
+    assert stored.schema.metadata == {**metadata, **huggingface_metadata(SCHEMA)}  # the caller's and `datasets`'
     assert pq.read_schema(parquet).metadata[b"dataset-factory"] == b'{"recipe": "test"}'
     assert stored.schema.remove_metadata().equals(SCHEMA)
     row = stored.to_pylist()[1]
@@ -212,7 +212,7 @@ def test_write_part(tmp_path):
 def test_write_part_without_metadata(tmp_path):
     write_part(encode(make_batch(2)), out=str(tmp_path))
     (parquet,) = (tmp_path / DATA_DIR).iterdir()
-    assert not pq.read_schema(parquet).metadata
+    assert pq.read_schema(parquet).metadata == huggingface_metadata(SCHEMA)  # only the Hugging Face features
     assert pq.read_table(parquet).num_rows == 2
 
 

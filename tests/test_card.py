@@ -1,0 +1,131 @@
+"""The dataset card: its YAML header as `datasets` and the Hub read it, its sections, and the
+build writing it beside the manifest (where jobs/verify_dataset.py expects it)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from factory.card import CARD_FILE, dataset_card
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def header_and_body(card: str) -> tuple[dict, str]:
+    assert card.startswith("---\n")
+    header, body = card[4:].split("\n---\n", 1)
+    return yaml.safe_load(header), body
+
+
+@pytest.fixture(scope="module")
+def manifest(tiny_dataset) -> dict:
+    return json.loads((tiny_dataset / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_build_writes_card_with_counts_features_and_versions(tiny_dataset, manifest):
+    import datasets
+
+    header, body = header_and_body((tiny_dataset / CARD_FILE).read_text())
+    info = header["dataset_info"]
+    written = sum(entry["rows"] for entry in manifest["files"])
+    assert info["splits"] == [{"name": "train", "num_examples": written,
+                               "num_bytes": sum(entry["bytes"] for entry in manifest["files"])}]
+    # The features are the ones the Parquet files carry, in the Hub's YAML form.
+    schema = pq.read_schema(tiny_dataset / manifest["files"][0]["path"])
+    assert datasets.Features._from_yaml_list(info["features"]) == datasets.Features.from_arrow_schema(schema)
+    assert header["configs"] == [{"config_name": "default",
+                                  "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
+    for package, version in manifest["versions"].items():
+        assert f"| {package} | {version} |" in body
+    recipe = manifest["recipe"]
+    assert f"scoring at least {recipe['labeler']['score_threshold']}" in body
+    assert f"DDIM {recipe['generator']['steps']} steps" in body and f"plan seed {recipe['seed']}" in body
+    assert recipe["prompts"]["two"] in body and "## Limitations and biases" in body
+    assert "](preview.png)" in body and (tiny_dataset / "preview.png").exists()
+
+
+@pytest.mark.slow
+def test_huggingface_loads_the_folder_through_the_card(tiny_dataset, manifest, tmp_path):
+    """`load_dataset(folder)` takes its files and features from the card's header alone."""
+    import datasets
+
+    ds = datasets.load_dataset(str(tiny_dataset), split="train", cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == manifest["counts"]["written"]
+    assert isinstance(ds.features["label"], datasets.Image) and ds[0]["label"].mode == "P"
+
+
+@pytest.mark.slow
+def test_verify_dataset_expects_the_card(tiny_dataset, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "jobs"))
+    import verify_dataset
+
+    assert verify_dataset.main([str(tiny_dataset)]) == 0, capsys.readouterr().out
+    copy_ = tmp_path / "copy"
+    shutil.copytree(tiny_dataset, copy_)
+    (copy_ / CARD_FILE).unlink()
+    assert verify_dataset.main([str(copy_)]) == 1
+    assert "no README.md (the dataset card)" in capsys.readouterr().out
+
+
+def fake_manifest(**recipe_changes) -> dict:
+    """A manifest as build_manifest writes it, without building."""
+    from factory.recipe import load_recipe
+    from factory.vocab import VOC
+
+    recipe = load_recipe("tiny").model_dump(mode="json")
+    for section, values in recipe_changes.items():
+        recipe[section].update(values)
+    return {"name": "fake", "created": "2026-01-01T00:00:00+00:00", "recipe": recipe, "content_key": "k",
+            "plan": {"samples": 1500, "digest": "d"},
+            "vocabulary": {"name": "voc", "classes": [{"index": c.index, "name": c.name, "natural": c.natural}
+                                                     for c in VOC.classes]},
+            "models": {"generator": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+                       "labeler": "grounding:s3://b/g/best" if recipe["annotator"]["checkpoint"] else "maskrcnn"},
+            "versions": {"torch": "2.14.1"},
+            "counts": {"planned": 1500, "written": 1400, "dropped": {"class_not_found": 100}},
+            "files": [{"path": "data/part-a.parquet", "rows": 700, "bytes": 1000},
+                      {"path": "data/part-b.parquet", "rows": 700, "bytes": 2000}]}
+
+
+def test_card_of_an_annotated_build():
+    manifest = fake_manifest(annotator={"checkpoint": "s3://b/g/best", "threshold": 0.4, "ignore_below": 0.2})
+    header, body = header_and_body(dataset_card(copy.deepcopy(manifest)))
+    assert header["dataset_info"]["splits"][0] == {"name": "train", "num_bytes": 3000, "num_examples": 1400}
+    assert header["size_categories"] == ["1K<n<10K"]
+    assert "**Annotator**" in body and "s3://b/g/best" in body and "probability 0.4" in body and "0.2" in body
+    assert "**Labeler**" not in body and "Tiny models" not in body
+    assert "| 1500 | 1400 | 100 class_not_found | 2 |" in body
+    assert "](preview.png)" in body  # the recipe asked for a preview
+
+
+def test_card_without_preview_or_with_capture_columns():
+    import pyarrow as pa
+
+    from factory.write import SCHEMA
+
+    manifest = fake_manifest(writer={"preview_samples": 0}, capture={"features": "latent"})
+    schema = SCHEMA.append(pa.field("timestep", pa.int64())).append(pa.field("latent", pa.binary()))
+    header, body = header_and_body(dataset_card(manifest, schema))
+    assert "preview.png" not in body and "**Capture**: U-Net `latent`" in body
+    assert {"name": "latent", "dtype": "binary"} in header["dataset_info"]["features"]
+    assert {"name": "masks", "list": "image"} in header["dataset_info"]["features"]
+
+
+@pytest.mark.slow
+def test_write_card_on_s3(tiny_dataset, tiny_dataset_on_s3, manifest, bucket):
+    """On S3 the card reads the schema and the preview's presence from the bucket: the same card."""
+    from factory.card import write_card
+    from factory.storage import open_location
+
+    location = open_location(tiny_dataset_on_s3)
+    location.delete(CARD_FILE)
+    assert write_card(location, manifest) == f"s3://{bucket}/datasets/tiny/{CARD_FILE}"
+    assert location.read_bytes(CARD_FILE).decode() == (tiny_dataset / CARD_FILE).read_text()
