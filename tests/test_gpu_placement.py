@@ -2,7 +2,7 @@
 
 Two builds run, one after the other, in a child process (this file, run as a script) with
 a Ray cluster of its own, so that they neither join nor disturb the test session's cluster:
-"placement", then "node-loss", which kills a worker node mid-build. Each model actor holds
+"placement", then "node-loss", which kills a worker node at two points of the build. Each model actor holds
 the real generator and labeler, wrapped to record, from inside the actor, the node it runs
 on, the GPU Ray gave it and when it worked; the tests read those records.
 """
@@ -47,7 +47,8 @@ BUILD = ["--num-samples", "12", "--generator.steps", "2", "--generator.batch-siz
          "--writer.rows-per-file", "2", "--writer.preview-samples", "0", "--pool.min-size", "1"]
 ACTORS = 4
 SCENARIOS = {"placement": ["--pool.max-size", str(ACTORS)], "node-loss": ["--pool.max-size", "1"]}
-KILL_AFTER_PARTS = 2
+KILL_AFTER_PARTS = (2, 4)  # of six: a third of the way, and past the middle
+WORKER = {"num_cpus": 4, "num_gpus": 2}
 
 
 def free_port() -> int:
@@ -98,7 +99,7 @@ def simulate(workdir: str) -> int:
         # Every model actor asks for one CPU beside its GPU, and write tasks need CPUs too:
         # GPU nodes have several CPUs per GPU (a g5.12xlarge: 48 for 4).
         for _ in range(2):
-            cluster.add_node(num_cpus=4, num_gpus=2)
+            cluster.add_node(**WORKER)
         cluster.connect()
         failed = 0
         for scenario, options in SCENARIOS.items():
@@ -108,8 +109,11 @@ def simulate(workdir: str) -> int:
             if scenario == "placement":
                 hold = pool_still_small(folder)
             else:
+                # Two kills leave one worker: a third joins first (as an autoscaler replaces a
+                # lost spot node; Ray adds nodes from the main thread only).
+                cluster.add_node(**WORKER)
                 hold = node_not_yet_removed(out / "_commits", folder)
-                threading.Thread(target=remove_generator_node, args=(cluster, out / "_commits", folder),
+                threading.Thread(target=remove_generator_nodes, args=(cluster, out / "_commits", folder),
                                  daemon=True).start()
             pipeline.GenerateStage = recording(real_stages[0], "generate", folder, hold)
             pipeline.LabelStage = recording(real_stages[1], "label", folder)
@@ -124,9 +128,16 @@ def pool_still_small(folder: Path) -> Callable[[], bool]:
     return lambda: len(list(folder.glob("generate-*.json"))) < ACTORS
 
 
+def committed(commits: Path) -> int:
+    return len(list(commits.glob("*.json")))
+
+
 def node_not_yet_removed(commits: Path, folder: Path) -> Callable[[], bool]:
-    """After the first parts, generation waits until a worker node is gone."""
-    return lambda: len(list(commits.glob("*.json"))) >= KILL_AFTER_PARTS and not (folder / "removed.json").exists()
+    """At each kill point, generation waits until that kill has happened."""
+    def hold() -> bool:
+        kills = len(list(folder.glob("removed-*.json")))
+        return kills < len(KILL_AFTER_PARTS) and committed(commits) >= KILL_AFTER_PARTS[kills]
+    return hold
 
 
 def scenario_paths(workdir: Path, scenario: str) -> tuple[Path, Path]:
@@ -134,15 +145,19 @@ def scenario_paths(workdir: Path, scenario: str) -> tuple[Path, Path]:
     return workdir / scenario / "ds", workdir / scenario / "records"
 
 
-def remove_generator_node(cluster, commits: Path, folder: Path) -> None:
-    """Kill the worker node of a generator actor (all its processes, no grace) mid-build."""
-    while len(list(commits.glob("*.json"))) < KILL_AFTER_PARTS:
-        time.sleep(0.1)
-    node_id = json.loads(next(folder.glob("generate-*.json")).read_text())["node"]
-    (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
-    committed = len(list(commits.glob("*.json")))
-    cluster.remove_node(worker, allow_graceful=False)
-    (folder / "removed.json").write_text(json.dumps({"node": node_id, "committed_before": committed}))
+def remove_generator_nodes(cluster, commits: Path, folder: Path) -> None:
+    """At each kill point, kill the node of the newest live model actor (all its processes, no grace)."""
+    removed: list[str] = []
+    for k, point in enumerate(KILL_AFTER_PARTS):
+        while committed(commits) < point:
+            time.sleep(0.1)
+        live = [json.loads(p.read_text()) for p in folder.glob("generate-*.json")]
+        node_id = max((r for r in live if r["node"] not in removed), key=lambda r: r["started"])["node"]
+        (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+        before = committed(commits)
+        cluster.remove_node(worker, allow_graceful=False)
+        removed.append(node_id)
+        (folder / f"removed-{k}.json").write_text(json.dumps({"node": node_id, "committed_before": before}))
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +193,8 @@ def built(simulated, scenario: str) -> tuple[Path, Path]:
 def read_records(records: Path) -> tuple[str, list[dict]]:
     """The head node's id, and one record per stage in each model actor."""
     head = json.loads((records / "cluster.json").read_text())["head"]
-    return head, [json.loads(p.read_text()) for p in sorted(records.glob("*-*.json"))]
+    return head, [json.loads(p.read_text()) for stage in ("generate", "label")
+                  for p in sorted(records.glob(f"{stage}-*.json"))]
 
 
 def assert_every_planned_sample_once(out: Path) -> None:
@@ -234,16 +250,29 @@ def test_model_actors_hold_distinct_gpus_off_the_head_and_pools_grow_to_max(simu
     assert len({(r["node"], r["gpus"][0]) for r in generators}) == ACTORS
 
 
-def test_build_survives_the_loss_of_a_worker_node(simulated):
+def test_build_survives_the_loss_of_worker_nodes_with_the_rows_of_an_uninterrupted_build(simulated):
     out, records_dir = built(simulated, "node-loss")
-    removed = json.loads((records_dir / "removed.json").read_text())
-    assert removed["committed_before"] < len(list((out / "_commits").glob("*.json")))  # it died mid-build
+    kills = [json.loads((records_dir / f"removed-{k}.json").read_text()) for k in range(len(KILL_AFTER_PARTS))]
+    parts = committed(out / "_commits")
+    assert [k["committed_before"] for k in kills] == list(KILL_AFTER_PARTS) and parts > KILL_AFTER_PARTS[-1]
     assert_every_planned_sample_once(out)
     head, records = read_records(records_dir)
     assert_gpu_actors_off_the_head(head, records)
-    # Actors were lost with the node, and the work went on on the other worker.
-    assert any(r["node"] == removed["node"] for r in records)
-    assert any(r["node"] != removed["node"] and r["stage"] == "generate" and r["calls"] for r in records)
+    # Each kill took the working actor with its node, and the work went on elsewhere.
+    for kill in kills:
+        assert any(r["node"] == kill["node"] for r in records)
+    dead = {k["node"] for k in kills}
+    assert any(r["node"] not in dead and r["stage"] == "generate" and r["calls"] for r in records)
+
+    # Same recipe and seed as "placement", which no kill interrupted: the same rows.
+    uninterrupted, _ = built(simulated, "placement")
+    assert rows_by_id(out) == rows_by_id(uninterrupted)
+
+
+def rows_by_id(out: Path) -> dict[str, dict]:
+    columns = ["sample_id", "prompt", "seed", "image", "label", "masks", "scores", "found"]
+    table = pq.read_table(out / "data", columns=columns)
+    return {row["sample_id"]: row for row in table.to_pylist()}
 
 
 if __name__ == "__main__":
