@@ -154,6 +154,19 @@ def check_reachable(uri: str) -> Location:
     return location
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """Local paths made absolute: Ray workers run in their own working directory."""
+    return uri if uri is None or is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+
+def split_file_uri(uri: str) -> tuple[str, str]:
+    """(folder, file name) of a file's URI, local or s3://."""
+    folder, _, name = uri.rpartition("/")
+    if not name or folder in ("s3:", "s3:/"):
+        raise StorageError(f"{uri!r} must name a file, e.g. results.json or s3://bucket/evals/results.json")
+    return folder or ".", name
+
+
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

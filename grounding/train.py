@@ -26,7 +26,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -40,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor
 
 from factory.checkpoints import flatten_optimizer, sha256, unflatten_optimizer
-from factory.storage import Location, check_reachable, is_s3, open_location
+from factory.storage import Location, absolute_uri, check_reachable, open_location
 from grounding.config import GroundingModelConfig
 from grounding.data import Batch, DataError, Featurizer, TextConfig, TripletSource, in_validation
 from grounding.losses import grounding_loss
@@ -254,11 +253,6 @@ class TrainingSummary:
     last: str
 
 
-def _absolute(uri: str) -> str:
-    # Ray Train workers run in their own working directory: relative paths must not reach them.
-    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
 def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list[str]:
     """Canonical names of the trained classes, checked against the dataset's vocabulary."""
     vocabulary = source.vocabulary
@@ -288,8 +282,8 @@ def _usable_rows(source: TripletSource, classes: list[str]) -> tuple[list[str], 
 
 def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
     """Every check that needs no model; raises DataError, StorageError or CheckpointError (one line)."""
-    config = config.model_copy(update={"data": _absolute(config.data), "out": _absolute(config.out),
-                                       "val": config.val and _absolute(config.val)})
+    config = config.model_copy(update={"data": absolute_uri(config.data), "out": absolute_uri(config.out),
+                                       "val": config.val and absolute_uri(config.val)})
     source = TripletSource(config.data)
     val_source = TripletSource(config.val) if config.val else source
     # One Featurizer serves both sets, so they must be featurized alike.

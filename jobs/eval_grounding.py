@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -30,7 +29,7 @@ import ray
 from factory.daam import DAAM_THRESHOLD
 from factory.quality import select_top_fraction
 from factory.options import ArgumentParser, ConfigError
-from factory.storage import StorageError, check_reachable, is_s3, open_location
+from factory.storage import StorageError, absolute_uri, check_reachable, open_location, split_file_uri
 from grounding.data import DataError, TripletSource
 from grounding.evaluate import DAAM, MODULE, EvalStage, ProtocolIAccumulator, format_table
 from grounding.train import CheckpointError, read_checkpoint_metadata
@@ -75,19 +74,6 @@ class EvalPlan:
     report: dict  # the JSON's fields other than the results
 
 
-def _absolute(uri: str) -> str:
-    # Ray workers run in their own working directory: relative paths must not reach them.
-    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
-def _output_file(uri: str) -> tuple[str, str]:
-    """(folder, file name) of an output file URI."""
-    folder, _, name = uri.rpartition("/")
-    if not name or folder in ("s3:", "s3:/"):
-        raise EvalError(f"--out {uri!r} must name a file, e.g. results.json or s3://bucket/evals/results.json")
-    return folder or ".", name
-
-
 def select_test_rows(source: TripletSource, min_score: float | None, keep_quality: float | None) -> list[int]:
     """Row positions that pass the automatic filter replacing the papers' manual check."""
     columns = ["found", "scores"] + (["quality"] if keep_quality is not None else [])
@@ -113,7 +99,7 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         raise EvalError("--batch-size and --num-workers must be at least 1")
     if not 0.0 <= args.daam_threshold <= 1.0:
         raise EvalError(f"--daam-threshold {args.daam_threshold} is outside [0, 1] (heat maps are normalised)")
-    checkpoint, data = _absolute(args.checkpoint), _absolute(args.data)
+    checkpoint, data = absolute_uri(args.checkpoint), absolute_uri(args.data)
     metadata = read_checkpoint_metadata(checkpoint)
     missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
     if missing:
@@ -133,9 +119,9 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         ProtocolIAccumulator(vocabulary, args.splits)  # rejects unknown and repeated splits
     except ValueError as exc:
         raise EvalError(str(exc)) from None
-    out = args.out and _absolute(args.out)
+    out = args.out and absolute_uri(args.out)
     if out:
-        check_reachable(_output_file(out)[0])
+        check_reachable(split_file_uri(out)[0])
 
     notes = []
     daam_threshold = args.daam_threshold
@@ -189,7 +175,7 @@ def run_evaluation(plan: EvalPlan) -> dict:
 
 
 def write_report(uri: str, report: dict) -> None:
-    folder, name = _output_file(uri)
+    folder, name = split_file_uri(uri)
     open_location(folder).write_bytes(name, json.dumps(report, indent=2).encode())
 
 

@@ -34,13 +34,12 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import ray
 
 from factory.options import ArgumentParser, ConfigError
-from factory.storage import StorageError, check_reachable, first_line, is_s3, open_location
+from factory.storage import StorageError, absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
 from factory.vocab import Vocabulary
 from segmenter.datasets import DEFAULT_SPLITS, READERS, real_dataset
 from segmenter.evaluate import ZS3Stage
@@ -93,19 +92,6 @@ class EvalPlan:
     report: dict  # the JSON's fields other than the results
 
 
-def _absolute(uri: str) -> str:
-    # Ray workers run in their own working directory: relative paths must not reach them.
-    return uri if is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
-def _output_file(uri: str) -> tuple[str, str]:
-    """(folder, file name) of an output file URI."""
-    folder, _, name = uri.rpartition("/")
-    if not name or folder in ("s3:", "s3:/"):
-        raise EvalError(f"--out {uri!r} must name a file, e.g. results.json or s3://bucket/evals/results.json")
-    return folder or ".", name
-
-
 def _check_checkpoint(checkpoint: str, metadata: dict, vocabulary: Vocabulary) -> None:
     missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
     if missing:
@@ -130,7 +116,7 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
         raise EvalError("--batch-size and --num-workers must be at least 1, --qualitative at least 0")
     if is_s3(args.root):
         raise EvalError(f"--root {args.root} must be a local folder (readable on every node)")
-    root, checkpoint = _absolute(args.root), _absolute(args.checkpoint)
+    root, checkpoint = absolute_uri(args.root), absolute_uri(args.checkpoint)
     split_set = args.split_set or DEFAULT_SPLITS[args.format]
     metadata = read_checkpoint_metadata(checkpoint)  # first: a wrong path is the likeliest mistake
     try:
@@ -148,9 +134,9 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
             vocabulary.unseen(k)
         except ValueError as exc:
             raise EvalError(str(exc)) from None
-    out = args.out and _absolute(args.out)
+    out = args.out and absolute_uri(args.out)
     if out:
-        check_reachable(_output_file(out)[0])
+        check_reachable(split_file_uri(out)[0])
 
     n = len(dataset)
     if n == 0:
@@ -161,7 +147,7 @@ def prepare_evaluation(args: argparse.Namespace) -> EvalPlan:
                   f"split {k} are not zero-shot for it" for k in splits if k != trained_split]
     panels = {}
     if out and args.qualitative:
-        stem = _output_file(out)[1].rsplit(".", 1)[0]
+        stem = split_file_uri(out)[1].rsplit(".", 1)[0]
         # Spread over the dataset rather than its first images.
         for position in np.unique(np.linspace(0, n - 1, min(args.qualitative, n)).round().astype(int)):
             panels[int(position)] = f"{stem}-{dataset.ids[position]}.png"
@@ -200,7 +186,7 @@ def run_evaluation(plan: EvalPlan) -> dict:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     workers = min(plan.num_workers or max(1, gpus), len(plan.batches))
     resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
-    panel_folder = _output_file(plan.out)[0] if plan.panels else None
+    panel_folder = split_file_uri(plan.out)[0] if plan.panels else None
     start = time.perf_counter()
     ds = ray.data.from_items([{"positions": p} for p in plan.batches], override_num_blocks=len(plan.batches))
     ds = ds.map_batches(ZS3Stage, fn_constructor_kwargs={
@@ -236,7 +222,7 @@ def format_table(results: dict) -> str:
 
 
 def write_report(uri: str, report: dict) -> None:
-    folder, name = _output_file(uri)
+    folder, name = split_file_uri(uri)
     open_location(folder).write_bytes(name, json.dumps(report, indent=2).encode())
 
 

@@ -29,7 +29,6 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import ray
@@ -40,7 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from factory.storage import check_model_source, check_reachable, first_line, is_s3, open_location
+from factory.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
 from factory.vocab import Vocabulary
 from segmenter.data import DataError, SyntheticSource, normalize, real_training_dataset, synthetic_dataset
 from segmenter.datasets import real_dataset
@@ -163,17 +162,12 @@ class TrainingSummary:
     last: str
 
 
-def _absolute(uri: str | None) -> str | None:
-    # Ray Train workers run in their own working directory: relative paths must not reach them.
-    return uri if uri is None or is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-
 def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
-    update = {name: _absolute(getattr(config, name)) for name in ("data", "init", "out")}
+    update = {name: absolute_uri(getattr(config, name)) for name in ("data", "init", "out")}
     if config.real:
-        update["real"] = config.real.model_copy(update={"root": _absolute(config.real.root)})
+        update["real"] = config.real.model_copy(update={"root": absolute_uri(config.real.root)})
     if config.model.backbone_weights:
-        update["model"] = config.model.model_copy(update={"backbone_weights": _absolute(config.model.backbone_weights)})
+        update["model"] = config.model.model_copy(update={"backbone_weights": absolute_uri(config.model.backbone_weights)})
     return config.model_copy(update=update)
 
 
