@@ -167,6 +167,12 @@ def split_file_uri(uri: str) -> tuple[str, str]:
     return folder or ".", name
 
 
+def write_file(uri: str, data: bytes) -> None:
+    """One file by its own URI, local or s3://, atomically (Location.write_bytes)."""
+    folder, name = split_file_uri(uri)
+    open_location(folder).write_bytes(name, data)
+
+
 def first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 

@@ -29,7 +29,7 @@ import ray
 from factory.daam import DAAM_THRESHOLD
 from factory.quality import select_top_fraction
 from factory.options import ArgumentParser, ConfigError
-from factory.storage import StorageError, absolute_uri, check_reachable, open_location, split_file_uri
+from factory.storage import StorageError, absolute_uri, check_reachable, split_file_uri, write_file
 from grounding.data import DataError, TripletSource
 from grounding.evaluate import DAAM, MODULE, EvalStage, ProtocolIAccumulator, format_table
 from grounding.train import CheckpointError, read_checkpoint_metadata
@@ -174,11 +174,6 @@ def run_evaluation(plan: EvalPlan) -> dict:
     return {**plan.report, "results": {method: acc.result() for method, acc in totals.items()}}
 
 
-def write_report(uri: str, report: dict) -> None:
-    folder, name = split_file_uri(uri)
-    open_location(folder).write_bytes(name, json.dumps(report, indent=2).encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         plan = prepare_evaluation(parse_args(argv))
@@ -190,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     if plan.out:
-        write_report(plan.out, report)
+        write_file(plan.out, json.dumps(report, indent=2).encode())
         print(f"results written to {plan.out}")
     return 0
 

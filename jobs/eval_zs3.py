@@ -39,7 +39,8 @@ import numpy as np
 import ray
 
 from factory.options import ArgumentParser, ConfigError
-from factory.storage import StorageError, absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
+from factory.storage import (StorageError, absolute_uri, check_reachable, first_line, is_s3,
+                             split_file_uri, write_file)
 from factory.vocab import Vocabulary
 from segmenter.datasets import DEFAULT_SPLITS, READERS, real_dataset
 from segmenter.evaluate import ZS3Stage
@@ -221,11 +222,6 @@ def format_table(results: dict) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def write_report(uri: str, report: dict) -> None:
-    folder, name = split_file_uri(uri)
-    open_location(folder).write_bytes(name, json.dumps(report, indent=2).encode())
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
         plan = prepare_evaluation(parse_args(argv))
@@ -242,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     for note in report["notes"]:
         print(f"note: {note}")
     if plan.out:
-        write_report(plan.out, report)
+        write_file(plan.out, json.dumps(report, indent=2).encode())
         print(f"results written to {plan.out}" + (f", {len(plan.panels)} panels next to it" if plan.panels else ""))
     return 0
 
