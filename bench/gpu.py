@@ -37,9 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from factory.detect import COCO_LABELS, tiny_maskrcnn
-from factory.generate import _sd_scheduler, tiny_pipeline, tiny_tokenizer
-from storage import sd15_unet  # bench/storage.py: the U-Net of SD 1.5 from its config
+from factory.build.detect import COCO_LABELS, tiny_maskrcnn
+from factory.diffusion.pipelines import sd15_unet, sd_scheduler, tiny_pipeline, tiny_tokenizer
 
 STAGES = ("unet", "vae", "maskrcnn", "generate")
 
@@ -62,7 +61,7 @@ def sd15_pipeline() -> StableDiffusionPipeline:
                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
                         layers_per_block=2, latent_channels=4, sample_size=512)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=sd15_unet(),
-                                   scheduler=_sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                   scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
 
@@ -159,7 +158,7 @@ class Bench:
     def generate(self, scheduler: str, steps: int, batch: int, compiled: bool, repeats: int,
                  peak: float | None, unet_rate: float | None, vae_rate: float | None) -> Measurement:
         pipe = self.pipe
-        ddim = _sd_scheduler()
+        ddim = sd_scheduler()
         pipe.scheduler = ddim if scheduler == "ddim" else DPMSolverMultistepScheduler.from_config(
             ddim.config, algorithm_type="dpmsolver++")
         run = lambda n: pipe(prompt=["a photograph of a dog and a sofa"] * n, num_inference_steps=steps,  # noqa: E731

@@ -22,13 +22,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import eval_grounding  # noqa: E402
-
-from grounding.evaluate import MODULE, format_table  # noqa: E402
-from grounding.procedural import SEEN, SPLIT, STYLES, build_procedural, procedural_recipe  # noqa: E402
-from grounding.train import GroundingTrainConfig, prepare_training, run_training  # noqa: E402
+from factory.build.procedural import SEEN, SPLIT, STYLES, build_procedural, procedural_recipe
+from grounding.evaluate import MODULE, GroundingEvalOptions, format_table, prepare_evaluation, run_evaluation
+from grounding.train import GroundingTrainConfig, prepare_training, run_training
 
 MIN_SEEN_MIOU = 80.0  # percent, as the evaluation reports it
 SEEN_GROUPS = ("one/seen", "two/seen")
@@ -94,9 +90,8 @@ def run(*, train: int, val: int, test: int, epochs: int, seed: int, work: Path) 
     summary = run_training(prepare_training(config))
     trained = time.perf_counter()
 
-    args = eval_grounding.parse_args(["--checkpoint", summary.best, "--data", str(work / "test"),
-                                      "--splits", str(SPLIT)])
-    report = eval_grounding.run_evaluation(eval_grounding.prepare_evaluation(args))
+    options = GroundingEvalOptions(checkpoint=summary.best, data=str(work / "test"), splits=[SPLIT])
+    report = run_evaluation(prepare_evaluation(options))
     done = time.perf_counter()
     return Report(train=train, val=val, test=test, epochs=epochs, best_epoch=summary.best_epoch,
                   val_miou=100 * summary.best_miou, results=report["results"],

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from factory.devices import pick_device
+from factory.core.devices import pick_device
 from segmenter.evaluate import predict
 from segmenter.model import Segmenter, SegmenterModelConfig
 from segmenter.train import SegmenterTrainConfig, make_optimizer, train_step

@@ -20,6 +20,7 @@ Recipe options are the job's (`--recipe`, `--generator.batch-size`, ...).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -33,12 +34,13 @@ import numpy as np
 import ray
 import torch
 
-from factory.generate import GenerateStage
-from factory.label import LabelStage
-from factory.pipeline import stream_samples
-from factory.plan import Sample, build_plan
-from factory.options import overrides_from_args
-from factory.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from factory.build.generate import GenerateStage
+from factory.build.label import LabelStage
+from factory.build.pipeline import model_stages, stream_samples
+from factory.build.plan import Sample, build_plan
+from factory.build.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from factory.core.options import overrides_from_args
+
 
 def numpy_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
     """The samples as Ray Data hands them to a stage: one array per column, lists as objects."""
@@ -83,10 +85,11 @@ def factory(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, dict]:
     """Seconds for the production pipeline on the plan, seconds of it until every model was
     ready (actor processes, imports, model loading), and its commits' totals."""
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as ready:
-        stages = {"generate_stage": announcing(GenerateStage, Path(ready)),
-                  "label_stage": announcing(LabelStage, Path(ready))}
+        generate, label = model_stages(recipe)
+        stages = [dataclasses.replace(generate, stage=announcing(GenerateStage, Path(ready))),
+                  dataclasses.replace(label, stage=announcing(LabelStage, Path(ready)))]
         start = time.time()
-        commits = stream_samples(recipe, plan, out, {}, **stages)
+        commits = stream_samples(recipe, plan, out, {}, stages=stages)
         seconds = time.time() - start
         startup = max(float(p.read_text()) for p in Path(ready).iterdir()) - start
         actors = len({p.name.rsplit("-", 1)[1] for p in Path(ready).iterdir()})  # model processes

@@ -21,6 +21,7 @@ figure of the same run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -75,7 +77,7 @@ def stand_in_stages(folder: Path, generate_seconds: float, label_seconds: float,
 
     class SleepingLabeler:
         def __init__(self, config, vocabulary: str, image_size: int, load_attempts=1):
-            from factory.vocab import get_vocabulary
+            from factory.core.vocab import get_vocabulary
             self.vocabulary = get_vocabulary(vocabulary)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -102,7 +104,7 @@ def stand_in_stages(folder: Path, generate_seconds: float, label_seconds: float,
 
 
 def scaling_recipe(gpus: int, samples: int, size: int, batch_size: int, rows_per_file: int):
-    from factory.recipe import Recipe
+    from factory.build.recipe import Recipe
 
     return Recipe.model_validate({
         "name": "scaling", "per_class": -(-samples // 20), "num_samples": samples, "seed": 0,
@@ -114,8 +116,8 @@ def scaling_recipe(gpus: int, samples: int, size: int, batch_size: int, rows_per
 
 def run_once(gpus: int, args: argparse.Namespace, workdir: Path) -> dict:
     """One build on the cluster as it is now; returns its figures."""
-    from factory.pipeline import stream_samples
-    from factory.plan import build_plan
+    from factory.build.pipeline import model_stages, stream_samples
+    from factory.build.plan import build_plan
 
     samples = gpus * args.batches_per_gpu * args.batch_size
     recipe = scaling_recipe(gpus, samples, args.size, args.batch_size, args.rows_per_file)
@@ -123,7 +125,9 @@ def run_once(gpus: int, args: argparse.Namespace, workdir: Path) -> dict:
     (folder / "ready").mkdir(parents=True)
     generator, labeler = stand_in_stages(folder / "ready", args.generate_seconds, args.label_seconds, gpus)
     plan = build_plan(recipe)
-    commits = stream_samples(recipe, plan, str(folder / "out"), {}, generate_stage=generator, label_stage=labeler)
+    generate, label = model_stages(recipe)  # the real stages' arguments, with stand-in classes
+    stages = [dataclasses.replace(generate, stage=generator), dataclasses.replace(label, stage=labeler)]
+    commits = stream_samples(recipe, plan, str(folder / "out"), {}, stages=stages)
     end = time.time()
     start = max(float(p.read_text()) for p in (folder / "ready").glob("ready-*"))
     done = sorted(i for c in commits for i in (*c.written, *c.dropped))

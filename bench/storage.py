@@ -30,28 +30,26 @@ import argparse
 import json
 import pickle
 import tempfile
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 from PIL import Image
 
-from factory.annotate import annotation_label_map
-from factory.detect import Detections
-from factory.features import FeatureCapture, feature_channels
-from factory.generate import tiny_pipeline
-from factory.label import label_classes, pack_masks, ragged, semantic_label_map
-from factory.vocab import VOC
-from factory.write import encode_batch, write_part
+from factory.build.annotate import annotation_labels
+from factory.build.detect import Detections
+from factory.build.label import oracle_labels as label_detections
+from factory.build.recipe import AnnotatorConfig, LabelerConfig
+from factory.core.vocab import VOC
+from factory.dataset.batch import SampleLabels, attach_labels
+from factory.dataset.codec import objects
+from factory.dataset.write import encode_batch, write_part
+from factory.diffusion.features import FeatureCapture, feature_channels
+from factory.diffusion.pipelines import sd15_unet, tiny_pipeline
 
 REFERENCE_MB = 54.0  # per triplet sample, the public follow-up implementation (spec section 5)
 SAMPLES = (("dog",), ("cat",), ("dog", "sofa"), ("person", "horse"))
-
-
-def sd15_unet() -> UNet2DConditionModel:
-    # diffusers' defaults are SD 1.x's U-Net (320/640/1280/1280) except the text width (768: CLIP ViT-L/14)
-    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
 
 def photo_crops(n: int, size: int) -> np.ndarray:
@@ -76,39 +74,28 @@ def blob(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
     return np.clip(1.5 - d, 0.0, 1.0).astype(np.float32)
 
 
-def oracle_labels(classes: tuple[str, ...], size: int, seed: int) -> dict:
-    """Label map, mask bits and scores by factory/label.py from detector-like instances."""
+def oracle_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabels:
+    """Labels by the oracle's rules (factory/build/label.py) from detector-like instances."""
     rng = np.random.default_rng(seed)
     infos = [VOC.lookup(name) for name in classes]
     masks, ids, scores = [], [], []
     for info in infos:  # two instances per class, one below the score threshold
         for score in (0.9, 0.3):
             masks.append(blob(size, *rng.uniform(0.25, 0.75, 2), *rng.uniform(0.1, 0.3, 2)))
-            ids.append(info.coco_id)
+            ids.append(info.index)
             scores.append(score)
     detections = Detections(np.array(ids, np.int64), np.array(scores, np.float32), np.stack(masks))
-    labels, owner, ignore = label_classes(detections, infos, score_threshold=0.5, mask_threshold=0.5,
-                                          ignore_threshold=0.2)
-    return {"label": semantic_label_map(labels, owner, ignore), "class_bits": pack_masks(labels, (size, size)),
-            "scores": np.array([lab.score for lab in labels], np.float32),
-            "instances": np.array([lab.instances for lab in labels], np.int16),
-            "found": np.array([lab.found for lab in labels])}
+    return label_detections(detections, infos, LabelerConfig(score_threshold=0.5, ignore_threshold=0.2))
 
 
-def annotator_labels(classes: tuple[str, ...], size: int, seed: int) -> dict:
-    """Label map and mask bits by factory/annotate.py from smooth per-class probabilities."""
+def annotator_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabels:
+    """Labels by the annotator's rules (factory/build/annotate.py) from smooth per-class probabilities."""
     grid = torch.Generator().manual_seed(seed)
     coarse = torch.randn(1, len(classes), 8, 8, generator=grid) * 3  # object-sized regions
     probabilities = torch.sigmoid(F.interpolate(F.interpolate(coarse, size=64, mode="bicubic"), size=size,
                                                 mode="bilinear", align_corners=False))[0].numpy()
     indices = [VOC.lookup(name).index for name in classes]
-    masks = probabilities > 0.5
-    found = masks.reshape(len(classes), -1).any(axis=1)
-    return {"label": annotation_label_map(probabilities, indices, threshold=0.5, ignore_below=0.4),
-            "class_bits": np.bitwise_or.reduce([masks[k].astype(np.uint8) << k for k in range(len(classes))], axis=0),
-            "scores": np.array([probabilities[k][masks[k]].mean() if found[k] else 0.0
-                                for k in range(len(classes))], np.float32),
-            "instances": found.astype(np.int16), "found": found}
+    return annotation_labels(probabilities, indices, AnnotatorConfig(threshold=0.5, ignore_below=0.4))
 
 
 def capture(unet: torch.nn.Module, n: int, latent_size: int, text_dim: int) -> FeatureCapture:
@@ -121,20 +108,15 @@ def capture(unet: torch.nn.Module, n: int, latent_size: int, text_dim: int) -> F
     return hooks
 
 
-def part_bytes_per_sample(images: np.ndarray, labels: list[dict], extra: dict[str, np.ndarray]) -> float:
+def part_bytes_per_sample(images: np.ndarray, labels: list[SampleLabels], extra: dict[str, np.ndarray]) -> float:
     """Rows encoded and written by the factory's own writer; bytes of the part / rows."""
     n = len(images)
     batch = {"sample_id": np.array([f"s{i}" for i in range(n)], dtype=object), "index": np.arange(n),
              "prompt": np.array([" and ".join(c) for c in SAMPLES[:n]], dtype=object),
-             "classes": ragged([np.array(c, dtype=object) for c in SAMPLES[:n]]),
-             "class_words": ragged([np.array(c, dtype=object) for c in SAMPLES[:n]]),
-             "seed": np.arange(n), "image": images, "drop_reason": np.array([""] * n, dtype=object),
-             "generate_seconds": np.zeros(n), "label_seconds": np.zeros(n), **extra}
-    for key in ("label", "class_bits"):
-        batch[key] = np.stack([lab[key] for lab in labels])
-    for key in ("scores", "instances", "found"):
-        batch[key] = ragged([lab[key] for lab in labels])
-    table = encode_batch(batch, image_format="png", jpeg_quality=95,
+             "classes": objects([np.array(c, dtype=object) for c in SAMPLES[:n]]),
+             "class_words": objects([np.array(c, dtype=object) for c in SAMPLES[:n]]),
+             "seed": np.arange(n), "image": images, "generate_seconds": np.zeros(n), **extra}
+    table = encode_batch(attach_labels(batch, labels, time.perf_counter()), image_format="png", jpeg_quality=95,
                          class_indices={c.name: c.index for c in VOC.classes}, generator="bench", labeler="bench")
     with tempfile.TemporaryDirectory() as out:
         commit = json.loads(write_part(table, out=out).column("commit")[0].as_py())
@@ -142,13 +124,12 @@ def part_bytes_per_sample(images: np.ndarray, labels: list[dict], extra: dict[st
     return commit["bytes"] / n
 
 
-def pickle_bytes_per_sample(images: np.ndarray, labels: list[dict], features: list[dict[str, np.ndarray]] | None = None) -> float:
+def pickle_bytes_per_sample(images: np.ndarray, labels: list[SampleLabels], features: list[dict[str, np.ndarray]] | None = None) -> float:
     """The same samples as dicts of fp32 arrays, pickled one file per sample (reference style)."""
     total = 0
     for i, (image, lab) in enumerate(zip(images, labels)):
-        k = len(lab["scores"])
-        sample = {"image": image.transpose(2, 0, 1).astype(np.float32), "label": lab["label"].astype(np.float32),
-                  "masks": np.stack([(lab["class_bits"] >> b) & 1 for b in range(k)]).astype(np.float32)}
+        sample = {"image": image.transpose(2, 0, 1).astype(np.float32), "label": lab.label.astype(np.float32),
+                  "masks": lab.masks.astype(np.float32)}
         if features is not None:
             sample.update(features[i])  # already fp32
         total += len(pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL))

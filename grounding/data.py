@@ -10,33 +10,26 @@ of rows into a ``Batch``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
+from functools import cached_property
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from factory.devices import pick_dtype
-from factory.features import feature_channels, from_fp16_bytes, unet_features
-from factory.generate import load_pipeline
-from factory.storage import StorageError, first_line, open_location
-from factory.tokens import class_embeddings, class_token_positions
-from factory.vocab import get_vocabulary
-from factory.write import decode_png
+from factory.core.conventions import is_held_out
+from factory.core.devices import pick_dtype
+from factory.dataset.codec import decode_png
+from factory.dataset.source import DatasetError, DatasetSource
+from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
+from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.diffusion.tokens import class_embeddings, class_token_positions
 
-MANIFEST_FILE = "manifest.json"
 ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found"]
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used for grounding; the message is one line."""
 
 
 class TextConfig(BaseModel):
@@ -74,41 +67,40 @@ class TextConfig(BaseModel):
 
 
 def in_validation(sample_ids: Sequence[str], fraction: float) -> np.ndarray:
-    """Deterministic split: a sample is held out when the hash of its id falls below `fraction`,
-    so the split depends on nothing but the ids (not on file order, workers or seeds)."""
-    def unit(sample_id: str) -> float:
-        return int(hashlib.sha256(sample_id.encode()).hexdigest()[:12], 16) / 16 ** 12
-    return np.array([unit(i) < fraction for i in sample_ids], dtype=bool)
+    """Which samples are held out for validation (``factory.core.conventions.is_held_out``)."""
+    return np.array([is_held_out(i, fraction) for i in sample_ids], dtype=bool)
 
 
-class TripletSource:
-    """A triplet dataset (local folder or s3:// prefix): manifest, files and capture layout."""
+class TripletSource(DatasetSource):
+    """A triplet dataset: a finished dataset with U-Net capture columns, and their layout."""
 
-    def __init__(self, uri: str):
-        try:
-            self.location = open_location(uri)
-            if not self.location.exists(MANIFEST_FILE):
-                raise DataError(f"no dataset at {uri}: {MANIFEST_FILE} not found (missing, or its build "
-                                f"has not finished)")
-            self.manifest = json.loads(self.location.read_bytes(MANIFEST_FILE))
-        except (OSError, StorageError) as exc:
-            raise DataError(f"cannot read dataset {uri}: {first_line(exc)}") from None
-        capture = self.manifest.get("capture")
-        if not capture:
-            raise DataError(f"{uri} has no U-Net capture columns (built with capture.features: none); "
-                            f"build it with --capture.features latent")
-        self.uri = self.location.uri
-        self.files = [(entry["path"], entry["rows"]) for entry in self.manifest["files"]]
-        if not self.files:
-            raise DataError(f"{uri} holds no samples")
-        self.mode: Literal["latent", "tensors"] = capture["features"]
-        self.shapes = {name: tuple(shape) for name, shape in capture["shapes"].items()}
-        self.capture_step: int = capture["steps_remaining"]
-        recipe = self.manifest["recipe"]
-        self.generator: str = recipe["generator"]["model"]
-        self.image_size = (recipe["generator"]["height"], recipe["generator"]["width"])
-        self.split: int | None = recipe.get("split")
-        self.vocabulary = get_vocabulary(self.manifest["vocabulary"]["name"])
+    @classmethod
+    def open(cls, uri: str, *, allow_empty: bool = False) -> TripletSource:
+        source = super().open(uri, allow_empty=allow_empty)
+        if not source.capture:
+            raise DatasetError(f"{uri} has no U-Net capture columns (built with capture.features: none); "
+                               f"build it with --capture.features latent")
+        return source
+
+    @property
+    def mode(self) -> Literal["latent", "tensors"]:
+        return self.capture["features"]
+
+    @cached_property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {name: tuple(shape) for name, shape in self.capture["shapes"].items()}
+
+    @property
+    def capture_step(self) -> int:
+        return self.capture["steps_remaining"]
+
+    @property
+    def generator(self) -> str:
+        return self.recipe["generator"]["model"]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.recipe["generator"]["height"], self.recipe["generator"]["width"]
 
     @property
     def stored_features(self) -> dict[int, str]:
@@ -123,35 +115,6 @@ class TripletSource:
     def columns(self) -> list[str]:
         """What a Featurizer reads (images and label maps are left on disk)."""
         return ROW_COLUMNS + self.feature_columns
-
-    def _read_file(self, path: str, columns: list[str]) -> pa.Table:
-        with self.location.fs.open_input_file(self.location.path(path)) as handle:
-            return pq.read_table(handle, columns=columns)
-
-    def read(self, columns: list[str]) -> pa.Table:
-        """Whole columns of the dataset, files in manifest order."""
-        return pa.concat_tables([self._read_file(path, columns) for path, _ in self.files])
-
-    def take(self, positions: Sequence[int], columns: list[str] | None = None) -> pa.Table:
-        """Rows by position in `read` order, fetched file by file: only the rows asked for are
-        kept in memory, never a whole dataset of feature tensors. Result in position order."""
-        wanted = np.unique(np.asarray(positions, dtype=np.int64))
-        parts, start = [], 0
-        for path, rows in self.files:
-            local = wanted[(wanted >= start) & (wanted < start + rows)] - start
-            if len(local):
-                parts.append(self._read_file(path, columns or self.columns).take(local))
-            start += rows
-        if not parts:
-            return self._read_file(self.files[0][0], columns or self.columns).slice(0, 0)
-        return pa.concat_tables(parts)
-
-
-@torch.no_grad()  # not inference_mode: its tensors could not enter the trained module's autograd graph
-def encode_texts(pipe, texts: list[str]) -> Tensor:
-    """Last hidden state of the text encoder, tokenized as the generator does (padded to 77)."""
-    embeddings, _ = pipe.encode_prompt(texts, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)
-    return embeddings
 
 
 def text_class_embeddings(pipe, text: TextConfig, prompts: Sequence[str],

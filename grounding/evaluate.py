@@ -10,23 +10,32 @@ samples (exact integers, so accumulators of any partition of the test set merge 
 same totals); a class's IoU is its intersection over its union, and a group's mIoU is the
 mean IoU over its classes with a non-empty union. Values are reported in percent, as in
 the paper's tables. The metric code takes predictions and oracle masks as bool arrays;
-``EvalStage`` at the end is the Ray actor that makes them with a module and with DAAM.
+``EvalStage`` is the Ray actor that makes them with a module and with DAAM, and
+``prepare_evaluation`` / ``run_evaluation`` drive it over a test set
+(``jobs/eval_grounding.py``): the batches are fixed by the driver and the counts are
+integers, so the result does not depend on the worker count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
 
-from factory.daam import daam_masks
-from factory.devices import pick_device
-from factory.features import from_fp16_bytes
-from factory.vocab import Vocabulary, get_vocabulary
+from factory.core.cluster import map_positions
+from factory.core.devices import pick_device
+from factory.core.errors import FactoryError
+from factory.core.storage import absolute_uri, check_reachable, split_file_uri
+from factory.core.vocab import Vocabulary, get_vocabulary
+from factory.diffusion.clip import select_top_fraction
+from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
+from factory.diffusion.features import from_fp16_bytes
+from grounding.checkpoint import load_grounding_checkpoint, read_grounding_metadata
 from grounding.data import Featurizer, TextConfig, TripletSource
-from grounding.train import load_grounding_checkpoint
 
 GROUPS = ("one/seen", "one/unseen", "two/seen", "two/seen+unseen", "two/unseen")
 COLUMN_TITLES = ("One/Seen", "One/Unseen", "Two/Seen", "Two/Seen+Unseen", "Two/Unseen")
@@ -179,7 +188,7 @@ class EvalStage:
         device = pick_device()
         module, metadata = load_grounding_checkpoint(checkpoint)
         self.module = module.to(device)
-        self.source = TripletSource(data)
+        self.source = TripletSource.open(data)
         self.featurizer = Featurizer(self.source, TextConfig.model_validate(metadata["text"]), ignore_empty=True,
                                      device=device)
         self.splits, self.daam_threshold = splits, daam_threshold
@@ -209,3 +218,130 @@ class EvalStage:
                 masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
                 daam_acc.add(classes, masks, truth[i, :n], valid[i, :n])
         return module_acc, daam_acc
+
+
+FORMAT = "protocol-i-results/1"
+MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
+_CHECKPOINT_KEYS = ("model", "text", "generator", "capture", "vocabulary", "classes")
+
+
+class EvalError(FactoryError, ValueError):
+    """Inputs that cannot be evaluated; the message is one line."""
+
+
+class GroundingEvalOptions(BaseModel):
+    """The options of a Protocol-I evaluation (``jobs/eval_grounding.py``)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    checkpoint: str = Field(description="grounding checkpoint folder (local or s3://), e.g. <training out>/best")
+    data: str = Field(description="triplet test set (local or s3://)")
+    out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
+    splits: list[int] = Field([1, 2, 3], min_length=1, description="seen/unseen splits")
+    daam_threshold: float = Field(DAAM_THRESHOLD, ge=0.0, le=1.0,
+                                  description="DAAM heat-map threshold (Tang et al.'s; heat maps are normalised)")
+    batch_size: int = Field(8, ge=1, description="rows per module call")
+    num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
+    min_score: float | None = Field(None, ge=0.0, le=1.0, description="automatic test-set filter, detector "
+                                    "agreement: keep samples whose every class the oracle found with this score")
+    keep_quality: float | None = Field(None, gt=0.0, le=1.0, description="automatic test-set filter, image "
+                                       "quality: keep this best fraction by the CLIP quality score (the follow-up "
+                                       "paper keeps 0.8; needs a build with quality.model)")
+
+
+@dataclass
+class EvalPlan:
+    checkpoint: str
+    data: str
+    out: str | None
+    splits: list[int]
+    vocabulary: str
+    daam_threshold: float | None  # None: the dataset has no heat maps, DAAM is skipped
+    batches: list[list[int]]  # row positions of each module call, fixed here
+    num_workers: int | None
+    report: dict  # the JSON's fields other than the results
+
+
+def select_test_rows(source: TripletSource, min_score: float | None, keep_quality: float | None) -> list[int]:
+    """Row positions that pass the automatic filter replacing the papers' manual check."""
+    columns = ["found", "scores"] + (["quality"] if keep_quality is not None else [])
+    try:
+        table = source.read(columns)
+    except (KeyError, pa.ArrowInvalid):
+        raise EvalError(f"--keep-quality needs quality scores: build {source.uri} with --quality.model") from None
+    keep = np.ones(table.num_rows, bool)
+    if min_score is not None:
+        keep &= np.array([all(found) and min(scores) >= min_score for found, scores in
+                          zip(table.column("found").to_pylist(), table.column("scores").to_pylist())])
+    if keep_quality is not None and keep.any():
+        quality = table.column("quality").to_numpy()
+        keep &= select_top_fraction(np.where(keep, quality, -np.inf), keep_quality * keep.mean())
+    return [int(i) for i in np.flatnonzero(keep)]
+
+
+def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
+    """Every check that needs no model; raises a FactoryError (one line) on bad input."""
+    checkpoint, data = absolute_uri(args.checkpoint), absolute_uri(args.data)
+    metadata = read_grounding_metadata(checkpoint)
+    missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
+    if missing:
+        raise EvalError(f"{checkpoint} lacks {', '.join(missing)} in its checkpoint.json")
+    source = TripletSource.open(data)
+    vocabulary = source.vocabulary
+    for what, trained, tested in (("generator", metadata["generator"], source.generator),
+                                  ("capture step", metadata["capture"].get("steps_remaining"), source.capture_step),
+                                  ("vocabulary", metadata["vocabulary"]["name"], vocabulary.name)):
+        if trained != tested:
+            raise EvalError(f"{data} was made with {what} {tested}, the checkpoint's training data with {trained}")
+    height, width = source.image_size
+    if not metadata["model"]["mask_resolution"] == height == width:
+        raise EvalError(f"the module makes {metadata['model']['mask_resolution']}-pixel masks, "
+                        f"{data} has {height}x{width} images")
+    try:
+        ProtocolIAccumulator(vocabulary, args.splits)  # rejects unknown and repeated splits
+    except ValueError as exc:
+        raise EvalError(str(exc)) from None
+    out = args.out and absolute_uri(args.out)
+    if out:
+        check_reachable(split_file_uri(out)[0])
+
+    notes = []
+    daam_threshold = args.daam_threshold
+    if "daam" not in source.shapes:
+        daam_threshold = None
+        notes.append(f"{data} has no DAAM heat maps (built without --capture.attention true): DAAM skipped")
+    trained = set(metadata["classes"])
+    for k in args.splits:
+        shown = sorted(trained.intersection(vocabulary.unseen(k)))
+        if shown:
+            notes.append(f"split {k}: the module was trained on {len(shown)} of its unseen classes "
+                         f"({', '.join(shown)}), so its unseen columns are not zero-shot")
+    kept = select_test_rows(source, args.min_score, args.keep_quality)
+    n = len(kept)
+    if n == 0:
+        raise EvalError(f"no sample of {data} passes the test-set filter")
+    batches = [kept[start:start + args.batch_size] for start in range(0, n, args.batch_size)]
+    if n < source.rows:
+        notes.append(f"test-set filter (min score {args.min_score}, best quality fraction {args.keep_quality}) "
+                     f"kept {n} of {source.rows} samples")
+    thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
+    report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_epoch": metadata.get("epoch"),
+              "trained_classes": metadata["classes"], "data": data,
+              "plan_digest": source.manifest["plan"]["digest"], "samples": n, "vocabulary": vocabulary.name,
+              "splits": list(args.splits), "thresholds": thresholds,
+              "scored": "classes the oracle found with a non-empty mask", "notes": notes}
+    return EvalPlan(checkpoint, data, out, list(args.splits), vocabulary.name, daam_threshold, batches,
+                    args.num_workers, report)
+
+
+def run_evaluation(plan: EvalPlan) -> dict:
+    """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
+    pool = map_positions(EvalStage, {"checkpoint": plan.checkpoint, "data": plan.data, "splits": plan.splits,
+                                     "daam_threshold": plan.daam_threshold}, plan.batches, plan.num_workers)
+    totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, plan.splits)}
+    if plan.daam_threshold is not None:
+        totals[DAAM] = ProtocolIAccumulator(plan.vocabulary, plan.splits)
+    for row in pool.rows:  # integer counts: the merge order does not matter
+        totals[MODULE].merge(ProtocolIAccumulator.from_dict(json.loads(row["module"])))
+        if DAAM in totals:
+            totals[DAAM].merge(ProtocolIAccumulator.from_dict(json.loads(row["daam"])))
+    return {**plan.report, "results": {method: acc.result() for method, acc in totals.items()}}

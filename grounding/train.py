@@ -8,20 +8,14 @@ the Featurizer needs) and keeps it in memory: a latent-mode row is ~40 kB, and U
 features are recomputed on the worker's own device, next to the module being trained.
 Workers get equal step counts (a shorter share wraps around), as DDP needs.
 
-Each epoch: train (Adam, spec section 7), then validation mIoU over classes, one log
-line, and checkpoints written by rank 0 through factory.storage (local or s3://):
-
-    <out>/last/   every epoch          model.safetensors       module weights
-    <out>/best/   when val mIoU rises  optimizer.safetensors   optimizer state tensors
-                                       checkpoint.json         epoch, metrics, configs, vocabulary,
-                                                               optimizer scalars, file checksums
-Nothing is pickled. checkpoint.json is written last and holds the sha256 of the other two,
-so a save interrupted between files is detected; resuming then falls back to best/.
+Each epoch: train (Adam, as in the papers), then validation mIoU over classes, one log line,
+and checkpoints (``grounding.checkpoint``) written by rank 0, local or s3://: ``<out>/last/``
+every epoch and ``<out>/best/`` when the validation mIoU rises. A rerun resumes from last/
+(best/ when last/ is damaged).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -32,29 +26,20 @@ import numpy as np
 import ray
 import ray.train
 import ray.train.torch
-import safetensors.torch
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from factory.checkpoints import flatten_optimizer, sha256, unflatten_optimizer
-from factory.storage import Location, absolute_uri, check_reachable, open_location
+from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state, read_tensors
+from factory.core.storage import absolute_uri, check_reachable, open_location
+from grounding.checkpoint import read_grounding_metadata, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
-from grounding.data import Batch, DataError, Featurizer, TextConfig, TripletSource, in_validation
+from grounding.data import Batch, DatasetError, Featurizer, TextConfig, TripletSource, in_validation
 from grounding.losses import grounding_loss
 from grounding.model import GroundingModule
 
-FORMAT = "grounding-checkpoint/1"
-MODEL_FILE = "model.safetensors"
-OPTIMIZER_FILE = "optimizer.safetensors"
-METADATA_FILE = "checkpoint.json"
-
 logger = logging.getLogger(__name__)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or resumed; the message is one line."""
 
 
 class ModelSection(BaseModel):
@@ -154,74 +139,6 @@ class IoUTotals:
         return sum(ious) / len(ious) if ious else float("nan")
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def save_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Optimizer | None,
-                    metadata: dict) -> None:
-    """Write a checkpoint folder; checkpoint.json last, with the checksums of the other files."""
-    location = open_location(uri)
-    files = {MODEL_FILE: safetensors.torch.save({k: v.detach().contiguous().cpu()
-                                                 for k, v in module.state_dict().items()})}
-    metadata = {**metadata, "format": FORMAT, "model": module.config.model_dump(mode="json")}
-    if optimizer is not None:
-        tensors, metadata["optimizer"] = flatten_optimizer(optimizer.state_dict())
-        files[OPTIMIZER_FILE] = safetensors.torch.save(tensors)
-    for name, data in files.items():
-        location.write_bytes(name, data)
-    metadata["files"] = {name: sha256(data) for name, data in files.items()}
-    location.write_bytes(METADATA_FILE, json.dumps(metadata, indent=2).encode())
-
-
-def read_checkpoint_metadata(uri: str) -> dict:
-    location = open_location(uri)
-    try:
-        metadata = json.loads(location.read_bytes(METADATA_FILE))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"no readable checkpoint at {uri}: {type(exc).__name__}: "
-                              f"{(str(exc).splitlines() or [''])[0]}") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{uri}/{METADATA_FILE} is not a {FORMAT} checkpoint")
-    return metadata
-
-
-def _read_tensors(uri: str, name: str, metadata: dict) -> dict[str, Tensor]:
-    data = open_location(uri).read_bytes(name)
-    if sha256(data) != metadata["files"].get(name):
-        raise CheckpointError(f"{uri}/{name} does not match its checkpoint.json (a save was interrupted)")
-    return safetensors.torch.load(data)
-
-
-def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
-    """The trained module (eval mode, CPU) and its checkpoint.json: epoch, metrics, model and
-    text config, generator model id, capture step, vocabulary and trained classes."""
-    metadata = read_checkpoint_metadata(uri)
-    module = GroundingModule(GroundingModelConfig.model_validate(metadata["model"]))
-    module.load_state_dict(_read_tensors(uri, MODEL_FILE, metadata))
-    return module.eval(), metadata
-
-
-def load_optimizer_state(uri: str, optimizer: torch.optim.Optimizer, metadata: dict) -> None:
-    tensors = _read_tensors(uri, OPTIMIZER_FILE, metadata)
-    optimizer.load_state_dict(unflatten_optimizer(tensors, metadata["optimizer"]))
-
-
-def resume_point(location: Location) -> tuple[str, dict] | None:
-    """The checkpoint a rerun continues from: last/, or best/ when last/ was left half-written
-    (its files no longer match its checkpoint.json)."""
-    for name in ("last", "best"):
-        if not location.exists(f"{name}/{METADATA_FILE}"):
-            continue
-        uri = location.url(name)
-        metadata = read_checkpoint_metadata(uri)
-        try:
-            for file in metadata["files"]:
-                _read_tensors(uri, file, metadata)
-        except CheckpointError:
-            continue
-        return name, metadata
-    return None
-
-
 # ---------------------------------------------------------------- driver side
 
 @dataclass
@@ -258,7 +175,7 @@ def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list
     vocabulary = source.vocabulary
     split = config.split or source.split
     if config.classes == "seen" and split is None:
-        raise DataError(f"classes: seen needs a split, and {source.uri} was built without one; "
+        raise DatasetError(f"classes: seen needs a split, and {source.uri} was built without one; "
                         f"pass --split 1..3 or --classes all")
     try:
         if split is not None:
@@ -269,7 +186,7 @@ def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list
             return list(vocabulary.seen(split))
         return [vocabulary.lookup(name).name for name in config.classes]
     except ValueError as exc:  # an unknown split or class name
-        raise DataError(str(exc)) from None
+        raise DatasetError(str(exc)) from None
 
 
 def _usable_rows(source: TripletSource, classes: list[str]) -> tuple[list[str], np.ndarray]:
@@ -281,11 +198,11 @@ def _usable_rows(source: TripletSource, classes: list[str]) -> tuple[list[str], 
 
 
 def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
-    """Every check that needs no model; raises DataError, StorageError or CheckpointError (one line)."""
+    """Every check that needs no model; raises DatasetError, StorageError or CheckpointError (one line)."""
     config = config.model_copy(update={"data": absolute_uri(config.data), "out": absolute_uri(config.out),
                                        "val": config.val and absolute_uri(config.val)})
-    source = TripletSource(config.data)
-    val_source = TripletSource(config.val) if config.val else source
+    source = TripletSource.open(config.data)
+    val_source = TripletSource.open(config.val) if config.val else source
     # One Featurizer serves both sets, so they must be featurized alike.
     for what, ours, theirs in (("generator", source.generator, val_source.generator),
                                ("capture mode", source.mode, val_source.mode),
@@ -293,9 +210,9 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
                                ("vocabulary", source.vocabulary.name, val_source.vocabulary.name),
                                ("image size", source.image_size, val_source.image_size)):
         if ours != theirs:
-            raise DataError(f"validation set {val_source.uri} differs from {source.uri} in {what}: {theirs} vs {ours}")
+            raise DatasetError(f"validation set {val_source.uri} differs from {source.uri} in {what}: {theirs} vs {ours}")
     if source.image_size[0] != source.image_size[1]:
-        raise DataError(f"{source.uri} has {source.image_size[0]}x{source.image_size[1]} images; "
+        raise DatasetError(f"{source.uri} has {source.image_size[0]}x{source.image_size[1]} images; "
                         f"the grounding module makes square masks")
     classes = resolve_classes(config, source)
     ids, usable = _usable_rows(source, classes)
@@ -306,21 +223,16 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
         held = in_validation(ids, config.val_fraction)
         train, val = usable & ~held, usable & held
     if train.sum() < config.num_workers:
-        raise DataError(f"{source.uri}: {train.sum()} training samples name only the {len(classes)} trained "
+        raise DatasetError(f"{source.uri}: {train.sum()} training samples name only the {len(classes)} trained "
                         f"classes; need at least num_workers={config.num_workers}")
     if not val.any():
-        raise DataError(f"no validation samples name only the trained classes "
+        raise DatasetError(f"no validation samples name only the trained classes "
                         f"({'in ' + val_source.uri if config.val else f'val_fraction {config.val_fraction}'})")
     location = check_reachable(config.out)
     resume, done = resume_point(location), 0
     if resume is not None:
         name, metadata = resume
-        before = {key: metadata["train"][key] for key in _RUN_IDENTITY}
-        now = {key: value for key, value in config.model_dump(mode="json").items() if key in _RUN_IDENTITY}
-        changed = [key for key in _RUN_IDENTITY if before[key] != now[key]]
-        if changed:
-            raise CheckpointError(f"{config.out} holds a run with different {', '.join(changed)}; "
-                                  f"use another --out or the same settings")
+        check_same_run(config.out, metadata["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
         done = metadata["epoch"]
     return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), np.flatnonzero(val).tolist(),
                         resume and resume[0], done)
@@ -328,8 +240,8 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
 
 def summarize(plan: TrainingPlan) -> TrainingSummary:
     location = open_location(plan.config.out)
-    last = read_checkpoint_metadata(location.url("last"))
-    best = read_checkpoint_metadata(location.url("best")) if location.exists(f"best/{METADATA_FILE}") else None
+    last = read_grounding_metadata(location.url("last"))
+    best = read_grounding_metadata(location.url("best")) if location.exists(f"best/{METADATA_FILE}") else None
     return TrainingSummary(
         out=plan.config.out, epochs=last["epoch"], resumed_from=plan.done_epochs,
         trained=last["epoch"] - plan.done_epochs, train_samples=len(plan.train_rows),
@@ -379,8 +291,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    source = TripletSource(config.data)
-    val_source = TripletSource(config.val) if config.val else source
+    source = TripletSource.open(config.data)
+    val_source = TripletSource.open(config.val) if config.val else source
     classes = worker_config["classes"]
     featurizer = Featurizer(source, config.model.text, ignore_empty=config.ignore_empty, classes=classes,
                             device=device)
@@ -395,18 +307,18 @@ def train_loop_per_worker(worker_config: dict) -> None:
     start, best, history = 1, {"epoch": None, "val_miou": None}, []
     if worker_config["resume"]:
         uri = out.url(worker_config["resume"])
-        saved = read_checkpoint_metadata(uri)
+        saved = read_grounding_metadata(uri)
         if GroundingModelConfig.model_validate(saved["model"]) != model_config:
             raise CheckpointError(f"{uri} holds a module of other sizes than this dataset and preset give")
-        module.load_state_dict(_read_tensors(uri, MODEL_FILE, saved))
+        module.load_state_dict(read_tensors(uri, saved, "model"))
         load_optimizer_state(uri, optimizer, saved)
         for group in optimizer.param_groups:  # the command line may change them between runs
             group.update(lr=config.lr, weight_decay=config.weight_decay)
         start, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
     model = ray.train.torch.prepare_model(module)
 
-    train_rows = source.take(worker_config["train_rows"][rank::world])
-    val_rows = val_source.take(worker_config["val_rows"][rank::world])
+    train_rows = source.take(worker_config["train_rows"][rank::world], source.columns)
+    val_rows = val_source.take(worker_config["val_rows"][rank::world], source.columns)
     per_worker = math.ceil(len(worker_config["train_rows"]) / world)
     local_batch = config.batch_size // world
     names = source.vocabulary.names
@@ -440,9 +352,9 @@ def train_loop_per_worker(worker_config: dict) -> None:
                 "text": config.model.text.model_dump(), "generator": source.generator,
                 "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
                 "classes": classes, "train": config.model_dump(mode="json")}
-            save_checkpoint(out.url("last"), module, optimizer, metadata)
+            save_grounding_checkpoint(out.url("last"), module, optimizer, metadata)
             if improved:
-                save_checkpoint(out.url("best"), module, optimizer, metadata)
+                save_grounding_checkpoint(out.url("best"), module, optimizer, metadata)
             best_text = "none" if best["epoch"] is None else f"{best['val_miou']:.4f} (epoch {best['epoch']})"
             # Ray Train shows worker logs on the driver (a print is echoed twice there).
             logger.info(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  best {best_text}")

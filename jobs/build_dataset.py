@@ -8,30 +8,31 @@ Running the same command again on the same output finishes only what is missing.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from factory.cost import add_estimate_arguments, estimate, format_estimate, load_rates
-from factory.options import ArgumentParser
-from factory.pipeline import BuildError, Summary, prepare_build, run_build
-from factory.plan import build_plan
-from factory.recipe import RecipeError, add_recipe_arguments, recipe_from_args
-from factory.storage import StorageError, first_line
+from factory.build.cost import add_estimate_arguments, estimate, format_estimate, load_rates
+from factory.build.pipeline import Summary, prepare_build, run_build
+from factory.build.plan import build_plan
+from factory.build.recipe import add_recipe_arguments, recipe_from_args
+from factory.core.cli import run_job
+from factory.core.options import job_parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build(argv: list[str] | None) -> int:
+    parser = job_parser(__doc__)
     add_recipe_arguments(parser)
     add_estimate_arguments(parser)
-    return parser.parse_args(argv)
-
-
-def print_estimate(args: argparse.Namespace) -> int:
-    """--estimate: the recipe is validated and planned, then only the cost model runs."""
+    args = parser.parse_args(argv)
     recipe = recipe_from_args(args)
-    rates = load_rates(args.rates)
-    samples = len(build_plan(recipe))
-    print(format_estimate(estimate(recipe, samples, rates, args.gpus, args.usd_per_gpu_hour), recipe))
+    if args.estimate:  # the recipe is validated and planned, then only the cost model runs
+        samples = len(build_plan(recipe))
+        print(format_estimate(estimate(recipe, samples, load_rates(args.rates), args.gpus, args.usd_per_gpu_hour),
+                              recipe))
+        return 0
+    prepared = prepare_build(recipe)
+    for note in prepared.notes:
+        print(f"note: {note}")
+    print_summary(run_build(prepared))
     return 0
 
 
@@ -58,21 +59,8 @@ def print_summary(summary: Summary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        if args.estimate:
-            return print_estimate(args)
-        prepared = prepare_build(recipe_from_args(args))
-        summary = run_build(prepared)
-    except (RecipeError, StorageError, BuildError) as exc:
-        print(f"build_dataset: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # storage failed beyond the S3 client's retries while resuming or finishing
-        print(f"build_dataset: error: {first_line(exc)} (committed parts are kept; the same command resumes)",
-              file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return run_job("build_dataset", build, argv,
+                   storage_failure="committed parts are kept; the same command resumes")
 
 
 if __name__ == "__main__":

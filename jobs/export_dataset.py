@@ -1,7 +1,7 @@
 """Export a finished dataset for other tools.
 
     python jobs/export_dataset.py outputs/tiny --format mmseg --out exports/tiny-mmseg
-    python jobs/export_dataset.py s3://bucket/datasets/voc-oracle --format coco --coco-masks class \\
+    python jobs/export_dataset.py s3://bucket/datasets/voc-oracle --format coco --coco-masks class \
         --out s3://bucket/exports/voc-oracle-coco
 
 Formats: ``mmseg`` (img_dir/ann_dir/splits, metainfo.json, dataset_config.py and
@@ -14,43 +14,29 @@ success, 2 when the dataset or the target cannot be used, 1 when storage fails m
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from pydantic import ValidationError
+from factory.core.cli import run_job
+from factory.core.options import parse_options
+from factory.core.storage import first_line
+from factory.dataset.export import ExportOptions, export_dataset
+from factory.dataset.source import DatasetSource
 
-from factory.export import ExportError, ExportOptions, export_dataset
-from factory.options import one_line
-from factory.reader import DatasetError, DatasetSource
-from factory.storage import first_line
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("uri", help="the dataset: a local folder or s3://bucket/prefix")
-    parser.add_argument("--format", required=True, choices=["mmseg", "coco", "folders"])
-    parser.add_argument("--out", required=True, help="a local folder or s3://bucket/prefix to write")
-    parser.add_argument("--val-fraction", type=float, default=0.1,
-                        help="share of samples in the val split, by sample-id hash (default: 0.1)")
-    parser.add_argument("--coco-masks", choices=["instance", "class"], default="instance",
-                        help="coco: one annotation per 8-connected region of a class mask, or per class")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty target")
-    args = parser.parse_args(argv)
+def export(argv: list[str] | None) -> int:
+    options = parse_options(ExportOptions, argv, __doc__)
+    source = DatasetSource.open(options.dataset)
     try:
-        options = ExportOptions(format=args.format, out=args.out, val_fraction=args.val_fraction,
-                                coco_masks=args.coco_masks, overwrite=args.overwrite)
-        summary = export_dataset(DatasetSource.open(args.uri), options)
-    except ValidationError as exc:
-        print(f"export_dataset: {one_line(exc)}", file=sys.stderr)
-        return 2
-    except (DatasetError, ExportError) as exc:
-        print(f"export_dataset: {exc}", file=sys.stderr)
-        return 2
+        summary = export_dataset(source, options)
     except OSError as exc:  # storage failing mid-export: a local target is left untouched
         print(f"export_dataset: export failed: {first_line(exc)}", file=sys.stderr)
         return 1
     print(summary.report())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("export_dataset", export, argv)
 
 
 if __name__ == "__main__":

@@ -11,34 +11,31 @@ cannot be written; 1 when storage fails midway.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from factory.inspection import inspect, summary_table, write_inspection
-from factory.reader import DatasetError, DatasetSource
-from factory.storage import StorageError, check_reachable, first_line
+from factory.build.plan import replan
+from factory.core.cli import run_job
+from factory.core.options import parse_options
+from factory.core.storage import check_reachable, first_line
+from factory.dataset.inspection import InspectOptions, inspect, summary_table, write_inspection
+from factory.dataset.source import DatasetSource
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("uri", help="the dataset: a local folder or s3://bucket/prefix")
-    parser.add_argument("--out", help="a local folder or s3://bucket/prefix for the report "
-                                      "(default: inspections/<dataset folder name>)")
-    args = parser.parse_args(argv)
-    out = args.out or f"inspections/{args.uri.rstrip('/').rsplit('/', 1)[-1]}"
+def inspect_dataset(argv: list[str] | None) -> int:
+    options = parse_options(InspectOptions, argv, __doc__)
+    source = DatasetSource.open(options.dataset)
+    check_reachable(options.output)
     try:
-        dataset = DatasetSource.open(args.uri)
-        check_reachable(out)
-    except (DatasetError, StorageError) as exc:
-        print(f"inspect_dataset: {exc}", file=sys.stderr)
-        return 2
-    try:
-        report = write_inspection(inspect(dataset), out)
+        report = write_inspection(inspect(source, replan), options.output)
     except OSError as exc:
         print(f"inspect_dataset: failed: {first_line(exc)}", file=sys.stderr)
         return 1
-    print(summary_table(report, out))
+    print(summary_table(report, options.output))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("inspect_dataset", inspect_dataset, argv)
 
 
 if __name__ == "__main__":

@@ -11,32 +11,20 @@ again on the same --out resumes from its last checkpoint, up to --epochs.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from factory.storage import StorageError
-from grounding.data import DataError
-from factory.options import (ArgumentParser, ConfigError, add_config_arguments, load_config, overrides_from_args,
-                             resolve_config_path)
-from grounding.train import (CheckpointError, GroundingTrainConfig, TrainingSummary, prepare_training,
-                             run_training)
+from factory.core.cli import run_job
+from factory.core.options import parse_config
+from grounding.train import GroundingTrainConfig, TrainingSummary, prepare_training, run_training
 
 CONFIG_DIR = Path(__file__).resolve().parent / "recipes" / "grounding"
-DEFAULT_CONFIG = "tiny"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"config name in jobs/recipes/grounding/ or a YAML path (default: {DEFAULT_CONFIG})")
-    add_config_arguments(parser, GroundingTrainConfig)
-    return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> GroundingTrainConfig:
-    path = resolve_config_path(args.config, CONFIG_DIR)
-    return load_config(GroundingTrainConfig, path, overrides_from_args(args, GroundingTrainConfig))
+def train(argv: list[str] | None) -> int:
+    config = parse_config(GroundingTrainConfig, argv, __doc__, folder=CONFIG_DIR, default="tiny")
+    print_summary(run_training(prepare_training(config)))
+    return 0
 
 
 def print_summary(summary: TrainingSummary) -> None:
@@ -56,14 +44,7 @@ def print_summary(summary: TrainingSummary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        plan = prepare_training(config_from_args(args))
-    except (ConfigError, DataError, StorageError, CheckpointError) as exc:
-        print(f"train_grounding: error: {exc}", file=sys.stderr)
-        return 2
-    print_summary(run_training(plan))
-    return 0
+    return run_job("train_grounding", train, argv)
 
 
 if __name__ == "__main__":

@@ -11,32 +11,20 @@ again on the same --out resumes from its last checkpoint, up to --iterations.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from factory.options import (ArgumentParser, ConfigError, add_config_arguments, load_config, overrides_from_args,
-                             resolve_config_path)
-from factory.storage import StorageError
-from segmenter.data import DataError
-from segmenter.model import CheckpointError
+from factory.core.cli import run_job
+from factory.core.options import parse_config
 from segmenter.train import SegmenterTrainConfig, TrainingSummary, prepare_training, run_training
 
 CONFIG_DIR = Path(__file__).resolve().parent / "recipes" / "segmenter"
-DEFAULT_CONFIG = "tiny"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEFAULT_CONFIG,
-                        help=f"config name in jobs/recipes/segmenter/ or a YAML path (default: {DEFAULT_CONFIG})")
-    add_config_arguments(parser, SegmenterTrainConfig)
-    return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> SegmenterTrainConfig:
-    path = resolve_config_path(args.config, CONFIG_DIR)
-    return load_config(SegmenterTrainConfig, path, overrides_from_args(args, SegmenterTrainConfig))
+def train(argv: list[str] | None) -> int:
+    config = parse_config(SegmenterTrainConfig, argv, __doc__, folder=CONFIG_DIR, default="tiny")
+    print_summary(run_training(prepare_training(config)))
+    return 0
 
 
 def print_summary(summary: TrainingSummary) -> None:
@@ -51,14 +39,7 @@ def print_summary(summary: TrainingSummary) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(argv)
-        summary = run_training(prepare_training(config_from_args(args)))
-    except (ConfigError, DataError, StorageError, CheckpointError) as exc:
-        print(f"train_segmenter: error: {exc}", file=sys.stderr)
-        return 2
-    print_summary(summary)
-    return 0
+    return run_job("train_segmenter", train, argv)
 
 
 if __name__ == "__main__":

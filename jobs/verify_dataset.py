@@ -14,188 +14,23 @@ Prints a short report; exit code 0 when everything holds, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import io
-import json
 import sys
-from collections import Counter
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from PIL import Image
-from pydantic import ValidationError
-
-from factory.card import CARD_FILE
-from factory.plan import build_plan, plan_digest
-from factory.recipe import Recipe, RecipeError
-from factory.storage import Location, StorageError, first_line, open_location
-from factory.write import COMMIT_DIR, DATA_DIR, Commit
-
-MANIFEST_FILE = "manifest.json"
-SHOWN = 5  # ids named per problem; the rest are counted
-COLUMNS = ["sample_id", "classes", "image", "label", "masks", "width", "height"]
+from factory.build.plan import replan
+from factory.core.cli import run_job
+from factory.core.options import parse_options
+from factory.dataset.verify import Verifier, VerifyOptions
 
 
-def some(ids, what: str) -> str:
-    ids = sorted(ids)
-    more = f" and {len(ids) - SHOWN} more" if len(ids) > SHOWN else ""
-    return f"{len(ids)} {what}: {', '.join(ids[:SHOWN])}{more}"
-
-
-class Verifier:
-    """Collects what was checked and every problem found, file by file."""
-
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.checked: list[str] = []
-        self.problems: list[str] = []
-        self.decoded: Counter[str] = Counter()
-
-    def report(self) -> str:
-        lines = [f"verify_dataset: {self.uri}", *(f"  {line}" for line in self.checked)]
-        if not self.problems:
-            return "\n".join([*lines, "OK"])
-        return "\n".join([*lines, f"FAILED: {len(self.problems)} problem(s)", *(f"  {p}" for p in self.problems)])
-
-    def run(self) -> bool:
-        try:
-            location = open_location(self.uri)
-            if not location.exists(MANIFEST_FILE):
-                self.problems.append("no manifest.json: the build has not finished "
-                                     "(run the same build command again to resume it)")
-            else:
-                self.dataset(location, json.loads(location.read_bytes(MANIFEST_FILE)))
-        except (StorageError, OSError) as exc:
-            self.problems.append(f"cannot read {self.uri}: {first_line(exc)}")
-        except (ValueError, KeyError, TypeError) as exc:  # JSON that is no manifest or commit record of ours
-            self.problems.append(f"unreadable manifest or commit record: {type(exc).__name__}: {first_line(exc)}")
-        return not self.problems
-
-    def dataset(self, location: Location, manifest: dict) -> None:
-        planned = self.planned_ids(manifest)
-        commits = [Commit.from_json(location.read_bytes(p)) for p in location.list(COMMIT_DIR, ".json")]
-        committed = {c.file: c for c in commits if c.file}
-        entries = {entry["path"]: entry for entry in manifest["files"]}
-        present = set(location.list(DATA_DIR, ".parquet"))
-        for path in sorted(entries.keys() - present):
-            self.problems.append(f"{path}: missing")
-        for path in sorted(present - entries.keys()):
-            self.problems.append(f"{path}: not in the manifest (left by an unfinished run?), yet readers of "
-                                 f"{DATA_DIR}/ see its rows")
-        for path in sorted(entries.keys() ^ committed.keys()):
-            has = "a commit record but no manifest entry" if path in committed else "no commit record"
-            self.problems.append(f"{path}: has {has}")
-
-        ids: Counter[str] = Counter()
-        for path in sorted(entries.keys() & present):
-            ids.update(self.parquet_file(location, entries[path], committed.get(path), manifest))
-        duplicated = [i for i, n in ids.items() if n > 1]
-        if duplicated:
-            self.problems.append(some(duplicated, "sample ids in more than one row"))
-        dropped = {i: reason for c in commits for i, reason in c.dropped.items()}
-        written = set(ids)
-        if planned is not None:
-            for wrong, what in ((written - planned, "written ids outside the plan"),
-                                (dropped.keys() - planned, "dropped ids outside the plan"),
-                                (planned - written - dropped.keys(), "planned ids neither written nor dropped")):
-                if wrong:
-                    self.problems.append(some(wrong, what))
-        if written & dropped.keys():
-            self.problems.append(some(written & dropped.keys(), "ids both written and recorded as dropped"))
-        if not location.exists(CARD_FILE):
-            self.problems.append(f"no {CARD_FILE} (the dataset card): run the same build command again to write it")
-        reasons = dict(Counter(dropped.values()))
-        found = {"planned": len(planned) if planned is not None else manifest["counts"]["planned"],
-                 "written": sum(ids.values()), "dropped": reasons}
-        if manifest["counts"] != found:
-            self.problems.append(f"manifest counts {json.dumps(manifest['counts'], sort_keys=True)} differ from "
-                                 f"the files and commit records: {json.dumps(found, sort_keys=True)}")
-
-        drops = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
-        self.checked += [
-            f"dataset   {manifest['name']}: {found['planned']} planned, {found['written']} written, dropped: {drops}",
-            f"files     {len(present)} Parquet files, {len(entries)} in the manifest, {len(commits)} commit records",
-            f"samples   {sum(ids.values())} rows, {len(written)} distinct ids",
-            f"decoded   {self.decoded['image']} images, {self.decoded['label']} label maps, "
-            f"{self.decoded['mask']} masks",
-        ]
-
-    def planned_ids(self, manifest: dict) -> set[str] | None:
-        """The plan rebuilt from the manifest's recipe; None (and a problem) when it cannot be."""
-        try:
-            recipe = Recipe.model_validate(manifest["recipe"])
-            if recipe.content_key() != manifest["content_key"]:
-                self.problems.append(f"the recipe's content key is {recipe.content_key()} here, "
-                                     f"{manifest['content_key']} when built: made by another version of "
-                                     f"dataset-factory, so its planned ids cannot be rebuilt here")
-                return None
-            plan = build_plan(recipe)
-        except (ValidationError, RecipeError) as exc:
-            self.problems.append(f"cannot rebuild the plan from the manifest's recipe: {first_line(exc)}")
-            return None
-        if plan_digest(plan) != manifest["plan"]["digest"]:
-            self.problems.append(f"the plan rebuilt from the manifest's recipe has digest {plan_digest(plan)}, "
-                                 f"the manifest {manifest['plan']['digest']}")
-        return {s.sample_id for s in plan}
-
-    def parquet_file(self, location: Location, entry: dict, commit: Commit | None, manifest: dict) -> list[str]:
-        """Size, checksum, rows, ids and images of one file; returns its sample ids."""
-        path = entry["path"]
-        data = location.read_bytes(path)
-        if len(data) != entry["bytes"]:
-            self.problems.append(f"{path}: {len(data)} bytes, the manifest says {entry['bytes']}")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            self.problems.append(f"{path}: sha256 {digest[:12]}... differs from the manifest's "
-                                 f"{entry['sha256'][:12]}...")
-        try:
-            table = pq.read_table(pa.BufferReader(data), columns=COLUMNS)
-        except (pa.ArrowException, OSError) as exc:
-            self.problems.append(f"{path}: not a readable Parquet file of samples: {first_line(exc)}")
-            return []
-        if table.num_rows != entry["rows"]:
-            self.problems.append(f"{path}: {table.num_rows} rows, the manifest says {entry['rows']}")
-        ids = table.column("sample_id").to_pylist()
-        if commit is not None and sorted(ids) != sorted(commit.written):
-            self.problems.append(f"{path}: its ids differ from its commit record's "
-                                 f"({len(ids)} rows, {len(commit.written)} ids recorded)")
-        image_format = "JPEG" if manifest["recipe"]["writer"]["image_format"] == "jpeg" else "PNG"
-        for row in table.to_pylist():
-            size, sample = (row["width"], row["height"]), f"{path}: sample {row['sample_id']}"
-            self.image("image", row["image"], f"{sample} image", image_format, None, size)
-            self.image("label", row["label"], f"{sample} label", "PNG", "P", size)
-            if len(row["masks"]) != len(row["classes"]):
-                self.problems.append(f"{sample}: {len(row['masks'])} masks for {len(row['classes'])} classes")
-            for k, mask in enumerate(row["masks"]):
-                self.image("mask", mask, f"{sample} mask {k}", "PNG", "1", size)
-        return ids
-
-    def image(self, kind: str, struct: dict, what: str, image_format: str, mode: str | None,
-              size: tuple[int, int]) -> None:
-        """Decodes every pixel, and checks format, size and (for labels and masks) mode."""
-        try:
-            with Image.open(io.BytesIO(struct["bytes"] or b"")) as image:
-                image.load()
-                found = image.format, image.size, image.mode
-        except Exception as exc:  # noqa: BLE001 - PIL reports corrupt data with many exception types
-            self.problems.append(f"{what} does not decode: {first_line(exc)}")
-            return
-        if found[0] != image_format or found[1] != size or (mode and found[2] != mode):
-            expected = f"{image_format} {size[0]}x{size[1]}" + (f" mode {mode}" if mode else "")
-            self.problems.append(f"{what} is {found[0]} {found[1][0]}x{found[1][1]} mode {found[2]}, "
-                                 f"expected {expected}")
-            return
-        self.decoded[kind] += 1
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("uri", help="the dataset: a local folder or s3://bucket/prefix")
-    verifier = Verifier(parser.parse_args(argv).uri)
+def verify(argv: list[str] | None) -> int:
+    verifier = Verifier(parse_options(VerifyOptions, argv, __doc__).dataset, replan)
     ok = verifier.run()
     print(verifier.report())
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_job("verify_dataset", verify, argv)
 
 
 if __name__ == "__main__":

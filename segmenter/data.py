@@ -31,13 +31,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from factory.reader import DatasetError, DatasetSource, decode_image, decode_label, read_dataset
+from factory.dataset.codec import decode_image, decode_label
+from factory.dataset.reader import read_dataset
+from factory.dataset.source import DatasetSource
 from segmenter.datasets import ignore_classes, real_dataset
-
-# The factory's reader opens factory datasets; the segmenter's names for its source and for
-# an unusable dataset (which the training job reports in one line) are the reader's.
-SyntheticSource = DatasetSource
-DataError = DatasetError
 
 # The backbone's ImageNet pretraining statistics (torchvision's and transformers' ResNets alike).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -127,7 +124,7 @@ class RealSamples:
         return _transformed(((s.image, s.label) for s in samples), self.crop_size, self.crop_scale, self.ignore)
 
 
-def synthetic_dataset(source: SyntheticSource, *, crop_size: int, crop_scale: tuple[float, float],
+def synthetic_dataset(source: DatasetSource, *, crop_size: int, crop_scale: tuple[float, float],
                       ignore: list[int]) -> ray.data.Dataset:
     """Training rows of a factory dataset; `ignore`: class indices whose pixels become 255."""
     ds = read_dataset(source, columns=["image", "label"], shuffle_files=True, decode=False)

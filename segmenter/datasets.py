@@ -36,12 +36,13 @@ import numpy as np
 from PIL import Image
 from pycocotools.coco import COCO as COCOApi
 
-from factory.pairs import read_image_ids
-from factory.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary
+from factory.core.conventions import IGNORE
+from factory.core.pairs import read_image_ids
+from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary
 
 PathLike = str | os.PathLike
 
-IGNORE = 255  # label of pixels that count for no class, in training and evaluation
+
 
 
 @dataclass(frozen=True)

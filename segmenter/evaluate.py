@@ -9,6 +9,10 @@ every ground-truth pixel at its original resolution.
 
 ``ZS3Stage`` is the Ray Data actor: it loads the segmenter and the dataset reader once
 and turns each batch of sample positions into one integer confusion matrix.
+``prepare_evaluation`` / ``run_evaluation`` drive it over a real dataset
+(``jobs/eval_zs3.py``): the batches are fixed by the driver and the counts are exact, so
+the result does not depend on the worker count; the scores are computed from the summed
+matrix for every split.
 """
 
 from __future__ import annotations
@@ -16,20 +20,24 @@ from __future__ import annotations
 import io
 import json
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
 
-from factory.devices import pick_device
-from factory.storage import open_location
-from factory.write import PALETTE
+from factory.core.cluster import map_positions
+from factory.core.devices import pick_device
+from factory.core.errors import FactoryError
+from factory.core.storage import absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
+from factory.core.vocab import Vocabulary
+from factory.dataset.codec import COLORS
 from segmenter.data import normalize
-from segmenter.datasets import real_dataset
-from segmenter.metrics import ConfusionMatrix
-from segmenter.model import Segmenter, load_segmenter_checkpoint
-
-_COLORS = np.array(PALETTE, np.uint8).reshape(256, 3)
+from segmenter.datasets import DEFAULT_SPLITS, real_dataset
+from segmenter.metrics import ConfusionMatrix, zs3_scores
+from segmenter.model import Segmenter, load_segmenter_checkpoint, read_segmenter_metadata
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -52,7 +60,7 @@ def predict(model: Segmenter, image: np.ndarray, size: int, device: torch.device
 def render_panel(image: np.ndarray, label: np.ndarray, prediction: np.ndarray) -> bytes:
     """PNG of image | ground truth | prediction, label maps in VOC colours (255 cream)."""
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
-    panel = np.concatenate([image, gap, _COLORS[label], gap, _COLORS[prediction]], axis=1)
+    panel = np.concatenate([image, gap, COLORS[label], gap, COLORS[prediction]], axis=1)
     buffer = io.BytesIO()
     Image.fromarray(panel).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -93,3 +101,167 @@ class ZS3Stage:
             images.append(len(positions))
             seconds.append(time.perf_counter() - start)
         return {"confusion": np.array(matrices), "images": np.array(images), "seconds": np.array(seconds)}
+
+
+FORMAT = "zs3-results/1"
+_CHECKPOINT_KEYS = ("model", "vocabulary", "setting", "split")
+
+
+class EvalError(FactoryError, ValueError):
+    """Inputs that cannot be evaluated; the message is one line."""
+
+
+class ZS3EvalOptions(BaseModel):
+    """The options of a Protocol-II evaluation (``jobs/eval_zs3.py``)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    checkpoint: str = Field(description="segmenter checkpoint folder (local or s3://)")
+    format: Literal["voc", "coco"] = Field(description="real dataset format")
+    root: str = Field(description="real dataset folder (local, readable on every node)")
+    split_set: str | None = Field(None, description="image list: VOC ImageSets/Segmentation name or COCO image "
+                                  f"folder (null: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPLITS.items())})")
+    splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
+                                     "checkpoint's split, else 1 2 3)")
+    background: Literal["ignore", "seen"] = Field("ignore", description="background pixels ignored (ZegFormer) "
+                                                  "or a seen class (ZS3Net)")
+    out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
+    num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
+    qualitative: int = Field(8, ge=0, description="panels written next to out, of images spread over the dataset")
+    size: int = Field(512, ge=32, description="short side of the inference input (at least the backbone's "
+                      "stride, 32)")
+    batch_size: int = Field(8, ge=1, description="images per confusion matrix")
+
+
+@dataclass
+class EvalPlan:
+    checkpoint: str
+    format: str
+    root: str
+    split_set: str
+    size: int
+    vocabulary: Vocabulary
+    num_labels: int
+    splits: list[int]
+    background: str
+    out: str | None
+    batches: list[list[int]]  # sample positions of each confusion matrix, fixed here
+    panels: dict[int, str]  # sample position -> panel file name next to --out
+    num_workers: int | None
+    report: dict  # the JSON's fields other than the results
+
+
+def _check_checkpoint(checkpoint: str, metadata: dict, vocabulary: Vocabulary) -> None:
+    missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
+    if missing:
+        raise EvalError(f"{checkpoint} lacks {', '.join(missing)} in its checkpoint.json")
+    trained = metadata["vocabulary"]
+    if trained.get("name") != vocabulary.name:
+        raise EvalError(f"the checkpoint was trained on the {trained.get('name')} vocabulary, "
+                        f"the dataset has {vocabulary.name}")
+    if [c["name"] for c in trained.get("classes", [])] != list(vocabulary.names):
+        raise EvalError(f"the checkpoint's {vocabulary.name} classes differ from the project's "
+                        f"{vocabulary.name} vocabulary (names or order)")
+    if metadata["model"]["num_labels"] != len(vocabulary) + 1:
+        raise EvalError(f"the checkpoint predicts {metadata['model']['num_labels']} labels, "
+                        f"{vocabulary.name} has {len(vocabulary) + 1} with background")
+
+
+def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
+    """Every check that needs no model; raises a FactoryError (one line) on bad input."""
+    if is_s3(args.root):
+        raise EvalError(f"--root {args.root} must be a local folder (readable on every node)")
+    root, checkpoint = absolute_uri(args.root), absolute_uri(args.checkpoint)
+    split_set = args.split_set or DEFAULT_SPLITS[args.format]
+    metadata = read_segmenter_metadata(checkpoint)  # first: a wrong path is the likeliest mistake
+    try:
+        dataset = real_dataset(args.format, root, split_set)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"cannot read the {args.format} dataset: {first_line(exc)}") from None
+    vocabulary = dataset.vocabulary
+    _check_checkpoint(checkpoint, metadata, vocabulary)
+    trained_split = metadata["split"]
+    splits = args.splits or ([trained_split] if trained_split is not None else [1, 2, 3])
+    if len(set(splits)) != len(splits):
+        raise EvalError(f"--splits must be distinct, got {splits}")
+    for k in splits:
+        try:
+            vocabulary.unseen(k)
+        except ValueError as exc:
+            raise EvalError(str(exc)) from None
+    out = args.out and absolute_uri(args.out)
+    if out:
+        check_reachable(split_file_uri(out)[0])
+
+    n = len(dataset)
+    if n == 0:
+        raise EvalError(f"the {args.format} {split_set} set in {root} has no images")
+    notes = []
+    if trained_split is not None:
+        notes += [f"split {k}: the model was trained for split {trained_split}, so the unseen classes of "
+                  f"split {k} are not zero-shot for it" for k in splits if k != trained_split]
+    panels = {}
+    if out and args.qualitative:
+        stem = split_file_uri(out)[1].rsplit(".", 1)[0]
+        # Spread over the dataset rather than its first images.
+        for position in np.unique(np.linspace(0, n - 1, min(args.qualitative, n)).round().astype(int)):
+            panels[int(position)] = f"{stem}-{dataset.ids[position]}.png"
+    batches = [list(range(start, min(start + args.batch_size, n))) for start in range(0, n, args.batch_size)]
+    report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_iteration": metadata.get("iteration"),
+              "setting": metadata["setting"], "trained_split": trained_split,
+              "dataset": {"format": args.format, "root": root, "split_set": split_set, "images": n},
+              "vocabulary": vocabulary.name, "splits": splits, "background": args.background,
+              "inference": {"mode": "resize", "short_side": args.size, "label_resize": "nearest"},
+              "qualitative": sorted(panels.values()), "notes": notes}
+    return EvalPlan(checkpoint, args.format, root, split_set, args.size, vocabulary,
+                    metadata["model"]["num_labels"], splits, args.background, out, batches, panels,
+                    args.num_workers, report)
+
+
+def _class_name(vocabulary: Vocabulary, index: int) -> str:
+    return "background" if index == 0 else vocabulary.by_index(index).name
+
+
+def score(plan: EvalPlan, confusion: ConfusionMatrix) -> dict:
+    """Per split: seen, unseen and harmonic mIoU and the per-class IoUs, in percent."""
+    vocabulary, results = plan.vocabulary, {}
+    for k in plan.splits:
+        seen = [vocabulary.lookup(name).index for name in vocabulary.seen(k)]
+        unseen = [vocabulary.lookup(name).index for name in vocabulary.unseen(k)]
+        scores = zs3_scores(confusion, seen, unseen, background=plan.background)
+        results[str(k)] = {"seen": scores["seen"], "unseen": scores["unseen"], "harmonic": scores["harmonic"],
+                           "unseen_classes": list(vocabulary.unseen(k)),
+                           "per_class": {_class_name(vocabulary, i): v for i, v in scores["per_class"].items()}}
+    return results
+
+
+def run_evaluation(plan: EvalPlan) -> dict:
+    """The report: plan.report plus "results" per split, the summed "confusion" and "run" (timings)."""
+    panel_folder = split_file_uri(plan.out)[0] if plan.panels else None
+    start = time.perf_counter()
+    pool = map_positions(ZS3Stage, {"checkpoint": plan.checkpoint, "format": plan.format, "root": plan.root,
+                                    "split": plan.split_set, "size": plan.size, "panels": plan.panels,
+                                    "panel_folder": panel_folder}, plan.batches, plan.num_workers)
+    confusion, images, busy = ConfusionMatrix(plan.num_labels), 0, 0.0
+    for row in pool.rows:  # integer counts: the merge order does not matter
+        confusion.merge(ConfusionMatrix.from_dict(json.loads(row["confusion"])))
+        images += int(row["images"])
+        busy += float(row["seconds"])
+    seconds = time.perf_counter() - start
+    run = {"workers": pool.workers, "gpus": pool.gpus, "seconds": seconds, "images_per_second": images / seconds,
+           # Without actor start-up (model and dataset loading): what one actor sustains.
+           "images_per_second_per_worker": images / busy}
+    return {**plan.report, "results": score(plan, confusion), "confusion": confusion.counts.tolist(), "run": run}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(results: dict) -> str:
+    """Split | Seen | Unseen | Harmonic, numbers right-aligned; "-" where no class was present."""
+    rows = [["Split", "Seen", "Unseen", "Harmonic"]]
+    rows += [[k, _cell(r["seen"]), _cell(r["unseen"]), _cell(r["harmonic"])] for k, r in results.items()]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])

@@ -27,8 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-IGNORE = 255
-BACKGROUND = 0
+from factory.core.conventions import BACKGROUND, IGNORE
+
 BACKGROUND_MODES = ("ignore", "seen")
 
 

@@ -14,22 +14,12 @@ downsamples the targets) and in the mask terms (matched masks upsampled to the l
 size, as the original). Those pixels then add exactly zero to the focal and Dice terms
 and to their gradients.
 
-Checkpoints (local folder or s3://, through factory.storage) hold no pickles:
-
-    model-<iteration>.safetensors       weights
-    optimizer-<iteration>.safetensors   optimizer state tensors (when saved with one)
-    checkpoint.json                     written last: model config, caller metadata (iteration,
-                                        vocabulary, setting, split, ...), optimizer scalars,
-                                        file names and sha256
-
-checkpoint.json is replaced atomically after the new weight files are written, and older
-weight files are removed only then: a save killed midway leaves the previous checkpoint
-whole.
+Checkpoints are in the project's one format (``factory.core.checkpoints``); checkpoint.json
+holds the model config and the caller's metadata (iteration, vocabulary, setting, split, ...).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Literal
@@ -43,19 +33,14 @@ from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, Re
 from transformers.models.maskformer.configuration_maskformer import MaskFormerDetrConfig
 from transformers.models.maskformer.modeling_maskformer import MaskFormerLoss, dice_loss, sigmoid_focal_loss
 
-from factory.checkpoints import flatten_optimizer, sha256, unflatten_optimizer
-from factory.storage import first_line, local_copy, open_location
-from segmenter.datasets import IGNORE
+from factory.core.checkpoints import CheckpointError, read_checkpoint_metadata, read_tensors, save_checkpoint
+from factory.core.conventions import IGNORE
+from factory.core.storage import first_line, local_copy
 
 FORMAT = "segmenter-checkpoint/1"
-METADATA_FILE = "checkpoint.json"
 
 # sigmoid(-1e4) is exactly 0 in float32: such a pixel adds nothing to focal or Dice terms.
 IGNORED_LOGIT = -1e4
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or resumed; the message is one line."""
 
 
 class SegmenterModelConfig(BaseModel):
@@ -272,57 +257,20 @@ def load_backbone_weights(model: Segmenter, source: str) -> None:
 
 def save_segmenter_checkpoint(uri: str, model: Segmenter, optimizer: torch.optim.Optimizer | None,
                               metadata: dict) -> None:
-    """Write a checkpoint folder. `metadata` must hold "iteration" (it names the weight files);
-    the rest (vocabulary, setting, split, seen, unseen, ...) is stored as given."""
-    location = open_location(uri)
-    step = f"{metadata['iteration']:08d}"
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    files = {"model": (f"model-{step}.safetensors", safetensors.torch.save(weights))}
-    metadata = {**metadata, "format": FORMAT, "model": model.config.model_dump(mode="json")}
-    if optimizer is not None:
-        tensors, metadata["optimizer"] = flatten_optimizer(optimizer.state_dict())
-        files["optimizer"] = (f"optimizer-{step}.safetensors", safetensors.torch.save(tensors))
-    for name, data in files.values():
-        location.write_bytes(name, data)
-    metadata["files"] = {role: {"name": name, "sha256": sha256(data)} for role, (name, data) in files.items()}
-    location.write_bytes(METADATA_FILE, json.dumps(metadata, indent=2).encode())
-    current = {name for name, _ in files.values()}
-    for path in location.list("", ".safetensors"):
-        name = path.rsplit("/", 1)[-1]
-        if name not in current:
-            location.delete(name)
+    """`metadata` must hold "iteration" (it names the weight files); the rest (vocabulary,
+    setting, split, seen, unseen, ...) is stored as given."""
+    save_checkpoint(uri, FORMAT, metadata["iteration"], model, optimizer,
+                    {**metadata, "model": model.config.model_dump(mode="json")})
 
 
-def read_checkpoint_metadata(uri: str) -> dict:
-    location = open_location(uri)
-    try:
-        metadata = json.loads(location.read_bytes(METADATA_FILE))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"no readable checkpoint at {uri}: {type(exc).__name__}: {first_line(exc)}") from None
-    if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{uri}/{METADATA_FILE} is not a {FORMAT} checkpoint")
-    return metadata
-
-
-def _read_tensors(uri: str, entry: dict) -> dict[str, Tensor]:
-    try:
-        data = open_location(uri).read_bytes(entry["name"])
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {uri}/{entry['name']}: {first_line(exc)}") from None
-    if sha256(data) != entry["sha256"]:
-        raise CheckpointError(f"{uri}/{entry['name']} does not match its {METADATA_FILE}")
-    return safetensors.torch.load(data)
+def read_segmenter_metadata(uri: str) -> dict:
+    return read_checkpoint_metadata(uri, FORMAT)
 
 
 def load_segmenter_checkpoint(uri: str) -> tuple[Segmenter, dict]:
     """The segmenter (eval mode, CPU) and its checkpoint.json: iteration, model config,
     vocabulary {name, classes: [{index, name, natural}]}, setting, split, seen, unseen, train config."""
-    metadata = read_checkpoint_metadata(uri)
+    metadata = read_segmenter_metadata(uri)
     model = Segmenter(SegmenterModelConfig.model_validate(metadata["model"]))
-    model.load_state_dict(_read_tensors(uri, metadata["files"]["model"]))
+    model.load_state_dict(read_tensors(uri, metadata, "model"))
     return model.eval(), metadata
-
-
-def load_optimizer_state(uri: str, optimizer: torch.optim.Optimizer, metadata: dict) -> None:
-    tensors = _read_tensors(uri, metadata["files"]["optimizer"])
-    optimizer.load_state_dict(unflatten_optimizer(tensors, metadata["optimizer"]))

@@ -36,16 +36,24 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
 
-from factory.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
-from factory.vocab import Vocabulary
-from segmenter.data import DataError, SyntheticSource, normalize, real_training_dataset, synthetic_dataset
+from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state
+from factory.core.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
+from factory.core.vocab import Vocabulary
+from factory.dataset.source import DatasetError, DatasetSource
+from segmenter.data import normalize, real_training_dataset, synthetic_dataset
 from segmenter.datasets import real_dataset
-from segmenter.model import (METADATA_FILE, CheckpointError, Segmenter, SegmenterModelConfig, batch_targets,
-                             load_backbone_weights, load_optimizer_state, load_segmenter_checkpoint,
-                             read_checkpoint_metadata, save_segmenter_checkpoint)
+from segmenter.model import (
+    Segmenter,
+    SegmenterModelConfig,
+    batch_targets,
+    load_backbone_weights,
+    load_segmenter_checkpoint,
+    read_segmenter_metadata,
+    save_segmenter_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -175,7 +183,7 @@ def _real_rows(config: SegmenterTrainConfig) -> tuple[int, Vocabulary]:
     try:
         reader = real_dataset(config.real.format, config.real.root, config.real.split)
     except (OSError, ValueError) as exc:
-        raise DataError(f"real {config.real.format} images: {first_line(exc)}") from None
+        raise DatasetError(f"real {config.real.format} images: {first_line(exc)}") from None
     return len(reader), reader.vocabulary
 
 
@@ -195,30 +203,30 @@ def _model_config(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: di
 
 
 def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
-    """Every check that needs no model; raises DataError, StorageError or CheckpointError (one line)."""
+    """Every check that needs no model; raises DatasetError, StorageError or CheckpointError (one line)."""
     config = _absolute_paths(config)
-    source = SyntheticSource.open(config.data) if config.data else None
+    source = DatasetSource.open(config.data) if config.data else None
     real_rows, real_vocabulary = _real_rows(config) if config.real else (0, None)
-    init = read_checkpoint_metadata(config.init) if config.init else None
+    init = read_segmenter_metadata(config.init) if config.init else None
     vocabularies = {name for name in (source and source.vocabulary.name, real_vocabulary and real_vocabulary.name,
                                       init and init["vocabulary"]["name"]) if name}
     if len(vocabularies) > 1:
-        raise DataError(f"data, real images and init use different vocabularies: {', '.join(sorted(vocabularies))}")
+        raise DatasetError(f"data, real images and init use different vocabularies: {', '.join(sorted(vocabularies))}")
     vocabulary = (source and source.vocabulary) or real_vocabulary
 
     split = config.split or (source and source.split) or (init and init["split"])
     if split is None and (config.setting == "inductive" or config.real):
         why = "the inductive setting ignores" if config.setting == "inductive" else "real images ignore"
-        raise DataError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
+        raise DatasetError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
     if split is not None:
         try:
             vocabulary.unseen(split)
         except ValueError as exc:
-            raise DataError(str(exc)) from None
+            raise DatasetError(str(exc)) from None
 
     synthetic_rows = source.rows if source else 0
     if synthetic_rows + real_rows < config.batch_size:
-        raise DataError(f"{synthetic_rows + real_rows} training samples are fewer than batch_size {config.batch_size}")
+        raise DatasetError(f"{synthetic_rows + real_rows} training samples are fewer than batch_size {config.batch_size}")
     model = _model_config(config, vocabulary, init)
     if config.model.backbone_weights:
         check_model_source(config.model.backbone_weights)
@@ -226,12 +234,8 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
     location = check_reachable(config.out)
     resume, done = location.exists(f"last/{METADATA_FILE}"), 0
     if resume:
-        saved = read_checkpoint_metadata(location.url("last"))
-        now = config.model_dump(mode="json")
-        changed = [key for key in _RUN_IDENTITY if saved["train"][key] != now[key]]
-        if changed:
-            raise CheckpointError(f"{config.out} holds a run with different {', '.join(changed)}; "
-                                  f"use another --out or the same settings")
+        saved = read_segmenter_metadata(location.url("last"))
+        check_same_run(config.out, saved["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
         done = saved["iteration"]
     return TrainingPlan(config, vocabulary, split, synthetic_rows, real_rows, model, resume, done)
 
@@ -242,7 +246,7 @@ def training_dataset(plan: TrainingPlan) -> ray.data.Dataset:
     parts = []
     if config.data:
         ignore = plan.unseen_indices() if config.setting == "inductive" else []
-        parts.append(synthetic_dataset(SyntheticSource.open(config.data), **crop, ignore=ignore))
+        parts.append(synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore))
     if config.real:
         parts.append(real_training_dataset(config.real.format, config.real.root, config.real.split, plan.real_rows,
                                            **crop, ignore=plan.unseen_indices(), readers=config.readers))
@@ -251,7 +255,7 @@ def training_dataset(plan: TrainingPlan) -> ray.data.Dataset:
 
 def summarize(plan: TrainingPlan) -> TrainingSummary:
     last = open_location(plan.config.out).url("last")
-    return TrainingSummary(out=plan.config.out, iterations=read_checkpoint_metadata(last)["iteration"],
+    return TrainingSummary(out=plan.config.out, iterations=read_segmenter_metadata(last)["iteration"],
                            resumed_from=plan.done_iterations, synthetic_rows=plan.synthetic_rows,
                            real_rows=plan.real_rows, last=last)
 
@@ -263,7 +267,7 @@ def check_data_cpus(config: SegmenterTrainConfig) -> None:
     total = ray.cluster_resources().get("CPU", 0)
     spare = total - config.num_workers * config.cpus_per_worker
     if spare < needed:
-        raise DataError(f"the cluster's {total:g} CPUs leave {spare:g} beside {config.num_workers} worker(s) of "
+        raise DatasetError(f"the cluster's {total:g} CPUs leave {spare:g} beside {config.num_workers} worker(s) of "
                         f"{config.cpus_per_worker:g}; reading data needs {needed} (1 for synthetic rows, 1 per "
                         f"real-image reader): lower cpus_per_worker or readers")
 
@@ -390,4 +394,4 @@ def train_loop_per_worker(worker_config: dict) -> None:
             if finished:
                 break
         if steps_this_pass == 0:
-            raise DataError(f"worker {rank}'s data shard holds fewer than {config.batch_size // world} rows")
+            raise DatasetError(f"worker {rank}'s data shard holds fewer than {config.batch_size // world} rows")

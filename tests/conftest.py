@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory import storage
-from factory.write import encode_label
+from factory.core import storage
+from factory.dataset.codec import encode_label
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +70,8 @@ TINY_BUILD = ["--num-samples", "8", "--per-class", "0", "--generator.steps", "2"
 @pytest.fixture(scope="session")
 def tiny_dataset(ray_cluster, tmp_path_factory):
     """Built once per session by the real job on the local Ray cluster; treat it as read-only."""
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
-    import build_dataset
+    from jobs import build_dataset
 
     out = tmp_path_factory.mktemp("tiny-dataset") / "ds"
     assert build_dataset.main(["--out", str(out), *TINY_BUILD]) == 0

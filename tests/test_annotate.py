@@ -1,22 +1,18 @@
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.annotate import AnnotateStage, annotation_label_map
-from factory.label import IGNORE
-from factory.recipe import AnnotatorConfig, GeneratorConfig
-from factory.write import decode_png
+from factory.build.annotate import AnnotateStage, annotation_label_map
+from factory.build.recipe import AnnotatorConfig, GeneratorConfig
+from factory.core.conventions import IGNORE
+from factory.dataset.codec import decode_png
+from grounding.checkpoint import save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import TextConfig
 from grounding.model import GroundingModule
-from grounding.train import save_checkpoint
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "jobs"))
-import build_dataset  # noqa: E402
+from jobs import build_dataset
 
 TINY_CHANNELS = {16: 288, 32: 192}  # the tiny U-Net's capture (tests/test_features.py)
 
@@ -36,8 +32,8 @@ def checkpoint(tmp_path_factory):
     """An untrained tiny module in the training code's checkpoint format."""
     path = tmp_path_factory.mktemp("grounding") / "best"
     module = GroundingModule(GroundingModelConfig.tiny(feature_channels=TINY_CHANNELS, mask_resolution=64))
-    save_checkpoint(str(path), module, None, {
-        "text": TextConfig().model_dump(), "generator": "tiny", "capture": {"features": "latent", "steps_remaining": 2},
+    save_grounding_checkpoint(str(path), module, None, {
+        "epoch": 0, "text": TextConfig().model_dump(), "generator": "tiny", "capture": {"features": "latent", "steps_remaining": 2},
         "vocabulary": {"name": "voc"}, "classes": ["dog", "cat"]})
     return str(path)
 
@@ -57,7 +53,7 @@ def test_annotate_stage_labels_the_prompt_classes(checkpoint):
 
 
 def test_checkpoint_of_another_generator_is_refused_before_models_load(checkpoint, tmp_path, capsys, monkeypatch):
-    from factory import pipeline
+    from factory.build import pipeline
     monkeypatch.setattr(pipeline, "stream_samples", lambda *a, **k: pytest.fail("models loaded"))
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text("{}")

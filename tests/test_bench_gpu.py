@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-from factory.cost import load_rates
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import gpu  # noqa: E402
+from bench import gpu
+from factory.build.cost import load_rates
 
 
 def test_small_run_measures_every_stage(tmp_path, capsys):

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import maskformer  # noqa: E402
+from bench import maskformer
 
 
 def test_tiny_bench_reports_figures(capsys):

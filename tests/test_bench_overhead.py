@@ -1,13 +1,10 @@
 """Smoke test of bench/pipeline_overhead.py at a tiny size: both sides run, every sample is accounted for."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import pipeline_overhead  # noqa: E402
+from bench import pipeline_overhead
 
 pytestmark = pytest.mark.slow
 

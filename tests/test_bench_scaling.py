@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import scaling  # noqa: E402
+from bench import scaling
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +42,7 @@ def test_scaling_bench_on_one_and_two_fake_gpu_nodes(tmp_path):
 def test_stand_in_stages_return_what_the_real_stages_return(tmp_path):
     import numpy as np
 
-    from factory.recipe import GeneratorConfig
+    from factory.build.recipe import GeneratorConfig
 
     generator, labeler = scaling.stand_in_stages(tmp_path, 0.0, 0.0)
     config = GeneratorConfig(height=64, width=48)

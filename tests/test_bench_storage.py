@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import storage  # noqa: E402
+from bench import storage
 
 
 def test_every_product_is_measured_and_smaller_than_fp32_pickles(tmp_path):

@@ -18,13 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from factory.plan import build_plan
-from factory.recipe import recipe_from_args
-from factory.write import decode_png
+from factory.build.plan import build_plan
+from factory.build.recipe import recipe_from_args
+from factory.dataset.codec import decode_png
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
+from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -169,8 +168,8 @@ def test_triplet_build_stores_latent_attention_and_quality(ray_cluster, tmp_path
 
 
 def test_real_models_ask_for_a_gpu_and_say_so_when_there_is_none(ray_cluster, caplog):
-    from factory.pipeline import _accelerator_resources
-    from factory.recipe import load_recipe
+    from factory.build.pipeline import _accelerator_resources
+    from factory.build.recipe import load_recipe
 
     assert _accelerator_resources(load_recipe("tiny")) == {"num_cpus": 1}  # CPU-only cluster: tiny runs here
     assert not caplog.records

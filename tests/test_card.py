@@ -6,14 +6,14 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from factory.card import CARD_FILE, dataset_card
+from factory.dataset.card import dataset_card
+from factory.dataset.layout import CARD_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -64,8 +64,7 @@ def test_huggingface_loads_the_folder_through_the_card(tiny_dataset, manifest, t
 
 @pytest.mark.slow
 def test_verify_dataset_expects_the_card(tiny_dataset, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
-    import verify_dataset
+    from jobs import verify_dataset
 
     assert verify_dataset.main([str(tiny_dataset)]) == 0, capsys.readouterr().out
     copy_ = tmp_path / "copy"
@@ -77,8 +76,8 @@ def test_verify_dataset_expects_the_card(tiny_dataset, tmp_path, capsys):
 
 def fake_manifest(**recipe_changes) -> dict:
     """A manifest as build_manifest writes it, without building."""
-    from factory.recipe import load_recipe
-    from factory.vocab import VOC
+    from factory.build.recipe import load_recipe
+    from factory.core.vocab import VOC
 
     recipe = load_recipe("tiny").model_dump(mode="json")
     for section, values in recipe_changes.items():
@@ -109,7 +108,7 @@ def test_card_of_an_annotated_build():
 def test_card_without_preview_or_with_capture_columns():
     import pyarrow as pa
 
-    from factory.write import SCHEMA
+    from factory.dataset.schema import SCHEMA
 
     manifest = fake_manifest(writer={"preview_samples": 0}, capture={"features": "latent"})
     schema = SCHEMA.append(pa.field("timestep", pa.int64())).append(pa.field("latent", pa.binary()))
@@ -122,8 +121,8 @@ def test_card_without_preview_or_with_capture_columns():
 @pytest.mark.slow
 def test_write_card_on_s3(tiny_dataset, tiny_dataset_on_s3, manifest, bucket):
     """On S3 the card reads the schema and the preview's presence from the bucket: the same card."""
-    from factory.card import write_card
-    from factory.storage import open_location
+    from factory.core.storage import open_location
+    from factory.dataset.card import write_card
 
     location = open_location(tiny_dataset_on_s3)
     location.delete(CARD_FILE)

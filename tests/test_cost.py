@@ -9,10 +9,18 @@ from pathlib import Path
 
 import pytest
 
-from factory.cost import (DEFAULT_RATES, FEATURE_BYTES_512, LATENT_BYTES_512, Rates, bytes_per_sample, estimate,
-                          in_flight_bytes, load_rates)
-from factory.options import ConfigError
-from factory.recipe import load_recipe
+from factory.build.cost import (
+    DEFAULT_RATES,
+    FEATURE_BYTES_512,
+    LATENT_BYTES_512,
+    Rates,
+    bytes_per_sample,
+    estimate,
+    in_flight_bytes,
+    load_rates,
+)
+from factory.build.recipe import load_recipe
+from factory.core.options import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 RATES = Rates(source="test", image_size=512, unet_forwards_per_s=100.0, vae_images_per_s=10.0, label_images_per_s=40.0)
@@ -108,8 +116,7 @@ def test_estimate_job_prints_and_starts_nothing(tmp_path):
     out = tmp_path / "never-written"
     script = f"""
 import sys, ray
-sys.path.insert(0, {str(REPO / 'jobs')!r})
-import build_dataset
+from jobs import build_dataset
 for recipe in ("voc-synthetic-one", "coco-synthetic-one"):
     rc = build_dataset.main(["--recipe", recipe, "--estimate", "--gpus", "8", "--rates", {str(rates)!r},
                              "--out", {str(out)!r}, "--usd-per-gpu-hour", "2"])
@@ -127,8 +134,7 @@ assert not ray.is_initialized()
 
 
 def test_estimate_bad_input_is_one_line(tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "jobs"))
-    import build_dataset
+    from jobs import build_dataset
 
     for argv, words in ((["--estimate", "--gpus", "0"], "--gpus"),
                         (["--estimate", "--rates", str(tmp_path / "nope.json")], "cannot read rates"),

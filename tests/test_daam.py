@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-from factory.daam import DAAM_THRESHOLD, CrossAttentionRecorder, daam_masks
-from factory.generate import generate, tiny_pipeline
-from factory.tokens import class_token_positions
+from factory.diffusion.daam import DAAM_THRESHOLD, CrossAttentionRecorder, daam_masks
+from factory.diffusion.pipelines import generate, tiny_pipeline
+from factory.diffusion.tokens import class_token_positions
 
 SETTINGS = dict(steps=3, guidance_scale=5.0, height=64, width=64)
 PROMPTS = [("a photograph of a dog", ["dog"]), ("a photograph of a cat and a bus", ["cat", "bus"])]

@@ -3,10 +3,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from factory.detect import (COCO_LABELS, Detections, MaskRCNNDetector, build_maskrcnn, load_detector,
-                            tiny_maskrcnn)
-from factory.recipe import LabelerConfig
-from factory.vocab import COCO_CATEGORIES
+from factory.build.detect import (
+    COCO_LABELS,
+    Detections,
+    MaskRCNNDetector,
+    build_maskrcnn,
+    coco_to_vocabulary,
+    load_detector,
+    tiny_maskrcnn,
+)
+from factory.build.recipe import LabelerConfig
+from factory.core.vocab import COCO, COCO_CATEGORIES, VOC
 
 CPU = torch.device("cpu")
 COCO_IDS = {coco_id for coco_id, _ in COCO_CATEGORIES}
@@ -17,11 +24,11 @@ def images(n=2, size=64, seed=0):
 
 
 def detect(config, batch, size=64):
-    return MaskRCNNDetector(config, size, CPU)(batch)
+    return MaskRCNNDetector(config, COCO, size, CPU)(batch)
 
 
 def same(a: list[Detections], b: list[Detections]) -> bool:
-    return all(np.array_equal(x.coco_ids, y.coco_ids) and np.array_equal(x.scores, y.scores)
+    return all(np.array_equal(x.classes, y.classes) and np.array_equal(x.scores, y.scores)
                and np.array_equal(x.masks, y.masks) for x, y in zip(a, b, strict=True))
 
 
@@ -41,11 +48,11 @@ def test_tiny_detections():
     assert len(out) == 2
     for d in out:
         assert isinstance(d, Detections)
-        k = len(d.coco_ids)
+        k = len(d.classes)
         assert k > 0
-        assert d.coco_ids.dtype == np.int64 and d.scores.dtype == np.float32 and d.masks.dtype == np.float32
+        assert d.classes.dtype == np.int64 and d.scores.dtype == np.float32 and d.masks.dtype == np.float32
         assert d.scores.shape == (k,) and d.masks.shape == (k, 64, 64)
-        assert ((d.coco_ids >= 1) & (d.coco_ids <= 90)).all()
+        assert ((d.classes >= 0) & (d.classes <= len(COCO))).all()  # 0: a COCO class outside the vocabulary
         assert ((d.scores >= 0) & (d.scores <= 1)).all()
         assert d.masks.min() >= 0.0 and d.masks.max() <= 1.0
         assert k <= 20  # box_detections_per_img of the tiny model
@@ -55,7 +62,7 @@ def test_tiny_detections():
 
 def test_tiny_nothing_above_threshold():
     (d,) = detect(LabelerConfig(score_threshold=1.0), images(1))
-    assert d.coco_ids.shape == (0,) and d.scores.shape == (0,) and d.masks.shape == (0, 64, 64)
+    assert d.classes.shape == (0,) and d.scores.shape == (0,) and d.masks.shape == (0, 64, 64)
 
 
 def test_tiny_other_image_size():
@@ -63,8 +70,15 @@ def test_tiny_other_image_size():
     assert out[0].masks.shape[1:] == (32, 32)
 
 
+def test_coco_ids_become_vocabulary_indices():
+    table = coco_to_vocabulary(VOC)
+    assert table[18] == VOC.lookup("dog").index and table[63] == VOC.lookup("sofa").index  # COCO "couch"
+    assert table[1] == VOC.lookup("person").index and table[27] == 0  # backpack: not a VOC class
+    assert table[74] == 0 == coco_to_vocabulary(COCO)[74]  # "mouse", dropped from the COCO vocabulary
+
+
 def test_load_detector():
-    detector = load_detector(LabelerConfig(), 64, CPU)
+    detector = load_detector(LabelerConfig(), VOC, 64, CPU)
     assert callable(detector) and len(detector(images(1))) == 1
 
 
@@ -86,7 +100,7 @@ def test_tiny_weights_by_path_safetensors(tmp_path):
         expected = reference([torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in batch])
     got = detect(config, batch)
     for e, g in zip(expected, got, strict=True):
-        assert np.array_equal(e["labels"].numpy(), g.coco_ids)
+        assert np.array_equal(coco_to_vocabulary(COCO)[e["labels"].numpy()], g.classes)
         assert np.array_equal(e["scores"].numpy(), g.scores)
         assert np.array_equal(e["masks"][:, 0].numpy(), g.masks)
     # And differently from the built-in random weights.

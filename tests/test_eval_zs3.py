@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.storage import open_location
-from factory.vocab import COCO, VOC, Vocabulary
+from factory.core.storage import open_location
+from factory.core.vocab import COCO, VOC, Vocabulary
 from segmenter.datasets import real_dataset
-from segmenter.evaluate import predict, short_side_size
+from segmenter.evaluate import format_table, predict, short_side_size
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
 from segmenter.train import vocabulary_json
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import eval_zs3  # noqa: E402
+from jobs import eval_zs3
 
 SIZE = 48  # inference short side: tiny images, fast runs
 
@@ -148,7 +146,7 @@ def test_short_side_resize():
 
 
 def test_table_layout():
-    table = eval_zs3.format_table({"1": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64},
+    table = format_table({"1": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64},
                                    "2": {"seen": 50.0, "unseen": None, "harmonic": None}})
     lines = table.splitlines()
     assert lines[0].split() == ["Split", "Seen", "Unseen", "Harmonic"] and set(lines[1]) == {"-"}
@@ -173,6 +171,6 @@ def test_input_errors_are_one_line(voc_eval_root, coco_eval_root, voc_checkpoint
         "--checkpoint", str(voc_checkpoint), "--format", "coco", "--root", str(coco_eval_root))
     assert "unknown split 4" in error(*voc, "--splits", "1", "4")
     assert "distinct" in error(*voc, "--splits", "2", "2")
-    assert "below 32" in error(*voc, "--size", "16")
-    assert "at least" in error(*voc, "--num-workers", "0")
+    assert "--size: Input should be greater than or equal to 32" in error(*voc, "--size", "16")
+    assert "--num-workers: Input should be greater than or equal to 1" in error(*voc, "--num-workers", "0")
     assert "must name a file" in error(*voc, "--out", "s3://bucket")

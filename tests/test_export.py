@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os.path as osp
-import sys
 from pathlib import Path
 
 import boto3
@@ -23,13 +22,14 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from factory.export import connected_components, split_of
-from factory.vocab import COCO as COCO_VOCAB, VOC_NAMES
-from factory.write import SCHEMA, decode_png, encode_image, encode_label, encode_mask
+from factory.core.vocab import COCO as COCO_VOCAB
+from factory.core.vocab import VOC_NAMES
+from factory.dataset.codec import decode_png, encode_image, encode_label, encode_mask
+from factory.dataset.export import connected_components, split_of
+from factory.dataset.schema import SCHEMA
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import export_dataset  # noqa: E402
+from jobs import export_dataset
 
 
 def dataset_rows(root: Path) -> dict[str, dict]:

@@ -2,10 +2,18 @@ import numpy as np
 import pytest
 import torch
 
-from factory.features import (FeatureCapture, capture_call_index, capture_modules, feature_channels,
-                              from_fp16_bytes, to_fp16_bytes, unet_features)
-from factory.generate import GenerateStage, generate, tiny_pipeline
-from factory.recipe import CaptureConfig, GeneratorConfig
+from factory.build.generate import GenerateStage
+from factory.build.recipe import CaptureConfig, GeneratorConfig
+from factory.diffusion.features import (
+    FeatureCapture,
+    capture_modules,
+    feature_channels,
+    from_fp16_bytes,
+    to_fp16_bytes,
+    unet_features,
+)
+from factory.diffusion.pipelines import generate, tiny_pipeline
+from factory.diffusion.steps import capture_call_index
 
 PROMPTS = ["a photograph of a dog", "a photograph of a cat and a sofa", "a photograph of a bus"]
 SEEDS = [11, 22, 33]

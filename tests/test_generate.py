@@ -2,10 +2,11 @@ import numpy as np
 import pytest
 import torch
 
-from factory.devices import pick_device, pick_dtype
-from factory.generate import GenerateStage, generate, load_pipeline, tiny_pipeline, tiny_tokenizer
-from factory.recipe import GeneratorConfig
-from factory.vocab import COCO, VOC
+from factory.build.generate import GenerateStage
+from factory.build.recipe import GeneratorConfig
+from factory.core.devices import pick_device, pick_dtype
+from factory.core.vocab import COCO, VOC
+from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline, tiny_tokenizer
 
 SETTINGS = dict(steps=2, guidance_scale=5.0, height=64, width=64)
 P1, P2, P3 = "a photograph of a dog", "a photograph of a cat and a bus", "a photograph of a potted plant"

@@ -28,15 +28,14 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from factory import pipeline
-from factory.plan import build_plan
-from factory.recipe import recipe_from_args
-from factory.storage import open_location
-from factory.write import read_commits
+from factory.build import pipeline
+from factory.build.plan import build_plan
+from factory.build.recipe import recipe_from_args
+from factory.core.storage import open_location
+from factory.dataset.write import read_commits
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
+from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -8,28 +8,36 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.daam import daam_masks
-from factory.features import from_fp16_bytes
-from factory.pipeline import prepare_build, run_build
-from factory.recipe import load_recipe
-from factory.storage import open_location
-from factory.vocab import VOC
-from factory.write import decode_png
+from factory.build.pipeline import prepare_build, run_build
+from factory.build.recipe import load_recipe
+from factory.core.storage import open_location
+from factory.core.vocab import VOC
+from factory.dataset.codec import decode_png
+from factory.diffusion.daam import daam_masks
+from factory.diffusion.features import from_fp16_bytes
+from grounding.checkpoint import save_grounding_checkpoint
 from grounding.data import Featurizer, TextConfig, TripletSource
-from grounding.evaluate import GROUPS, ProtocolIAccumulator, format_table, group_of
+from grounding.evaluate import (
+    GROUPS,
+    EvalStage,
+    GroundingEvalOptions,
+    ProtocolIAccumulator,
+    format_table,
+    group_of,
+    prepare_evaluation,
+    select_test_rows,
+)
 from grounding.model import GroundingModule
-from grounding.train import ModelSection, grounding_model_config, save_checkpoint
+from grounding.train import ModelSection, grounding_model_config
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import eval_grounding  # noqa: E402
+from jobs import eval_grounding
 
 
 def masks(*rows_on: range, size: int = 4) -> np.ndarray:
@@ -209,12 +217,12 @@ def test_set(ray_cluster, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def checkpoint(test_set, tmp_path_factory) -> Path:
     """An untrained tiny module in the training code's checkpoint format, trained classes: split 1's seen."""
-    source = TripletSource(str(test_set))
+    source = TripletSource.open(str(test_set))
     featurizer = Featurizer(source, TextConfig())
     config = grounding_model_config(ModelSection(preset="tiny"), featurizer.feature_channels(), featurizer.text_dim,
                                     source.image_size[0])
     out = tmp_path_factory.mktemp("grounding") / "best"
-    save_checkpoint(str(out), GroundingModule(config).eval(), None, {
+    save_grounding_checkpoint(str(out), GroundingModule(config).eval(), None, {
         "epoch": 0, "text": TextConfig().model_dump(), "generator": source.generator,
         "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
         "classes": list(VOC.seen(1))})
@@ -277,13 +285,12 @@ def test_dataset_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path):
     manifest["capture"]["attention"] = False
     del manifest["capture"]["shapes"]["daam"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    args = eval_grounding.parse_args(["--checkpoint", str(checkpoint), "--data", str(copy), "--splits", "1"])
-    plan = eval_grounding.prepare_evaluation(args)
+    plan = prepare_evaluation(GroundingEvalOptions(checkpoint=str(checkpoint), data=str(copy), splits=[1]))
     assert plan.daam_threshold is None and "DAAM" not in plan.report["thresholds"]
     assert plan.report["notes"] == [f"{copy} has no DAAM heat maps (built without --capture.attention true): "
                                     f"DAAM skipped"]
     # The actor, in-process (a Ray run is the test above): module counts only.
-    stage = eval_grounding.EvalStage(plan.checkpoint, plan.data, plan.splits, plan.daam_threshold)
+    stage = EvalStage(plan.checkpoint, plan.data, plan.splits, plan.daam_threshold)
     out = stage({"positions": np.array([[0, 1, 2], [3, 4, 5]])})
     assert list(out["daam"]) == ["", ""]
     counts = ProtocolIAccumulator.from_dict(json.loads(out["module"][0]))
@@ -308,23 +315,22 @@ def test_eval_job_input_errors(test_set, checkpoint, tmp_path, capsys):
     assert "no dataset" in error("--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere"))
     assert "unknown split 4" in error(*good, "--splits", "1", "4")
     assert "distinct" in error(*good, "--splits", "1", "1")
-    assert "outside [0, 1]" in error(*good, "--daam-threshold", "2")
+    assert "--daam-threshold: Input should be less than or equal to 1" in error(*good, "--daam-threshold", "2")
+    assert "--keep-quality: Input should be less than or equal to 1" in error(*good, "--keep-quality", "1.5")
     assert "must name a file" in error(*good, "--out", "s3://bucket")
 
 
 def test_automatic_test_set_filter(test_set):
     """Detector agreement and the quality score replace the papers' manual check of test sets."""
-    source = TripletSource(str(test_set))
+    source = TripletSource.open(str(test_set))
     table = source.read(["found", "scores", "quality"])
     n = table.num_rows
-    assert eval_grounding.select_test_rows(source, None, None) == list(range(n))
+    assert select_test_rows(source, None, None) == list(range(n))
     agree = [i for i, (found, scores) in enumerate(zip(table.column("found").to_pylist(),
                                                         table.column("scores").to_pylist()))
              if all(found) and min(scores) >= 0.01]
-    assert eval_grounding.select_test_rows(source, 0.01, None) == agree
+    assert select_test_rows(source, 0.01, None) == agree
     quality = table.column("quality").to_numpy()
-    best_half = eval_grounding.select_test_rows(source, None, 0.5)
+    best_half = select_test_rows(source, None, 0.5)
     assert len(best_half) == -(-n // 2)
     assert min(quality[best_half]) >= max(np.delete(quality, best_half))  # the best ones, not any
-    with pytest.raises(eval_grounding.EvalError, match="must be in"):
-        eval_grounding.select_test_rows(source, None, 1.5)

@@ -8,7 +8,6 @@ class slot 0 covers the top-left quarter, slot 1 the bottom-right one.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import boto3
@@ -18,24 +17,27 @@ import pytest
 import safetensors.torch
 import torch
 
-from factory.features import from_fp16_bytes, unet_features
-from factory.generate import GenerateStage, load_pipeline
-from factory.pipeline import MANIFEST_FILE, build_manifest, prepare_build
-from factory.recipe import load_recipe
-from factory.storage import open_location
-from factory.tokens import class_token_positions
-from factory.vocab import VOC
-from factory.write import Commit, encode_batch, encode_mask, write_part
+from factory.build.generate import GenerateStage
+from factory.build.pipeline import build_manifest, prepare_build
+from factory.build.recipe import load_recipe
+from factory.core.checkpoints import CheckpointError, load_optimizer_state
+from factory.core.storage import open_location
+from factory.core.vocab import VOC
+from factory.dataset.codec import encode_mask
+from factory.dataset.layout import MANIFEST_FILE
+from factory.dataset.write import Commit, encode_batch, write_part
+from factory.diffusion.features import from_fp16_bytes, unet_features
+from factory.diffusion.pipelines import load_pipeline
+from factory.diffusion.tokens import class_token_positions
 from grounding import data as grounding_data
+from grounding.checkpoint import load_grounding_checkpoint, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import Featurizer, TextConfig, TripletSource
 from grounding.model import GroundingModule
-from grounding.train import (CheckpointError, IoUTotals, load_grounding_checkpoint, load_optimizer_state,
-                             resume_point, save_checkpoint)
+from grounding.train import IoUTotals
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import train_grounding  # noqa: E402
+from jobs import train_grounding
 
 SIZE = 32  # image side: latents of 16x16 keep the tiny U-Net cheap; masks and module output too
 BOXES = [(slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))]
@@ -75,7 +77,7 @@ def make_triplets(out: Path, features: str, num_samples: int = 24) -> Path:
     for start in range(0, n, 8):  # several Parquet parts, as a real build
         row = write_part(table.slice(start, 8), out=str(out)).column("commit")[0].as_py()
         commits.append(Commit.from_json(row.encode()))
-    manifest = build_manifest(prepared, commits)
+    manifest = build_manifest(prepared, commits, {"generator": "tiny", "labeler": "boxes"})
     open_location(str(out)).write_bytes(MANIFEST_FILE, json.dumps(manifest).encode())
     return out
 
@@ -91,9 +93,9 @@ def tensors_set(tmp_path_factory) -> Path:
 
 
 def test_featurizer_latent_mode_equals_direct_unet_pass(latent_set):
-    source = TripletSource(str(latent_set))
+    source = TripletSource.open(str(latent_set))
     assert source.mode == "latent" and source.shapes == {"latent": (4, 16, 16)}
-    rows = source.take([0, 1, 2, 3])
+    rows = source.take([0, 1, 2, 3], source.columns)
     batch = Featurizer(source, TextConfig(source="prompt"))(rows)
 
     pipe = load_pipeline("tiny")
@@ -120,12 +122,12 @@ def test_featurizer_latent_mode_equals_direct_unet_pass(latent_set):
 
 
 def test_featurizer_tensors_mode_decodes_manifest_shapes(tensors_set):
-    source = TripletSource(str(tensors_set))
+    source = TripletSource.open(str(tensors_set))
     shapes = source.manifest["capture"]["shapes"]
     assert source.mode == "tensors" and set(shapes) == {"features_8", "features_16"}
     featurizer = Featurizer(source, TextConfig())
     assert featurizer.pipe.unet is None  # only the text encoder is needed
-    rows = source.take([0, 2])
+    rows = source.take([0, 2], source.columns)
     batch = featurizer(rows)
     for r, tensor in batch.features.items():
         assert tuple(tensor.shape) == (2, *shapes[f"features_{r}"]) and tensor.dtype == torch.float16
@@ -142,8 +144,8 @@ def _mask(box: tuple[slice, slice] | None) -> dict:
 
 
 def test_valid_slot_rules(latent_set):
-    source = TripletSource(str(latent_set))
-    rows = source.take([0, 1, 2])
+    source = TripletSource.open(str(latent_set))
+    rows = source.take([0, 1, 2], source.columns)
     boxes = [_mask(BOXES[0]), _mask(BOXES[1])]
     cases = [(("cat", "dog"), boxes, [True, True]),  # dog is unseen in split 1
              (("horse", "chair"), boxes, [False, True]),  # the oracle missed the horse
@@ -211,16 +213,16 @@ def _assert_round_trip(uri: str, module, optimizer):
 def test_checkpoint_round_trip_local(tmp_path):
     module, optimizer = _tiny_module_and_optimizer()
     uri = str(tmp_path / "run" / "last")
-    save_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
-    assert sorted(p.name for p in Path(uri).iterdir()) == ["checkpoint.json", "model.safetensors",
-                                                           "optimizer.safetensors"]
-    assert set(safetensors.torch.load_file(Path(uri) / "model.safetensors")) == set(module.state_dict())
+    save_grounding_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
+    assert sorted(p.name for p in Path(uri).iterdir()) == ["checkpoint.json", "model-00000001.safetensors",
+                                                           "optimizer-00000001.safetensors"]
+    assert set(safetensors.torch.load_file(Path(uri) / "model-00000001.safetensors")) == set(module.state_dict())
     _assert_round_trip(uri, module, optimizer)
 
-    # A save interrupted after the weights: detected, and a rerun resumes from best/ instead.
-    save_checkpoint(str(tmp_path / "run" / "best"), module, optimizer, {"epoch": 1, "metrics": {}})
-    (Path(uri) / "model.safetensors").write_bytes(safetensors.torch.save({"x": torch.zeros(1)}))
-    with pytest.raises(CheckpointError, match="interrupted"):
+    # A damaged last/ (a file no longer matching checkpoint.json): detected, and a rerun resumes from best/.
+    save_grounding_checkpoint(str(tmp_path / "run" / "best"), module, optimizer, {"epoch": 1, "metrics": {}})
+    (Path(uri) / "model-00000001.safetensors").write_bytes(safetensors.torch.save({"x": torch.zeros(1)}))
+    with pytest.raises(CheckpointError, match="does not match"):
         load_grounding_checkpoint(uri)
     assert resume_point(open_location(str(tmp_path / "run")))[0] == "best"
 
@@ -228,11 +230,11 @@ def test_checkpoint_round_trip_local(tmp_path):
 def test_checkpoint_round_trip_s3(bucket, s3_endpoint):
     module, optimizer = _tiny_module_and_optimizer()
     uri = f"s3://{bucket}/grounding/run/best"
-    save_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
+    save_grounding_checkpoint(uri, module, optimizer, {"epoch": 1, "metrics": {"val_miou": 0.5}})
     listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket=bucket, Prefix="grounding/")
     assert sorted(o["Key"] for o in listed["Contents"]) == [
-        "grounding/run/best/checkpoint.json", "grounding/run/best/model.safetensors",
-        "grounding/run/best/optimizer.safetensors"]
+        "grounding/run/best/checkpoint.json", "grounding/run/best/model-00000001.safetensors",
+        "grounding/run/best/optimizer-00000001.safetensors"]
     _assert_round_trip(uri, module, optimizer)
 
 
@@ -273,8 +275,9 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
     assert "epochs    2 run now; 2 done" in printed and f"checkpoint {out}/" in printed
 
     for name in ("last", "best"):
-        assert {p.name for p in (out / name).iterdir()} == {"checkpoint.json", "model.safetensors",
-                                                            "optimizer.safetensors"}
+        epoch = json.loads((out / name / "checkpoint.json").read_text())["epoch"]
+        assert {p.name for p in (out / name).iterdir()} == {"checkpoint.json", f"model-{epoch:08d}.safetensors",
+                                                            f"optimizer-{epoch:08d}.safetensors"}
     module, last = load_grounding_checkpoint(str(out / "last"))
     assert last["epoch"] == 2 and last["resumed_from"] == 0 and len(last["history"]) == 2
     assert 0.0 <= last["metrics"]["val_miou"] <= 1.0 and np.isfinite(last["metrics"]["train_loss"])
@@ -283,7 +286,7 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
     assert last["capture"]["steps_remaining"] == 2 and last["text"]["two"] == "{0} and {1}"
     assert module.config.feature_channels == {8: 288, 16: 192} and module.config.mask_resolution == SIZE
     steps_two_epochs = last["optimizer"]["state"]["0"]["step"]
-    optimizer_two_epochs = safetensors.torch.load_file(out / "last" / "optimizer.safetensors")
+    optimizer_two_epochs = safetensors.torch.load_file(out / "last" / "optimizer-00000002.safetensors")
 
     # Rerun with more epochs: continues at epoch 3 with the saved optimizer state.
     assert train_grounding.main([*args, "--epochs", "3"]) == 0
@@ -294,7 +297,7 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
     assert resumed["optimizer"]["state"]["0"]["step"] == steps_two_epochs * 3 / 2  # not restarted at 0
     # Adam's second moment only decays by beta2 per step from where it was: a restart from
     # zero would fall below that wherever earlier gradients were larger.
-    after = safetensors.torch.load_file(out / "last" / "optimizer.safetensors")
+    after = safetensors.torch.load_file(out / "last" / "optimizer-00000003.safetensors")
     decay = 0.999 ** (steps_two_epochs / 2)
     for key in ("0.exp_avg_sq", "5.exp_avg_sq"):
         assert torch.all(after[key] >= optimizer_two_epochs[key] * decay * (1 - 1e-5))

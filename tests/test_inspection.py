@@ -8,7 +8,6 @@ import io
 import json
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +16,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from factory.preview import TILE
+from factory.dataset.preview import TILE
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import inspect_dataset  # noqa: E402
+from jobs import inspect_dataset
 
 pytestmark = pytest.mark.slow
 

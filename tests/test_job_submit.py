@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from factory.plan import build_plan
-from factory.recipe import recipe_from_args
+from factory.build.plan import build_plan
+from factory.build.recipe import recipe_from_args
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
+from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 

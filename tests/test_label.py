@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
 
-from factory.detect import Detections
-from factory.label import (CLASS_NOT_FOUND, IGNORE, LabelStage, label_classes, pack_masks,
-                           semantic_label_map)
-from factory.recipe import LabelerConfig
-from factory.vocab import COCO, VOC
+from factory.build.detect import Detections, coco_to_vocabulary
+from factory.build.label import LabelStage, label_classes, semantic_label_map
+from factory.build.recipe import LabelerConfig
+from factory.core.conventions import IGNORE
+from factory.core.vocab import COCO, VOC
+from factory.dataset.batch import CLASS_NOT_FOUND, pack_masks
 
 H = W = 8
 DOG, CAT, PERSON = VOC.lookup("dog"), VOC.lookup("cat"), VOC.lookup("person")
@@ -17,12 +18,13 @@ def box(y0, y1, x0, x1, value=1.0):
     return mask
 
 
-def detections(*instances):
-    """instances: (coco_id, score, mask)."""
+def detections(*instances, vocabulary=VOC):
+    """instances: (COCO id, score, mask), as the COCO detector relabels them for `vocabulary`."""
     if not instances:
         return Detections(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, H, W), np.float32))
     ids, scores, masks = zip(*instances)
-    return Detections(np.array(ids, np.int64), np.array(scores, np.float32), np.stack(masks))
+    classes = coco_to_vocabulary(vocabulary)[np.array(ids, np.int64)]
+    return Detections(classes, np.array(scores, np.float32), np.stack(masks))
 
 
 def run(dets, classes, *, score=0.5, mask=0.5, ignore=None, unclaimed=None):
@@ -78,7 +80,7 @@ def test_class_not_detected():
     (dog,), label = run(detections(), [DOG])
     assert not dog.found and dog.mask.shape == (H, W)
     assert label.shape == (H, W) and (label == IGNORE).all()
-    assert pack_masks([dog], (H, W)).shape == (H, W)
+    assert pack_masks(dog.mask[None]).shape == (H, W)
 
 
 def test_overlap_goes_to_the_higher_score():
@@ -146,16 +148,14 @@ def test_mask_threshold_binarises_soft_masks():
 def test_pack_masks_round_trip():
     rng = np.random.default_rng(0)
     labels, _ = run(detections((18, 0.9, box(0, 4, 0, 8)), (17, 0.8, box(2, 8, 3, 6))), [DOG, CAT])
-    bits = pack_masks(labels, (H, W))
+    bits = pack_masks(np.stack([label.mask for label in labels]))
     assert bits.dtype == np.uint8 and bits.shape == (H, W)
     for k, label in enumerate(labels):
         assert np.array_equal((bits >> k) & 1 == 1, label.mask)
     assert bits.max() == 3  # overlap holds both bits
     # Arbitrary masks, up to 8 classes.
-    from factory.label import ClassLabel
     masks = rng.random((8, H, W)) > 0.5
-    many = [ClassLabel(VOC.by_index(k + 1), masks[k], 1.0, 1) for k in range(8)]
-    bits = pack_masks(many, (H, W))
+    bits = pack_masks(masks)
     for k in range(8):
         assert np.array_equal(((bits >> k) & 1).astype(bool), masks[k])
 
@@ -173,7 +173,7 @@ def test_voc_classes_match_coco_ids(name, coco_id):
 
 def test_coco_vocabulary_indices():
     couch = COCO.lookup("couch")
-    (found,), label = run(detections((63, 0.9, box(0, 4, 0, 4))), [couch])
+    (found,), label = run(detections((63, 0.9, box(0, 4, 0, 4)), vocabulary=COCO), [couch])
     assert found.found and (label[:4, :4] == couch.index).all() and couch.index != 63
 
 
@@ -259,9 +259,10 @@ def test_label_stage_policy_with_a_stub_detector():
         mask[y0:y1, x0:x1] = 1.0
         return mask
 
-    found_all = Detections(np.array([18, 18, 17], np.int64), np.array([0.9, 0.8, 0.7], np.float32),
+    dog, cat = DOG.index, CAT.index
+    found_all = Detections(np.array([dog, dog, cat], np.int64), np.array([0.9, 0.8, 0.7], np.float32),
                            np.stack([square(0, 4, 0, 4), square(4, 8, 4, 8), square(0, 4, 4, 8)]))
-    cat_only = Detections(np.array([17, 18], np.int64), np.array([0.9, 0.3], np.float32),
+    cat_only = Detections(np.array([cat, dog], np.int64), np.array([0.9, 0.3], np.float32),
                           np.stack([square(0, 4, 0, 4), square(4, 8, 4, 8)]))
     nothing = Detections(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, size, size), np.float32))
 

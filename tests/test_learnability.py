@@ -6,7 +6,6 @@ Featurizer, Ray Train training and Protocol-I evaluation (bench/learnability.py,
 
 from __future__ import annotations
 
-import sys
 from itertools import combinations
 from pathlib import Path
 
@@ -14,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from factory.build.procedural import CELL, SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
 from grounding.data import Featurizer, TextConfig, TripletSource
-from grounding.procedural import CELL, SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "bench"))
-import learnability  # noqa: E402
+from bench import learnability
 
 
 def test_vocabulary_split_is_four_seen_two_unseen():
@@ -40,15 +38,16 @@ def test_drawings_are_seeded_with_disjoint_exact_masks():
     assert not np.array_equal(draw(("bird",), 0)[0], draw(("bird",), 1)[0])
 
 
-def test_latent_and_tensors_sets_featurize_alike(tmp_path):
+@pytest.mark.slow
+def test_latent_and_tensors_sets_featurize_alike(ray_cluster, tmp_path):
     """One U-Net pass either way: at build time (tensors) or in the Featurizer (latent)."""
     batches = {}
     for mode in ("latent", "tensors"):
         recipe = procedural_recipe(str(tmp_path / mode), classes=tuple(STYLES), num_samples=6, seed=5,
                                    features=mode, batch_size=4)
-        manifest = build_procedural(recipe)
-        assert manifest["counts"]["written"] == 6 and manifest["capture"]["unet_call"] == 45
-        source = TripletSource(str(tmp_path / mode))
+        assert build_procedural(recipe).written == 6
+        source = TripletSource.open(str(tmp_path / mode))
+        assert source.capture["unet_call"] == 45 and source.manifest["models"]["labeler"] == "procedural"
         rows = source.take(range(6), source.columns + ["index"]).sort_by("index")  # same plan, same order
         batches[mode] = Featurizer(source, TextConfig())(rows)
     latent, tensors = batches["latent"], batches["tensors"]

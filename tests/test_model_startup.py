@@ -8,25 +8,23 @@ Ray's multi-page traceback; a transient failure (a download refused once) kills 
 from __future__ import annotations
 
 import io
-import sys
 from pathlib import Path
 
 import boto3
 import pyarrow.parquet as pq
 import pytest
 import ray
+from conftest import TINY_BUILD
+from s3_faults import build_through
 from safetensors.torch import save_file
 
-from conftest import TINY_BUILD
-from factory.detect import build_maskrcnn
-from factory.loading import ModelLoadError, load_with_retries, pipeline_failure
-from factory.plan import build_plan
-from factory.recipe import LabelerConfig, recipe_from_args
-from s3_faults import build_through
+from factory.build.detect import build_maskrcnn
+from factory.build.plan import build_plan
+from factory.build.recipe import LabelerConfig, recipe_from_args
+from factory.core.loading import ModelLoadError, load_with_retries, pipeline_failure
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
+from jobs import build_dataset
 
 
 def test_a_transient_failure_is_retried_and_a_permanent_one_named_in_one_line():

@@ -2,9 +2,9 @@ from collections import Counter
 
 import pytest
 
-from factory.plan import build_plan, load_prompt_file, plan_digest, selected_classes
-from factory.recipe import Recipe, RecipeError, load_recipe
-from factory.vocab import VOC
+from factory.build.plan import build_plan, load_prompt_file, plan_digest, selected_classes
+from factory.build.recipe import Recipe, RecipeError, load_recipe
+from factory.core.vocab import VOC
 
 FOUR = ["dog", "cat", "bus", "pottedplant"]
 

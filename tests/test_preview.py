@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.preview import TILE, overlay, preview_png, render_preview
-from factory.vocab import VOC
-from factory.write import PALETTE, encode_image, encode_label
+from factory.core.vocab import VOC
+from factory.dataset.codec import PALETTE, encode_image, encode_label
+from factory.dataset.preview import TILE, overlay, preview_png, render_preview
 
 COLOURS = np.array(PALETTE, np.uint8).reshape(256, 3)
 SIZE = 64

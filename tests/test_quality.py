@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from factory.quality import PROMPTS, QualityScorer, load_clip, select_top_fraction, tiny_clip
+from factory.diffusion.clip import PROMPTS, QualityScorer, load_clip, select_top_fraction, tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -17,8 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
-from factory.reader import (DatasetError, DatasetSource, IterableSegmentationDataset, SegmentationDataset,
-                            huggingface_features, read_dataset)
+from factory.dataset.reader import IterableSegmentationDataset, SegmentationDataset, huggingface_features, read_dataset
+from factory.dataset.source import DatasetError, DatasetSource
 
 pytestmark = pytest.mark.slow  # the tiny dataset is built by the real job on the local Ray cluster
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 from PIL import Image
 
-
 pytestmark = pytest.mark.slow  # the tiny dataset is built by the real job on the local Ray cluster
 
 README = Path(__file__).resolve().parent.parent / "README.md"

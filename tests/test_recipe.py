@@ -3,8 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.recipe import (RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe,
-                            recipe_from_args)
+from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_from_args
 
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 

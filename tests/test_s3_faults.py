@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import boto3
@@ -19,17 +18,16 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import requests
-
 from conftest import TINY_BUILD
-from factory import pipeline, storage
-from factory.plan import build_plan
-from factory.recipe import recipe_from_args
 from s3_faults import build_through
 
+from factory.build import pipeline
+from factory.build.plan import build_plan
+from factory.build.recipe import recipe_from_args
+from factory.core import storage
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
-import verify_dataset  # noqa: E402
+from jobs import build_dataset, verify_dataset
 
 
 def planned_ids(args: list[str]) -> list[str]:

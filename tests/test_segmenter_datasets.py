@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.vocab import COCO
-from segmenter.datasets import (COCOSemantic, VOCSegmentation, ignore_classes,
-                                real_dataset)
+from factory.core.vocab import COCO
+from segmenter.datasets import COCOSemantic, VOCSegmentation, ignore_classes, real_dataset
 
 # ---------------------------------------------------------------- VOC fixture
 

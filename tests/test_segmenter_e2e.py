@@ -5,21 +5,18 @@ fixture -> the seen / unseen / harmonic table. Once for VOC, once for COCO."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from factory.vocab import COCO, VOC
+from factory.core.vocab import COCO, VOC
 from segmenter.model import load_segmenter_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
-import eval_zs3  # noqa: E402
-import train_segmenter  # noqa: E402
 from test_eval_zs3 import SIZE  # noqa: E402
+
+from jobs import build_dataset, eval_zs3, train_segmenter
 
 pytestmark = pytest.mark.slow
 

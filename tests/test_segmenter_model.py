@@ -13,9 +13,16 @@ import torch
 from torchvision.models.resnet import Bottleneck, ResNet
 from transformers.models.maskformer.modeling_maskformer import MaskFormerForInstanceSegmentationOutput
 
-from segmenter.model import (CheckpointError, Segmenter, SegmenterModelConfig, batch_targets, load_backbone_weights,
-                             load_optimizer_state, load_segmenter_checkpoint, save_segmenter_checkpoint,
-                             semantic_targets)
+from factory.core.checkpoints import CheckpointError, load_optimizer_state
+from segmenter.model import (
+    Segmenter,
+    SegmenterModelConfig,
+    batch_targets,
+    load_backbone_weights,
+    load_segmenter_checkpoint,
+    save_segmenter_checkpoint,
+    semantic_targets,
+)
 
 K = 20  # VOC classes; labels 0..20
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,18 +21,25 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from factory.storage import open_location
-from factory.vocab import VOC
-from factory.write import SCHEMA, encode_image, encode_label
+from factory.core.storage import open_location
+from factory.core.vocab import VOC
+from factory.dataset.codec import encode_image, encode_label
+from factory.dataset.schema import SCHEMA
+from factory.dataset.source import DatasetSource
 from segmenter import model as segmenter_model
-from segmenter.data import (RealSamples, SyntheticSource, ignore_classes, normalize, random_resized_crop,
-                            train_transform, transform_synthetic)
+from segmenter.data import (
+    RealSamples,
+    ignore_classes,
+    normalize,
+    random_resized_crop,
+    train_transform,
+    transform_synthetic,
+)
 from segmenter.model import load_segmenter_checkpoint
 from segmenter.train import SegmenterTrainConfig, prepare_training, training_dataset, vocabulary_json
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import train_segmenter  # noqa: E402
+from jobs import train_segmenter
 
 SIZE = 32
 CAT, DOG = VOC.lookup("cat").index, VOC.lookup("dog").index
@@ -133,7 +139,7 @@ def test_ignore_classes():
 
 
 def _synthetic_batch(uri: str) -> dict:
-    source = SyntheticSource.open(uri)
+    source = DatasetSource.open(uri)
     table = pq.read_table(source.location.path(source.files[0]), columns=["image", "label"])
     return {name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("image", "label")}
 

@@ -8,11 +8,11 @@ import ray
 import torch
 from safetensors.torch import save_file
 
-from factory import pipeline
-from factory.detect import build_maskrcnn
-from factory.generate import generate, load_pipeline, tiny_pipeline
-from factory.recipe import LabelerConfig, load_recipe
-from factory.storage import StorageError, check_model_source, check_reachable, local_copy, open_location
+from factory.build import pipeline
+from factory.build.detect import build_maskrcnn
+from factory.build.recipe import LabelerConfig, load_recipe
+from factory.core.storage import StorageError, check_model_source, check_reachable, local_copy, open_location
+from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline
 
 
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:

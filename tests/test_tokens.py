@@ -2,8 +2,8 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from factory.generate import tiny_tokenizer
-from factory.tokens import class_embeddings, class_token_positions
+from factory.diffusion.pipelines import tiny_tokenizer
+from factory.diffusion.tokens import class_embeddings, class_token_positions
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "jobs"))
-import build_dataset  # noqa: E402
-import verify_dataset  # noqa: E402
+from jobs import build_dataset, verify_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,6 @@
 import pytest
 
-from factory.vocab import (COCO, COCO_DROPPED, COCO_DROPPED_IDS, VOC, UnknownClassError,
-                           get_vocabulary)
+from factory.core.vocab import COCO, COCO_DROPPED, COCO_DROPPED_IDS, VOC, UnknownClassError, get_vocabulary
 
 # Table 1 of seeds/000 (B.1), verbatim: (seen, unseen) per split.
 SEED_TABLE = {

@@ -8,10 +8,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from factory.storage import open_location
-from factory.write import (COMMIT_DIR, DATA_DIR, PALETTE, SCHEMA, Commit, decode_png, encode_batch,
-                           encode_image, encode_label, encode_mask, huggingface_metadata, part_name, read_commits,
-                           voc_palette, write_part)
+from factory.core.storage import open_location
+from factory.dataset.codec import PALETTE, decode_png, encode_image, encode_label, encode_mask, voc_palette
+from factory.dataset.layout import COMMIT_DIR, DATA_DIR
+from factory.dataset.schema import SCHEMA, huggingface_metadata
+from factory.dataset.write import Commit, encode_batch, part_name, read_commits, write_part
 
 EXTRA = ["capture_shapes", "drop_reason", "generate_seconds", "label_seconds", "encode_seconds"]
 CLASS_INDICES = {"dog": 12, "cat": 8, "bus": 6}

@@ -1,0 +1,98 @@
+"""Annotate: label generated images with the trained grounding module (Algorithm 2).
+
+One actor holds Stable Diffusion and the module: the generation call's U-Net features
+at the capture step go straight into the module, which predicts a mask for each of
+the prompt's classes, seen or unseen. The outputs have the same columns as the oracle
+labeler's, so encoding and writing are shared.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from factory.build.recipe import AnnotatorConfig, GeneratorConfig
+from factory.core.conventions import IGNORE
+from factory.core.devices import pick_device, pick_dtype
+from factory.core.loading import load_with_retries
+from factory.core.vocab import get_vocabulary
+from factory.dataset.batch import CLASS_NOT_FOUND, SampleLabels, attach_labels
+from factory.diffusion.features import FeatureCapture
+from factory.diffusion.pipelines import generate, load_pipeline
+from factory.diffusion.steps import capture_call_index
+from grounding.checkpoint import load_grounding_checkpoint
+from grounding.data import TextConfig, text_class_embeddings
+
+
+def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, threshold: float = 0.5,
+                         ignore_below: float | None = None) -> np.ndarray:
+    """uint8 map from per-class probabilities (O, H, W).
+
+    A pixel goes to the most probable class when that probability exceeds ``threshold``
+    (so overlaps go to the higher score); otherwise it is background, or 255 when its best
+    probability is in the unsure band [ignore_below, threshold).
+    """
+    best = probabilities.max(axis=0)
+    lut = np.array(indices, np.uint8)
+    out = np.where(best > threshold, lut[probabilities.argmax(axis=0)], 0).astype(np.uint8)
+    if ignore_below is not None:
+        out[(best >= ignore_below) & (best <= threshold)] = IGNORE
+    return out
+
+
+class AnnotateStage:
+    """Ray Data actor: generate, capture, predict masks, label; one GPU when there are GPUs."""
+
+    def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str,
+                 load_attempts: int = 3):
+        self.generator, self.annotator = generator, annotator
+        self.vocabulary = get_vocabulary(vocabulary)
+        self.device = pick_device()
+        self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
+            generator.model, self.device, pick_dtype(generator.dtype, self.device)), load_attempts)
+        module, metadata = load_with_retries(f"grounding checkpoint {annotator.checkpoint}",
+                                             lambda: load_grounding_checkpoint(annotator.checkpoint), load_attempts)
+        self.module = module.to(self.device)
+        self.text = TextConfig.model_validate(metadata["text"])
+        self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        g = self.generator
+        prompts, words = list(batch["prompt"]), [list(w) for w in batch["class_words"]]
+        with FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)) as hooks:
+            images = generate(self.pipe, prompts, list(batch["seed"]), steps=g.steps,
+                              guidance_scale=g.guidance_scale, height=g.height, width=g.width)
+        features = {r: t.float() for r, t in hooks.features.items()}
+        embeddings, mask = text_class_embeddings(self.pipe, self.text, prompts, words)
+        logits = self.module(features, embeddings.float(), mask)
+        probabilities = torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
+                                                    align_corners=False)).cpu().numpy()
+        batch["image"] = images
+        batch["generate_seconds"] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
+        # labelling happens inside the generation call: its time is counted there
+        labels = [self.label(probabilities[i, :len(names)], names) for i, names in enumerate(batch["classes"])]
+        return attach_labels(batch, labels, time.perf_counter())
+
+    def label(self, probabilities: np.ndarray, names: list[str]) -> SampleLabels:
+        return annotation_labels(probabilities, [self.vocabulary.lookup(name).index for name in names],
+                                 self.annotator)
+
+
+def annotation_labels(p: np.ndarray, indices: list[int], config: AnnotatorConfig) -> SampleLabels:
+    """One image's labels from its (O, H, W) class probabilities; `indices`: each class's label index."""
+    label = annotation_label_map(p, indices, threshold=config.threshold, ignore_below=config.ignore_below)
+    masks = p > config.threshold
+    found = masks.reshape(len(indices), -1).any(axis=1)
+    if not found.all():  # as with the oracle: a missing class may be anywhere unclaimed
+        label[label == 0] = IGNORE
+    return SampleLabels(
+        label=label, masks=masks,
+        # score: mean probability inside the class's mask, a confidence for later filtering
+        scores=np.array([p[k][masks[k]].mean() if found[k] else 0.0 for k in range(len(indices))], np.float32),
+        instances=found.astype(np.int16),
+        drop_reason="" if found.all() or config.on_missing == "ignore" else CLASS_NOT_FOUND)

@@ -1,0 +1,200 @@
+"""Cost model: GPU-hours, wall-clock hours and bytes of a build, from per-stage rates.
+
+Pure functions of a recipe, a sample count, measured rates and a GPU count; nothing
+loads or runs. `jobs/build_dataset.py --estimate` prints it before any work starts.
+
+Rates are per GPU at ``image_size`` (square), in the units `bench/gpu.py --out` writes:
+single-image U-Net evaluations per second (a guided denoising step costs two), VAE
+decodes per second, Mask R-CNN images per second. Other resolutions scale by pixel
+count (convolutions are linear in pixels; attention grows faster, so large images
+come out optimistic).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from factory.build.recipe import Recipe
+from factory.core.options import ConfigError, one_line
+
+
+class Rates(BaseModel):
+    """Per-GPU throughput of each model stage at image_size x image_size."""
+    model_config = ConfigDict(extra="ignore")
+    source: str = "given"
+    image_size: int = Field(512, ge=8)
+    unet_forwards_per_s: float = Field(..., gt=0)
+    vae_images_per_s: float = Field(..., gt=0)
+    label_images_per_s: float = Field(..., gt=0)
+
+
+# Public figures (spec section 11), not measured here: A100, batch 16, torch.compile, about
+# 1.3 images/s with 50 guided DDIM steps (100 U-Net evaluations of 0.84 TFLOP, one 2.5 TFLOP
+# decode). The stages are assumed to reach the same FLOP/s (Mask R-CNN v2: 0.33 TFLOP an
+# image; it is under 1% of the cost either way). Measure your own with bench/gpu.py --out.
+_A100_TFLOPS = 1.3 * (100 * 0.84 + 2.5)
+DEFAULT_RATES = Rates(source="public A100 figures (spec section 11): 1.3 images/s at DDIM-50, batch 16, "
+                      "torch.compile", image_size=512, unet_forwards_per_s=_A100_TFLOPS / 0.84,
+                      vae_images_per_s=_A100_TFLOPS / 2.5, label_images_per_s=_A100_TFLOPS / 0.33)
+
+# Bytes per sample at 512x512, measured by bench/storage.py (docs/performance.md): a
+# Parquet row (PNG image, palette PNG label, 1-bit PNG masks, zstd) of each product,
+# and what capture adds to it. Scaled by pixel count for other sizes.
+ORACLE_BYTES_512 = 392_327
+SYNTHETIC_BYTES_512 = 398_017
+LATENT_BYTES_512 = 30_305  # capture.features: latent (4 x 64 x 64, fp16)
+FEATURE_BYTES_512 = 33_302_158  # capture.features: tensors, conditional branch, fp16 + zstd
+FEATURE_VALUES_512 = 18_104_320  # SD 1.5 U-Net feature values per sample (8960/8320/4800/2560 channels at 8..64)
+
+
+PART_BYTES_WARNING = 2e9  # a write task holds its whole part in memory
+
+
+def load_rates(path: str | None) -> Rates:
+    """Rates from a JSON file (`bench/gpu.py --out`, or a bare rates object), or the defaults."""
+    if path is None:
+        return DEFAULT_RATES
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read rates file {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"rates file {path} is not JSON: {exc}") from None
+    try:
+        return Rates.model_validate(data.get("rates", data) if isinstance(data, dict) else data)
+    except ValidationError as exc:
+        raise ConfigError(f"rates file {path}: {one_line(exc, Rates)}") from None
+
+
+def _area(recipe: Recipe, size: int = 512) -> float:
+    return recipe.generator.height * recipe.generator.width / size ** 2
+
+
+def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
+    """GPU-seconds per sample of each model stage (all of them run in one actor on one GPU)."""
+    g = recipe.generator
+    scale = _area(recipe, rates.image_size)
+    evaluations = g.steps * (2 if g.guidance_scale > 1.0 else 1)  # guidance: unconditional + conditional
+    generate = scale * (evaluations / rates.unet_forwards_per_s + 1 / rates.vae_images_per_s)
+    if recipe.annotator.checkpoint:
+        return {"generate+annotate": generate}
+    return {"generate": generate, "label": scale / rates.label_images_per_s}
+
+
+def bytes_per_sample(recipe: Recipe) -> float:
+    """Bytes of one written Parquet row."""
+    area, c = _area(recipe), recipe.capture
+    total = (SYNTHETIC_BYTES_512 if recipe.annotator.checkpoint else ORACLE_BYTES_512) * area
+    if c.features == "latent":
+        total += LATENT_BYTES_512 * area
+    elif c.features == "tensors":
+        total += FEATURE_BYTES_512 * area * (2 if c.unconditional else 1)
+    return total
+
+
+def in_flight_bytes(recipe: Recipe) -> dict[str, float]:
+    """Object-store bytes per batch. Every model of a sample runs in one actor on one GPU
+    (factory/pipeline.py ModelActor), so raw arrays never leave it: only encoded rows
+    travel, a generator batch at a time, and the write tasks gather them into parts."""
+    encoded = bytes_per_sample(recipe)
+    return {"model actor -> write": recipe.generator.batch_size * encoded,
+            "one Parquet part": recipe.writer.rows_per_file * encoded}
+
+
+@dataclass
+class Estimate:
+    recipe: str
+    samples: int
+    gpus: int
+    rates: Rates
+    seconds_per_sample: dict[str, float]
+    gpu_hours: dict[str, float]
+    total_gpu_hours: float
+    usable_gpus: int  # the model actors' pool can grow to this many GPUs; more sit idle
+    wall_hours: float
+    bytes_per_sample: float
+    bytes_written: float
+    in_flight_bytes: dict[str, float]
+    usd: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def estimate(recipe: Recipe, samples: int, rates: Rates, gpus: int, usd_per_gpu_hour: float | None = None
+             ) -> Estimate:
+    """The build's cost on ``gpus`` GPUs: one model actor per GPU makes whole samples
+    (generate, then label, on the same GPU), up to pool.max_size actors.
+    """
+    if gpus < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}")
+    per_sample = seconds_per_sample(recipe, rates)
+    hours = {stage: samples * seconds / 3600 for stage, seconds in per_sample.items()}
+    total = sum(hours.values())
+    usable = recipe.pool.max_size
+    notes = []
+    if gpus > usable:
+        notes.append(f"pool.max_size is {usable}: {gpus - usable} of the {gpus} GPUs would sit idle")
+    if recipe.annotator.checkpoint:
+        notes.append("the grounding module's forward pass is not counted (one small network per image)")
+    if recipe.quality.model:
+        notes.append("the CLIP quality stage is not counted")
+    if recipe.capture.attention:
+        notes.append("DAAM heat maps are not counted (a few kB and little compute per sample)")
+    if recipe.writer.image_format == "jpeg":
+        notes.append("bytes are for PNG images; JPEG ones are smaller")
+    per_row = bytes_per_sample(recipe)
+    if per_row * recipe.writer.rows_per_file > PART_BYTES_WARNING:
+        notes.append(f"a Parquet part holds {_size(per_row * recipe.writer.rows_per_file)} and passes through one "
+                     f"write task's memory: lower writer.rows_per_file")
+    return Estimate(recipe=recipe.name, samples=samples, gpus=gpus, rates=rates, seconds_per_sample=per_sample,
+                    gpu_hours=hours, total_gpu_hours=total, usable_gpus=usable, wall_hours=total / min(gpus, usable),
+                    bytes_per_sample=per_row, bytes_written=samples * per_row, in_flight_bytes=in_flight_bytes(recipe),
+                    usd=None if usd_per_gpu_hour is None else total * usd_per_gpu_hour, notes=notes)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
+        n /= 1000
+
+
+def format_estimate(e: Estimate, recipe: Recipe) -> str:
+    g = recipe.generator
+    lines = [f"Estimate for {e.recipe}: {e.samples:,} samples, {g.width}x{g.height}, {g.steps} steps, "
+             f"guidance {g.guidance_scale}, on {e.gpus} GPU(s)",
+             f"  rates     {e.rates.source}: U-Net {e.rates.unet_forwards_per_s:.4g}/s, "
+             f"VAE {e.rates.vae_images_per_s:.4g}/s, labeler {e.rates.label_images_per_s:.4g}/s "
+             f"(per GPU at {e.rates.image_size}x{e.rates.image_size})"]
+    for stage, hours in e.gpu_hours.items():
+        lines.append(f"  {stage:<18}{e.seconds_per_sample[stage]:9.3f} GPU-s per sample {hours:10.2f} GPU-hours")
+    lines.append(f"  total     {e.total_gpu_hours:.2f} GPU-hours ({e.total_gpu_hours / 24:.2f} GPU-days)"
+                 + (f", ${e.usd:,.0f}" if e.usd is not None else ""))
+    lines.append(f"  wall      {e.wall_hours:.2f} h of model time on {min(e.gpus, e.usable_gpus)} GPU(s) "
+                 f"(one model actor per GPU; start-up adds minutes)")
+    lines.append(f"  storage   {_size(e.bytes_per_sample)} per sample, {_size(e.bytes_written)} written")
+    lines.append("  in flight " + "; ".join(f"{edge} {_size(b)}" for edge, b in e.in_flight_bytes.items())
+                 + " (object store)")
+    lines += [f"  note      {note}" for note in e.notes]
+    return "\n".join(lines)
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"  # argparse names the type in its error
+    return parse
+
+
+def add_estimate_arguments(parser) -> None:
+    group = parser.add_argument_group("cost estimate (prints and exits: no Ray, no model, nothing written)")
+    group.add_argument("--estimate", action="store_true", help="print GPU-hours, wall-clock and bytes, then exit")
+    group.add_argument("--gpus", type=_positive(int), default=8, help="GPUs in the cluster (default: 8)")
+    group.add_argument("--rates", help="per-stage rates JSON from bench/gpu.py --out (default: public A100 figures)")
+    group.add_argument("--usd-per-gpu-hour", type=_positive(float), help="price of a GPU-hour, to print the cost")

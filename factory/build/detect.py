@@ -1,0 +1,134 @@
+"""The oracle detector: a COCO-pretrained Mask R-CNN behind a small interface.
+
+Any detector fits the factory if it turns a batch of uint8 images into ``Detections``
+labelled by the vocabulary's class indices; it translates its own label space (COCO
+category ids here) at this boundary, so the labelling rules never see it. Adding one (a
+detector of another world, an open-vocabulary model) means one module like this and a
+branch in ``load_detector``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.detection import (
+    MaskRCNN,
+    MaskRCNN_ResNet50_FPN_V2_Weights,
+    MaskRCNN_ResNet50_FPN_Weights,
+    maskrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn_v2,
+)
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.ops import MultiScaleRoIAlign
+
+from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig
+from factory.core.storage import local_copy
+from factory.core.vocab import Vocabulary
+
+COCO_LABELS = 91  # torchvision's COCO heads: background + category ids 1..90 (with gaps)
+
+
+@dataclass
+class Detections:
+    """Instances found in one image."""
+    classes: np.ndarray  # (K,) int64 vocabulary class index; 0 for a class outside the vocabulary
+    scores: np.ndarray  # (K,) float32
+    masks: np.ndarray  # (K, H, W) float32 soft masks in [0, 1]
+
+
+class Detector(Protocol):
+    def __call__(self, images: np.ndarray) -> list[Detections]: ...
+
+
+def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
+    """A random Mask R-CNN: torchvision's detector on a two-layer backbone, slim heads."""
+    width = 32
+    backbone = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, width, 3, 2, 1), nn.ReLU())
+    backbone.out_channels = width
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=image_size, max_size=image_size,
+        rpn_anchor_generator=AnchorGenerator(((8, 16, 32),), ((0.5, 1.0, 2.0),)),
+        rpn_pre_nms_top_n_test=200, rpn_post_nms_top_n_test=100, box_detections_per_img=20,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+        box_head=TwoMLPHead(width * 7 * 7, 64), box_predictor=FastRCNNPredictor(64, COCO_LABELS),
+        mask_head=MaskRCNNHeads(width, (width, width), 1), mask_predictor=MaskRCNNPredictor(width, width, COCO_LABELS))
+
+
+_TORCHVISION_COCO = {"maskrcnn_resnet50_fpn_v2": MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
+                     "maskrcnn_resnet50_fpn": MaskRCNN_ResNet50_FPN_Weights.COCO_V1}
+
+
+def load_weights(model: nn.Module, weights: str, architecture: str) -> None:
+    """Safetensors, or a torch checkpoint read with weights_only=True (never pickle).
+
+    ``weights: torchvision`` downloads torchvision's own COCO checkpoint for the
+    architecture into the torch hub cache (needs the internet on the node).
+    """
+    if weights == TORCHVISION_WEIGHTS:
+        state = _TORCHVISION_COCO[architecture].get_state_dict(progress=False, check_hash=True, weights_only=True)
+        model.load_state_dict(state)
+        return
+    path = local_copy(weights)
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("model", state)  # torchvision reference scripts nest it
+    model.load_state_dict(state)
+
+
+def coco_to_vocabulary(vocabulary: Vocabulary) -> np.ndarray:
+    """Lookup table from a COCO category id (0..90) to the vocabulary's class index (0: none)."""
+    table = np.zeros(COCO_LABELS, np.int64)
+    for info in vocabulary.classes:
+        table[info.coco_id] = info.index
+    return table
+
+
+def build_maskrcnn(config: LabelerConfig, image_size: int) -> MaskRCNN:
+    if config.model == "tiny":
+        with torch.random.fork_rng(devices=[]):  # the same random weights on every actor
+            torch.manual_seed(0)
+            model = tiny_maskrcnn(image_size)
+    else:
+        factory = {"maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
+                   "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[config.model]
+        model = factory(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
+    if config.weights:
+        load_weights(model, config.weights, config.model)
+    # Keep candidates down to the lowest threshold any rule looks at; label.py decides.
+    low = config.score_threshold if config.ignore_threshold is None else min(
+        config.score_threshold, config.ignore_threshold)  # 0.0 is a threshold, not 'unset'
+    model.roi_heads.score_thresh = low
+    model.roi_heads.nms_thresh = config.nms_threshold
+    return model.eval()
+
+
+class MaskRCNNDetector:
+    """A COCO Mask R-CNN whose detections are relabelled by the vocabulary's class indices."""
+
+    def __init__(self, config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device):
+        self.device = device
+        self.model = build_maskrcnn(config, image_size).to(device)
+        self.classes = coco_to_vocabulary(vocabulary)
+
+    @torch.inference_mode()
+    def __call__(self, images: np.ndarray) -> list[Detections]:
+        tensors = [torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255.0 for image in images]
+        outputs = self.model(tensors)
+        return [Detections(classes=self.classes[out["labels"].cpu().numpy()],
+                           scores=out["scores"].float().cpu().numpy(),
+                           masks=out["masks"][:, 0].float().cpu().numpy())
+                for out in outputs]
+
+
+def load_detector(config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device) -> Detector:
+    return MaskRCNNDetector(config, vocabulary, image_size, device)

@@ -1,0 +1,390 @@
+"""The build: plan -> generate -> label -> encode -> write, streamed by Ray Data.
+
+``prepare_build`` does every check that can fail (recipe, plan, output, models) before
+any model loads or anything is written. ``run_build`` resumes whatever the output
+already holds, streams the missing samples through the actor pools, and finishes
+with the manifest and the preview.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+
+import numpy as np
+import pyarrow.parquet as pq
+import ray
+
+from factory.build.plan import Sample, build_plan, plan_digest
+from factory.build.recipe import TORCHVISION_WEIGHTS, Recipe
+from factory.core.conventions import BACKGROUND, IGNORE, TINY
+from factory.core.errors import FactoryError
+from factory.core.loading import pipeline_failure
+from factory.core.storage import Location, StorageError, access_refused, check_model_source, check_reachable, first_line
+from factory.core.vocab import get_vocabulary
+from factory.dataset.batch import LABEL_COLUMNS
+from factory.dataset.card import write_card
+from factory.dataset.layout import BUILD_FILE, COMMIT_DIR, DATA_DIR, FORMAT, MANIFEST_FILE, PREVIEW_FILE
+from factory.dataset.preview import preview_png
+from factory.dataset.write import Commit, encode_batch, read_commits, write_part
+from factory.diffusion.steps import capture_call_index
+
+logger = logging.getLogger(__name__)
+
+_VERSIONED = ("dataset-factory", "torch", "torchvision", "diffusers", "transformers", "ray", "pyarrow")
+
+
+class BuildError(FactoryError, RuntimeError):
+    """The output cannot be built or resumed as asked; the message is one line."""
+
+
+@dataclass
+class Prepared:
+    recipe: Recipe
+    plan: list[Sample]
+    location: Location
+    notes: list[str] = field(default_factory=list)  # what the user should know before the run
+
+
+@dataclass
+class Summary:
+    out: str
+    planned: int
+    written: int
+    dropped: dict[str, int]
+    new_this_run: int
+    resumed_from: int
+    wall_seconds: float
+    stage_seconds: dict[str, float]
+    bytes_written: int
+    files: int
+    preview: str | None
+    manifest: str
+    card: str
+    notes: list[str] = field(default_factory=list)
+
+
+def prepare_build(recipe: Recipe) -> Prepared:
+    """Every check that needs no model, then the output is claimed with build.json.
+
+    Plan, output, model paths, resume compatibility: a failure here writes nothing.
+    Writing build.json last proves write access before any GPU time is spent.
+    """
+    plan = build_plan(recipe)
+    notes = []
+    if recipe.num_samples is not None and recipe.num_samples > len(plan):
+        notes.append(f"num_samples {recipe.num_samples} is more than the recipe plans: building all {len(plan)}")
+    location = check_reachable(recipe.output)
+    check_model_source(recipe.generator.model, "model_index.json")
+    if recipe.quality.model and recipe.quality.model != TINY:
+        check_model_source(recipe.quality.model, "config.json")
+    if recipe.annotator.checkpoint:
+        _check_annotator(recipe)
+    elif recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
+        check_model_source(recipe.labeler.weights)
+    build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
+    try:
+        if location.exists(BUILD_FILE):
+            previous = json.loads(location.read_bytes(BUILD_FILE))
+            if previous["content_key"] != build["content_key"]:
+                raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
+                                 f"({previous['recipe']['name']}, key {previous['content_key']}); "
+                                 f"use another --out or the same recipe")
+            build = previous  # keep the first run's record; num_samples etc. may differ now
+            planned = {s.sample_id for s in plan}
+            outside = sum(1 for c in read_commits(location) for i in (*c.written, *c.dropped) if i not in planned)
+            if outside:
+                raise BuildError(f"{recipe.output} holds {outside} samples outside this plan "
+                                 f"(was num_samples larger before?); use the same or a larger --num-samples")
+        location.write_bytes(BUILD_FILE, json.dumps(build, indent=2).encode())
+    except OSError as exc:
+        what = "no permission to write to" if access_refused(exc) else "cannot write to"
+        raise StorageError(f"{what} {recipe.output}: {first_line(exc)}") from None
+    return Prepared(recipe, plan, location, notes)
+
+
+def _check_annotator(recipe: Recipe) -> None:
+    """The checkpoint must exist and read features of the same U-Net, at a step this run has."""
+    # Imported here: only an annotating build needs grounding (and torch) before its models load.
+    from factory.core.checkpoints import CheckpointError
+    from grounding.checkpoint import read_grounding_metadata
+
+    try:
+        metadata = read_grounding_metadata(recipe.annotator.checkpoint)
+    except CheckpointError as exc:
+        raise BuildError(str(exc)) from None
+    if metadata["generator"] != recipe.generator.model:
+        raise BuildError(f"grounding checkpoint {recipe.annotator.checkpoint} reads features of generator "
+                         f"{metadata['generator']!r}, not {recipe.generator.model!r}")
+    step = metadata["capture"]["steps_remaining"]
+    if step > recipe.generator.steps:
+        raise BuildError(f"grounding checkpoint needs capture step {step}, beyond generator.steps "
+                         f"{recipe.generator.steps}")
+
+
+def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
+    """One GPU per model actor when the cluster has GPUs or the model is a real one.
+
+    Real models always ask for a GPU, so on an autoscaling cluster that starts with
+    no GPU nodes the request is what brings them up (and the CPU head stays free).
+    """
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if has_gpus or recipe.generator.model != TINY:
+        if not has_gpus:  # without an autoscaler nothing would ever start: say what we wait for
+            logger.warning("the cluster has no GPU now; the model actors wait for GPU nodes (an autoscaler "
+                           "adds them; on a machine without GPUs use the tiny models)")
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_cpus": 1}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One model stage inside the model actor, and the batch columns it reads and adds
+    (``factory.dataset.batch``). ``stage`` is a Ray Data callable class, or its
+    "module:Class" path, imported in the actor: the driver never loads model code."""
+    stage: type | str
+    kwargs: dict
+    batch_size: int  # most samples per call
+    reads: tuple[str, ...]
+    adds: tuple[str, ...]
+
+
+_LABELS = (*LABEL_COLUMNS, "label_seconds")
+
+
+def model_stages(recipe: Recipe) -> list[StageSpec]:
+    """The recipe's model stages, in order: generate then label, or generate-and-annotate; quality."""
+    gen, lab, attempts = recipe.generator, recipe.labeler, recipe.pool.load_attempts
+    if recipe.annotator.checkpoint:  # the grounding module reads the generator's own U-Net features
+        stages = [StageSpec("factory.build.annotate:AnnotateStage",
+                            {"generator": gen, "annotator": recipe.annotator, "vocabulary": recipe.vocabulary,
+                             "load_attempts": attempts}, gen.batch_size,
+                            reads=("prompt", "seed", "classes", "class_words"),
+                            adds=("image", "generate_seconds", *_LABELS))]
+    else:
+        capture = ("timestep", "latent", "features_<r>", "ufeatures_<r>", "daam")
+        stages = [StageSpec("factory.build.generate:GenerateStage",
+                            {"config": gen, "capture": recipe.capture, "load_attempts": attempts}, gen.batch_size,
+                            reads=("prompt", "seed", "class_words"), adds=("image", "generate_seconds", *capture)),
+                  StageSpec("factory.build.label:LabelStage",
+                            {"config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width),
+                             "load_attempts": attempts}, lab.batch_size,
+                            reads=("image", "classes"), adds=_LABELS)]
+    if recipe.quality.model:
+        stages.append(StageSpec("factory.build.quality:QualityStage",
+                                {"model": recipe.quality.model, "load_attempts": attempts}, lab.batch_size,
+                                reads=("image",), adds=("quality",)))
+    return stages
+
+
+def model_ids(recipe: Recipe) -> dict[str, str]:
+    """What the `generator` and `labeler` columns and the manifest name as the models."""
+    return {"generator": recipe.generator.model, "labeler": _labeler_id(recipe)}
+
+
+def _resolve(stage: type | str) -> type:
+    if isinstance(stage, type):
+        return stage
+    module, name = stage.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+class ModelActor:
+    """Ray Data actor: every model a sample needs, in one process on one GPU, then encoding.
+
+    The labeler needs a few percent of the generator's time, so a pool of its own would
+    hold GPUs that mostly idle (and one GPU could not host both pools); here every GPU
+    does both, and only PNG bytes cross the object store. Two calls run at once: the
+    lock keeps the models to one batch at a time, and the other call encodes its
+    finished batch meanwhile, off the GPU's critical path.
+    """
+
+    def __init__(self, stages: list[StageSpec], encode: dict):
+        self.stages = [(_resolve(spec.stage)(**spec.kwargs), spec.batch_size) for spec in stages]
+        self.encode = encode
+        self.models = threading.Lock()
+
+    def __call__(self, batch: dict[str, np.ndarray]):
+        with self.models:
+            for stage, batch_size in self.stages:
+                batch = _in_batches(stage, batch, batch_size)
+        return encode_batch(batch, **self.encode)
+
+
+def _in_batches(stage, batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """The stage over the batch, at most ``size`` samples per call (its own batch size)."""
+    n = len(batch["sample_id"])
+    if n <= size:
+        return stage(batch)
+    parts = [stage({key: column[i:i + size] for key, column in batch.items()}) for i in range(0, n, size)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+
+def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
+                   stages: list[StageSpec] | None = None, models: dict[str, str] | None = None) -> list[Commit]:
+    """The Ray Data pipeline over the samples still to make; returns their commits.
+
+    One pool of model actors (``stages``, default ``model_stages(recipe)``, then encoding),
+    then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``).
+    """
+    vocabulary = get_vocabulary(recipe.vocabulary)
+    gen, writer, pool = recipe.generator, recipe.writer, recipe.pool
+    encode = {"image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
+              "class_indices": {c.name: c.index for c in vocabulary.classes}, **(models or model_ids(recipe))}
+    rows = [asdict(s) for s in todo]
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
+    actors = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
+                                        max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
+    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"stages": stages or model_stages(recipe), "encode": encode},
+                        batch_size=gen.batch_size, compute=actors, batch_format="numpy",
+                        **_accelerator_resources(recipe))
+    ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
+                        batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5)
+    return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
+
+
+def _labeler_id(recipe: Recipe) -> str:
+    if recipe.annotator.checkpoint:
+        return f"grounding:{recipe.annotator.checkpoint}"
+    lab = recipe.labeler
+    return lab.model if not lab.weights else f"{lab.model}:{lab.weights}"
+
+
+def _versions() -> dict[str, str]:
+    versions = {}
+    for package in _VERSIONED:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def _existing_commits(prepared: Prepared) -> tuple[list[Commit], list[str]]:
+    """Commits already in the output, after deleting orphan Parquet files of killed runs."""
+    location = prepared.location
+    for folder in (DATA_DIR, COMMIT_DIR):
+        location.remove_temporaries(folder)
+    commits = read_commits(location)
+    committed = {c.file for c in commits if c.file}
+    orphans = [path for path in location.list(DATA_DIR, ".parquet") if path not in committed]
+    for path in orphans:
+        location.delete(path)
+    return commits, orphans
+
+
+def _check_complete(plan: list[Sample], commits: list[Commit]) -> None:
+    seen: set[str] = set()
+    for commit in commits:
+        for sample_id in (*commit.written, *commit.dropped):
+            if sample_id in seen:
+                raise BuildError(f"sample {sample_id} is committed twice (two builds writing one output?)")
+            seen.add(sample_id)
+    missing = len({s.sample_id for s in plan} - seen)
+    if missing:
+        raise BuildError(f"{missing} planned samples were not written; run the same command again to resume")
+
+
+def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, str]) -> dict:
+    recipe, plan = prepared.recipe, prepared.plan
+    vocabulary = get_vocabulary(recipe.vocabulary)
+    dropped: dict[str, int] = {}
+    for commit in commits:
+        for reason in commit.dropped.values():
+            dropped[reason] = dropped.get(reason, 0) + 1
+    files = sorted(({"path": c.file, "rows": c.rows, "bytes": c.bytes, "sha256": c.sha256}
+                    for c in commits if c.file), key=lambda f: f["path"])
+    return {
+        "format": FORMAT,
+        "name": recipe.name,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe": recipe.model_dump(mode="json"),
+        "content_key": recipe.content_key(),
+        "plan": {"samples": len(plan), "digest": plan_digest(plan)},
+        "vocabulary": {"name": vocabulary.name,
+                       "classes": [{"index": c.index, "name": c.name, "natural": c.natural}
+                                   for c in vocabulary.classes],
+                       "background": BACKGROUND, "ignore": IGNORE},
+        "models": models,
+        "versions": _versions(),
+        "counts": {"planned": len(plan), "written": sum(f["rows"] for f in files), "dropped": dropped},
+        "capture": _capture_info(recipe, commits),
+        "files": files,
+    }
+
+
+def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:
+    """How to read the triplet columns: what was captured when, and each column's fp16 shape."""
+    capture = recipe.capture
+    if capture.features == "none" and not capture.attention:
+        return None
+    info = {"features": capture.features, "attention": capture.attention, "dtype": "float16",
+            "shapes": next((c.capture_shapes for c in commits if c.capture_shapes), {})}
+    if capture.features != "none":
+        info.update(steps_remaining=capture.step,
+                    unet_call=capture_call_index(recipe.generator.steps, capture.step))
+    return info
+
+
+def _preview(prepared: Prepared, files: list[dict]) -> str | None:
+    wanted = prepared.recipe.writer.preview_samples
+    if not wanted or not files:
+        return None
+    location = prepared.location
+    rows: list[dict] = []
+    for entry in files:
+        with location.fs.open_input_file(location.path(entry["path"])) as handle:
+            rows += pq.read_table(handle).slice(0, wanted - len(rows)).to_pylist()
+        if len(rows) >= wanted:
+            break
+    rows.sort(key=lambda row: row["index"])
+    location.write_bytes(PREVIEW_FILE, preview_png(rows))
+    return location.url(PREVIEW_FILE)
+
+
+def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
+              models: dict[str, str] | None = None) -> Summary:
+    """Make what the output lacks of the plan, then the manifest, preview and card.
+
+    ``stages`` and ``models``: the model stages and their names, when not the recipe's
+    (``model_stages``, ``model_ids``); the procedural source and the benchmarks pass theirs."""
+    recipe, plan, location = prepared.recipe, prepared.plan, prepared.location
+    models = models or model_ids(recipe)
+    start = time.perf_counter()
+    commits, orphans = _existing_commits(prepared)
+    resumed = sum(len(c.written) + len(c.dropped) for c in commits)
+    done = {i for c in commits for i in (*c.written, *c.dropped)}
+    todo = [s for s in plan if s.sample_id not in done]
+    new: list[Commit] = []
+    if todo:
+        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
+        try:
+            new = stream_samples(recipe, todo, location.uri, metadata, stages=stages, models=models)
+        except Exception as exc:  # a model that would not load, or storage that failed beyond its retries
+            cause = pipeline_failure(exc)
+            if cause is None:
+                raise
+            raise BuildError(f"{cause} (committed parts are kept; the same command resumes)") from None
+    commits += new
+    _check_complete(plan, commits)
+    manifest = build_manifest(prepared, commits, models)
+    preview = _preview(prepared, manifest["files"])
+    location.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    card = write_card(location, manifest)
+    stage_seconds: dict[str, float] = {}
+    for commit in new:
+        for stage, seconds in commit.seconds.items():
+            stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
+    notes = prepared.notes + ([f"deleted {len(orphans)} orphan part(s) of an interrupted run"] if orphans else [])
+    return Summary(out=location.uri, planned=len(plan), written=manifest["counts"]["written"],
+                   dropped=manifest["counts"]["dropped"], new_this_run=sum(len(c.written) + len(c.dropped) for c in new),
+                   resumed_from=resumed, wall_seconds=time.perf_counter() - start, stage_seconds=stage_seconds,
+                   bytes_written=sum(f["bytes"] for f in manifest["files"]), files=len(manifest["files"]),
+                   preview=preview, manifest=location.url(MANIFEST_FILE), card=card, notes=notes)

@@ -1,0 +1,172 @@
+"""The plan: every sample of a dataset, decided before any GPU work.
+
+A sample is its classes, its prompt and its noise seed. The plan is a pure
+function of the recipe: the same recipe and seed always give the same samples with
+the same ids, and `num_samples` keeps a prefix of the shuffled plan, so a larger
+`num_samples` extends a dataset instead of replacing it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydantic import ValidationError
+
+from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError
+from factory.core.pairs import all_pairs, load_pairs
+from factory.core.storage import first_line
+from factory.core.vocab import Vocabulary, get_vocabulary
+from factory.dataset.batch import MAX_CLASSES
+from factory.dataset.source import DatasetError
+
+
+@dataclass(frozen=True)
+class Sample:
+    sample_id: str
+    index: int
+    classes: tuple[str, ...]  # canonical class names, in prompt order
+    class_words: tuple[str, ...]  # how each class is worded inside the prompt
+    prompt: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A hand-written prompt: its text and the words that name its classes."""
+    text: str
+    classes: tuple[str, ...]
+    words: tuple[str, ...]
+
+
+def selected_classes(recipe: Recipe, vocabulary: Vocabulary) -> list[str]:
+    """Canonical names of the recipe's classes, in vocabulary order."""
+    if recipe.classes == "all":
+        return list(vocabulary.names)
+    if recipe.classes == "seen":
+        return list(vocabulary.seen(recipe.split))
+    if recipe.classes == "unseen":
+        return list(vocabulary.unseen(recipe.split))
+    chosen = {vocabulary.lookup(name).name for name in recipe.classes}
+    return [name for name in vocabulary.names if name in chosen]
+
+
+def find_file(path: str, kind: str) -> Path:
+    """A file named in a recipe: as given, or relative to the recipe folder."""
+    for candidate in (Path(path), RECIPE_DIR / path):
+        if candidate.is_file():
+            return candidate
+    hint = " (derive it with jobs/derive_pairs.py from real annotations)" if kind == "pairs" else ""
+    raise RecipeError(f"{kind} file not found: {path}{hint}")
+
+
+def selected_pairs(recipe: Recipe, vocabulary: Vocabulary, classes: list[str]) -> list[tuple[str, str]]:
+    if recipe.per_pair == 0:
+        return []
+    if recipe.pairs == "all":
+        return all_pairs(classes, vocabulary)
+    try:
+        pairs = load_pairs(find_file(recipe.pairs, "pairs"), vocabulary)
+    except (ValueError, OSError) as exc:
+        raise RecipeError(str(exc)) from None
+    inside = set(classes)
+    pairs = [pair for pair in pairs if set(pair) <= inside]
+    if not pairs:
+        raise RecipeError(f"pairs file {recipe.pairs} has no pair whose classes are both selected")
+    return pairs
+
+
+_BRACED = re.compile(r"\{([^{}]+)\}")
+
+
+def load_prompt_file(path: Path, vocabulary: Vocabulary) -> list[Prompt]:
+    """Lines like 'a photograph of a {bus} crossing a busy street'; '#' starts a comment."""
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        words = tuple(_BRACED.findall(line))
+        if not words:
+            raise RecipeError(f"{path}:{number}: no class in braces: {line!r}")
+        if len(words) > MAX_CLASSES:
+            raise RecipeError(f"{path}:{number}: {len(words)} classes; a prompt may name at most {MAX_CLASSES}")
+        try:
+            classes = tuple(vocabulary.lookup(word).name for word in words)
+        except ValueError as exc:
+            raise RecipeError(f"{path}:{number}: {exc}") from None
+        prompts.append(Prompt(_BRACED.sub(r"\1", line), classes, words))
+    return prompts
+
+
+def _sample_seed(plan_seed: int, index: int) -> int:
+    digest = hashlib.sha256(f"seed:{plan_seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: fits int64 and torch.Generator
+
+
+def _sample_id(content_key: str, index: int) -> str:
+    # Sorts in plan order; the hash keeps ids of different recipes apart when datasets are merged.
+    return f"{index:07d}-{hashlib.sha256(f'{content_key}:{index}'.encode()).hexdigest()[:8]}"
+
+
+def build_plan(recipe: Recipe) -> list[Sample]:
+    vocabulary = get_vocabulary(recipe.vocabulary)
+    classes = selected_classes(recipe, vocabulary)
+    groups = [(name,) for name in classes for _ in range(recipe.per_class)]
+    groups += [pair for pair in selected_pairs(recipe, vocabulary, classes) for _ in range(recipe.per_pair)]
+
+    hand_written: dict[frozenset[str], list[Prompt]] = {}
+    if recipe.prompts.file:
+        for prompt in load_prompt_file(find_file(recipe.prompts.file, "prompts"), vocabulary):
+            hand_written.setdefault(frozenset(prompt.classes), []).append(prompt)
+
+    rng = np.random.default_rng(recipe.seed)
+    order = rng.permutation(len(groups))
+    key = recipe.content_key()
+    plan = []
+    for index, group_index in enumerate(order):
+        group = groups[group_index]
+        choices = hand_written.get(frozenset(group))
+        if choices:
+            prompt = choices[rng.integers(len(choices))]
+            group_classes, words, text = prompt.classes, prompt.words, prompt.text
+        else:
+            if len(group) == 2 and rng.random() < 0.5:
+                group = group[::-1]  # both orders, so neither class is always named first
+            group_classes = group
+            words = tuple(vocabulary.lookup(name).natural for name in group)
+            text = (recipe.prompts.one if len(group) == 1 else recipe.prompts.two).format(*words)
+        plan.append(Sample(_sample_id(key, index), index, tuple(group_classes), tuple(words), text,
+                           _sample_seed(recipe.seed, index)))
+    if recipe.num_samples is not None:
+        plan = plan[: recipe.num_samples]
+    return plan
+
+
+def plan_digest(plan: list[Sample]) -> str:
+    """A fingerprint of the whole plan, recorded in the manifest."""
+    h = hashlib.sha256()
+    for sample in plan:
+        h.update(f"{sample.sample_id}|{sample.prompt}|{sample.seed}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def replan(manifest: dict) -> list[Sample]:
+    """The plan of a finished dataset, rebuilt from its manifest's recipe; DatasetError when this
+    version of the code cannot rebuild it, or rebuilds another plan."""
+    try:
+        recipe = Recipe.model_validate(manifest["recipe"])
+        if recipe.content_key() != manifest["content_key"]:
+            raise DatasetError(f"the recipe's content key is {recipe.content_key()} here, {manifest['content_key']} "
+                               f"when built: made by another version of dataset-factory, so its planned ids "
+                               f"cannot be rebuilt here")
+        plan = build_plan(recipe)
+    except (ValidationError, RecipeError) as exc:
+        raise DatasetError(f"cannot rebuild the plan from the manifest's recipe: {first_line(exc)}") from None
+    if plan_digest(plan) != manifest["plan"]["digest"]:
+        raise DatasetError(f"the plan rebuilt from the manifest's recipe has digest {plan_digest(plan)}, "
+                           f"the manifest {manifest['plan']['digest']}")
+    return plan

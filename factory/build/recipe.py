@@ -1,0 +1,265 @@
+"""The build recipe: one typed config for `jobs/build_dataset.py`.
+
+A recipe is a YAML file in `jobs/recipes/` (or anywhere) validated by pydantic;
+every field can be overridden from the command line as `--section.field VALUE`.
+Validation is complete before anything is written or any model loads, and every
+error is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+
+from factory.core.options import (
+    ConfigError,
+    add_config_arguments,
+    load_config,
+    overrides_from_args,
+    resolve_config_path,
+)
+from factory.core.vocab import get_vocabulary
+
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "jobs" / "recipes"
+DEFAULT_RECIPE = "tiny"
+TORCHVISION_WEIGHTS = "torchvision"  # labeler.weights: torchvision's own COCO checkpoint
+
+
+RecipeError = ConfigError  # a recipe or command line that cannot be built; the message is one line
+
+
+class _Section(BaseModel):
+    # strict: `per_class: yes` or `steps: 2.5` is a mistake, not 1 or a silent rounding.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+class PoolConfig(_Section):
+    """The model actors: each holds every model of the recipe (generator, labeler or annotator,
+    quality) on one GPU when the cluster has GPUs, and encodes what it made."""
+    min_size: int = Field(1, ge=1, description="actors started at once")
+    max_size: int = Field(1, ge=1, description="actors the pool may grow to (one GPU each when GPUs exist)")
+    load_attempts: int = Field(3, ge=1, le=20, description="tries per actor to load its models (backoff 2 s, "
+                               "4 s, ...) before the build fails with the cause")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "PoolConfig":
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size {self.max_size} is smaller than min_size {self.min_size}")
+        return self
+
+
+class PromptConfig(_Section):
+    one: str = Field("a photograph of a {0}", description="template for one class")
+    two: str = Field("a photograph of a {0} and a {1}", description="template for a pair")
+    file: str | None = Field(
+        None, min_length=1, description="file of 'complicated' prompts, class names in braces: "
+        "'a photograph of a {bus} crossing a busy street'; used for one-class samples "
+        "whose class it mentions, the template otherwise")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "PromptConfig":
+        for name, text, n in (("one", self.one, 1), ("two", self.two, 2)):
+            markers = [f"@@{i}@@" for i in range(n)]
+            try:
+                rendered = text.format(*markers)
+            except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
+                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {exc}") from None
+            # str.format ignores unused arguments: every class must actually be named.
+            unused = [f"{{{i}}}" for i, marker in enumerate(markers) if marker not in rendered]
+            if unused:
+                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: "
+                                 f"{', '.join(unused)} missing")
+        return self
+
+
+class GeneratorConfig(_Section):
+    model: str = Field("tiny", min_length=1, description="'tiny' (random, built in code), a diffusers model id, "
+                       "a local folder or an s3:// prefix of a saved pipeline")
+    steps: int = Field(50, ge=1, le=1000, description="DDIM denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
+    height: int = Field(512, ge=16, le=2048, multiple_of=8, description="image height")
+    width: int = Field(512, ge=16, le=2048, multiple_of=8, description="image width")
+    batch_size: int = Field(4, ge=1, le=256, description="prompts per generator call")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="'auto': float16 on CUDA, float32 on CPU")
+
+
+class LabelerConfig(_Section):
+    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn"] = Field(
+        "tiny", description="oracle detector architecture (COCO classes)")
+    weights: str | None = Field(None, min_length=1, description="COCO-pretrained weights: 'torchvision' (its COCO "
+                                "checkpoint, downloaded on the node), or a .safetensors/.pth file, local or "
+                                "s3://; required for the real architectures")
+    score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="instances at or above this score "
+                                   "are merged into their class mask")
+    ignore_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="instances of a prompt class scoring in "
+        "[ignore_threshold, score_threshold) become ignore (255) instead of background")
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="soft mask binarisation threshold")
+    nms_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detector NMS IoU threshold")
+    on_missing: Literal["drop", "ignore"] = Field(
+        "drop", description="a prompt class the detector does not find: 'drop' the sample, or "
+        "'ignore': keep it, mark the class missing and make unclaimed pixels 255")
+    batch_size: int = Field(4, ge=1, le=256, description="images per detector call")
+
+    @model_validator(mode="after")
+    def _thresholds(self) -> "LabelerConfig":
+        if self.ignore_threshold is not None and self.ignore_threshold >= self.score_threshold:
+            raise ValueError(f"ignore_threshold {self.ignore_threshold} must be below "
+                             f"score_threshold {self.score_threshold}")
+        if self.model != "tiny" and self.weights is None:
+            raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
+        if self.model == "tiny" and self.weights == TORCHVISION_WEIGHTS:
+            raise ValueError("weights: torchvision needs a torchvision architecture, not the tiny model")
+        return self
+
+
+class AnnotatorConfig(_Section):
+    checkpoint: str | None = Field(
+        None, min_length=1, description="a trained grounding module (checkpoint folder, local or s3://): when set, it "
+        "labels the images inside the generator's actor instead of the detector (Algorithm 2)")
+    threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
+    ignore_below: float | None = Field(
+        None, ge=0.0, le=1.0, description="pixels whose best probability is in [ignore_below, threshold] become 255")
+    on_missing: Literal["drop", "ignore"] = Field("drop", description="a class with an empty predicted mask: "
+                                                  "drop the sample, or keep it with unclaimed pixels 255")
+
+    @model_validator(mode="after")
+    def _band(self) -> "AnnotatorConfig":
+        if self.ignore_below is not None and self.ignore_below >= self.threshold:
+            raise ValueError(f"ignore_below {self.ignore_below} must be below threshold {self.threshold}")
+        return self
+
+
+class CaptureConfig(_Section):
+    features: Literal["none", "latent", "tensors"] = Field(
+        "none", description="U-Net features for grounding triplets: 'latent' stores the capture call's "
+        "latent (features are one U-Net pass away, ~1000x smaller), 'tensors' the features themselves (fp16)")
+    step: int = Field(5, ge=1, description="denoising steps remaining at capture (the paper's t; best: 5 of 50)")
+    unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
+    attention: bool = Field(False, description="store DAAM cross-attention heat maps per class "
+                            "(the baseline that Protocol-I evaluation compares the grounding module with)")
+
+
+class QualityConfig(_Section):
+    model: str | None = Field(
+        None, min_length=1, description="CLIP for an image-quality score per sample ('tiny', a local folder or s3:// "
+        "prefix of a saved CLIPModel): P('Good photo.') against 'Bad photo.', to filter test sets")
+
+
+class WriterConfig(_Section):
+    rows_per_file: int = Field(64, ge=1, le=100_000, description="samples per Parquet file")
+    image_format: Literal["png", "jpeg"] = Field("png", description="encoding of the generated image")
+    jpeg_quality: int = Field(95, ge=1, le=100, description="JPEG quality when image_format is jpeg")
+    preview_samples: int = Field(16, ge=0, le=256, description="samples in preview.png (0: none)")
+
+
+class Recipe(_Section):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="recipe name (used in the default output path)")
+    vocabulary: Literal["voc", "coco"] = Field("voc", description="class vocabulary")
+    classes: Literal["all", "seen", "unseen"] | list[str] = Field(
+        "all", description="'all', 'seen' or 'unseen' of --split, or a list of class names")
+    split: int | None = Field(None, description="seen/unseen split (1-3) for classes: seen|unseen")
+    per_class: int = Field(1, ge=0, description="one-class samples per class")
+    per_pair: int = Field(0, ge=0, description="two-class samples per co-appearing pair")
+    pairs: str | None = Field(
+        None, min_length=1, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, or 'all' for "
+        "every pair of the selected classes; pairs with a class outside the selection are skipped")
+    num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
+                                    "shuffled plan (a prefix: a larger N extends the same dataset)")
+    seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
+    out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "
+                            "(default: outputs/<name>)")
+    prompts: PromptConfig = PromptConfig()
+    generator: GeneratorConfig = GeneratorConfig()
+    labeler: LabelerConfig = LabelerConfig()
+    annotator: AnnotatorConfig = AnnotatorConfig()
+    capture: CaptureConfig = CaptureConfig()
+    quality: QualityConfig = QualityConfig()
+    pool: PoolConfig = PoolConfig()
+    writer: WriterConfig = WriterConfig()
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        # `--classes dog,cat` on the command line is friendlier than YAML list syntax.
+        if isinstance(value, str) and value not in ("all", "seen", "unseen"):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    # Field validators, so that errors name the field; `vocabulary` is validated before both.
+    @field_validator("classes")
+    @classmethod
+    def _known_classes(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("empty list: name at least one class, or use all, seen or unseen")
+            if "vocabulary" in info.data:
+                for name in value:
+                    get_vocabulary(info.data["vocabulary"]).lookup(name)
+        return value
+
+    @field_validator("split")
+    @classmethod
+    def _known_split(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and "vocabulary" in info.data:
+            get_vocabulary(info.data["vocabulary"]).unseen(value)  # one line naming the valid splits
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        if self.classes in ("seen", "unseen") and self.split is None:
+            raise ValueError(f"classes: {self.classes} needs split (1-3)")
+        if self.per_class == 0 and self.per_pair == 0:
+            raise ValueError("per_class and per_pair are both 0: the plan would be empty")
+        if self.per_pair > 0 and self.pairs is None:
+            raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
+        if self.capture.features != "none" and self.capture.step > self.generator.steps:
+            raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
+        if self.annotator.checkpoint and (self.capture.features != "none" or self.capture.attention):
+            raise ValueError("annotator.checkpoint makes a segmentation set; capture is for oracle triplet sets")
+        if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
+            raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
+        return self
+
+    @property
+    def output(self) -> str:
+        return self.out or f"outputs/{self.name}"
+
+    def content_key(self) -> str:
+        """Hash of every field that decides what a sample contains; part of sample ids.
+
+        Resuming into an existing output requires the same key. Left out, and free to
+        change between runs: name, output, sample count, batch and pool sizes, file sizes.
+        """
+        data = self.model_dump(mode="json", exclude={
+            "name": True, "out": True, "num_samples": True,
+            "writer": {"rows_per_file", "preview_samples"},
+            "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    return resolve_config_path(name_or_path, RECIPE_DIR, kind="recipe")
+
+
+def load_recipe(name_or_path: str = DEFAULT_RECIPE, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read a recipe by name (jobs/recipes/NAME.yaml) or path and apply dotted overrides."""
+    path = resolve_recipe_path(name_or_path)
+    return load_config(Recipe, path, overrides, defaults={"name": path.stem})
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """--recipe plus one --dotted.field option per recipe field."""
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"recipe name in jobs/recipes/ or a YAML path (default: {DEFAULT_RECIPE})")
+    add_config_arguments(parser, Recipe)
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, overrides_from_args(args, Recipe))

@@ -1,0 +1,217 @@
+"""The dataset card: a README.md beside manifest.json in the style of Hugging Face dataset cards.
+
+Made from the manifest alone (and the Parquet schema, for the optional capture columns):
+a YAML header that `datasets` and the Hub read (features, one `train` split with its
+size, the `data/*.parquet` files), then how the data was made (generator, labeler or
+annotator, their thresholds, prompts, seeds, versions), the counts, how to load it, and
+the limits of synthetic labels. `preview.png` is shown by a relative link.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from factory.core.storage import Location
+from factory.dataset.layout import CARD_FILE, DATA_DIR, PREVIEW_FILE
+from factory.dataset.schema import SCHEMA, huggingface_metadata
+
+COLUMNS = {
+    "sample_id": "deterministic id: plan index and a hash of the recipe",
+    "index": "position in the plan",
+    "prompt": "the text given to the generator",
+    "classes": "canonical class names in the prompt",
+    "class_words": "how each class is worded in the prompt",
+    "class_indices": "label-map index of each class",
+    "seed": "the sample's noise seed",
+    "image": "the generated image (PNG or JPEG)",
+    "label": "palette PNG of label indices: 0 background, class index, 255 ignore",
+    "masks": "1-bit PNG per class: the union of its instances, before overlaps are resolved",
+    "scores": "best instance score per class (0 when missing)",
+    "instances": "merged instances per class",
+    "found": "whether the labeler found each class",
+    "width": "image width",
+    "height": "image height",
+    "generator": "model that drew the image",
+    "labeler": "model that labelled it",
+    "timestep": "diffusion timestep of the captured U-Net call",
+    "latent": "the captured U-Net call's latent, fp16 bytes",
+    "daam": "DAAM cross-attention heat map per class, fp16 bytes",
+    "quality": "CLIP image-quality score",
+}
+
+
+def _meaning(column: str) -> str:
+    if column.startswith(("features_", "ufeatures_")):
+        return "captured U-Net features (conditional / unconditional), fp16 bytes"
+    return COLUMNS.get(column, "")
+
+
+def yaml_features(schema: pa.Schema) -> list[dict]:
+    """The Hub's YAML form of the features stored in the Parquet metadata (`Image` -> image,
+    `List(x)` -> list: x)."""
+    features = json.loads(huggingface_metadata(schema)[b"huggingface"])["info"]["features"]
+
+    def dtype(feature: dict) -> str:
+        return "image" if feature["_type"] == "Image" else feature["dtype"]
+
+    return [{"name": name, "list": dtype(f["feature"])} if f["_type"] == "List" else {"name": name, "dtype": dtype(f)}
+            for name, f in features.items()]
+
+
+def _size_category(n: int) -> str:
+    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"),
+                        (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+        if n < bound:
+            return name
+    return "n>10M"
+
+
+def card_header(manifest: dict, schema: pa.Schema = SCHEMA) -> dict:
+    written = manifest["counts"]["written"]
+    size = sum(entry["bytes"] for entry in manifest["files"])
+    return {
+        "pretty_name": manifest["name"],
+        "license": "other",  # the generator's licence binds its outputs: see "Licence"
+        "task_categories": ["image-segmentation"],
+        "task_ids": ["semantic-segmentation"],
+        "tags": ["synthetic", "stable-diffusion", "dataset-factory"],
+        "size_categories": [_size_category(written)],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
+        "dataset_info": {
+            "features": yaml_features(schema),
+            "splits": [{"name": "train", "num_bytes": size, "num_examples": written}],
+            "download_size": size,
+            "dataset_size": size,
+        },
+    }
+
+
+def _table(rows: list[tuple], head: tuple) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
+_ON_MISSING = {"drop": "A sample with a prompt class not found was dropped (`on_missing: drop`).",
+               "ignore": "A prompt class not found was kept, marked in `found`, with every unclaimed pixel 255 "
+                         "(`on_missing: ignore`)."}
+
+
+def _making(recipe: dict, models: dict) -> list[str]:
+    gen, lab = recipe["generator"], recipe["labeler"]
+    prompts, writer = recipe["prompts"], recipe["writer"]
+    annotator = recipe.get("annotator") or {}
+    lines = ["## How it was made", "",
+             f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
+             f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.",
+             ]
+    if annotator.get("checkpoint"):
+        ignore = annotator.get("ignore_below")
+        lines.append(f"- **Annotator** (the grounding module, labelling from the generator's own U-Net features): "
+                     f"`{annotator['checkpoint']}`, a pixel belongs to a class above probability "
+                     f"{annotator['threshold']}" + (f", unsure below it down to {ignore} (255)" if ignore is not None
+                                                   else "") + ". " + _ON_MISSING[annotator["on_missing"]])
+    else:
+        ignore = lab.get("ignore_threshold")
+        lines.append(f"- **Labeler**: `{models['labeler']}` (instance segmentation). Every instance of a prompt class "
+                     f"scoring at least {lab['score_threshold']} is merged into its class mask, overlaps go to the "
+                     f"higher score" + (f", instances scoring in [{ignore}, {lab['score_threshold']}) become 255"
+                                        if ignore is not None else "") +
+                     f"; soft masks binarised at {lab['mask_threshold']}, NMS IoU {lab['nms_threshold']}. "
+                     + _ON_MISSING[lab["on_missing"]])
+    lines += [f"- **Prompts**: one class `{prompts['one']}`, two classes `{prompts['two']}`"
+              + (f", scene prompts from `{prompts['file']}`" if prompts.get("file") else "") + ".",
+              f"- **Plan**: vocabulary `{recipe['vocabulary']}`, classes `{recipe['classes']}`"
+              + (f" of split {recipe['split']}" if recipe.get("split") else "")
+              + f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
+              f"`{recipe['pairs']}`), plan seed {recipe['seed']}"
+              + (f", first {recipe['num_samples']} samples kept" if recipe.get("num_samples") else "")
+              + ". Each row's `seed` column is its noise seed: a sample is reproducible from its prompt and seed.",
+              f"- **Encoding**: images as {writer['image_format'].upper()}, label maps as palette PNGs "
+              f"(VOC colours), {writer['rows_per_file']} rows per Parquet file."]
+    capture, quality = recipe.get("capture") or {}, recipe.get("quality") or {}
+    if capture.get("features", "none") != "none" or capture.get("attention"):
+        lines.append(f"- **Capture**: U-Net `{capture['features']}` at {capture['step']} steps before the end"
+                     + (", DAAM heat maps per class" if capture.get("attention") else "") + ".")
+    if quality.get("model"):
+        lines.append(f"- **Quality**: CLIP score by `{quality['model']}`.")
+    return lines
+
+
+LIMITATIONS = """## Limitations and biases
+
+- **Synthetic images.** Every image is drawn by the generator from a short template prompt: it
+  inherits the generator's training-data biases (which people, places and styles a class
+  "looks like"), favours centred, canonical views, and does not follow the distribution of
+  real photographs. Models trained on it should be evaluated on real images.
+- **Machine labels.** Label maps come from a model, not from people: missed instances,
+  loose boundaries and wrong classes occur. Pixels the labeler was unsure of are 255
+  (ignore), never background; use `ignore_index=255`.
+- **Selection.** Samples whose prompt class was not found may be dropped (see the counts):
+  the set over-represents images where the class is easy to recognise.
+- **Two-object prompts** often yield one object, or a blend of both; `found` and `scores`
+  say what the labeler saw.
+"""
+TINY_MODELS = """- **Tiny models.** This build used a `tiny` generator or labeler (random weights, for tests):
+  its images are noise, not photographs."""
+
+
+def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | None = None) -> str:
+    """README.md text for a finished dataset. `schema`: of its Parquet files (the capture
+    columns are optional); `preview`: whether preview.png exists (default: the recipe asked)."""
+    recipe, counts = manifest["recipe"], manifest["counts"]
+    if preview is None:
+        preview = bool(recipe["writer"].get("preview_samples")) and bool(manifest["files"])
+    name, written = manifest["name"], counts["written"]
+    models = manifest["models"]
+    dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["dropped"].items())) or "none"
+    lines = ["---", yaml.safe_dump(card_header(manifest, schema), sort_keys=False).rstrip(), "---", "",
+             f"# {name}", "",
+             f"A synthetic semantic-segmentation dataset made by dataset-factory: {written} images of the "
+             f"`{manifest['vocabulary']['name']}` classes drawn by `{models['generator']}` and labelled by "
+             f"`{models['labeler']}`, built {manifest.get('created', 'at an unknown time')}.", ""]
+    if preview:
+        lines += [f"![Samples beside their label maps]({PREVIEW_FILE})", ""]
+    lines += ["## Counts", "",
+              *_table([(counts["planned"], written, dropped, len(manifest["files"]))],
+                      ("planned", "written", "dropped", "Parquet files")), "",
+              "## Loading", "",
+              "```python",
+              "from datasets import load_dataset",
+              'ds = load_dataset("<this folder>", split="train")  # its files from this card\'s `configs`',
+              f'ds = load_dataset("parquet", data_files="<this folder or s3:// prefix>/{DATA_DIR}/*.parquet", '
+              'split="train")',
+              'ds[0]["image"], ds[0]["label"]  # PIL images; np.array(label) gives the class indices',
+              "```", "",
+              "`pandas.read_parquet`, DuckDB and `factory.reader` (PyTorch, Ray Data) read the same files.", "",
+              "## Columns", "",
+              *_table([(f"`{f['name']}`", f.get("dtype") or f"list of {f['list']}", _meaning(f["name"]))
+                       for f in yaml_features(schema)], ("column", "type", "meaning")), "",
+              "## Classes", "",
+              "Label-map values: 0 background, 255 ignore, and:", "",
+              *_table([(c["index"], c["name"], c["natural"]) for c in manifest["vocabulary"]["classes"]],
+                      ("index", "name", "in prompts")), "",
+              *_making(recipe, models), "",
+              "## Versions", "",
+              *_table(sorted(manifest["versions"].items()), ("package", "version")), "",
+              f"Recipe content key `{manifest.get('content_key')}`, plan digest `{manifest['plan']['digest']}`; "
+              "the full recipe is in `manifest.json`.", "",
+              LIMITATIONS + (TINY_MODELS if "tiny" in (models["generator"], models["labeler"]) else ""), "",
+              "## Licence", "",
+              "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
+              "OpenRAIL-M) applies to their use, and the labeler's to the labels.", ""]
+    return "\n".join(lines)
+
+
+def write_card(location: Location, manifest: dict) -> str:
+    """Writes README.md (atomically) beside manifest.json; returns its URL."""
+    schema = SCHEMA
+    if manifest["files"]:  # the capture columns a build added
+        with location.fs.open_input_file(location.path(manifest["files"][0]["path"])) as handle:
+            schema = pq.read_schema(handle)
+    preview = location.exists(PREVIEW_FILE)
+    location.write_bytes(CARD_FILE, dataset_card(manifest, schema, preview=preview).encode())
+    return location.url(CARD_FILE)

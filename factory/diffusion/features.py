@@ -1,0 +1,130 @@
+"""Capture: U-Net block outputs at one denoising step, grouped by spatial resolution.
+
+The grounding module reads Stable Diffusion's own features (spec section 5): the
+outputs of every input block, the middle block and every output block (LDM's terms;
+in diffusers: ``conv_in``, each down block's layers and downsampler, ``mid_block``,
+each up block's layers and upsampler), concatenated per resolution.
+
+Features are captured by forward hooks in the same U-Net call that makes the image.
+With classifier-free guidance that call's batch is [unconditional; conditional], and
+sample i's features are row i of its half (the reference code interleaved samples
+for batch > 1). The latent and timestep of that call are kept too: one U-Net pass on
+them (``unet_features``) gives the same features again, which is how a dataset can
+store 32 kB of latent instead of tens of MB of features per sample, and how features
+of real, ungenerated images are made (encode, noise to the step, one pass).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def capture_modules(unet: nn.Module) -> list[nn.Module]:
+    """The blocks whose outputs are captured, in U-Net order."""
+    modules: list[nn.Module] = [unet.conv_in]
+    for block in unet.down_blocks:
+        modules += list(getattr(block, "attentions", None) or block.resnets)  # resnet+attention = one LDM block
+        modules += list(block.downsamplers or [])
+    modules.append(unet.mid_block)
+    for block in unet.up_blocks:
+        modules += list(getattr(block, "attentions", None) or block.resnets)
+        modules += list(block.upsamplers or [])
+    return modules
+
+
+def _tensor(output) -> torch.Tensor:
+    if isinstance(output, tuple):  # transformer blocks inside diffusers' blocks return (sample,)
+        return output[0]
+    return getattr(output, "sample", output)
+
+
+class FeatureCapture:
+    """Hooks a U-Net; keeps block outputs, input latent and timestep of one call.
+
+    ``batch`` is the number of samples; a U-Net batch of twice that is a guidance
+    batch [unconditional; conditional]. ``features``/``unconditional`` map a resolution
+    to a (batch, channels, r, r) tensor, blocks concatenated in U-Net order.
+    """
+
+    def __init__(self, unet: nn.Module, call: int, batch: int, keep_unconditional: bool = False):
+        self.unet, self.call, self.batch, self.keep_unconditional = unet, call, batch, keep_unconditional
+        self.calls = 0
+        self.latent: torch.Tensor | None = None
+        self.timestep: int | None = None
+        self._outputs: list[torch.Tensor] = []
+        self._handles: list = []
+
+    def __enter__(self) -> "FeatureCapture":
+        self._handles.append(self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
+        self._handles.append(self.unet.register_forward_hook(self._after_unet))
+        for module in capture_modules(self.unet):
+            self._handles.append(module.register_forward_hook(self._record))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @property
+    def _armed(self) -> bool:
+        return self.calls == self.call
+
+    def _before_unet(self, module, args, kwargs):
+        if self._armed:
+            sample = args[0] if args else kwargs["sample"]
+            timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+            self.latent = sample[-self.batch:].detach().clone()  # both halves hold the same latent
+            self.timestep = int(torch.as_tensor(timestep).reshape(-1)[0])
+
+    def _after_unet(self, module, args, output):
+        self.calls += 1
+
+    def _record(self, module, args, output):
+        if self._armed:
+            self._outputs.append(_tensor(output).detach())
+
+    def _grouped(self, rows: slice) -> dict[int, torch.Tensor]:
+        groups: dict[int, list[torch.Tensor]] = {}
+        for tensor in self._outputs:
+            groups.setdefault(tensor.shape[-1], []).append(tensor[rows])
+        return {r: torch.cat(parts, dim=1) for r, parts in sorted(groups.items())}
+
+    @property
+    def features(self) -> dict[int, torch.Tensor]:
+        if not self._outputs:
+            raise RuntimeError(f"the U-Net was called {self.calls} times; call {self.call} never happened")
+        return self._grouped(slice(-self.batch, None))  # the conditional half (or the whole batch)
+
+    @property
+    def unconditional(self) -> dict[int, torch.Tensor]:
+        if self._outputs[0].shape[0] != 2 * self.batch:
+            raise RuntimeError("no unconditional branch: generation ran without guidance")
+        return self._grouped(slice(0, self.batch))
+
+
+@torch.inference_mode()
+def unet_features(unet: nn.Module, latent: torch.Tensor, timestep: int,
+                  encoder_hidden_states: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Features of one U-Net pass: the conditional branch of a generation's capture call,
+    recomputed from its latent, or features of a real image's noised latent."""
+    with FeatureCapture(unet, call=0, batch=len(latent)) as capture:
+        unet(latent, timestep, encoder_hidden_states=encoder_hidden_states)
+    return capture.features
+
+
+def feature_channels(features: dict[int, torch.Tensor]) -> dict[int, int]:
+    return {r: int(t.shape[1]) for r, t in features.items()}
+
+
+def to_fp16_bytes(array: np.ndarray | torch.Tensor) -> bytes:
+    """Raw float16 bytes (C, H, W order); Parquet's zstd compresses them further."""
+    if isinstance(array, torch.Tensor):
+        array = array.detach().float().cpu().numpy()
+    return np.ascontiguousarray(array, dtype=np.float16).tobytes()
+
+
+def from_fp16_bytes(data: bytes, shape: tuple[int, ...]) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.float16).reshape(shape)
