@@ -1,0 +1,13 @@
+"""The grounding module: U-Net features + class-word text embeddings -> one mask per class; its
+training on triplets of seen classes (Ray Train), its checkpoints, and Protocol-I evaluation."""
+
+from factory.core.exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "checkpoint": ("load_grounding_checkpoint", "read_grounding_metadata", "save_grounding_checkpoint"),
+    "config": ("GroundingModelConfig",),
+    "data": ("Featurizer", "TextConfig", "TripletSource"),
+    "evaluate": ("GroundingEvalOptions", "ProtocolIAccumulator", "prepare_evaluation", "run_evaluation"),
+    "model": ("GroundingModule",),
+    "train": ("GroundingTrainConfig", "prepare_training", "run_training"),
+})

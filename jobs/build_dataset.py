@@ -8,6 +8,7 @@ Running the same command again on the same output finishes only what is missing.
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from factory.build.cost import add_estimate_arguments, estimate, format_estimate, load_rates
@@ -18,11 +19,15 @@ from factory.core.cli import run_job
 from factory.core.options import job_parser
 
 
-def build(argv: list[str] | None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(__doc__)
     add_recipe_arguments(parser)
     add_estimate_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def build(argv: list[str] | None) -> int:
+    args = parse_args(argv)
     recipe = recipe_from_args(args)
     if args.estimate:  # the recipe is validated and planned, then only the cost model runs
         samples = len(build_plan(recipe))

@@ -12,14 +12,13 @@ import pytest
 import ray
 
 from factory.build import detect, generate, pipeline, quality
-from factory.build.recipe import load_recipe
 from factory.core import storage
 from factory.dataset.layout import COMMIT_DIR
 from factory.dataset.write import Commit, part_name
 from factory.diffusion import clip, pipelines
+from jobs import build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
 
 JOBS = {job.__name__.rsplit(".", 1)[-1]: job for job in (build_dataset, train_grounding, train_segmenter, eval_grounding, eval_zs3)}
 RECIPE = "{tmp}/recipe.yaml"  # a case's `recipe` text is written here
@@ -200,8 +199,7 @@ def no_models(monkeypatch):
 def earlier_run(args: list[str], out: Path) -> None:
     """What an earlier build leaves in `out`: build.json and a commit record of its whole plan (as
     dropped samples, which need no Parquet file and no model)."""
-    overrides = {flag.removeprefix("--").replace("-", "_"): int(value) for flag, value in zip(args[::2], args[1::2])}
-    earlier = load_recipe("tiny", {**overrides, "out": str(out)})
+    earlier = build_dataset.recipe_from_args(build_dataset.parse_args([*args, "--out", str(out)]))
     prepared = pipeline.prepare_build(earlier)
     ids = [sample.sample_id for sample in prepared.plan]
     commit = Commit(part_name(ids), None, 0, 0, None, written=[], dropped=dict.fromkeys(ids, "not found"))

@@ -32,4 +32,4 @@ def test_overhead_bench_refuses_a_bad_recipe_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         pipeline_overhead.main(["--generator.batch-size", "0"])
     assert exit_info.value.code != 0
-    assert "batch_size" in capsys.readouterr().err
+    assert "--generator.batch-size" in capsys.readouterr().err

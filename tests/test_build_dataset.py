@@ -21,9 +21,9 @@ import ray
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
 from factory.dataset.codec import decode_png
+from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -115,7 +115,7 @@ def test_estimate_job_prints_and_starts_nothing(tmp_path):
     rates.write_text(json.dumps({"rates": RATES.model_dump()}))
     out = tmp_path / "never-written"
     script = f"""
-import sys, ray
+import ray
 from jobs import build_dataset
 for recipe in ("voc-synthetic-one", "coco-synthetic-one"):
     rc = build_dataset.main(["--recipe", recipe, "--estimate", "--gpus", "8", "--rates", {str(rates)!r},

@@ -13,6 +13,7 @@ from PIL import Image
 
 from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
+from jobs import eval_zs3
 from segmenter.datasets import real_dataset
 from segmenter.evaluate import format_table, predict, short_side_size
 from segmenter.metrics import ConfusionMatrix
@@ -20,7 +21,6 @@ from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_chec
 from segmenter.train import vocabulary_json
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import eval_zs3
 
 SIZE = 48  # inference short side: tiny images, fast runs
 

@@ -27,9 +27,9 @@ from factory.core.vocab import VOC_NAMES
 from factory.dataset.codec import decode_png, encode_image, encode_label, encode_mask
 from factory.dataset.export import connected_components, split_of
 from factory.dataset.schema import SCHEMA
+from jobs import export_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import export_dataset
 
 
 def dataset_rows(root: Path) -> dict[str, dict]:

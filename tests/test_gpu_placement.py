@@ -9,6 +9,7 @@ on, the GPU Ray gave it and when it worked; the tests read those records.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -29,13 +30,14 @@ import ray
 from ray.cluster_utils import Cluster
 
 from factory.build import pipeline
+from factory.build.pipeline import resolve_stage
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
 from factory.core.storage import open_location
 from factory.dataset.write import read_commits
+from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +90,18 @@ def recording(stage_class: type, stage: str, folder: Path, hold: Callable[[], bo
     return Recorded
 
 
+def recorded_stages(model_stages: Callable, folder: Path, hold: Callable[[], bool]) -> Callable:
+    """The build's own stages (generate, label), each wrapped by `recording`."""
+    def stages(recipe):
+        generate, label = model_stages(recipe)
+        return [dataclasses.replace(generate, stage=recording(resolve_stage(generate.stage), "generate", folder, hold)),
+                dataclasses.replace(label, stage=recording(resolve_stage(label.stage), "label", folder))]
+    return stages
+
+
 def simulate(workdir: str) -> int:
     """Child process: the cluster, then each scenario's build with recorded stages."""
-    real_stages = pipeline.GenerateStage, pipeline.LabelStage
+    real_stages = pipeline.model_stages
     # No dashboard and a free agent port: the defaults (8265, 52365) may be another cluster's.
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "num_gpus": 0, "include_dashboard": False, "dashboard_agent_listen_port": free_port()})
@@ -114,8 +125,7 @@ def simulate(workdir: str) -> int:
                 hold = node_not_yet_removed(out / "_commits", folder)
                 threading.Thread(target=remove_generator_nodes, args=(cluster, out / "_commits", folder),
                                  daemon=True).start()
-            pipeline.GenerateStage = recording(real_stages[0], "generate", folder, hold)
-            pipeline.LabelStage = recording(real_stages[1], "label", folder)
+            pipeline.model_stages = recorded_stages(real_stages, folder, hold)
             failed |= build_dataset.main(["--out", str(out), *BUILD, *options])
         return failed
     finally:

@@ -35,9 +35,9 @@ from grounding.evaluate import (
 )
 from grounding.model import GroundingModule
 from grounding.train import ModelSection, grounding_model_config
+from jobs import eval_grounding
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import eval_grounding
 
 
 def masks(*rows_on: range, size: int = 4) -> np.ndarray:

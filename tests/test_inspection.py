@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from factory.dataset.preview import TILE
+from jobs import inspect_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import inspect_dataset
 
 pytestmark = pytest.mark.slow
 

@@ -26,9 +26,9 @@ import pytest
 
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
+from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset
 
 pytestmark = pytest.mark.slow
 

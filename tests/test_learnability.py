@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from bench import learnability
 from factory.build.procedural import CELL, SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
 from grounding.data import Featurizer, TextConfig, TripletSource
 
 REPO = Path(__file__).resolve().parent.parent
-from bench import learnability
 
 
 def test_vocabulary_split_is_four_seen_two_unseen():

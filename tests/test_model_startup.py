@@ -22,9 +22,9 @@ from factory.build.detect import build_maskrcnn
 from factory.build.plan import build_plan
 from factory.build.recipe import LabelerConfig, recipe_from_args
 from factory.core.loading import ModelLoadError, load_with_retries, pipeline_failure
+from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset
 
 
 def test_a_transient_failure_is_retried_and_a_permanent_one_named_in_one_line():

@@ -25,9 +25,9 @@ from factory.build import pipeline
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
 from factory.core import storage
+from jobs import build_dataset, verify_dataset
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import build_dataset, verify_dataset
 
 
 def planned_ids(args: list[str]) -> list[str]:

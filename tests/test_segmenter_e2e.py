@@ -11,12 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.core.vocab import COCO, VOC
+from jobs import build_dataset, eval_zs3, train_segmenter
 from segmenter.model import load_segmenter_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 from test_eval_zs3 import SIZE  # noqa: E402
-
-from jobs import build_dataset, eval_zs3, train_segmenter
 
 pytestmark = pytest.mark.slow
 

@@ -26,6 +26,7 @@ from factory.core.vocab import VOC
 from factory.dataset.codec import encode_image, encode_label
 from factory.dataset.schema import SCHEMA
 from factory.dataset.source import DatasetSource
+from jobs import train_segmenter
 from segmenter import model as segmenter_model
 from segmenter.data import (
     RealSamples,
@@ -39,7 +40,6 @@ from segmenter.model import load_segmenter_checkpoint
 from segmenter.train import SegmenterTrainConfig, prepare_training, training_dataset, vocabulary_json
 
 REPO = Path(__file__).resolve().parent.parent
-from jobs import train_segmenter
 
 SIZE = 32
 CAT, DOG = VOC.lookup("cat").index, VOC.lookup("dog").index

@@ -188,7 +188,8 @@ def model_ids(recipe: Recipe) -> dict[str, str]:
     return {"generator": recipe.generator.model, "labeler": _labeler_id(recipe)}
 
 
-def _resolve(stage: type | str) -> type:
+def resolve_stage(stage: type | str) -> type:
+    """A StageSpec's class, imported from its "module:Class" path when it is one."""
     if isinstance(stage, type):
         return stage
     module, name = stage.split(":")
@@ -206,7 +207,7 @@ class ModelActor:
     """
 
     def __init__(self, stages: list[StageSpec], encode: dict):
-        self.stages = [(_resolve(spec.stage)(**spec.kwargs), spec.batch_size) for spec in stages]
+        self.stages = [(resolve_stage(spec.stage)(**spec.kwargs), spec.batch_size) for spec in stages]
         self.encode = encode
         self.models = threading.Lock()
 

@@ -1,1 +1,13 @@
-"""."""
+"""Stable Diffusion internals: pipelines (real and tiny), one generation call, U-Net feature
+capture, class-word token positions, DAAM cross-attention maps and the CLIP quality score."""
+
+from factory.core.exports import lazy_exports
+
+__all__, __getattr__ = lazy_exports(__name__, {
+    "clip": ("QualityScorer", "load_clip", "select_top_fraction"),
+    "daam": ("DAAM_THRESHOLD", "CrossAttentionRecorder", "daam_masks"),
+    "features": ("FeatureCapture", "unet_features"),
+    "pipelines": ("encode_texts", "generate", "load_pipeline", "tiny_pipeline"),
+    "steps": ("capture_call_index",),
+    "tokens": ("class_embeddings", "class_token_positions"),
+})
