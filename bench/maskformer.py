@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
 from segmenter.evaluate import predict
 from segmenter.model import Segmenter, SegmenterModelConfig
@@ -45,7 +46,7 @@ def random_batch(rng: np.random.Generator, batch: int, crop: int) -> tuple[torch
         for index in rng.choice(np.arange(1, VOC_LABELS), size=3, replace=False):
             top, left = rng.integers(0, crop // 2, size=2)
             label[top:top + crop // 2, left:left + crop // 2] = index
-        label[:2] = 255
+        label[:2] = IGNORE
     return images, torch.from_numpy(labels)
 
 

@@ -58,6 +58,8 @@ def stand_in_stages(folder: Path, generate_seconds: float, label_seconds: float,
     The generator writes a ready file on start and waits at its first batch until the
     whole pool is ready, so every run starts its clock with all GPUs up.
     """
+    from factory.core.vocab import get_vocabulary
+    from factory.dataset.batch import SampleLabels, attach_labels
 
     class SleepingGenerator:
         def __init__(self, config, capture=None, load_attempts=1):
@@ -77,28 +79,24 @@ def stand_in_stages(folder: Path, generate_seconds: float, label_seconds: float,
 
     class SleepingLabeler:
         def __init__(self, config, vocabulary: str, image_size: int, load_attempts=1):
-            from factory.core.vocab import get_vocabulary
             self.vocabulary = get_vocabulary(vocabulary)
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             start = time.perf_counter()
             time.sleep(label_seconds)
-            n, height, width = batch["image"].shape[:3]
-            labels = np.zeros((n, height, width), np.uint8)
-            bits = np.zeros((n, height, width), np.uint8)
-            for i, names in enumerate(batch["classes"]):  # one box per class, as a detector might find
-                for k, name in enumerate(names):
-                    box = (slice(k * height // 4, height // 2 + k * height // 4), slice(width // 8, width * 7 // 8))
-                    labels[i][box] = self.vocabulary.lookup(name).index
-                    bits[i][box] |= 1 << k
-            batch["label"], batch["class_bits"] = labels, bits
-            for key, value, dtype in (("scores", 0.9, np.float32), ("instances", 1, np.int16), ("found", True, bool)):
-                column = np.empty(n, dtype=object)
-                column[:] = [np.full(len(names), value, dtype) for names in batch["classes"]]
-                batch[key] = column
-            batch["drop_reason"] = np.array([""] * n, dtype=object)
-            batch["label_seconds"] = np.full(n, (time.perf_counter() - start) / n)
-            return batch
+            height, width = batch["image"].shape[1:3]
+            return attach_labels(batch, [self.boxes(names, height, width) for names in batch["classes"]], start)
+
+        def boxes(self, names: list[str], height: int, width: int) -> SampleLabels:
+            """One box per class, as a detector might find."""
+            label = np.zeros((height, width), np.uint8)
+            masks = np.zeros((len(names), height, width), bool)
+            for k, name in enumerate(names):
+                box = (slice(k * height // 4, height // 2 + k * height // 4), slice(width // 8, width * 7 // 8))
+                label[box] = self.vocabulary.lookup(name).index
+                masks[k][box] = True
+            return SampleLabels(label=label, masks=masks, scores=np.full(len(names), 0.9),
+                                instances=np.ones(len(names)))
 
     return SleepingGenerator, SleepingLabeler
 

@@ -48,7 +48,7 @@ from factory.dataset.write import encode_batch, write_part
 from factory.diffusion.features import FeatureCapture, feature_channels
 from factory.diffusion.pipelines import sd15_unet, tiny_pipeline
 
-REFERENCE_MB = 54.0  # per triplet sample, the public follow-up implementation (spec section 5)
+REFERENCE_MB = 54.0  # per triplet sample, the public follow-up implementation (Simoncini and Ankit)
 SAMPLES = (("dog",), ("cat",), ("dog", "sofa"), ("person", "horse"))
 
 

@@ -1,4 +1,4 @@
-"""Sizes of the grounding module (spec section 7; 000, section A)."""
+"""Sizes of the grounding module (Li et al., ICCV 2023, supplementary A)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class GroundingModelConfig(BaseModel):
     text_dim: int = Field(768, ge=1, description="width of the frozen text encoder's class embeddings")
     decoder_layers: int = Field(3, ge=1)
     decoder_heads: int = Field(8, ge=1)
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="decoder dropout (002 trains with 0.1)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="decoder dropout (Simoncini and Ankit train with 0.1)")
     fuse_resolution: int | None = Field(
         None, description="side of F; None = the largest feature resolution (the reference code's 64; "
         "the paper states 512)")

@@ -33,9 +33,9 @@ ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices",
 
 
 class TextConfig(BaseModel):
-    """The text whose class-word tokens give the class embeddings (spec section 3).
+    """The text whose class-word tokens give the class embeddings.
 
-    002 (Table 3) found "{x} and {y}" the best text-encoder input of the grounding module,
+    Simoncini and Ankit (Table 3) found "{x} and {y}" the best text-encoder input of the grounding module,
     while the images were generated with "a photograph of a {x} and a {y}".
     """
     model_config = ConfigDict(extra="forbid")
@@ -151,7 +151,7 @@ class Featurizer:
 
     `classes` restricts the valid slots to those class names (seen classes for training;
     None: all). With `ignore_empty`, classes whose oracle mask is empty are not valid
-    ("training without zero masks", 003 Table 3: 71.18 -> 83.19 one-object unseen).
+    ("training without zero masks", Li et al. 2023, Table 3: 71.18 -> 83.19 one-object unseen).
     """
 
     def __init__(self, source: TripletSource, text: TextConfig, *, ignore_empty: bool = True,

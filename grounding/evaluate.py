@@ -1,4 +1,4 @@
-"""Protocol-I metrics (spec section 8; 003, Table 1): mIoU over classes on synthetic test sets.
+"""Protocol-I metrics (Li et al., ICCV 2023, Table 1): mIoU over classes on synthetic test sets.
 
 Every sample is filed, per seen/unseen split, into one of five groups by how many objects
 its prompt names and whether they are seen in that split:
@@ -154,7 +154,7 @@ def _cell(value: float | None) -> str:
 
 
 def format_table(results_by_method: dict[str, dict]) -> str:
-    """A plain-text table like Table 1 of 003: one block of rows per method (its splits, then
+    """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
     their mean), one column per group; empty groups print as "-"."""
     header = ["Method", "Split", *COLUMN_TITLES]
     rows = []

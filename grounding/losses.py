@@ -2,7 +2,7 @@
 
 Every loss averages over the (sample, class) slots marked valid. The caller marks
 padded slots and classes whose oracle mask is empty or missing as invalid ("training
-without zero masks", 003 Table 3). Invalid slots are dropped before any arithmetic,
+without zero masks", Li et al. 2023, Table 3). Invalid slots are dropped before any arithmetic,
 so whatever they hold (even NaN) reaches neither the loss nor the gradients.
 """
 
@@ -44,18 +44,18 @@ def _dice_per_slot(logits: Tensor, targets: Tensor, valid: Tensor, smooth: float
 
 
 def dice_loss(logits: Tensor, targets: Tensor, valid: Tensor, smooth: float = 1.0) -> Tensor:
-    """Soft Dice on sigmoid(logits) per slot, averaged over valid slots; smooth=1 as in 002."""
+    """Soft Dice on sigmoid(logits) per slot, averaged over valid slots; smooth=1 as in Simoncini and Ankit."""
     return _mean(_dice_per_slot(logits, targets, valid, smooth))
 
 
 def log_cosh_dice_loss(logits: Tensor, targets: Tensor, valid: Tensor, smooth: float = 1.0) -> Tensor:
-    """log(cosh(Dice loss)) per slot, averaged over valid slots (002)."""
+    """log(cosh(Dice loss)) per slot, averaged over valid slots (Simoncini and Ankit)."""
     return _mean(torch.log(torch.cosh(_dice_per_slot(logits, targets, valid, smooth))))
 
 
 def grounding_loss(logits: Tensor, targets: Tensor, valid: Tensor,
                    kind: Literal["bce", "bce+logcosh_dice"]) -> Tensor:
-    """BCE (003) or BCE + log-cosh Dice (002, its best in Table 4)."""
+    """BCE (Li et al. 2023) or BCE + log-cosh Dice (Simoncini and Ankit, their best in Table 4)."""
     if kind == "bce":
         return bce_loss(logits, targets, valid)
     if kind == "bce+logcosh_dice":

@@ -3,7 +3,7 @@
 Visual encoder (fuse the per-resolution U-Net features into a map F of D channels),
 a transformer decoder whose queries are the class embeddings and whose keys/values
 are patches of F, and an MLP giving one D-dim mask embedding per class; a class's
-mask logits are the dot product of its embedding with F at each pixel (000, section A).
+mask logits are the dot product of its embedding with F at each pixel (Li et al. 2023, supplementary A).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import Tensor
 
 from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state, read_tensors
+from factory.core.distributed import all_reduce_mean, fit
 from factory.core.storage import absolute_uri, check_reachable, open_location
 from grounding.checkpoint import read_grounding_metadata, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
@@ -46,7 +47,7 @@ class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     preset: Literal["tiny", "real"] = Field(
-        "tiny", description="module sizes: 'tiny' (tests, CPU) or 'real' (spec section 7: D=240, d_e=512, "
+        "tiny", description="module sizes: 'tiny' (tests, CPU) or 'real' (the paper's: D=240, d_e=512, "
         "3 decoder layers); feature channels, text width and mask size come from the dataset")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
     text: TextConfig = TextConfig()
@@ -61,9 +62,9 @@ class GroundingTrainConfig(BaseModel):
                                 "(by sample_id hash) when val is null")
     out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from it")
     model: ModelSection = ModelSection()
-    loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (003) or "
-                                                     "BCE + log-cosh Dice (002)")
-    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count (003 Table 3)")
+    loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (Li et al. "
+                                                     "2023) or BCE + log-cosh Dice (Simoncini and Ankit)")
+    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count (Li et al. 2023, Table 3)")
     classes: Literal["seen", "all"] | list[str] = Field(
         "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
         "naming any other class are left out, so unseen classes are never shown")
@@ -169,6 +170,21 @@ class TrainingSummary:
     best: str | None  # checkpoint URI
     last: str
 
+    def report(self) -> str:
+        lines = [f"\nGrounding module trained: {self.out}",
+                 f"  samples   {self.train_samples} training, {self.val_samples} validation"]
+        if self.trained:
+            resumed = f" (resumed after epoch {self.resumed_from})" if self.resumed_from else ""
+            lines.append(f"  epochs    {self.trained} run now{resumed}; {self.epochs} done")
+        else:
+            lines.append(f"  epochs    all {self.epochs} were already done; nothing to train")
+        if self.best is None:
+            lines.append("  best      none (no validation class had a mask)")
+        else:
+            lines += [f"  best      epoch {self.best_epoch}, val mIoU {self.best_miou:.4f}",
+                      f"  checkpoint {self.best}"]
+        return "\n".join([*lines, f"  last      {self.last}"])
+
 
 def resolve_classes(config: GroundingTrainConfig, source: TripletSource) -> list[str]:
     """Canonical names of the trained classes, checked against the dataset's vocabulary."""
@@ -254,23 +270,11 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
     """Train the remaining epochs on Ray Train (joins the cluster ray.init finds, or starts one)."""
     config = plan.config
     if plan.done_epochs < config.epochs:
-        ray.init(ignore_reinit_error=True)
-        use_gpu = config.use_gpu if config.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-        trainer = ray.train.torch.TorchTrainer(
-            train_loop_per_worker, train_loop_config=plan.worker_config(),
-            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu))
-        trainer.fit()
+        fit(train_loop_per_worker, plan.worker_config(), num_workers=config.num_workers, use_gpu=config.use_gpu)
     return summarize(plan)
 
 
 # ---------------------------------------------------------------- worker side
-
-def _all_reduce_mean(total: float, count: int, device: torch.device) -> float:
-    values = torch.tensor([total, count], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return float(values[0] / values[1])
-
 
 @torch.no_grad()
 def validate(module: GroundingModule, featurizer: Featurizer, rows, batch_size: int,
@@ -298,8 +302,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
                             device=device)
     model_config = grounding_model_config(config.model, featurizer.feature_channels(), featurizer.text_dim,
                                           source.image_size[0])
-    # After the featurizer (the tiny pipeline reseeds torch). DDP copies rank 0's initial
-    # weights to every worker; per-rank seeds only vary dropout.
+    # DDP copies rank 0's initial weights to every worker; per-rank seeds only vary dropout.
     torch.manual_seed(config.seed + rank)
     module = GroundingModule(model_config).to(device)
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -335,7 +338,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
             loss.backward()
             optimizer.step()
             total, steps = total + loss.item(), steps + 1
-        train_loss = _all_reduce_mean(total, steps, device)
+        train_loss = all_reduce_mean(total, steps, device)
         if dist.is_initialized():  # validate exactly the module rank 0 saves (batch-norm statistics)
             for buffer in module.buffers():
                 dist.broadcast(buffer, 0)

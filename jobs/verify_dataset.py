@@ -3,13 +3,9 @@
     python jobs/verify_dataset.py outputs/tiny
     python jobs/verify_dataset.py s3://bucket/datasets/voc-oracle
 
-Checks that every Parquet file the manifest lists is there with its recorded size,
-sha256 and row count, and no other; that each file holds the ids of its commit record;
-that sample ids are unique across files and are exactly the planned ids (the plan
-rebuilt from the manifest's recipe) minus those recorded as dropped; that the counts
-add up; that every image, label map and class mask decodes at the recorded size; and
-that the dataset card (README.md) is there.
-Prints a short report; exit code 0 when everything holds, 1 otherwise.
+What it checks: factory/dataset/verify.py (files, checksums, commit records, planned ids,
+counts, every image decoding, the card). Prints a short report; exit code 0 when everything
+holds, 1 otherwise.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Readers for the real evaluation sets of Protocol-II (spec section 9).
+"""Readers for the real evaluation sets of Protocol-II.
 
 Both readers yield ``Sample(image_id, image, label)``: ``image`` is RGB uint8 (H, W, 3),
 ``label`` uint8 (H, W) with 0 = background, 1..N = the class index of the project's
@@ -11,7 +11,7 @@ vocabulary (``factory.vocab``) and 255 = ignore.
   pycocotools. Choices, as the papers do not spell them out:
 
   * Categories map by official COCO id to the COCO vocabulary (79 classes).
-  * "mouse" pixels become 255 (ignore): the project dropped the class (spec section 2),
+  * "mouse" pixels become 255 (ignore): the project dropped the class (factory/core/vocab.py),
     so no prediction can be right there, and calling them background would punish a
     segmenter that labels the object as something.
   * Crowd annotations (``iscrowd=1``, RLE) count as their class: the pixels do show it.

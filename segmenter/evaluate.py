@@ -1,4 +1,4 @@
-"""Protocol-II inference on real images (spec section 9), for jobs/eval_zs3.py.
+"""Protocol-II inference on real images, for jobs/eval_zs3.py.
 
 Inference is single-scale resize inference, MaskFormer's standard test-time setting
 (detectron2's ResizeShortestEdge): each image is resized (bilinear) so that its short

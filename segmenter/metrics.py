@@ -1,4 +1,4 @@
-"""Protocol-II metrics (spec section 9): seen, unseen and harmonic mIoU from a confusion matrix.
+"""Protocol-II metrics: seen, unseen and harmonic mIoU from a confusion matrix.
 
 ``ConfusionMatrix`` counts pixels exactly (int64, rows = ground truth, columns =
 prediction) over the K + 1 labels of a label map, 0 being background; pixels labelled 255
@@ -10,10 +10,10 @@ pixel has no IoU (NaN) and counts in no mean.
 
 Background. The ZS3 literature has two conventions on PASCAL VOC:
 
-- ``"ignore"`` (ZegFormer [003's ref 7]; its VOC preparation maps background to 255): background
+- ``"ignore"`` (ZegFormer, Ding et al. 2022; its VOC preparation maps background to 255): background
   pixels are turned into 255 before scoring, so background is in neither mean and a class
   predicted over background costs nothing. The paper compares itself with ZegFormer using
-  ZegFormer's published VOC numbers (003, Table 2: "the results on PASCAL VOC are from
+  ZegFormer's published VOC numbers (Li et al. 2023, Table 2: "the results on PASCAL VOC are from
   [7]"), so this is the default here.
 - ``"seen"`` (ZS3Net [ref 3], whose code scores every label but the unseen ones as seen):
   background is a class among the seen ones and its pixels are scored.

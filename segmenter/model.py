@@ -1,4 +1,4 @@
-"""The Protocol-II segmenter: MaskFormer (Cheng et al., 2021) on a ResNet backbone (spec section 9).
+"""The Protocol-II segmenter: MaskFormer (Cheng et al., 2021) on a ResNet backbone (Li et al., ICCV 2023, section 5).
 
 Built on transformers' ``MaskFormerForInstanceSegmentation``. Label space: index 0 is
 background, 1..K the vocabulary's classes (the same indices as the label PNGs), 255 is

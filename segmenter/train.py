@@ -8,7 +8,7 @@ counts), and every worker runs `train_loop_per_worker`.
 
 One iteration is one optimizer step on `batch_size` samples over all workers; a shard is
 read again, newly shuffled and cropped, whenever it runs out. The optimisation is
-MaskFormer's standard one around the paper's numbers (spec section 9): AdamW, lr 1e-4,
+MaskFormer's standard one around the paper's numbers (Li et al. 2023, section 5): AdamW, lr 1e-4,
 weight decay 1e-4, a poly schedule (power 0.9), the backbone at 0.1 x lr, and the gradient
 norm of the whole model clipped at 0.01. On CUDA the forward runs under autocast (bf16, or
 fp16 with loss scaling).
@@ -35,11 +35,11 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state
+from factory.core.distributed import all_reduce_mean, fit
 from factory.core.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
 from factory.core.vocab import Vocabulary
 from factory.dataset.source import DatasetError, DatasetSource
@@ -169,6 +169,17 @@ class TrainingSummary:
     real_rows: int
     last: str
 
+    def report(self) -> str:
+        lines = [f"\nSegmenter trained: {self.out}",
+                 f"  samples    {self.synthetic_rows} synthetic, {self.real_rows} real"]
+        if self.iterations > self.resumed_from:
+            resumed = f" (resumed after iteration {self.resumed_from})" if self.resumed_from else ""
+            lines.append(f"  iterations {self.iterations - self.resumed_from} run now{resumed}; "
+                         f"{self.iterations} done")
+        else:
+            lines.append(f"  iterations all {self.iterations} were already done; nothing to train")
+        return "\n".join([*lines, f"  checkpoint {self.last}"])
+
 
 def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
     update = {name: absolute_uri(getattr(config, name)) for name in ("data", "init", "out")}
@@ -278,14 +289,8 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
     if plan.done_iterations < config.iterations:
         ray.init(ignore_reinit_error=True)
         check_data_cpus(config)
-        use_gpu = config.use_gpu if config.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-        trainer = ray.train.torch.TorchTrainer(
-            train_loop_per_worker, train_loop_config=plan.worker_config(),
-            scaling_config=ray.train.ScalingConfig(num_workers=config.num_workers, use_gpu=use_gpu,
-                                                   resources_per_worker={"CPU": config.cpus_per_worker,
-                                                                         **({"GPU": 1} if use_gpu else {})}),
-            datasets={"train": training_dataset(plan)})
-        trainer.fit()
+        fit(train_loop_per_worker, plan.worker_config(), num_workers=config.num_workers, use_gpu=config.use_gpu,
+            cpus_per_worker=config.cpus_per_worker, datasets={"train": training_dataset(plan)})
     return summarize(plan)
 
 
@@ -313,13 +318,6 @@ def _mixed_precision(device: torch.device, enabled: bool):
         return contextlib.nullcontext(), torch.amp.GradScaler(device.type, enabled=False)
     dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.autocast("cuda", dtype=dtype), torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-
-
-def _all_reduce_mean(total: float, count: int, device: torch.device) -> float:
-    values = torch.tensor([total, count], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return float(values[0] / values[1])
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, labels: Tensor, *,
@@ -380,7 +378,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
             window_loss, window_steps = window_loss + loss, window_steps + 1
             finished = iteration == config.iterations
             if iteration % config.log_every == 0 or finished:
-                mean = _all_reduce_mean(window_loss, window_steps, device)
+                mean = all_reduce_mean(window_loss, window_steps, device)
                 rate = window_steps / (time.perf_counter() - window_start)
                 log.append({"iteration": iteration, "loss": mean, "iterations_per_second": rate})
                 if rank == 0:

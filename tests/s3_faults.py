@@ -112,9 +112,9 @@ class FaultyEndpoint:
         while not self._stopped.is_set():
             wait = self._down_until - time.monotonic()
             if wait > 0:  # down: nothing listens, connections are refused
-                time.sleep(min(wait, 0.2))
-                if self._down_until <= time.monotonic() and not self._stopped.is_set():
-                    self._listener = self._listen(self.port)
+                if self._stopped.wait(wait):
+                    break
+                self._listener = self._listen(self.port)
                 continue
             try:
                 connection, address = self._listener.accept()

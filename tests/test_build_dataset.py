@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -17,6 +16,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
+from events import count, wait_until
 
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
@@ -100,9 +100,7 @@ def test_resume_after_killed_driver_completes_the_plan_exactly_once(ray_cluster,
     driver = subprocess.Popen([sys.executable, str(REPO / "jobs" / "build_dataset.py"), "--out", str(out), *args],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     commits = out / "_commits"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(list(commits.glob("*.json"))) < 2:
-        time.sleep(0.2)
+    wait_until(lambda: count(commits, "*.json") >= 2, [commits], timeout=240)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     done_before = len(list(commits.glob("*.json")))

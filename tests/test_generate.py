@@ -138,3 +138,16 @@ def test_generate_stage(one):
     assert list(out["sample_id"]) == ["0000000-a"]
     if stage.pipe.device.type == "cpu":
         assert np.array_equal(out["image"][0], one)
+
+
+def test_tiny_builders_leave_the_global_random_state_alone():
+    """Built from their own seed: a caller's torch.manual_seed stream goes on as if nothing was built."""
+    from factory.build.detect import build_maskrcnn
+    from factory.build.recipe import LabelerConfig
+    from factory.diffusion.clip import tiny_clip
+
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    tiny_pipeline(), tiny_clip(), build_maskrcnn(LabelerConfig(), 64)
+    assert torch.equal(torch.rand(4), expected)

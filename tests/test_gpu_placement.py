@@ -27,6 +27,7 @@ from typing import Callable
 import pyarrow.parquet as pq
 import pytest
 import ray
+from events import count, wait_until
 from ray.cluster_utils import Cluster
 
 from factory.build import pipeline
@@ -58,10 +59,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def recording(stage_class: type, stage: str, folder: Path, hold: Callable[[], bool] | None = None) -> type:
+@dataclasses.dataclass
+class Hold:
+    """What a generation call waits for: `busy()` false, looked at again as files of `folders` change."""
+    busy: Callable[[], bool]
+    folders: list[Path]
+
+
+def recording(stage_class: type, stage: str, folder: Path, hold: Hold | None = None) -> type:
     """The stage as an actor that also writes down where it runs and when it works.
 
-    A batch waits while ``hold()`` is true (two minutes at most), so that an event the
+    A batch waits while ``hold`` is busy (two minutes at most), so that an event the
     test is about (the pool growing, a node dying) happens while the build is busy, on
     any machine, rather than when some amount of work happens to take long enough.
     """
@@ -77,8 +85,8 @@ def recording(stage_class: type, stage: str, folder: Path, hold: Callable[[], bo
 
         def __call__(self, batch):
             start = time.time()
-            while hold is not None and hold() and time.time() < start + 120:
-                time.sleep(0.2)
+            if hold is not None:
+                wait_until(lambda: not hold.busy(), hold.folders, timeout=120)
             batch = super().__call__(batch)
             self._record["calls"].append([start, time.time()])
             self._save()
@@ -90,7 +98,7 @@ def recording(stage_class: type, stage: str, folder: Path, hold: Callable[[], bo
     return Recorded
 
 
-def recorded_stages(model_stages: Callable, folder: Path, hold: Callable[[], bool]) -> Callable:
+def recorded_stages(model_stages: Callable, folder: Path, hold: Hold) -> Callable:
     """The build's own stages (generate, label), each wrapped by `recording`."""
     def stages(recipe):
         generate, label = model_stages(recipe)
@@ -133,20 +141,20 @@ def simulate(workdir: str) -> int:
         cluster.shutdown()
 
 
-def pool_still_small(folder: Path) -> Callable[[], bool]:
-    return lambda: len(list(folder.glob("generate-*.json"))) < ACTORS
+def pool_still_small(folder: Path) -> Hold:
+    return Hold(lambda: count(folder, "generate-*.json") < ACTORS, [folder])
 
 
 def committed(commits: Path) -> int:
-    return len(list(commits.glob("*.json")))
+    return count(commits, "*.json")
 
 
-def node_not_yet_removed(commits: Path, folder: Path) -> Callable[[], bool]:
+def node_not_yet_removed(commits: Path, folder: Path) -> Hold:
     """At each kill point, generation waits until that kill has happened."""
-    def hold() -> bool:
-        kills = len(list(folder.glob("removed-*.json")))
+    def busy() -> bool:
+        kills = count(folder, "removed-*.json")
         return kills < len(KILL_AFTER_PARTS) and committed(commits) >= KILL_AFTER_PARTS[kills]
-    return hold
+    return Hold(busy, [commits, folder])
 
 
 def scenario_paths(workdir: Path, scenario: str) -> tuple[Path, Path]:
@@ -158,8 +166,7 @@ def remove_generator_nodes(cluster, commits: Path, folder: Path) -> None:
     """At each kill point, kill the node of the newest live model actor (all its processes, no grace)."""
     removed: list[str] = []
     for k, point in enumerate(KILL_AFTER_PARTS):
-        while committed(commits) < point:
-            time.sleep(0.1)
+        wait_until(lambda: committed(commits) >= point, [commits], timeout=300)
         live = [json.loads(p.read_text()) for p in folder.glob("generate-*.json")]
         node_id = max((r for r in live if r["node"] not in removed), key=lambda r: r["started"])["node"]
         (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
@@ -177,7 +184,8 @@ def simulated(tmp_path_factory) -> tuple[Path, str]:
     # RAY_TMPDIR keeps this cluster's address file out of /tmp/ray, where any other
     # `ray.init()` on the machine would find it and join this cluster.
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
+    # The repository and tests/ (this file's helpers), for the child and its Ray workers alike.
+    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]))
     child = subprocess.Popen([sys.executable, __file__, str(workdir)], env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
     timeout = 480

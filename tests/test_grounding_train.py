@@ -8,6 +8,7 @@ class slot 0 covers the top-left quarter, slot 1 the bottom-right one.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import boto3
@@ -23,7 +24,8 @@ from factory.build.recipe import load_recipe
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
 from factory.core.storage import open_location
 from factory.core.vocab import VOC
-from factory.dataset.codec import encode_mask
+from factory.dataset.batch import SampleLabels, attach_labels
+from factory.dataset.codec import encode_mask, objects
 from factory.dataset.layout import MANIFEST_FILE
 from factory.dataset.write import Commit, encode_batch, write_part
 from factory.diffusion.features import from_fp16_bytes, unet_features
@@ -52,25 +54,19 @@ def make_triplets(out: Path, features: str, num_samples: int = 24) -> Path:
     samples = prepared.plan
     n = len(samples)
 
-    def objects(values):
-        array = np.empty(len(values), dtype=object)
-        array[:] = values
-        return array
-
     batch = {"sample_id": objects([s.sample_id for s in samples]), "index": np.array([s.index for s in samples]),
              "classes": objects([list(s.classes) for s in samples]),
              "class_words": objects([list(s.class_words) for s in samples]),
              "prompt": objects([s.prompt for s in samples]), "seed": np.array([s.seed for s in samples])}
     batch = GenerateStage(recipe.generator, recipe.capture)(batch)
-    bits = np.zeros((n, SIZE, SIZE), np.uint8)
-    for i, sample in enumerate(samples):
+    labels = []
+    for sample in samples:
+        masks = np.zeros((len(sample.classes), SIZE, SIZE), bool)
         for k in range(len(sample.classes)):
-            bits[i][BOXES[k]] |= 1 << k
-    batch.update(label=np.zeros((n, SIZE, SIZE), np.uint8), class_bits=bits,
-                 scores=objects([np.ones(len(s.classes), np.float32) for s in samples]),
-                 instances=objects([np.ones(len(s.classes), np.int16) for s in samples]),
-                 found=objects([np.ones(len(s.classes), bool) for s in samples]),
-                 drop_reason=objects([""] * n), label_seconds=np.zeros(n))
+            masks[k][BOXES[k]] = True
+        ones = np.ones(len(sample.classes))
+        labels.append(SampleLabels(label=np.zeros((SIZE, SIZE), np.uint8), masks=masks, scores=ones, instances=ones))
+    batch = attach_labels(batch, labels, time.perf_counter())
     table = encode_batch(batch, image_format="png", jpeg_quality=95, generator="tiny", labeler="boxes",
                          class_indices={c.name: c.index for c in VOC.classes})
     commits = []

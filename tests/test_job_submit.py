@@ -14,15 +14,14 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from events import stop_process_group
 
 from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
@@ -53,22 +52,6 @@ def ray_cli(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedP
     return subprocess.run(["ray", *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def stop_process_group(pgid: int, grace: float = 3) -> None:
-    """SIGTERM the head's processes, SIGKILL what is left after the grace period."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
-
-
 @pytest.fixture
 def ray_head():
     """A Ray head of its own; yields (dashboard address, CLI environment)."""
@@ -94,18 +77,14 @@ def ray_head():
 
 
 def wait_for_job(address: str, job_id: str, env: dict, timeout: float = 300) -> str:
-    deadline = time.monotonic() + timeout
-    status = "unknown"
-    while time.monotonic() < deadline:
-        result = ray_cli("job", "status", "--address", address, job_id, env=env)
-        printed = result.stdout + result.stderr
-        ended = re.search(rf"Job '{job_id}' ({'|'.join(ENDED)})", printed)
-        if ended:
-            return ENDED[ended.group(1)]
-        running = re.search(rf"Status for job '{job_id}': (\w+)", printed)
-        status = running.group(1) if running else status
-        time.sleep(3)
-    return f"still {status} after {timeout:.0f} s"
+    """Follows the job's logs, which end when the job does, then reads its final status."""
+    try:
+        ray_cli("job", "logs", "--address", address, "--follow", job_id, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"still running after {timeout:.0f} s"
+    printed = ray_cli("job", "status", "--address", address, job_id, env=env)
+    ended = re.search(rf"Job '{job_id}' ({'|'.join(ENDED)})", printed.stdout + printed.stderr)
+    return ENDED[ended.group(1)] if ended else (printed.stdout + printed.stderr).strip()
 
 
 def test_build_submitted_with_ray_job_submit(ray_head, tmp_path):

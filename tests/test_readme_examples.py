@@ -68,8 +68,8 @@ def check_ray(ns, rows):
 
 # What each example is recognised by, and what it must produce.
 CHECKS = {"import pandas": check_pandas, "import duckdb": check_duckdb, "from datasets import": check_huggingface,
-          "from factory.reader import IterableSegmentationDataset": check_torch,
-          "from factory.reader import read_dataset": check_ray}
+          "from factory.dataset.reader import IterableSegmentationDataset": check_torch,
+          "from factory.dataset.reader import read_dataset": check_ray}
 
 
 def check_for(block: str):

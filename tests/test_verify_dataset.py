@@ -128,7 +128,7 @@ def lose_the_drop_records(root: Path) -> None:
     (drop_a_row, "1 planned ids neither written nor dropped"),
     (stray_part, "data/part-stray.parquet: not in the manifest"),
     (lose_the_drop_records, "planned ids neither written nor dropped"),
-    (lambda root: (root / "manifest.json").unlink(), "no manifest.json: the build has not finished"),
+    (lambda root: (root / "manifest.json").unlink(), "manifest.json not found (missing, or its build has not finished); run the same"),
 ], ids=["flipped-byte", "deleted-file", "duplicated-row", "corrupt-label", "lost-row", "stray-part",
         "lost-drop-records", "no-manifest"])
 def test_damaged_copies_fail_with_a_clear_message(copy, damage, message, capsys):

@@ -32,12 +32,12 @@ class Rates(BaseModel):
     label_images_per_s: float = Field(..., gt=0)
 
 
-# Public figures (spec section 11), not measured here: A100, batch 16, torch.compile, about
+# Public figures (docs/performance.md, "Public anchors"), not measured here: A100, batch 16, torch.compile, about
 # 1.3 images/s with 50 guided DDIM steps (100 U-Net evaluations of 0.84 TFLOP, one 2.5 TFLOP
 # decode). The stages are assumed to reach the same FLOP/s (Mask R-CNN v2: 0.33 TFLOP an
 # image; it is under 1% of the cost either way). Measure your own with bench/gpu.py --out.
 _A100_TFLOPS = 1.3 * (100 * 0.84 + 2.5)
-DEFAULT_RATES = Rates(source="public A100 figures (spec section 11): 1.3 images/s at DDIM-50, batch 16, "
+DEFAULT_RATES = Rates(source="public A100 figures (docs/performance.md): 1.3 images/s at DDIM-50, batch 16, "
                       "torch.compile", image_size=512, unet_forwards_per_s=_A100_TFLOPS / 0.84,
                       vae_images_per_s=_A100_TFLOPS / 2.5, label_images_per_s=_A100_TFLOPS / 0.33)
 

@@ -29,6 +29,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 
 from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig
+from factory.core.conventions import TINY
 from factory.core.storage import local_copy
 from factory.core.vocab import Vocabulary
 
@@ -94,7 +95,7 @@ def coco_to_vocabulary(vocabulary: Vocabulary) -> np.ndarray:
 
 
 def build_maskrcnn(config: LabelerConfig, image_size: int) -> MaskRCNN:
-    if config.model == "tiny":
+    if config.model == TINY:
         with torch.random.fork_rng(devices=[]):  # the same random weights on every actor
             torch.manual_seed(0)
             model = tiny_maskrcnn(image_size)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from factory.core.conventions import TINY
 from factory.core.options import (
     ConfigError,
     add_config_arguments,
@@ -78,7 +79,7 @@ class PromptConfig(_Section):
 
 
 class GeneratorConfig(_Section):
-    model: str = Field("tiny", min_length=1, description="'tiny' (random, built in code), a diffusers model id, "
+    model: str = Field(TINY, min_length=1, description="'tiny' (random, built in code), a diffusers model id, "
                        "a local folder or an s3:// prefix of a saved pipeline")
     steps: int = Field(50, ge=1, le=1000, description="DDIM denoising steps")
     guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
@@ -112,9 +113,9 @@ class LabelerConfig(_Section):
         if self.ignore_threshold is not None and self.ignore_threshold >= self.score_threshold:
             raise ValueError(f"ignore_threshold {self.ignore_threshold} must be below "
                              f"score_threshold {self.score_threshold}")
-        if self.model != "tiny" and self.weights is None:
+        if self.model != TINY and self.weights is None:
             raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
-        if self.model == "tiny" and self.weights == TORCHVISION_WEIGHTS:
+        if self.model == TINY and self.weights == TORCHVISION_WEIGHTS:
             raise ValueError("weights: torchvision needs a torchvision architecture, not the tiny model")
         return self
 

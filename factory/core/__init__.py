@@ -9,6 +9,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "cluster": ("actor_resources", "cluster_gpus", "map_positions"),
     "conventions": ("BACKGROUND", "IGNORE", "TINY", "is_held_out"),
     "devices": ("pick_device", "pick_dtype"),
+    "distributed": ("all_reduce_mean", "fit"),
     "errors": ("FactoryError",),
     "loading": ("ModelLoadError", "load_with_retries"),
     "options": ("ConfigError", "parse_config", "parse_options", "positional"),

@@ -180,8 +180,9 @@ def one_line(error: ValidationError, model: type[BaseModel] | None = None,
     (the config file) when given."""
     parts = []
     for where, texts in _problems(error, model).items():
-        if where in flags:
-            parts.append(f"--{where.replace('_', '-')}: {_joined(texts)}")
+        flag = max((f for f in flags if where == f or where.startswith(f + ".")), key=len, default=None)
+        if flag:  # a list item keeps its position: --splits.1
+            parts.append(f"--{flag.replace('_', '-')}{where[len(flag):]}: {_joined(texts)}")
         elif where:
             parts.append(f"{source + ': ' if source else ''}{where}: {_joined(texts)}")
         else:

@@ -1,7 +1,7 @@
 """Co-appearing category pairs: classes that occur together in one real image.
 
 The papers use them for two-object prompts (142 pairs for PASCAL VOC, 1,559 for
-COCO, spec section 2). They are derived from the real annotation files:
+COCO, Li et al. 2023, supplementary B.2). They are derived from the real annotation files:
 
 - ``pairs_from_voc_annotations``: VOC ``Annotations/*.xml`` (every object counts,
   also "difficult" ones).
@@ -28,12 +28,12 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from factory.core.conventions import IGNORE  # void pixels on object borders in SegmentationClass PNGs
 from factory.core.vocab import COCO, VOC, Vocabulary
 
 Pair = tuple[str, str]
 PathLike = str | os.PathLike
 
-_VOC_IGNORE = 255  # void pixels on object borders in SegmentationClass PNGs
 
 
 def _count(images: Iterable[Iterable[str]], vocabulary: Vocabulary) -> Counter[Pair]:
@@ -92,7 +92,7 @@ def _voc_png_classes(path: Path) -> set[str]:
                              f"got mode {image.mode}")
         labels = np.unique(np.array(image))
     try:
-        return {VOC.by_index(int(i)).name for i in labels if i not in (0, _VOC_IGNORE)}
+        return {VOC.by_index(int(i)).name for i in labels if i not in (0, IGNORE)}
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 

@@ -1,7 +1,6 @@
 """Class vocabularies (PASCAL VOC, COCO) and the papers' seen/unseen splits.
 
-Source: supplementary material (seeds/000) section B.1, Table 1, digested in
-docs/spec.md section 2. Every class carries the names the different parts of the
+Source: the supplementary material of Li et al. (ICCV 2023), section B.1, Table 1. Every class carries the names the different parts of the
 system need: the dataset's identifier, the natural name used in prompts, the
 label-map index, and the COCO id / class name the oracle detector predicts.
 """
@@ -35,7 +34,7 @@ COCO_CATEGORIES: tuple[tuple[int, str], ...] = (
 )
 _COCO_ID = {name: coco_id for coco_id, name in COCO_CATEGORIES}
 
-# Dropped from the COCO vocabulary (000, B.1): Stable Diffusion draws a rodent for
+# Dropped from the COCO vocabulary (Li et al. 2023, supplementary B.1): Stable Diffusion draws a rodent for
 # "mouse" while the detector only knows the computer mouse, so it never finds one.
 # Real COCO "mouse" pixels must become ignore, hence the ids are kept too.
 COCO_DROPPED: tuple[str, ...] = ("mouse",)
@@ -59,7 +58,7 @@ VOC_NAMES: tuple[str, ...] = (
     "train", "tvmonitor",
 )
 
-# Prompt names where the identifier reads badly (spec section 3: natural names work better).
+# Prompt names where the identifier reads badly (natural names prompt better than identifiers).
 _VOC_NATURAL = {"diningtable": "dining table", "pottedplant": "potted plant",
                 "tvmonitor": "tv monitor"}
 _COCO_NATURAL = {"tv": "tv monitor"}

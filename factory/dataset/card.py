@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from factory.core.conventions import TINY
 from factory.core.storage import Location
 from factory.dataset.layout import CARD_FILE, DATA_DIR, PREVIEW_FILE
 from factory.dataset.schema import SCHEMA, huggingface_metadata
@@ -199,7 +200,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               *_table(sorted(manifest["versions"].items()), ("package", "version")), "",
               f"Recipe content key `{manifest.get('content_key')}`, plan digest `{manifest['plan']['digest']}`; "
               "the full recipe is in `manifest.json`.", "",
-              LIMITATIONS + (TINY_MODELS if "tiny" in (models["generator"], models["labeler"]) else ""), "",
+              LIMITATIONS + (TINY_MODELS if TINY in (models["generator"], models["labeler"]) else ""), "",
               "## Licence", "",
               "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
               "OpenRAIL-M) applies to their use, and the labeler's to the labels.", ""]

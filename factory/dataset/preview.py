@@ -7,17 +7,17 @@ import io
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from factory.dataset.codec import PALETTE, decode_png
+from factory.dataset.codec import COLORS, decode_png
 
 TILE = 192  # pixels per image in the grid; small generated images are scaled up
 
 
-_COLORS = np.array(PALETTE, np.uint8).reshape(256, 3)
+
 
 
 def overlay(image: np.ndarray, label: np.ndarray, alpha: float = 0.55) -> np.ndarray:
     """Class colours over the image; background (0) left as it is, ignore (255) in cream."""
-    colored = _COLORS[label]
+    colored = COLORS[label]
     painted = label > 0
     out = image.astype(np.float32)
     out[painted] = (1 - alpha) * out[painted] + alpha * colored[painted]
@@ -48,7 +48,7 @@ def render_preview(rows: list[dict]) -> Image.Image:
         cursor = x + 2
         for name, index, found, score in zip(row["classes"], row["class_indices"], row["found"], row["scores"]):
             # a swatch in the class's overlay colour, then its name and score
-            draw.rectangle((cursor, y + TILE + 19, cursor + 9, y + TILE + 28), fill=tuple(_COLORS[index]))
+            draw.rectangle((cursor, y + TILE + 19, cursor + 9, y + TILE + 28), fill=tuple(COLORS[index]))
             text = f"{name} {score:.2f}" if found else f"{name} missing"
             draw.text((cursor + 13, y + TILE + 17), text, fill="black" if found else "firebrick", font=font)
             cursor += 13 + int(draw.textlength(text, font=font)) + 10

@@ -1,6 +1,6 @@
 """Capture: U-Net block outputs at one denoising step, grouped by spatial resolution.
 
-The grounding module reads Stable Diffusion's own features (spec section 5): the
+The grounding module reads Stable Diffusion's own features (Li et al., ICCV 2023, section 4.2): the
 outputs of every input block, the middle block and every output block (LDM's terms;
 in diffusers: ``conv_in``, each down block's layers and downsampler, ``mid_block``,
 each up block's layers and upsampler), concatenated per resolution.

@@ -2,7 +2,7 @@
 
 One word can be several BPE tokens ("zebracorn" -> z e b ra c or n), so a class is a
 list of token positions, and its embedding is the mean of those tokens' hidden states
-(the follow-up paper, 002, Fig. 3). Positions index the padded input_ids the text
+(Simoncini and Ankit's follow-up paper, Fig. 3). Positions index the padded input_ids the text
 encoder sees: 0 is the start-of-text token.
 """
 

@@ -1,0 +1,34 @@
+"""Data-parallel training plumbing both trainers share: Ray Train start-up and reductions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from factory.core.cluster import cluster_gpus
+
+
+def fit(loop: Callable[[dict], None], worker_config: dict, *, num_workers: int, use_gpu: Literal["auto"] | bool,
+        cpus_per_worker: float = 1.0, datasets: dict | None = None) -> None:
+    """`loop(worker_config)` on `num_workers` Ray Train workers, one GPU each when `use_gpu` (or, for
+    "auto", when the cluster ray.init joins has GPUs); returns when training ends."""
+    ray.init(ignore_reinit_error=True)
+    gpu = use_gpu if use_gpu != "auto" else cluster_gpus() > 0
+    scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
+                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})})
+    ray.train.torch.TorchTrainer(loop, train_loop_config=worker_config, scaling_config=scaling,
+                                 datasets=datasets).fit()
+
+
+def all_reduce_mean(total: float, count: int, device: torch.device) -> float:
+    """The mean of a sum and a count accumulated on each worker, over all workers."""
+    values = torch.tensor([total, count], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(values)
+    return float(values[0] / values[1])
