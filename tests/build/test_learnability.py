@@ -17,7 +17,7 @@ from bench import learnability
 from factory.build.procedural import CELL, SEEN, STYLES, UNSEEN, build_procedural, draw, procedural_recipe
 from grounding.data import Featurizer, TextConfig, TripletSource
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_vocabulary_split_is_four_seen_two_unseen():

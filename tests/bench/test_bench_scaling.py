@@ -14,7 +14,7 @@ import pytest
 
 from bench import scaling
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

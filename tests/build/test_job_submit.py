@@ -27,7 +27,7 @@ from factory.build.plan import build_plan
 from factory.build.recipe import recipe_from_args
 from jobs import build_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ from factory.core.vocab import COCO, VOC
 from jobs import build_dataset, eval_zs3, train_segmenter
 from segmenter.model import load_segmenter_checkpoint
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 from test_eval_zs3 import SIZE  # noqa: E402
 
 pytestmark = pytest.mark.slow

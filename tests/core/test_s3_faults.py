@@ -27,7 +27,7 @@ from factory.build.recipe import recipe_from_args
 from factory.core import storage
 from jobs import build_dataset, verify_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def planned_ids(args: list[str]) -> list[str]:

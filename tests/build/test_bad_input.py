@@ -18,7 +18,7 @@ from factory.dataset.write import Commit, part_name
 from factory.diffusion import clip, pipelines
 from jobs import build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 JOBS = {job.__name__.rsplit(".", 1)[-1]: job for job in (build_dataset, train_grounding, train_segmenter, eval_grounding, eval_zs3)}
 RECIPE = "{tmp}/recipe.yaml"  # a case's `recipe` text is written here

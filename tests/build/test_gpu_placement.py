@@ -38,7 +38,7 @@ from factory.core.storage import open_location
 from factory.dataset.write import read_commits
 from jobs import build_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -37,7 +37,7 @@ from grounding.model import GroundingModule
 from grounding.train import ModelSection, grounding_model_config
 from jobs import eval_grounding
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def masks(*rows_on: range, size: int = 4) -> np.ndarray:

@@ -15,7 +15,7 @@ import yaml
 from factory.dataset.card import dataset_card
 from factory.dataset.layout import CARD_FILE
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def header_and_body(card: str) -> tuple[dict, str]:

@@ -14,7 +14,7 @@ from grounding.data import TextConfig
 from grounding.model import GroundingModule
 from jobs import build_dataset
 
-TINY_CHANNELS = {16: 288, 32: 192}  # the tiny U-Net's capture (tests/test_features.py)
+TINY_CHANNELS = {16: 288, 32: 192}  # the tiny U-Net's capture (tests/diffusion/test_features.py)
 
 
 def test_label_map_takes_the_most_probable_class_above_threshold():

@@ -39,7 +39,7 @@ from segmenter.data import (
 from segmenter.model import load_segmenter_checkpoint
 from segmenter.train import SegmenterTrainConfig, prepare_training, training_dataset, vocabulary_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SIZE = 32
 CAT, DOG = VOC.lookup("cat").index, VOC.lookup("dog").index

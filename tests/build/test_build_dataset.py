@@ -23,7 +23,7 @@ from factory.build.recipe import recipe_from_args
 from factory.dataset.codec import decode_png
 from jobs import build_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ import pytest
 
 from jobs import build_dataset, verify_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ from factory.build.recipe import LabelerConfig, recipe_from_args
 from factory.core.loading import ModelLoadError, load_with_retries, pipeline_failure
 from jobs import build_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_a_transient_failure_is_retried_and_a_permanent_one_named_in_one_line():

@@ -19,7 +19,7 @@ from PIL import Image
 from factory.dataset.preview import TILE
 from jobs import inspect_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 

@@ -26,7 +26,7 @@ def recipe_error(overrides, recipe="tiny"):
 # ------------------------------------------------------------------ YAML recipes
 
 def test_recipe_folder_has_the_default():
-    assert RECIPE_DIR == Path(__file__).resolve().parents[1] / "jobs" / "recipes"
+    assert RECIPE_DIR == Path(__file__).resolve().parents[2] / "jobs" / "recipes"
     assert "tiny" in [p.stem for p in RECIPES]
 
 
@@ -83,7 +83,7 @@ def test_classes_comma_form():
     assert load_recipe("tiny", {"classes": "all"}).classes == "all"
 
 
-# ------------------------------------- validators (bad input: tests/test_bad_input.py)
+# ------------------------------------- validators (bad input: tests/build/test_bad_input.py)
 
 def test_ignore_threshold_below_score_threshold():
     ok = load_recipe("tiny", {"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.2})

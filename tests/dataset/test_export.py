@@ -29,7 +29,7 @@ from factory.dataset.export import connected_components, split_of
 from factory.dataset.schema import SCHEMA
 from jobs import export_dataset
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def dataset_rows(root: Path) -> dict[str, dict]:

@@ -39,7 +39,7 @@ from grounding.model import GroundingModule
 from grounding.train import IoUTotals
 from jobs import train_grounding
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SIZE = 32  # image side: latents of 16x16 keep the tiny U-Net cheap; masks and module output too
 BOXES = [(slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))]

@@ -20,7 +20,7 @@ from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
 from segmenter.train import vocabulary_json
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 SIZE = 48  # inference short side: tiny images, fast runs
 

@@ -18,7 +18,7 @@ from factory.core.pairs import (
 from factory.core.vocab import COCO, VOC
 from jobs import derive_pairs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 

@@ -22,7 +22,7 @@ from factory.build.cost import (
 from factory.build.recipe import load_recipe
 from factory.core.options import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RATES = Rates(source="test", image_size=512, unet_forwards_per_s=100.0, vae_images_per_s=10.0, label_images_per_s=40.0)
 
 
