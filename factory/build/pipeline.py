@@ -23,6 +23,7 @@ import ray
 
 from factory.build.plan import Sample, build_plan, plan_digest
 from factory.build.recipe import TORCHVISION_WEIGHTS, Recipe
+from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
 from factory.core.errors import FactoryError
 from factory.core.loading import pipeline_failure
@@ -134,13 +135,13 @@ def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
     Real models always ask for a GPU, so on an autoscaling cluster that starts with
     no GPU nodes the request is what brings them up (and the CPU head stays free).
     """
-    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    has_gpus = cluster_gpus() > 0
     if has_gpus or recipe.generator.model != TINY:
         if not has_gpus:  # without an autoscaler nothing would ever start: say what we wait for
             logger.warning("the cluster has no GPU now; the model actors wait for GPU nodes (an autoscaler "
                            "adds them; on a machine without GPUs use the tiny models)")
-        return {"num_gpus": 1, "num_cpus": 1}
-    return {"num_cpus": 1}
+        return actor_resources(gpu=True)
+    return actor_resources(gpu=False)
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,9 @@ def overrides_from_args(args: argparse.Namespace, model: type[BaseModel]) -> dic
         dotted = key.removeprefix("field:")
         if dotted in text_fields:
             value = None if text_fields[dotted] == str | None and value == "null" else value
-        elif isinstance(value, list):
-            value = [_yaml(item) for item in value]
+        elif isinstance(value, list):  # `--splits 1 2`, or one YAML list: `--crop-scale [0.25, 1.0]`
+            items = [_yaml(item) for item in value]
+            value = items[0] if len(items) == 1 and isinstance(items[0], list) else items
         else:
             value = _yaml(value)
         overrides[dotted] = value

@@ -28,6 +28,7 @@ def test_positional_lists_flags_and_text():
                               note="{0} and {1}")
     assert parse_options(Options, ["ds", "--format", "a", "--overwrite", "false", "--note", "null"], None).overwrite \
         is False
+    assert parse_options(Options, ["ds", "--format", "a", "--splits", "[2, 3]"], None).splits == [2, 3]  # YAML too
 
 
 @pytest.mark.parametrize("argv,message", [
