@@ -85,12 +85,10 @@ def loaded_after(statement: str) -> set[str]:
 @pytest.mark.parametrize("statement,absent", [
     # --help and every check before a model: no torch, no model library, no trainer
     ("import jobs.build_dataset", {"torch", "diffusers", "transformers", "torchvision", "ray.train", "grounding.train"}),
-    ("import jobs.eval_grounding", {"ray.train", "grounding.train"}),
-    ("import jobs.eval_zs3", {"ray.train", "segmenter.train"}),
     ("import jobs.export_dataset, jobs.inspect_dataset, jobs.verify_dataset, jobs.derive_pairs",
      {"torch", "ray.train"}),
     # annotating or evaluating never loads a trainer
-    ("import factory.build.annotate, grounding.evaluate, segmenter.evaluate",
+    ("import jobs.eval_grounding, jobs.eval_zs3, factory.build.annotate",
      {"ray.train", "grounding.train", "segmenter.train"}),
 ])
 def test_light_imports(statement, absent):

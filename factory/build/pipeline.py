@@ -29,8 +29,9 @@ from factory.core.errors import FactoryError
 from factory.core.loading import pipeline_failure
 from factory.core.storage import Location, StorageError, access_refused, check_model_source, check_reachable, first_line
 from factory.core.vocab import get_vocabulary
-from factory.dataset.batch import LABEL_COLUMNS
+from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS
 from factory.dataset.card import write_card
+from factory.dataset.codec import objects
 from factory.dataset.layout import BUILD_FILE, COMMIT_DIR, DATA_DIR, FORMAT, MANIFEST_FILE, PREVIEW_FILE
 from factory.dataset.preview import preview_png
 from factory.dataset.write import Commit, encode_batch, read_commits, write_part
@@ -228,6 +229,12 @@ def _in_batches(stage, batch: dict[str, np.ndarray], size: int) -> dict[str, np.
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
+def _encode_options(recipe: Recipe, models: dict[str, str] | None) -> dict:
+    vocabulary, writer = get_vocabulary(recipe.vocabulary), recipe.writer
+    return {"image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
+            "class_indices": {c.name: c.index for c in vocabulary.classes}, **(models or model_ids(recipe))}
+
+
 def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
                    stages: list[StageSpec] | None = None, models: dict[str, str] | None = None) -> list[Commit]:
     """The Ray Data pipeline over the samples still to make; returns their commits.
@@ -235,20 +242,34 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
     One pool of model actors (``stages``, default ``model_stages(recipe)``, then encoding),
     then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``).
     """
-    vocabulary = get_vocabulary(recipe.vocabulary)
     gen, writer, pool = recipe.generator, recipe.writer, recipe.pool
-    encode = {"image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
-              "class_indices": {c.name: c.index for c in vocabulary.classes}, **(models or model_ids(recipe))}
     rows = [asdict(s) for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
     actors = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
                                         max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-    ds = ds.map_batches(ModelActor, fn_constructor_kwargs={"stages": stages or model_stages(recipe), "encode": encode},
-                        batch_size=gen.batch_size, compute=actors, batch_format="numpy",
+    ds = ds.map_batches(ModelActor, batch_size=gen.batch_size, compute=actors, batch_format="numpy",
+                        fn_constructor_kwargs={"stages": stages or model_stages(recipe),
+                                               "encode": _encode_options(recipe, models)},
                         **_accelerator_resources(recipe))
     ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
                         batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5)
     return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
+
+
+def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
+                      stages: list[StageSpec] | None = None, models: dict[str, str] | None = None) -> list[Commit]:
+    """What ``stream_samples`` does, in this process and one part at a time, without Ray: for
+    small sets made on one machine (the procedural source), where a Ray actor's one CPU would
+    halve the torch threads. The same model actor, encoding and part writer."""
+    actor = ModelActor(stages or model_stages(recipe), _encode_options(recipe, models))
+    commits = []
+    for start in range(0, len(todo), recipe.writer.rows_per_file):
+        part = todo[start:start + recipe.writer.rows_per_file]
+        batch = {key: objects([getattr(s, key) for s in part]) for key in PLAN_COLUMNS}
+        batch["index"], batch["seed"] = batch["index"].astype(np.int64), batch["seed"].astype(np.int64)
+        commit = write_part(actor(batch), out=out, metadata=metadata).column("commit")[0].as_py()
+        commits.append(Commit.from_json(commit.encode()))
+    return commits
 
 
 def _labeler_id(recipe: Recipe) -> str:
@@ -351,11 +372,12 @@ def _preview(prepared: Prepared, files: list[dict]) -> str | None:
 
 
 def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
-              models: dict[str, str] | None = None) -> Summary:
+              models: dict[str, str] | None = None, in_process: bool = False) -> Summary:
     """Make what the output lacks of the plan, then the manifest, preview and card.
 
     ``stages`` and ``models``: the model stages and their names, when not the recipe's
-    (``model_stages``, ``model_ids``); the procedural source and the benchmarks pass theirs."""
+    (``model_stages``, ``model_ids``); the procedural source and the benchmarks pass theirs.
+    ``in_process``: without Ray (``make_samples_here``)."""
     recipe, plan, location = prepared.recipe, prepared.plan, prepared.location
     models = models or model_ids(recipe)
     start = time.perf_counter()
@@ -364,9 +386,11 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
     done = {i for c in commits for i in (*c.written, *c.dropped)}
     todo = [s for s in plan if s.sample_id not in done]
     new: list[Commit] = []
-    if todo:
+    metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
+    if todo and in_process:
+        new = make_samples_here(recipe, todo, location.uri, metadata, stages=stages, models=models)
+    elif todo:
         ray.init(ignore_reinit_error=True, log_to_driver=False)
-        metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
         try:
             new = stream_samples(recipe, todo, location.uri, metadata, stages=stages, models=models)
         except Exception as exc:  # a model that would not load, or storage that failed beyond its retries

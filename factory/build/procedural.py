@@ -8,8 +8,8 @@ one-pass extraction that annotating a real, ungenerated image needs: VAE-encoded
 the capture step by the scheduler, and passed once through the U-Net with its prompt.
 
 ``DrawStage`` is a model stage like the generator and the labeler together, and
-``build_procedural`` runs it through the build (``factory.build.pipeline.run_build``), so
-the output is a factory triplet dataset that training and evaluation read unchanged.
+``build_procedural`` runs it through the build (``factory.build.pipeline.run_build``, in this
+process), so the output is a factory triplet dataset that training and evaluation read unchanged.
 """
 
 from __future__ import annotations
@@ -232,4 +232,5 @@ def build_procedural(recipe: Recipe) -> dict:
     stage = StageSpec(DrawStage, {"generator": recipe.generator, "capture": recipe.capture},
                       recipe.generator.batch_size, reads=("classes", "seed", "prompt"),
                       adds=("image", "generate_seconds", "timestep", "latent", "features_<r>", *LABEL_COLUMNS))
-    return run_build(prepare_build(recipe), stages=[stage], models={"generator": GENERATOR, "labeler": GENERATOR})
+    return run_build(prepare_build(recipe), stages=[stage], models={"generator": GENERATOR, "labeler": GENERATOR},
+                     in_process=True)

@@ -39,7 +39,7 @@ def test_drawings_are_seeded_with_disjoint_exact_masks():
 
 
 @pytest.mark.slow
-def test_latent_and_tensors_sets_featurize_alike(ray_cluster, tmp_path):
+def test_latent_and_tensors_sets_featurize_alike(tmp_path):
     """One U-Net pass either way: at build time (tensors) or in the Featurizer (latent)."""
     batches = {}
     for mode in ("latent", "tensors"):
