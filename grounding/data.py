@@ -23,6 +23,7 @@ from torch import Tensor
 
 from factory.core.conventions import is_held_out
 from factory.core.devices import pick_dtype
+from factory.core.options import check_template
 from factory.dataset.codec import decode_png
 from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
@@ -47,14 +48,8 @@ class TextConfig(BaseModel):
 
     @model_validator(mode="after")
     def _placeholders(self) -> "TextConfig":
-        for name, template, n in (("one", self.one, 1), ("two", self.two, 2)):
-            markers = [f"@@{i}@@" for i in range(n)]
-            try:
-                text = template.format(*markers)
-            except (IndexError, KeyError, ValueError) as exc:
-                raise ValueError(f"text template {name!r} must use only {{0}}..{{{n - 1}}}: {exc}") from None
-            if not all(marker in text for marker in markers):
-                raise ValueError(f"text template {name!r} must name every class: {{0}}..{{{n - 1}}}")
+        check_template("one", self.one, 1)
+        check_template("two", self.two, 2)
         return self
 
     def render(self, prompt: str, class_words: Sequence[str]) -> str:

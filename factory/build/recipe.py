@@ -20,6 +20,7 @@ from factory.core.conventions import TINY
 from factory.core.options import (
     ConfigError,
     add_config_arguments,
+    check_template,
     load_config,
     overrides_from_args,
     resolve_config_path,
@@ -64,17 +65,8 @@ class PromptConfig(_Section):
 
     @model_validator(mode="after")
     def _placeholders(self) -> "PromptConfig":
-        for name, text, n in (("one", self.one, 1), ("two", self.two, 2)):
-            markers = [f"@@{i}@@" for i in range(n)]
-            try:
-                rendered = text.format(*markers)
-            except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
-                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {exc}") from None
-            # str.format ignores unused arguments: every class must actually be named.
-            unused = [f"{{{i}}}" for i, marker in enumerate(markers) if marker not in rendered]
-            if unused:
-                raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: "
-                                 f"{', '.join(unused)} missing")
+        check_template("one", self.one, 1)
+        check_template("two", self.two, 2)
         return self
 
 

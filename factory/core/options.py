@@ -122,6 +122,19 @@ def _yaml(text: str) -> Any:
         return text  # left as text: validation says what is wrong with it
 
 
+def check_template(name: str, template: str, n: int) -> None:
+    """A text template must name each of its `n` classes as {0}..{n-1} (ValueError otherwise)."""
+    markers = [f"@@{i}@@" for i in range(n)]
+    try:
+        rendered = template.format(*markers)
+    except (IndexError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {exc}") from None
+    # str.format ignores unused arguments: every class must actually be named.
+    unused = [f"{{{i}}}" for i, marker in enumerate(markers) if marker not in rendered]
+    if unused:
+        raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {', '.join(unused)} missing")
+
+
 def resolve_config_path(name_or_path: str, folder: Path, kind: str = "config") -> Path:
     """A YAML path, or a name in `folder`."""
     path = Path(name_or_path)
