@@ -3,7 +3,7 @@
     python bench/learnability.py [--train 768 --val 64 --test 128 --epochs 12 --seed 0 --work DIR]
 
 The tiny generator's images are noise, so its triplets cannot show learning. Here the images
-are drawn (grounding/procedural.py: one shape, colour and texture per class, exact masks) and
+are drawn (factory/build/procedural.py: one shape, colour and texture per class, exact masks) and
 featurized as real images are annotated (VAE, noise to t=5 of 50, one U-Net pass), then go
 through the project's own code: training (grounding.train on Ray Train, seen classes of VOC
 split 1 only, best epoch by validation mIoU) and Protocol-I evaluation (jobs/eval_grounding.py)

@@ -2,7 +2,7 @@
 
 Four samples (one-class and two-class, VOC) go through the factory's own code:
 labels from `factory/label.py` (oracle) or `factory/annotate.py` (grounding annotator),
-rows from `factory/write.encode_batch`, a Parquet part from `factory/write.write_part`
+rows from `factory.dataset.write.encode_batch`, a Parquet part from `factory.dataset.write.write_part`
 into a temporary folder. Bytes per sample = the part's size / its rows. The same data
 stored as fp32 arrays in a pickle (how the public follow-up code stored its samples;
 pickled here only to measure that size, never for our data) is the comparison.

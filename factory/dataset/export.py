@@ -64,7 +64,7 @@ class ExportOptions(BaseModel):
     overwrite: bool = Field(False, description="replace a non-empty target")
 
 
-# ---- reading the dataset (factory/reader.py opens it and reads its Parquet files) ------
+# ---- reading the dataset (factory/dataset/source.py opens it and reads its Parquet files) ------
 
 
 def image_suffix(source: DatasetSource) -> str:

@@ -1,6 +1,6 @@
 """Learnability: masks that are truly in the features are learnt through the project's own code.
 
-Procedural triplet sets (grounding/procedural.py) go through the factory's writer, the
+Procedural triplet sets (factory/build/procedural.py) go through the factory's writer, the
 Featurizer, Ray Train training and Protocol-I evaluation (bench/learnability.py, smaller).
 """
 
