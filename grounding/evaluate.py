@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
-from factory.core.errors import FactoryError
+from factory.core.errors import EvalError
 from factory.core.storage import absolute_uri, check_reachable, split_file_uri
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.diffusion.clip import select_top_fraction
@@ -223,10 +223,6 @@ class EvalStage:
 FORMAT = "protocol-i-results/1"
 MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
 _CHECKPOINT_KEYS = ("model", "text", "generator", "capture", "vocabulary", "classes")
-
-
-class EvalError(FactoryError, ValueError):
-    """Inputs that cannot be evaluated; the message is one line."""
 
 
 class GroundingEvalOptions(BaseModel):

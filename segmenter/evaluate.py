@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
-from factory.core.errors import FactoryError
+from factory.core.errors import EvalError
 from factory.core.storage import absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
 from factory.core.vocab import Vocabulary
 from factory.dataset.codec import COLORS
@@ -105,10 +105,6 @@ class ZS3Stage:
 
 FORMAT = "zs3-results/1"
 _CHECKPOINT_KEYS = ("model", "vocabulary", "setting", "split")
-
-
-class EvalError(FactoryError, ValueError):
-    """Inputs that cannot be evaluated; the message is one line."""
 
 
 class ZS3EvalOptions(BaseModel):

@@ -3,3 +3,7 @@
 
 class FactoryError(Exception):
     """Bad input, an unusable location or model, a run that cannot go on; the message is one line."""
+
+
+class EvalError(FactoryError, ValueError):
+    """Inputs that cannot be evaluated (Protocol-I or Protocol-II); the message is one line."""
