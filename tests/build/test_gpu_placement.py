@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from itertools import combinations
 from pathlib import Path
 from typing import Callable
@@ -51,6 +52,14 @@ ACTORS = 4
 SCENARIOS = {"placement": ["--pool.max-size", str(ACTORS)], "node-loss": ["--pool.max-size", "1"]}
 KILL_AFTER_PARTS = (2, 4)  # of six: a third of the way, and past the middle
 WORKER = {"num_cpus": 4, "num_gpus": 2}
+KILLER_FAILED = "killer-failed.txt"
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Whole or not at all: the test's other threads read these files while actors write them."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(record))
+    os.replace(partial, path)
 
 
 def free_port() -> int:
@@ -93,7 +102,7 @@ def recording(stage_class: type, stage: str, folder: Path, hold: Hold | None = N
             return batch
 
         def _save(self):
-            (folder / f"{stage}-{self._record['pid']}.json").write_text(json.dumps(self._record))
+            write_json(folder / f"{stage}-{self._record['pid']}.json", self._record)
 
     return Recorded
 
@@ -123,7 +132,7 @@ def simulate(workdir: str) -> int:
         for scenario, options in SCENARIOS.items():
             out, folder = scenario_paths(Path(workdir), scenario)
             folder.mkdir(parents=True)
-            (folder / "cluster.json").write_text(json.dumps({"head": cluster.head_node.node_id}))
+            write_json(folder / "cluster.json", {"head": cluster.head_node.node_id})
             if scenario == "placement":
                 hold = pool_still_small(folder)
             else:
@@ -152,6 +161,8 @@ def committed(commits: Path) -> int:
 def node_not_yet_removed(commits: Path, folder: Path) -> Hold:
     """At each kill point, generation waits until that kill has happened."""
     def busy() -> bool:
+        if (folder / KILLER_FAILED).exists():  # no kill is coming: let the build finish, the test fails
+            return False
         kills = count(folder, "removed-*.json")
         return kills < len(KILL_AFTER_PARTS) and committed(commits) >= KILL_AFTER_PARTS[kills]
     return Hold(busy, [commits, folder])
@@ -163,17 +174,25 @@ def scenario_paths(workdir: Path, scenario: str) -> tuple[Path, Path]:
 
 
 def remove_generator_nodes(cluster, commits: Path, folder: Path) -> None:
-    """At each kill point, kill the node of the newest live model actor (all its processes, no grace)."""
-    removed: list[str] = []
-    for k, point in enumerate(KILL_AFTER_PARTS):
-        wait_until(lambda: committed(commits) >= point, [commits], timeout=300)
-        live = [json.loads(p.read_text()) for p in folder.glob("generate-*.json")]
-        node_id = max((r for r in live if r["node"] not in removed), key=lambda r: r["started"])["node"]
-        (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
-        before = committed(commits)
-        cluster.remove_node(worker, allow_graceful=False)
-        removed.append(node_id)
-        (folder / f"removed-{k}.json").write_text(json.dumps({"node": node_id, "committed_before": before}))
+    """At each kill point, kill the node of the newest live model actor (all its processes, no grace).
+
+    A failure here is written to KILLER_FAILED, which releases the build's hold and fails the test
+    with its traceback."""
+    try:
+        removed: list[str] = []
+        for k, point in enumerate(KILL_AFTER_PARTS):
+            if not wait_until(lambda point=point: committed(commits) >= point, [commits], timeout=300):
+                raise TimeoutError(f"{point} parts not committed in 300 s")
+            live = [json.loads(p.read_text()) for p in folder.glob("generate-*.json")]
+            node_id = max((r for r in live if r["node"] not in removed), key=lambda r: r["started"])["node"]
+            (worker,) = [n for n in cluster.worker_nodes if n.node_id == node_id]
+            before = committed(commits)
+            cluster.remove_node(worker, allow_graceful=False)
+            removed.append(node_id)
+            write_json(folder / f"removed-{k}.json", {"node": node_id, "committed_before": before})
+    except BaseException:
+        (folder / KILLER_FAILED).write_text(traceback.format_exc())
+        raise
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +222,10 @@ def simulated(tmp_path_factory) -> tuple[Path, str]:
 def built(simulated, scenario: str) -> tuple[Path, Path]:
     workdir, output = simulated
     out, records = scenario_paths(workdir, scenario)
-    assert f"Dataset written to {out}" in output, output[-3000:]
+    assert not (records / KILLER_FAILED).exists(), (records / KILLER_FAILED).read_text()
+    # Ray Data's progress lines every ten seconds would crowd out what went wrong.
+    events = "\n".join(line for line in output.splitlines() if "logging_progress.py" not in line)
+    assert f"Dataset written to {out}" in output, events[-6000:]
     return out, records
 
 
