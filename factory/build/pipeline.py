@@ -338,8 +338,28 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         "versions": _versions(),
         "counts": {"planned": len(plan), "written": sum(f["rows"] for f in files), "dropped": dropped},
         "capture": _capture_info(recipe, commits),
+        "labels": label_provenance(recipe, models["labeler"]),
         "files": files,
     }
+
+
+def label_provenance(recipe: Recipe, labeler: str) -> dict:
+    """Which classes' labels came from a labeler trained on that class (manifest "labels").
+
+    An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
+    every class it labels; the grounding annotator only its checkpoint's classes. Protocol-II
+    reads this to refuse a "zero-shot" segmenter trained on labels of its unseen classes.
+    """
+    names = get_vocabulary(recipe.vocabulary).names
+    if recipe.annotator.checkpoint:
+        from grounding.checkpoint import read_grounding_metadata  # only annotating builds need it
+
+        metadata = read_grounding_metadata(recipe.annotator.checkpoint)
+        trained, kind, split = set(metadata["classes"]), "annotator", metadata.get("train", {}).get("split")
+    else:
+        trained, kind, split = set(names), "oracle", None
+    return {"labeler": labeler, "kind": kind, "trained_split": split,
+            "trained": {name: name in trained for name in names}}
 
 
 def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:

@@ -85,6 +85,15 @@ class DatasetSource:
         return self.recipe.get("split")
 
     @property
+    def supervised_classes(self) -> frozenset[str]:
+        """Classes whose labels came from a labeler trained on them (manifest "labels"): every
+        class for an oracle labeler, the checkpoint's trained classes for the grounding annotator."""
+        if "labels" not in self.manifest:
+            raise DatasetError(f"{self.uri} does not record which labeler was trained on which class "
+                               f"(built by an older version): rebuild it")
+        return frozenset(name for name, trained in self.manifest["labels"]["trained"].items() if trained)
+
+    @property
     def capture(self) -> dict | None:
         """What the build captured with each image (manifest "capture"), None when nothing."""
         return self.manifest.get("capture")

@@ -7,8 +7,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.pipeline import model_stages, prepare_build, resolve_stage, run_build
+from factory.build.pipeline import label_provenance, model_stages, prepare_build, resolve_stage, run_build
 from factory.build.recipe import load_recipe
+from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS
 from factory.dataset.codec import decode_image
 
@@ -30,6 +31,24 @@ def test_an_annotating_build_has_one_model_stage(tmp_path):
     recipe = load_recipe("tiny", {"annotator": {"checkpoint": str(tmp_path / "ck")}})
     (stage,) = model_stages(recipe)
     assert stage.stage == "factory.build.annotate:AnnotateStage" and set(LABEL_COLUMNS) <= set(stage.adds)
+
+
+def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):
+    from grounding.checkpoint import save_grounding_checkpoint
+    from grounding.config import GroundingModelConfig
+    from grounding.model import GroundingModule
+
+    voc = get_vocabulary("voc").names
+    oracle = label_provenance(load_recipe("tiny"), "maskrcnn")
+    assert oracle["kind"] == "oracle" and oracle["trained"] == {name: True for name in voc}
+
+    checkpoint = str(tmp_path / "best")
+    module = GroundingModule(GroundingModelConfig.tiny(feature_channels={16: 8, 32: 8}, mask_resolution=16))
+    save_grounding_checkpoint(checkpoint, module, None, {"epoch": 1, "classes": ["dog", "cat"], "train": {"split": 1}})
+    annotated = label_provenance(load_recipe("tiny", {"annotator": {"checkpoint": checkpoint}}), "grounding")
+    assert annotated["kind"] == "annotator" and annotated["trained_split"] == 1
+    assert {name for name, trained in annotated["trained"].items() if trained} == {"dog", "cat"}
+    assert annotated["trained"].keys() == set(voc)
 
 
 def test_more_samples_than_planned_is_said(tmp_path):

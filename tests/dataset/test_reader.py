@@ -198,3 +198,15 @@ def test_features_for_datasets_written_before_the_metadata(tiny_dataset, expecte
     ds = datasets.load_dataset("parquet", data_files=str(old / "data" / "*.parquet"), split="train",
                       features=huggingface_features(DatasetSource.open(str(old))), cache_dir=str(tmp_path / "hf"))
     check_hf(ds, expected)
+
+
+def test_supervised_classes_come_from_the_manifest(tiny_dataset, tmp_path):
+    source = DatasetSource.open(str(tiny_dataset))
+    assert source.manifest["labels"]["kind"] == "oracle"  # the tiny Mask R-CNN labels every class it knows
+    assert source.supervised_classes == frozenset(source.vocabulary.names)
+    older = tmp_path / "older"
+    older.mkdir()
+    manifest = {key: value for key, value in source.manifest.items() if key != "labels"}
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="does not record which labeler was trained on which class"):
+        _ = DatasetSource.open(str(older)).supervised_classes
