@@ -44,13 +44,15 @@ class GenerateStage:
                     self.pipe.unet, capture_call_index(c.steps, capture.step), batch=n,
                     keep_unconditional=capture.unconditional))
             if capture.attention:
+                # every denoising step, as DAAM's reference records them (steps=None)
                 recorder = stack.enter_context(CrossAttentionRecorder(self.pipe))
             batch["image"] = generate(self.pipe, list(batch["prompt"]), list(batch["seed"]), steps=c.steps,
                                       guidance_scale=c.guidance_scale, height=c.height, width=c.width)
         if recorder is not None:
             positions = [class_token_positions(self.pipe.tokenizer, prompt, words)
                          for prompt, words in zip(batch["prompt"], batch["class_words"])]
-            maps = recorder.heatmaps(positions).astype(np.float16)  # (n, O, h, w), O = most classes
+            # (n, O, h, w) on the latent grid, min-max normalised; O = most classes
+            maps = recorder.heatmaps(positions).astype(np.float16)
             batch["daam"] = objects([maps[i, :len(p)] for i, p in enumerate(positions)])
         if hooks is not None:
             batch["timestep"] = np.full(n, hooks.timestep, np.int64)

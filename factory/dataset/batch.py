@@ -49,7 +49,7 @@ OPTIONAL_COLUMNS = {
     "latent": "(N, 4, h, w) float16: the captured call's latent",
     "features_<r>": "(N, C_r, r, r) float16: U-Net features at resolution r, conditional branch",
     "ufeatures_<r>": "(N, C_r, r, r) float16: the same, unconditional branch",
-    "daam": "(N,) object: (O, h, w) float16 DAAM heat map per class",
+    "daam": "(N,) object: (O, h, w) float16 DAAM heat map per class, latent grid, min-max normalised",
     "quality": "(N,) float32: CLIP image-quality score",
 }
 
