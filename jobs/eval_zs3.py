@@ -23,6 +23,11 @@ VOC evaluation, whose numbers the paper compares with; --background seen counts 
 a seen class instead (ZS3Net). The JSON keeps the confusion matrix, so either can be
 computed later.
 
+Every result says how the model was trained: its setting, whether that is zero-shot (a
+"supervised" model, trained on oracle labels of the unseen classes, is labelled "supervised
+(oracle upper bound), not zero-shot" in the JSON and above the table), and, for a text-head
+model, the class names added at test time (embedded with the checkpoint's own text encoder).
+
 Prints a table (split, seen, unseen, harmonic) and, with --out, writes the results as JSON
 (local or s3://) and --qualitative panels (image | ground truth | prediction) next to it.
 """
@@ -42,9 +47,10 @@ def evaluate(argv: list[str] | None) -> int:
     plan = prepare_evaluation(parse_options(ZS3EvalOptions, argv, __doc__))
     report = run_evaluation(plan)
     dataset, run = report["dataset"], report["run"]
-    print(f"{dataset['format']} {dataset['split_set']}: {dataset['images']} images, {report['setting']} model, "
-          f"background: {report['background']}, short side {plan.size}")
-    print(format_table(report["results"]))
+    added = f", classes named at test time: {', '.join(report['added_at_test'])}" if report["added_at_test"] else ""
+    print(f"{dataset['format']} {dataset['split_set']}: {dataset['images']} images, {report['setting_label']} model "
+          f"({report['head']} head{added}), background: {report['background']}, short side {plan.size}")
+    print(format_table(report["results"], report["setting"]))
     print(f"{run['images_per_second']:.2f} images/s in all, workers: {run['workers']} "
           f"({run['images_per_second_per_worker']:.2f} images/s per worker while busy)")
     for note in report["notes"]:

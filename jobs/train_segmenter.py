@@ -5,6 +5,10 @@
         --data s3://bucket/datasets/voc-synthetic-mixture --out s3://bucket/segmenter/model-c
 
 Runs --iterations optimizer steps in all; a rerun on the same --out resumes from its last/.
+A zero-shot --setting (transductive, inductive) refuses a set whose unseen-class labels came
+from a labeler trained on them (an oracle set): --setting supervised trains such a set as an
+oracle upper bound, labelled so in every checkpoint and result. --setting inductive needs
+--model.head text (class names as CLIP text embeddings; unseen ones are added at evaluation).
 """
 
 from __future__ import annotations

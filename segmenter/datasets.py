@@ -7,6 +7,11 @@ vocabulary (``factory.vocab``) and 255 = ignore.
 - ``VOCSegmentation``: PASCAL VOC 2012 ``SegmentationClass`` palette PNGs. Their palette
   indices are the labels already (1..20 in VOC order, 255 on object borders); the PNGs
   are never converted to RGB, which would give colours instead of classes.
+- ``VOCAugSegmentation``: VOC's augmented training set, the SBD masks (Hariharan et al.
+  2011) converted to VOC's labels, as the ZS3 literature trains on: 10,582 images listed
+  in ``ImageSets/Segmentation/train_aug.txt``, masks in ``SegmentationClassAug/`` (the
+  usual layout of the converted set; its PNGs are greyscale or palette PNGs of indices),
+  images in ``JPEGImages/``.
 - ``COCOSemantic``: COCO 2017 instance annotations turned into semantic maps with
   pycocotools. Choices, as the papers do not spell them out:
 
@@ -31,6 +36,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image
@@ -73,6 +79,8 @@ class VOCSegmentation:
     """
 
     vocabulary: Vocabulary = VOC
+    label_folder = "SegmentationClass"
+    label_modes: ClassVar[dict[str, str]] = {"P": "palette"}  # PNG modes read as indices; colours (RGB) would not be classes
 
     def __init__(self, root: PathLike, split: str = "val") -> None:
         self.root = Path(root)
@@ -84,13 +92,13 @@ class VOCSegmentation:
             raise FileNotFoundError(f"VOC split {split!r} has no image list: {listing}")
         self.ids = read_image_ids(listing)
         _require_files([self._image_path(i) for i in self.ids], self.root / "JPEGImages")
-        _require_files([self._label_path(i) for i in self.ids], self.root / "SegmentationClass")
+        _require_files([self._label_path(i) for i in self.ids], self.root / self.label_folder)
 
     def _image_path(self, image_id: str) -> Path:
         return self.root / "JPEGImages" / f"{image_id}.jpg"
 
     def _label_path(self, image_id: str) -> Path:
-        return self.root / "SegmentationClass" / f"{image_id}.png"
+        return self.root / self.label_folder / f"{image_id}.png"
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,9 +108,9 @@ class VOCSegmentation:
         image = _read_rgb(self._image_path(image_id))
         path = self._label_path(image_id)
         with Image.open(path) as png:
-            if png.mode != "P":
-                raise ValueError(f"{path}: expected a palette PNG of class indices, "
-                                 f"got mode {png.mode}")
+            if png.mode not in self.label_modes:
+                raise ValueError(f"{path}: expected a {' or '.join(self.label_modes.values())} PNG of class "
+                                 f"indices, got mode {png.mode}")
             label = np.array(png)
         unknown = np.setdiff1d(label, [*range(len(VOC) + 1), IGNORE])
         if unknown.size:
@@ -111,6 +119,28 @@ class VOCSegmentation:
             raise ValueError(f"{path}: label size {label.shape} differs from image size "
                              f"{image.shape[:2]}")
         return Sample(image_id, image, label)
+
+
+class VOCAugSegmentation(VOCSegmentation):
+    """VOC's augmented training set (SBD): ``root`` is ``VOCdevkit/VOC2012`` holding
+    ``SegmentationClassAug/``; ``split`` names a list in ``ImageSets/Segmentation``
+    (train_aug: 10,582 images)."""
+
+    label_folder = "SegmentationClassAug"
+    label_modes: ClassVar[dict[str, str]] = {"L": "greyscale", "P": "palette"}  # converted masks come either way
+
+    def __init__(self, root: PathLike, split: str = "train_aug") -> None:
+        super().__init__(root, split)
+
+
+def voc_val_overlap(dataset: VOCSegmentation) -> list[str]:
+    """Image ids of a VOC training list that are also in VOC val (the evaluation set), when
+    ``ImageSets/Segmentation/val.txt`` is there."""
+    val = dataset.root / "ImageSets" / "Segmentation" / "val.txt"
+    if dataset.split == "val" or not val.is_file():
+        return []
+    listed = set(read_image_ids(val))
+    return [i for i in dataset.ids if i in listed]
 
 
 class COCOSemantic:
@@ -195,13 +225,14 @@ def ignore_classes(label: np.ndarray, indices: Iterable[int]) -> np.ndarray:
     return ignored
 
 
-READERS = {"voc": VOCSegmentation, "coco": COCOSemantic}
-DEFAULT_SPLITS = {"voc": "val", "coco": "val2017"}
+READERS = {"voc": VOCSegmentation, "voc_aug": VOCAugSegmentation, "coco": COCOSemantic}
+DEFAULT_SPLITS = {"voc": "val", "voc_aug": "train_aug", "coco": "val2017"}
 
 
 def real_dataset(format: str, root: PathLike,
                  split: str | None = None) -> VOCSegmentation | COCOSemantic:
-    """The reader of a real dataset: ``format`` "voc" or "coco"; ``split`` defaults to val."""
+    """The reader of a real dataset: ``format`` "voc", "voc_aug" or "coco"; ``split`` defaults
+    to val (voc_aug: train_aug)."""
     if format not in READERS:
         raise ValueError(f"unknown dataset format {format!r} (choices: {', '.join(READERS)})")
     return READERS[format](root, split or DEFAULT_SPLITS[format])

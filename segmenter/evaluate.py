@@ -13,6 +13,12 @@ and turns each batch of sample positions into one integer confusion matrix.
 (``jobs/eval_zs3.py``): the batches are fixed by the driver and the counts are exact, so
 the result does not depend on the worker count; the scores are computed from the summed
 matrix for every split.
+
+Every result says how its model was trained: the setting, whether that is zero-shot (a
+"supervised" model learnt unseen classes from oracle labels: an upper bound, labelled so in
+the JSON and the table), and, for the text head, the class names it had never embedded and
+that are added here, at test time, with the checkpoint's own text encoder (the inductive
+setting: the unseen classes).
 """
 
 from __future__ import annotations
@@ -37,7 +43,11 @@ from factory.dataset.codec import COLORS
 from segmenter.data import normalize
 from segmenter.datasets import DEFAULT_SPLITS, real_dataset
 from segmenter.metrics import ConfusionMatrix, zs3_scores
-from segmenter.model import Segmenter, load_segmenter_checkpoint, read_segmenter_metadata
+from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, read_segmenter_metadata
+from segmenter.text import check_text_encoder, encode_class_names
+
+SETTING_LABELS = {"transductive": "transductive zero-shot", "inductive": "inductive zero-shot",
+                  "supervised": "supervised (oracle upper bound), not zero-shot"}
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -71,13 +81,16 @@ class ZS3Stage:
     confusion matrix, its image count and the seconds spent on it.
 
     `panels` maps sample positions to file names in `panel_folder` (local or s3://): those
-    samples' panels are written there as they are predicted.
+    samples' panels are written there as they are predicted. `added` maps the labels of
+    classes added to a text head at test time to their text embeddings.
     """
 
     def __init__(self, checkpoint: str, format: str, root: str, split: str, size: int,
-                 panels: dict[int, str], panel_folder: str | None):
+                 panels: dict[int, str], panel_folder: str | None, added: dict[int, list[float]]):
         self.device = pick_device()
         model, _ = load_segmenter_checkpoint(checkpoint)
+        if added:
+            model.add_class_embeddings(list(added), torch.tensor(list(added.values())))
         self.model = model.to(self.device)
         self.num_labels = model.config.num_labels
         self.reader = real_dataset(format, root, split)
@@ -115,7 +128,7 @@ class ZS3EvalOptions(BaseModel):
     format: Literal["voc", "coco"] = Field(description="real dataset format")
     root: str = Field(description="real dataset folder (local, readable on every node)")
     split_set: str | None = Field(None, description="image list: VOC ImageSets/Segmentation name or COCO image "
-                                  f"folder (null: {', '.join(f'{k} {v}' for k, v in DEFAULT_SPLITS.items())})")
+                                  f"folder (null: voc {DEFAULT_SPLITS['voc']}, coco {DEFAULT_SPLITS['coco']})")
     splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
                                      "checkpoint's split, else 1 2 3)")
     background: Literal["ignore", "seen"] = Field("ignore", description="background pixels ignored (ZegFormer) "
@@ -142,6 +155,7 @@ class EvalPlan:
     out: str | None
     batches: list[list[int]]  # sample positions of each confusion matrix, fixed here
     panels: dict[int, str]  # sample position -> panel file name next to --out
+    added: dict[int, list[float]]  # text head: label -> text embedding of a class named at test time
     num_workers: int | None
     report: dict  # the JSON's fields other than the results
 
@@ -160,6 +174,22 @@ def _check_checkpoint(checkpoint: str, metadata: dict, vocabulary: Vocabulary) -
     if metadata["model"]["num_labels"] != len(vocabulary) + 1:
         raise EvalError(f"the checkpoint predicts {metadata['model']['num_labels']} labels, "
                         f"{vocabulary.name} has {len(vocabulary) + 1} with background")
+    if metadata["setting"] not in SETTING_LABELS:
+        raise EvalError(f"{checkpoint} has the unknown setting {metadata['setting']!r}")
+
+
+def _names_to_add(checkpoint: str, metadata: dict, model: SegmenterModelConfig, vocabulary: Vocabulary
+                  ) -> list[str]:
+    """The classes a text head has no embedding for (those an inductive run never named)."""
+    if model.head != "text":
+        return []
+    if "text_classes" not in metadata:
+        raise EvalError(f"{checkpoint} lacks text_classes in its checkpoint.json")
+    known = set(metadata["text_classes"])
+    missing = [name for name in vocabulary.names if name not in known]
+    if missing:
+        check_text_encoder(model.text_encoder)
+    return missing
 
 
 def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
@@ -175,6 +205,8 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
         raise EvalError(f"cannot read the {args.format} dataset: {first_line(exc)}") from None
     vocabulary = dataset.vocabulary
     _check_checkpoint(checkpoint, metadata, vocabulary)
+    model = SegmenterModelConfig.model_validate(metadata["model"])
+    to_add = _names_to_add(checkpoint, metadata, model, vocabulary)
     trained_split = metadata["split"]
     splits = args.splits or ([trained_split] if trained_split is not None else [1, 2, 3])
     if len(set(splits)) != len(splits):
@@ -191,8 +223,12 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
     n = len(dataset)
     if n == 0:
         raise EvalError(f"the {args.format} {split_set} set in {root} has no images")
+    setting = metadata["setting"]
     notes = []
-    if trained_split is not None:
+    if setting == "supervised":
+        notes.append(f"{SETTING_LABELS[setting]}: the model learnt the unseen classes from labels of a labeler "
+                     f"trained on them; these numbers are an upper bound, not a zero-shot result")
+    elif trained_split is not None:
         notes += [f"split {k}: the model was trained for split {trained_split}, so the unseen classes of "
                   f"split {k} are not zero-shot for it" for k in splits if k != trained_split]
     panels = {}
@@ -202,14 +238,19 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
         for position in np.unique(np.linspace(0, n - 1, min(args.qualitative, n)).round().astype(int)):
             panels[int(position)] = f"{stem}-{dataset.ids[position]}.png"
     batches = [list(range(start, min(start + args.batch_size, n))) for start in range(0, n, args.batch_size)]
+    added = {}
+    if to_add:  # last: it loads the text encoder
+        vectors = encode_class_names(model.text_encoder, vocabulary, to_add, model.text_template)
+        added = {vocabulary.lookup(name).index: vector for name, vector in zip(to_add, vectors.tolist())}
     report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_iteration": metadata.get("iteration"),
-              "setting": metadata["setting"], "trained_split": trained_split,
+              "setting": setting, "zero_shot": setting != "supervised", "setting_label": SETTING_LABELS[setting],
+              "head": model.head, "added_at_test": to_add, "trained_split": trained_split,
               "dataset": {"format": args.format, "root": root, "split_set": split_set, "images": n},
               "vocabulary": vocabulary.name, "splits": splits, "background": args.background,
               "inference": {"mode": "resize", "short_side": args.size, "label_resize": "nearest"},
               "qualitative": sorted(panels.values()), "notes": notes}
     return EvalPlan(checkpoint, args.format, root, split_set, args.size, vocabulary,
-                    metadata["model"]["num_labels"], splits, args.background, out, batches, panels,
+                    metadata["model"]["num_labels"], splits, args.background, out, batches, panels, added,
                     args.num_workers, report)
 
 
@@ -236,7 +277,8 @@ def run_evaluation(plan: EvalPlan) -> dict:
     start = time.perf_counter()
     pool = map_positions(ZS3Stage, {"checkpoint": plan.checkpoint, "format": plan.format, "root": plan.root,
                                     "split": plan.split_set, "size": plan.size, "panels": plan.panels,
-                                    "panel_folder": panel_folder}, plan.batches, plan.num_workers)
+                                    "panel_folder": panel_folder, "added": plan.added}, plan.batches,
+                         plan.num_workers)
     confusion, images, busy = ConfusionMatrix(plan.num_labels), 0, 0.0
     for row in pool.rows:  # integer counts: the merge order does not matter
         confusion.merge(ConfusionMatrix.from_dict(json.loads(row["confusion"])))
@@ -253,11 +295,12 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
-def format_table(results: dict) -> str:
-    """Split | Seen | Unseen | Harmonic, numbers right-aligned; "-" where no class was present."""
+def format_table(results: dict, setting: str) -> str:
+    """The setting's label, then Split | Seen | Unseen | Harmonic, numbers right-aligned; "-"
+    where no class was present."""
     rows = [["Split", "Seen", "Unseen", "Harmonic"]]
     rows += [[k, _cell(r["seen"]), _cell(r["unseen"]), _cell(r["harmonic"])] for k, r in results.items()]
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    return "\n".join([f"mIoU, {SETTING_LABELS[setting]}", lines[0], "-" * len(lines[0]), *lines[1:]])

@@ -14,6 +14,19 @@ downsamples the targets) and in the mask terms (matched masks upsampled to the l
 size, as the original). Those pixels then add exactly zero to the focal and Dice terms
 and to their gradients.
 
+Two classification heads (``SegmenterModelConfig.head``):
+
+- ``closed``: MaskFormer's own, one learned output per label. The paper's; it can only
+  predict classes it was trained on, so it serves the transductive and supervised settings.
+- ``text`` (as ZegFormer, Ding et al. 2022): a query's class logits are the cosine
+  similarities, over a temperature, of its segment embedding (its decoder output, linearly
+  projected) with the frozen CLIP text embeddings of the class names (``segmenter.text``),
+  plus learned embeddings for background and "no object". The embeddings are buffers saved
+  with the weights; a class whose name was never encoded (``known`` False) scores
+  ``IGNORED_LOGIT``, outside the prediction space, until ``add_class_embeddings`` encodes it
+  at test time: that is what makes the inductive setting (no unseen name or pixel in
+  training) able to predict unseen classes.
+
 Checkpoints are in the project's one format (``factory.core.checkpoints``); checkpoint.json
 holds the model config and the caller's metadata (iteration, vocabulary, setting, split, ...).
 """
@@ -27,7 +40,7 @@ from typing import Literal
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
 from transformers.models.maskformer.configuration_maskformer import MaskFormerDetrConfig
@@ -41,6 +54,8 @@ FORMAT = "segmenter-checkpoint/1"
 
 # sigmoid(-1e4) is exactly 0 in float32: such a pixel adds nothing to focal or Dice terms.
 IGNORED_LOGIT = -1e4
+# ZegFormer's temperature: cosine similarities in [-1, 1] scaled to [-100, 100] before the softmax.
+TEXT_TEMPERATURE = 0.01
 
 
 class SegmenterModelConfig(BaseModel):
@@ -65,24 +80,41 @@ class SegmenterModelConfig(BaseModel):
     frozen_backbone_norm: bool = Field(
         False, description="keep the backbone's batch-norm statistics and affine weights fixed "
         "(detectron2's FrozenBN, as MaskFormer's ResNet configs do with a pretrained backbone)")
+    head: Literal["closed", "text"] = Field(
+        "closed", description="'closed': a learned output per label (the paper's MaskFormer); 'text': logits "
+        "against frozen CLIP text embeddings of the class names (ZegFormer), names addable at test time")
+    text_encoder: str | None = Field(
+        None, description="text head: the CLIP that embedded the class names ('tiny' or a saved CLIPModel, "
+        "local or s3://); evaluation embeds names added at test time with it")
+    text_template: str | None = Field(None, description="text head: the prompt each class name is embedded in")
+    text_dim: int | None = Field(None, ge=1, description="text head: width of the text embeddings")
+
+    @model_validator(mode="after")
+    def _text_fields(self) -> SegmenterModelConfig:
+        text = (self.text_encoder, self.text_template, self.text_dim)
+        if self.head == "text" and None in text:
+            raise ValueError("head 'text' needs text_encoder, text_template and text_dim")
+        if self.head == "closed" and text != (None, None, None):
+            raise ValueError("text_encoder, text_template and text_dim belong to head 'text'")
+        return self
 
     @classmethod
-    def real(cls, num_labels: int, frozen_backbone_norm: bool = False) -> "SegmenterModelConfig":
+    def real(cls, num_labels: int, frozen_backbone_norm: bool = False, **head) -> SegmenterModelConfig:
         """MaskFormer R101 as in its paper: ResNet-101, FPN pixel decoder of 256, 100 queries,
-        6 decoder layers of width 256, deep supervision."""
+        6 decoder layers of width 256, deep supervision. `head`: the head fields (default closed)."""
         return cls(preset="real", num_labels=num_labels, backbone_layer_type="bottleneck",
                    backbone_depths=[3, 4, 23, 3], backbone_widths=[256, 512, 1024, 2048], stem_width=64,
                    fpn_size=256, mask_size=256, queries=100, decoder_layers=6, decoder_width=256,
                    decoder_heads=8, decoder_ffn=2048, dropout=0.1, deep_supervision=True,
-                   frozen_backbone_norm=frozen_backbone_norm)
+                   frozen_backbone_norm=frozen_backbone_norm, **head)
 
     @classmethod
-    def tiny(cls, num_labels: int) -> "SegmenterModelConfig":
-        """About 170k weights: tests and CPU runs."""
+    def tiny(cls, num_labels: int, **head) -> SegmenterModelConfig:
+        """About 170k weights: tests and CPU runs. `head`: the head fields (default closed)."""
         return cls(preset="tiny", num_labels=num_labels, backbone_layer_type="basic",
                    backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 16, 32, 64], stem_width=8,
                    fpn_size=32, mask_size=32, queries=8, decoder_layers=2, decoder_width=32,
-                   decoder_heads=4, decoder_ffn=64, dropout=0.0, deep_supervision=True)
+                   decoder_heads=4, decoder_ffn=64, dropout=0.0, deep_supervision=True, **head)
 
     def maskformer_config(self) -> MaskFormerConfig:
         backbone = ResNetConfig(layer_type=self.backbone_layer_type, depths=self.backbone_depths,
@@ -131,17 +163,59 @@ class _IgnoringLoss(MaskFormerLoss):
                 "loss_dice": dice_loss(masks, targets, num_masks)}
 
 
+class TextClassifier(nn.Module):
+    """The text head (see the module docstring): decoder outputs (..., hidden) -> class logits
+    (..., num_labels + 1) in the closed head's order: background, classes 1..K, "no object"."""
+
+    def __init__(self, hidden_size: int, num_classes: int, text_dim: int):
+        super().__init__()
+        self.projection = nn.Linear(hidden_size, text_dim)
+        self.background = nn.Parameter(torch.randn(text_dim))
+        self.no_object = nn.Parameter(torch.randn(text_dim))
+        # Row i is class i + 1's text embedding; frozen, but saved with the weights.
+        self.register_buffer("class_embeddings", torch.zeros(num_classes, text_dim))
+        self.register_buffer("known", torch.zeros(num_classes, dtype=torch.bool))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        segments = F.normalize(self.projection(hidden), dim=-1)
+        table = F.normalize(torch.cat([self.background[None], self.class_embeddings, self.no_object[None]]), dim=-1)
+        logits = segments @ table.to(segments.dtype).T / TEXT_TEMPERATURE
+        unknown = F.pad(~self.known, (1, 1), value=False)
+        return logits.masked_fill(unknown, IGNORED_LOGIT)
+
+
 class Segmenter(nn.Module):
     def __init__(self, config: SegmenterModelConfig):
         super().__init__()
         self.config = config
         self.maskformer = MaskFormerForInstanceSegmentation(config.maskformer_config())
         own = self.maskformer
+        if config.head == "text":
+            own.class_predictor = TextClassifier(config.decoder_width, config.num_labels - 1, config.text_dim)
         own.criterion = _IgnoringLoss(own.config.num_labels, matcher=_IgnoringMatcher(own.matcher),
                                       weight_dict=own.weight_dict, eos_coef=own.config.no_object_weight)
         if config.frozen_backbone_norm:
             for norm in self._backbone_norms():
                 norm.requires_grad_(False)
+
+    @property
+    def known_classes(self) -> list[int]:
+        """Labels 1..K the model can predict: all for the closed head, those whose names the
+        text head has embedded."""
+        if self.config.head == "closed":
+            return list(range(1, self.config.num_labels))
+        return [int(i) + 1 for i in self.maskformer.class_predictor.known.nonzero()[:, 0]]
+
+    @torch.no_grad()
+    def add_class_embeddings(self, labels: list[int], embeddings: Tensor) -> None:
+        """Put the text embeddings (len(labels), text_dim) of classes `labels` (1..K) in the
+        text head's prediction space."""
+        if self.config.head != "text":
+            raise ValueError("only the text head takes class embeddings; the closed head has an output per class")
+        head = self.maskformer.class_predictor
+        rows = torch.as_tensor(labels, device=head.known.device) - 1
+        head.class_embeddings[rows] = embeddings.to(head.class_embeddings)
+        head.known[rows] = True
 
     @property
     def backbone(self) -> nn.Module:
@@ -150,7 +224,7 @@ class Segmenter(nn.Module):
     def _backbone_norms(self) -> list[nn.BatchNorm2d]:
         return [m for m in self.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
 
-    def train(self, mode: bool = True) -> "Segmenter":
+    def train(self, mode: bool = True) -> Segmenter:
         super().train(mode)
         if self.config.frozen_backbone_norm:
             for norm in self._backbone_norms():

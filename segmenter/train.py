@@ -1,22 +1,37 @@
 """Protocol-II training of the segmenter on synthetic (and real) data, data-parallel on Ray Train.
 
 The driver (`prepare_training`) does every check that needs no model: datasets and their
-vocabulary, the split, the init checkpoint, backbone weights, the output, and whether the
-output's checkpoint can be resumed. `run_training` then streams the training rows (Ray Data,
-`segmenter.data`) to the Ray Train workers, one equal shard each (DDP needs equal step
-counts), and every worker runs `train_loop_per_worker`.
+vocabulary, the split, whether the setting is honest about the labels (below), the init
+checkpoint, backbone and text weights, the output, and whether the output's checkpoint can be
+resumed; last, for a fresh text head, it embeds the class names (`segmenter.text`).
+`run_training` then streams the training rows (Ray Data, `segmenter.data`) to the Ray Train
+workers, one equal shard of each dataset each (DDP needs equal step counts), and every worker
+runs `train_loop_per_worker`.
 
-One iteration is one optimizer step on `batch_size` samples over all workers; a shard is
+One iteration is one optimizer step on `batch_size` samples over all workers. With both
+synthetic and real data, every batch holds exactly `real_fraction` real samples (each worker
+draws its part of the batch from its two shards), whatever the two sets' sizes; a shard is
 read again, newly shuffled and cropped, whenever it runs out. The optimisation is
 MaskFormer's standard one around the paper's numbers (Li et al. 2023, section 5): AdamW, lr 1e-4,
 weight decay 1e-4, a poly schedule (power 0.9), the backbone at 0.1 x lr, and the gradient
 norm of the whole model clipped at 0.01. On CUDA the forward runs under autocast (bf16, or
 fp16 with loss scaling).
 
-Settings: "transductive" (the paper's) trains on every synthetic image and label as made;
-"inductive" sets the pixels of the split's unseen classes to 255 (ignored) in synthetic
-labels, so no unseen class is ever a target. Real images (Model-D) always have their unseen
-pixels ignored, never trained as background.
+Settings:
+
+- "transductive" (the paper's) trains on every synthetic image and label as made;
+- "inductive" sets the pixels of the split's unseen classes to 255 (ignored) in synthetic
+  labels and embeds only the seen class names, so no unseen class is ever a target or a
+  name; it needs the text head (`model.head: text`), the only one that can score a class
+  added at test time;
+- "supervised" trains like "transductive" but claims no zero-shot result: an upper bound
+  with oracle labels (a labeler trained on the unseen classes).
+
+The two zero-shot settings refuse synthetic data whose labels of the split's unseen classes
+(of every split when none is set) came from a labeler trained on them (the manifest's
+record, `DatasetSource.supervised_classes`), and an init checkpoint of another setting or
+split. Real images (Model-D) always have their unseen pixels ignored, never trained as
+background.
 
 Rank 0 writes `<out>/last/` (segmenter.model's checkpoint format) every `checkpoint_every`
 iterations and at the end; a rerun of the same command resumes from it: weights, optimizer
@@ -27,7 +42,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,10 +58,10 @@ from torch import Tensor, nn
 from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state
 from factory.core.distributed import all_reduce_mean, fit
 from factory.core.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
-from factory.core.vocab import Vocabulary
+from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.source import DatasetError, DatasetSource
 from segmenter.data import normalize, real_training_dataset, synthetic_dataset
-from segmenter.datasets import real_dataset
+from segmenter.datasets import real_dataset, voc_val_overlap
 from segmenter.model import (
     Segmenter,
     SegmenterModelConfig,
@@ -54,6 +71,7 @@ from segmenter.model import (
     read_segmenter_metadata,
     save_segmenter_checkpoint,
 )
+from segmenter.text import TEMPLATE, check_text_encoder, encode_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +81,13 @@ SHUFFLE_BUFFER = 64  # rows each worker shuffles locally, on top of the per-pass
 class RealSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    format: Literal["voc", "coco"]
+    format: Literal["voc", "voc_aug", "coco"] = Field(
+        description="voc: SegmentationClass (1,464 train images); voc_aug: SBD's SegmentationClassAug "
+        "(10,582 train_aug images); coco: instances JSON")
     root: str = Field(description="VOC: VOCdevkit/VOC2012; COCO: the folder holding <split>/ and annotations/; "
                       "readable on every node")
-    split: str = Field(description="VOC: train (ImageSets/Segmentation/train.txt); COCO: train2017")
+    split: str = Field(description="voc: train (ImageSets/Segmentation/train.txt); voc_aug: train_aug; "
+                       "coco: train2017")
 
 
 class ModelSection(BaseModel):
@@ -76,21 +97,41 @@ class ModelSection(BaseModel):
     backbone_weights: str | None = Field(
         None, description="ImageNet ResNet weights for a fresh start (.safetensors file or folder with "
         "model.safetensors, local or s3://; torchvision or transformers layout); null: random")
+    head: Literal["closed", "text"] = Field(
+        "closed", description="'closed': a learned output per class (the paper's MaskFormer; transductive, "
+        "supervised); 'text': logits against frozen CLIP embeddings of the class names (ZegFormer), so names "
+        "can be added at test time (needed by inductive)")
+    text_encoder: str | None = Field(
+        None, description="text head: the CLIP embedding the class names: 'tiny' (random, offline: tests) or a "
+        "saved CLIPModel folder, local or s3:// (e.g. openai/clip-vit-base-patch32 saved with save_pretrained)")
+
+    @model_validator(mode="after")
+    def _text_encoder(self) -> ModelSection:
+        if self.head == "text" and self.text_encoder is None:
+            raise ValueError("model.head text needs model.text_encoder (a saved CLIPModel, or tiny)")
+        if self.head == "closed" and self.text_encoder is not None:
+            raise ValueError("model.text_encoder is for model.head text")
+        return self
 
 
 class SegmenterTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str | None = Field(None, description="synthetic factory dataset: local folder or s3:// prefix")
-    real: RealSection | None = Field(None, description="real training images, e.g. {format: voc, root: "
-                                     "VOCdevkit/VOC2012, split: train} (Model-D); unseen-class pixels ignored")
+    real: RealSection | None = Field(None, description="real training images, e.g. {format: voc_aug, root: "
+                                     "VOCdevkit/VOC2012, split: train_aug} (Model-D); unseen-class pixels ignored")
+    real_fraction: float | None = Field(
+        None, gt=0.0, lt=1.0, description="with both data and real: the share of every batch that is real images "
+        "(the rest synthetic); a whole number of each worker's batch_size / num_workers samples")
     readers: int = Field(2, ge=1, description="actors reading the real images")
     init: str | None = Field(None, description="checkpoint folder to start from (its architecture and weights), "
                              "e.g. Model-C's last/ for Model-D")
     out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from its last/")
     model: ModelSection = ModelSection()
-    setting: Literal["transductive", "inductive"] = Field(
-        "transductive", description="'inductive': unseen classes' synthetic pixels are ignored")
+    setting: Literal["transductive", "inductive", "supervised"] = Field(
+        "transductive", description="zero-shot 'transductive' (every synthetic label as made) or 'inductive' "
+        "(unseen classes' synthetic pixels ignored, their names never embedded; text head), or 'supervised': "
+        "labels of unseen classes from a labeler trained on them (an oracle upper bound, not zero-shot)")
     split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's (or init's)")
     crop_size: int = Field(224, ge=16, description="side of the square training crops")
     crop_scale: tuple[float, float] = Field((0.25, 1.0), description="area fraction range of the random resized crop")
@@ -110,11 +151,26 @@ class SegmenterTrainConfig(BaseModel):
     seed: int = Field(0, ge=0, description="model initialisation")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SegmenterTrainConfig":
+    def _consistent(self) -> SegmenterTrainConfig:
         if self.data is None and self.real is None:
             raise ValueError("nothing to train on: set data (a synthetic dataset) and/or real")
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        if self.setting == "inductive" and self.model.head != "text":
+            raise ValueError("setting inductive needs model.head text: a closed-set head trains no output for "
+                             "the unseen classes it ignores, so it could never predict them")
+        both = self.data is not None and self.real is not None
+        if both and self.real_fraction is None:
+            raise ValueError("data and real are both set: set real_fraction, the share of every batch that is "
+                             "real images (e.g. 0.5)")
+        if not both and self.real_fraction is not None:
+            raise ValueError("real_fraction mixes data and real: set both, or leave real_fraction null")
+        if both:
+            per_worker = self.batch_size // self.num_workers
+            real = self.real_fraction * per_worker
+            if abs(real - round(real)) > 1e-6 or not 0 < round(real) < per_worker:
+                raise ValueError(f"real_fraction {self.real_fraction:g} of the {per_worker} samples each worker "
+                                 f"takes per step is not a whole number from 1 to {per_worker - 1}")
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
@@ -124,7 +180,7 @@ class SegmenterTrainConfig(BaseModel):
 
 
 # Changing these makes a different experiment: such an output is not resumed.
-_RUN_IDENTITY = ("data", "real", "init", "model", "setting", "split")
+_RUN_IDENTITY = ("data", "real", "real_fraction", "init", "model", "setting", "split")
 
 
 def vocabulary_json(vocabulary: Vocabulary) -> dict:
@@ -141,9 +197,11 @@ class TrainingPlan:
     split: int | None
     synthetic_rows: int
     real_rows: int
-    model: SegmenterModelConfig  # for a fresh start; init and resume bring theirs
+    model: SegmenterModelConfig  # the fresh start's, init's or the resumed checkpoint's
     resume: bool  # from <out>/last
     done_iterations: int
+    class_embeddings: dict[str, list[float]] | None  # a fresh text head's: class name -> its text embedding
+    data_labels: dict | None  # the synthetic data manifest's record of who labelled what ("labels")
 
     @property
     def unseen(self) -> list[str] | None:
@@ -155,9 +213,10 @@ class TrainingPlan:
     def worker_config(self) -> dict:
         seen = None if self.split is None else list(self.vocabulary.seen(self.split))
         return {"config": self.config.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
-                "resume": self.resume, "metadata": {
+                "resume": self.resume, "class_embeddings": self.class_embeddings, "metadata": {
                     "vocabulary": vocabulary_json(self.vocabulary), "setting": self.config.setting,
-                    "split": self.split, "seen": seen, "unseen": self.unseen}}
+                    "zero_shot": self.config.setting != "supervised", "split": self.split, "seen": seen,
+                    "unseen": self.unseen, "data_labels": self.data_labels}}
 
 
 @dataclass
@@ -181,36 +240,99 @@ class TrainingSummary:
         return "\n".join([*lines, f"  checkpoint {self.last}"])
 
 
+def batch_parts(config: SegmenterTrainConfig, world: int) -> dict[str, int]:
+    """Samples each of `world` workers takes per step from each training dataset."""
+    per_worker = config.batch_size // world
+    if not config.real:
+        return {"synthetic": per_worker}
+    if not config.data:
+        return {"real": per_worker}
+    real = round(per_worker * config.real_fraction)
+    return {"synthetic": per_worker - real, "real": real}
+
+
 def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
     update = {name: absolute_uri(getattr(config, name)) for name in ("data", "init", "out")}
     if config.real:
         update["real"] = config.real.model_copy(update={"root": absolute_uri(config.real.root)})
-    if config.model.backbone_weights:
-        update["model"] = config.model.model_copy(update={"backbone_weights": absolute_uri(config.model.backbone_weights)})
+    model = {"backbone_weights": absolute_uri(config.model.backbone_weights)}
+    if config.model.text_encoder and os.path.exists(config.model.text_encoder):  # not tiny, s3:// or a hub id
+        model["text_encoder"] = absolute_uri(config.model.text_encoder)  # recorded for evaluation elsewhere
+    update["model"] = config.model.model_copy(update=model)
     return config.model_copy(update=update)
 
 
 def _real_rows(config: SegmenterTrainConfig) -> tuple[int, Vocabulary]:
+    real = config.real
     try:
-        reader = real_dataset(config.real.format, config.real.root, config.real.split)
+        reader = real_dataset(real.format, real.root, real.split)
+        leaked = voc_val_overlap(reader) if real.format != "coco" else []
     except (OSError, ValueError) as exc:
-        raise DatasetError(f"real {config.real.format} images: {first_line(exc)}") from None
+        raise DatasetError(f"real {real.format} images: {first_line(exc)}") from None
+    if leaked:
+        raise DatasetError(f"real {real.format} {real.split} lists {len(leaked)} images of VOC val, the evaluation "
+                           f"set (first: {leaked[0]}): train on a list without them")
     return len(reader), reader.vocabulary
 
 
-def _model_config(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: dict | None) -> SegmenterModelConfig:
-    if init is not None:
-        model = SegmenterModelConfig.model_validate(init["model"])
-        if model.preset != config.model.preset:
-            raise CheckpointError(f"init {config.init} holds a {model.preset} model; set model.preset: {model.preset}")
-    elif config.model.preset == "real":
-        model = SegmenterModelConfig.real(len(vocabulary) + 1, frozen_backbone_norm=bool(config.model.backbone_weights))
-    else:
-        model = SegmenterModelConfig.tiny(len(vocabulary) + 1)
+def _data_split(source: DatasetSource) -> int | None:
+    """The split a synthetic set was made for: its recipe's, else its annotator's training split."""
+    return source.split or source.manifest.get("labels", {}).get("trained_split")
+
+
+def check_zero_shot(source: DatasetSource, setting: str, split: int | None) -> None:
+    """Refuse a zero-shot setting on labels of unseen classes that came from a labeler trained on
+    them; with no split, evaluation may score any, so every split's unseen classes count."""
+    if setting == "supervised":
+        return
+    vocabulary = source.vocabulary
+    splits = [split] if split is not None else range(1, len(vocabulary.unseen_splits) + 1)
+    unseen = {name for k in splits for name in vocabulary.unseen(k)}
+    leaked = [name for name in vocabulary.names if name in unseen and name in source.supervised_classes]
+    if leaked:
+        which = f"split {split}" if split is not None else "the splits; no split is set"
+        name = source.manifest.get("name") or source.uri
+        raise DatasetError(f"{name}: labels of unseen classes {', '.join(leaked)} ({which}) come from a labeler "
+                           f"trained on them; this is not zero-shot. Train on an annotated set, or pass --setting "
+                           f"supervised for an oracle upper bound")
+
+
+def _init_model(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: dict, split: int | None
+                ) -> SegmenterModelConfig:
+    """The init checkpoint's model, if this run can continue it: same preset, head, labels,
+    setting and (for a zero-shot setting) split."""
+    model = SegmenterModelConfig.model_validate(init["model"])
+    if model.preset != config.model.preset:
+        raise CheckpointError(f"init {config.init} holds a {model.preset} model; set model.preset: {model.preset}")
+    if model.head != config.model.head:
+        raise CheckpointError(f"init {config.init} has the {model.head} head; set model.head: {model.head}")
     if model.num_labels != len(vocabulary) + 1:
         raise CheckpointError(f"init {config.init} predicts {model.num_labels} labels, the {vocabulary.name} "
                               f"vocabulary has {len(vocabulary) + 1} with background")
+    if init["setting"] != config.setting:
+        raise CheckpointError(f"init {config.init} was trained {init['setting']}; a {config.setting} run must "
+                              f"start from a {config.setting} checkpoint")
+    if config.setting != "supervised" and init["split"] is not None and init["split"] != split:
+        raise CheckpointError(f"init {config.init} was trained for split {init['split']}, so the unseen classes "
+                              f"of split {split} are not zero-shot for it")
     return model
+
+
+def _fresh_model(config: SegmenterTrainConfig, vocabulary: Vocabulary, split: int | None
+                 ) -> tuple[SegmenterModelConfig, dict[str, list[float]] | None]:
+    """A fresh start's model config and, for the text head, the embeddings of the class names it
+    trains on: the seen ones when inductive, else all. Loads the text encoder: call it last."""
+    head, embeddings = {}, None
+    if config.model.head == "text":
+        names = vocabulary.seen(split) if config.setting == "inductive" else vocabulary.names
+        vectors = encode_class_names(config.model.text_encoder, vocabulary, names)
+        embeddings = dict(zip(names, vectors.tolist()))
+        head = {"head": "text", "text_encoder": config.model.text_encoder, "text_template": TEMPLATE,
+                "text_dim": vectors.shape[1]}
+    if config.model.preset == "real":
+        frozen = bool(config.model.backbone_weights)
+        return SegmenterModelConfig.real(len(vocabulary) + 1, frozen_backbone_norm=frozen, **head), embeddings
+    return SegmenterModelConfig.tiny(len(vocabulary) + 1, **head), embeddings
 
 
 def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
@@ -225,7 +347,7 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
         raise DatasetError(f"data, real images and init use different vocabularies: {', '.join(sorted(vocabularies))}")
     vocabulary = (source and source.vocabulary) or real_vocabulary
 
-    split = config.split or (source and source.split) or (init and init["split"])
+    split = config.split or (source and _data_split(source)) or (init and init["split"])
     if split is None and (config.setting == "inductive" or config.real):
         why = "the inductive setting ignores" if config.setting == "inductive" else "real images ignore"
         raise DatasetError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
@@ -235,33 +357,48 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
         except ValueError as exc:
             raise DatasetError(str(exc)) from None
 
+    if source:
+        check_zero_shot(source, config.setting, split)
+
     synthetic_rows = source.rows if source else 0
-    if synthetic_rows + real_rows < config.batch_size:
-        raise DatasetError(f"{synthetic_rows + real_rows} training samples are fewer than batch_size {config.batch_size}")
-    model = _model_config(config, vocabulary, init)
+    for name, per_worker in batch_parts(config, config.num_workers).items():
+        rows, needed = (synthetic_rows if name == "synthetic" else real_rows), per_worker * config.num_workers
+        if rows < needed:  # every worker's equal shard must fill its part of a batch
+            raise DatasetError(f"{rows} {name} training samples are fewer than the {needed} that each step of "
+                               f"batch_size {config.batch_size} takes from them")
+    model = _init_model(config, vocabulary, init, split) if init else None
     if config.model.backbone_weights:
         check_model_source(config.model.backbone_weights)
+    if config.model.text_encoder and not init:
+        check_text_encoder(config.model.text_encoder)
 
     location = check_reachable(config.out)
     resume, done = location.exists(f"last/{METADATA_FILE}"), 0
     if resume:
         saved = read_segmenter_metadata(location.url("last"))
         check_same_run(config.out, saved["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
-        done = saved["iteration"]
-    return TrainingPlan(config, vocabulary, split, synthetic_rows, real_rows, model, resume, done)
+        model, done = SegmenterModelConfig.model_validate(saved["model"]), saved["iteration"]
+    embeddings = None
+    if model is None:
+        model, embeddings = _fresh_model(config, vocabulary, split)
+    data_labels = source.manifest.get("labels") if source else None
+    return TrainingPlan(config, vocabulary, split, synthetic_rows, real_rows, model, resume, done, embeddings,
+                        data_labels)
 
 
-def training_dataset(plan: TrainingPlan) -> ray.data.Dataset:
+def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
+    """The Ray Train datasets: "synthetic" and/or "real" training rows."""
     config = plan.config
     crop = {"crop_size": config.crop_size, "crop_scale": config.crop_scale}
-    parts = []
+    datasets = {}
     if config.data:
         ignore = plan.unseen_indices() if config.setting == "inductive" else []
-        parts.append(synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore))
+        datasets["synthetic"] = synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore)
     if config.real:
-        parts.append(real_training_dataset(config.real.format, config.real.root, config.real.split, plan.real_rows,
-                                           **crop, ignore=plan.unseen_indices(), readers=config.readers))
-    return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+        datasets["real"] = real_training_dataset(config.real.format, config.real.root, config.real.split,
+                                                 plan.real_rows, **crop, ignore=plan.unseen_indices(),
+                                                 readers=config.readers)
+    return datasets
 
 
 def summarize(plan: TrainingPlan) -> TrainingSummary:
@@ -290,7 +427,7 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
         ray.init(ignore_reinit_error=True)
         check_data_cpus(config)
         fit(train_loop_per_worker, plan.worker_config(), num_workers=config.num_workers, use_gpu=config.use_gpu,
-            cpus_per_worker=config.cpus_per_worker, datasets={"train": training_dataset(plan)})
+            cpus_per_worker=config.cpus_per_worker, datasets=training_datasets(plan))
     return summarize(plan)
 
 
@@ -338,6 +475,28 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tenso
     return loss.item()
 
 
+def endless_batches(shard, batch_size: int, name: str, rank: int) -> Iterator[dict]:
+    """Batches of one dataset shard for ever: it is read again, newly shuffled and cropped,
+    whenever it runs out."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER):
+            empty = False
+            yield batch
+        if empty:
+            raise DatasetError(f"worker {rank}'s {name} data shard holds fewer than {batch_size} rows")
+
+
+def mixed_batches(shards: dict, parts: dict[str, int], rank: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """A worker's (images, labels) of every step: `parts[name]` rows of each dataset's shard,
+    concatenated in the order of `parts` (the real rows last)."""
+    streams = [endless_batches(shards[name], rows, name, rank) for name, rows in parts.items()]
+    while True:
+        batches = [next(stream) for stream in streams]
+        yield tuple(torch.cat([batch[column] for batch in batches]) for column in ("image", "label"))
+
+
 def train_loop_per_worker(worker_config: dict) -> None:
     """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
     config = SegmenterTrainConfig.model_validate(worker_config["config"])
@@ -345,6 +504,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     last = open_location(config.out).url("last")
+    vocabulary = get_vocabulary(worker_config["metadata"]["vocabulary"]["name"])
     start, log = 0, []
     if worker_config["resume"]:
         model, saved = load_segmenter_checkpoint(last)
@@ -356,40 +516,37 @@ def train_loop_per_worker(worker_config: dict) -> None:
         model = Segmenter(SegmenterModelConfig.model_validate(worker_config["model"]))
         if config.model.backbone_weights:
             load_backbone_weights(model, config.model.backbone_weights)
+        if embeddings := worker_config["class_embeddings"]:
+            model.add_class_embeddings([vocabulary.lookup(name).index for name in embeddings],
+                                       torch.tensor(list(embeddings.values())))
     model.to(device).train()
     optimizer = make_optimizer(model, config)
     if worker_config["resume"]:
         load_optimizer_state(last, optimizer, saved)
     trained = ray.train.torch.prepare_model(model)
     autocast, scaler = _mixed_precision(device, config.mixed_precision)
-    shard = ray.train.get_dataset_shard("train")
+    parts = batch_parts(config, world)
+    batches = mixed_batches({name: ray.train.get_dataset_shard(name) for name in parts}, parts, rank)
     num_labels = model.config.num_labels
+    text_classes = [vocabulary.by_index(i).name for i in model.known_classes] if model.config.head == "text" else None
 
-    iteration, window_loss, window_steps, window_start = start, 0.0, 0, time.perf_counter()
-    while iteration < config.iterations:
-        batches = shard.iter_torch_batches(batch_size=config.batch_size // world, drop_last=True,
-                                           local_shuffle_buffer_size=SHUFFLE_BUFFER)
-        steps_this_pass = 0
-        for batch in batches:
-            set_learning_rates(optimizer, config, iteration)
-            loss = train_step(trained, optimizer, batch["image"], batch["label"], num_labels=num_labels,
-                              autocast=autocast, scaler=scaler, clip_grad_norm=config.clip_grad_norm)
-            iteration, steps_this_pass = iteration + 1, steps_this_pass + 1
-            window_loss, window_steps = window_loss + loss, window_steps + 1
-            finished = iteration == config.iterations
-            if iteration % config.log_every == 0 or finished:
-                mean = all_reduce_mean(window_loss, window_steps, device)
-                rate = window_steps / (time.perf_counter() - window_start)
-                log.append({"iteration": iteration, "loss": mean, "iterations_per_second": rate})
-                if rank == 0:
-                    # Ray Train shows worker logs on the driver (a print is echoed twice there).
-                    logger.info(f"iteration {iteration}/{config.iterations}  loss {mean:.4f}  {rate:.2f} it/s")
-                window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
-            if rank == 0 and (iteration % config.checkpoint_every == 0 or finished):
-                metadata = {**worker_config["metadata"], "iteration": iteration, "resumed_from": start, "log": log,
-                            "train": config.model_dump(mode="json")}
-                save_segmenter_checkpoint(last, model, optimizer, metadata)
-            if finished:
-                break
-        if steps_this_pass == 0:
-            raise DatasetError(f"worker {rank}'s data shard holds fewer than {config.batch_size // world} rows")
+    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    for iteration in range(start + 1, config.iterations + 1):
+        images, labels = next(batches)
+        set_learning_rates(optimizer, config, iteration - 1)
+        loss = train_step(trained, optimizer, images, labels, num_labels=num_labels, autocast=autocast,
+                          scaler=scaler, clip_grad_norm=config.clip_grad_norm)
+        window_loss, window_steps = window_loss + loss, window_steps + 1
+        finished = iteration == config.iterations
+        if iteration % config.log_every == 0 or finished:
+            mean = all_reduce_mean(window_loss, window_steps, device)
+            rate = window_steps / (time.perf_counter() - window_start)
+            log.append({"iteration": iteration, "loss": mean, "iterations_per_second": rate})
+            if rank == 0:
+                # Ray Train shows worker logs on the driver (a print is echoed twice there).
+                logger.info(f"iteration {iteration}/{config.iterations}  loss {mean:.4f}  {rate:.2f} it/s")
+            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        if rank == 0 and (iteration % config.checkpoint_every == 0 or finished):
+            metadata = {**worker_config["metadata"], "iteration": iteration, "resumed_from": start, "log": log,
+                        "text_classes": text_classes, "train": config.model_dump(mode="json")}
+            save_segmenter_checkpoint(last, model, optimizer, metadata)

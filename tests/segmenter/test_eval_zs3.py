@@ -1,4 +1,5 @@
-"""Protocol-II (ZS3) evaluation job end to end: tiny random segmenters on tiny VOC and COCO folders."""
+"""Protocol-II (ZS3) evaluation job end to end: tiny random segmenters on tiny VOC and COCO folders;
+how results say the model was trained, and unseen names added to a text head at test time."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
 from jobs import eval_zs3
 from segmenter.datasets import real_dataset
-from segmenter.evaluate import format_table, predict, short_side_size
+from segmenter.evaluate import ZS3EvalOptions, format_table, predict, prepare_evaluation, short_side_size
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.text import TEMPLATE, encode_class_names
 from segmenter.train import vocabulary_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,12 +27,19 @@ REPO = Path(__file__).resolve().parents[2]
 SIZE = 48  # inference short side: tiny images, fast runs
 
 
-def save_tiny_checkpoint(uri: Path, vocabulary: Vocabulary, setting: str, split: int | None) -> Path:
+def save_tiny_checkpoint(uri: Path, vocabulary: Vocabulary, setting: str, split: int | None,
+                         head: str = "closed") -> Path:
+    """A random tiny segmenter; a text head knows the seen class names when inductive, else all."""
     torch.manual_seed(0)
-    model = Segmenter(SegmenterModelConfig.tiny(len(vocabulary) + 1)).eval()
+    text = {"head": "text", "text_encoder": "tiny", "text_template": TEMPLATE, "text_dim": 32} if head == "text" else {}
+    model = Segmenter(SegmenterModelConfig.tiny(len(vocabulary) + 1, **text)).eval()
+    names = vocabulary.seen(split) if setting == "inductive" else vocabulary.names
+    if head == "text":
+        model.add_class_embeddings([vocabulary.lookup(n).index for n in names], encode_class_names("tiny", vocabulary, names))
     save_segmenter_checkpoint(str(uri), model, None, {
         "iteration": 0, "vocabulary": vocabulary_json(vocabulary), "setting": setting, "split": split,
-        "seen": list(vocabulary.seen(split)), "unseen": list(vocabulary.unseen(split))})
+        "seen": list(vocabulary.seen(split)), "unseen": list(vocabulary.unseen(split)),
+        "text_classes": list(names) if head == "text" else None})
     return uri
 
 
@@ -41,12 +50,18 @@ def voc_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def coco_checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("segmenter") / "coco", COCO, "inductive", 2)
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("segmenter") / "coco", COCO, "inductive", 2, head="text")
 
 
 def confusion_in_process(checkpoint: Path, format: str, root: Path) -> np.ndarray:
-    """The whole dataset's matrix, predicted and counted in one loop."""
-    model, _ = load_segmenter_checkpoint(str(checkpoint))
+    """The whole dataset's matrix, predicted and counted in one loop (a text head given the
+    names it lacks first)."""
+    model, metadata = load_segmenter_checkpoint(str(checkpoint))
+    if model.config.head == "text":
+        vocabulary = real_dataset(format, root).vocabulary
+        missing = [name for name in vocabulary.names if name not in metadata["text_classes"]]
+        model.add_class_embeddings([vocabulary.lookup(n).index for n in missing],
+                                   encode_class_names("tiny", vocabulary, missing))
     matrix = ConfusionMatrix(model.config.num_labels)
     dataset = real_dataset(format, root)
     for i in range(len(dataset)):
@@ -83,7 +98,8 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, v
     labels = [np.array(Image.open(p)) for p in sorted((voc_eval_root / "SegmentationClass").glob("*.png"))]
     assert counts.sum() == sum(int((label != 255).sum()) for label in labels)
 
-    assert one["checkpoint"] == str(voc_checkpoint) and one["setting"] == "transductive"
+    assert one["checkpoint"] == str(voc_checkpoint) and one["setting"] == "transductive" and one["zero_shot"]
+    assert one["head"] == "closed" and one["added_at_test"] == []
     assert one["trained_split"] == 1 and one["background"] == "ignore"
     assert one["dataset"] == {"format": "voc", "root": str(voc_eval_root), "split_set": "val", "images": 5}
     assert one["inference"] == {"mode": "resize", "short_side": SIZE, "label_resize": "nearest"}
@@ -107,6 +123,7 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, v
 
     lines = printed.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("Split"))
+    assert lines[header - 1] == "mIoU, transductive zero-shot"
     assert lines[header].split() == ["Split", "Seen", "Unseen", "Harmonic"]
     assert [line.split()[0] for line in lines[header + 2:header + 5]] == ["1", "2", "3"]
     assert "images/s" in printed and "note: split 2" in printed
@@ -120,6 +137,7 @@ def test_coco_inductive_background_seen(ray_cluster, coco_eval_root, coco_checkp
                           "--out", str(out), "--qualitative", "0"]) == 0
     report = json.loads(out.read_text())
     assert report["setting"] == "inductive" and report["splits"] == [2]  # the checkpoint's split
+    assert report["head"] == "text" and report["added_at_test"] == list(COCO.unseen(2))
     assert report["dataset"]["split_set"] == "val2017" and report["dataset"]["images"] == 3
     assert report["qualitative"] == [] and report["notes"] == []
     counts = np.array(report["confusion"])
@@ -136,7 +154,8 @@ def test_coco_inductive_background_seen(ray_cluster, coco_eval_root, coco_checkp
     present = np.flatnonzero(counts.sum(0) + counts.sum(1))
     assert [name for name, v in per_class.items() if v is not None] == [
         "background" if i == 0 else COCO.by_index(i).name for i in present]
-    assert "note:" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "note:" not in printed and f"classes named at test time: {', '.join(COCO.unseen(2))}" in printed
 
 
 def test_short_side_resize():
@@ -146,13 +165,39 @@ def test_short_side_resize():
 
 
 def test_table_layout():
-    table = format_table({"1": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64},
-                                   "2": {"seen": 50.0, "unseen": None, "harmonic": None}})
-    lines = table.splitlines()
+    results = {"1": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64}, "2": {"seen": 50.0, "unseen": None,
+                                                                            "harmonic": None}}
+    caption, *lines = format_table(results, "inductive").splitlines()
+    assert caption == "mIoU, inductive zero-shot"
     assert lines[0].split() == ["Split", "Seen", "Unseen", "Harmonic"] and set(lines[1]) == {"-"}
     assert lines[2].split() == ["1", "83.40", "74.40", "78.64"]
     assert lines[3].split() == ["2", "50.00", "-", "-"]
     assert lines[2].index("78.64") + 5 == len(lines[0])  # right-aligned under "Harmonic"
+    supervised = format_table(results, "supervised").splitlines()
+    assert supervised[0] == "mIoU, supervised (oracle upper bound), not zero-shot" and supervised[1:] == lines
+
+
+def test_results_say_how_the_model_was_trained(voc_eval_root, tmp_path):
+    def plan(checkpoint: Path):
+        return prepare_evaluation(ZS3EvalOptions(checkpoint=str(checkpoint), format="voc", root=str(voc_eval_root),
+                                                 splits=[1, 2]))
+
+    oracle = plan(save_tiny_checkpoint(tmp_path / "oracle", VOC, "supervised", 1)).report
+    assert oracle["setting"] == "supervised" and oracle["zero_shot"] is False
+    assert oracle["setting_label"] == "supervised (oracle upper bound), not zero-shot"
+    assert oracle["notes"] == [("supervised (oracle upper bound), not zero-shot: the model learnt the unseen classes "
+                                "from labels of a labeler trained on them; these numbers are an upper bound, not a "
+                                "zero-shot result")]
+
+    # An inductive text head never embedded split 1's unseen names: they are embedded now.
+    inductive = plan(save_tiny_checkpoint(tmp_path / "inductive", VOC, "inductive", 1, head="text"))
+    unseen = list(VOC.unseen(1))
+    assert inductive.report["zero_shot"] is True and inductive.report["added_at_test"] == unseen
+    assert list(inductive.added) == [VOC.lookup(name).index for name in unseen]
+    expected = encode_class_names("tiny", VOC, unseen)
+    torch.testing.assert_close(torch.tensor(list(inductive.added.values())), expected)
+    transductive = plan(save_tiny_checkpoint(tmp_path / "transductive", VOC, "transductive", 1, head="text"))
+    assert transductive.report["added_at_test"] == [] and transductive.added == {}
 
 
 def test_input_errors_are_one_line(voc_eval_root, coco_eval_root, voc_checkpoint, tmp_path, capsys):
@@ -174,3 +219,9 @@ def test_input_errors_are_one_line(voc_eval_root, coco_eval_root, voc_checkpoint
     assert "--size: Input should be greater than or equal to 32" in error(*voc, "--size", "16")
     assert "--num-workers: Input should be greater than or equal to 1" in error(*voc, "--num-workers", "0")
     assert "must name a file" in error(*voc, "--out", "s3://bucket")
+
+    text = save_tiny_checkpoint(tmp_path / "text", VOC, "inductive", 1, head="text")
+    metadata = json.loads((text / "checkpoint.json").read_text())
+    del metadata["text_classes"]
+    (text / "checkpoint.json").write_text(json.dumps(metadata))
+    assert "lacks text_classes in its checkpoint.json" in error("--checkpoint", str(text), *voc[2:])

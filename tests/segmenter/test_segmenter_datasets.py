@@ -5,7 +5,14 @@ import pytest
 from PIL import Image
 
 from factory.core.vocab import COCO
-from segmenter.datasets import COCOSemantic, VOCSegmentation, ignore_classes, real_dataset
+from segmenter.datasets import (
+    COCOSemantic,
+    VOCAugSegmentation,
+    VOCSegmentation,
+    ignore_classes,
+    real_dataset,
+    voc_val_overlap,
+)
 
 # ---------------------------------------------------------------- VOC fixture
 
@@ -114,6 +121,28 @@ def test_voc_rejects_values_that_are_no_class(voc_root):
     write_palette_png(voc_root / "SegmentationClass" / "2007_000039.png", label)
     with pytest.raises(ValueError, match=r"label values \[21\] are no VOC class index"):
         VOCSegmentation(voc_root)[1]
+
+
+def test_voc_aug_reads_sbd_masks(voc_root):
+    """SBD's augmented set: greyscale index PNGs in SegmentationClassAug, listed in train_aug."""
+    (voc_root / "SegmentationClassAug").mkdir()
+    extra = voc_label((26, 30), [(13, 4, 4, 20, 24)])  # an SBD-only image: horse
+    Image.fromarray(np.full((26, 30, 3), 90, np.uint8)).save(voc_root / "JPEGImages" / "2008_000003.jpg")
+    Image.fromarray(extra, mode="L").save(voc_root / "SegmentationClassAug" / "2008_000003.png")
+    Image.fromarray(VOC_LABELS["2008_000002"], mode="L").save(voc_root / "SegmentationClassAug" / "2008_000002.png")
+    (voc_root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2008_000002\n2008_000003\n")
+
+    dataset = real_dataset("voc_aug", voc_root)  # train_aug by default
+    assert isinstance(dataset, VOCAugSegmentation) and dataset.ids == ["2008_000002", "2008_000003"]
+    np.testing.assert_array_equal(dataset[1].label, extra)
+    np.testing.assert_array_equal(dataset[0].label, VOC_LABELS["2008_000002"])
+    # The fixture's val lists 2008_000002 too: such a list must not train a model scored on val.
+    assert voc_val_overlap(dataset) == ["2008_000002"]
+    (voc_root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("2008_000003\n")
+    assert voc_val_overlap(VOCAugSegmentation(voc_root)) == []
+    (voc_root / "SegmentationClassAug" / "2008_000003.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 listed images .*SegmentationClassAug \(first: 2008_000003.png"):
+        VOCAugSegmentation(voc_root)
 
 
 # --------------------------------------------------------------- COCO fixture
@@ -270,5 +299,5 @@ def test_ignore_classes():
 def test_real_dataset_defaults_and_errors(voc_root, coco_root):
     assert len(real_dataset("voc", voc_root)) == 3
     assert isinstance(real_dataset("coco", coco_root), COCOSemantic)
-    with pytest.raises(ValueError, match=r"unknown dataset format 'ade' \(choices: voc, coco\)"):
+    with pytest.raises(ValueError, match=r"unknown dataset format 'ade' \(choices: voc, voc_aug, coco\)"):
         real_dataset("ade", voc_root)

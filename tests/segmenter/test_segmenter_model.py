@@ -1,5 +1,6 @@
 """Segmenter model: tiny forward/loss/backward, semantic inference, targets, ignored pixels,
-frozen batch norm, backbone weights, checkpoints (local and S3), and the real R101 size."""
+frozen batch norm, backbone weights, the text head and names added at test time, checkpoints
+(local and S3), and the real R101 size."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from torchvision.models.resnet import Bottleneck, ResNet
 from transformers.models.maskformer.modeling_maskformer import MaskFormerForInstanceSegmentationOutput
 
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
+from factory.core.vocab import VOC
 from segmenter.model import (
+    IGNORED_LOGIT,
     Segmenter,
     SegmenterModelConfig,
     batch_targets,
@@ -23,6 +26,7 @@ from segmenter.model import (
     save_segmenter_checkpoint,
     semantic_targets,
 )
+from segmenter.text import TEMPLATE, encode_class_names
 
 K = 20  # VOC classes; labels 0..20
 
@@ -101,6 +105,67 @@ def test_ignored_pixels_add_no_loss_and_no_gradient(monkeypatch):
     torch.testing.assert_close(loss_of(changed), loss.detach())
     changed[1, :, :, 2] = 50.0  # where it does say something
     assert not torch.isclose(loss_of(changed), loss.detach())
+
+
+SEEN_1 = [VOC.lookup(name).index for name in VOC.seen(1)]
+DOG = VOC.lookup("dog").index  # unseen in split 1
+
+
+def _text_model(seed: int = 0) -> Segmenter:
+    """A tiny text-head segmenter that knows split 1's seen classes, as an inductive run trains it."""
+    torch.manual_seed(seed)
+    model = Segmenter(SegmenterModelConfig.tiny(K + 1, head="text", text_encoder="tiny", text_template=TEMPLATE,
+                                                text_dim=32))
+    model.add_class_embeddings(SEEN_1, encode_class_names("tiny", VOC, VOC.seen(1)))
+    return model
+
+
+def test_text_head_logits_and_loss_over_known_classes():
+    model = _text_model().train()
+    assert model.known_classes == SEEN_1
+    masks, classes = batch_targets(_labels(), K + 1)  # classes 0, 3 and 7: seen in split 1
+    outputs = model(torch.randn(2, 3, 32, 32), masks, classes)
+    logits = outputs.class_queries_logits
+    assert logits.shape == (2, 8, K + 2)  # background, 20 classes, "no object": the closed head's layout
+    assert (logits[..., DOG] == IGNORED_LOGIT).all()  # a class never named is out of the prediction space
+    assert (logits[..., SEEN_1 + [0, K + 1]].abs() <= 100.01).all()  # cosine / 0.01 for the rest
+    outputs.loss.backward()
+    head = model.maskformer.class_predictor
+    assert head.projection.weight.grad is not None and head.background.grad is not None
+    assert not head.class_embeddings.requires_grad  # CLIP's embeddings stay frozen
+
+
+def test_an_unseen_name_added_at_test_time_enters_the_prediction_space():
+    model = _text_model().eval()
+    pixels = torch.randn(2, 3, 48, 40)
+    with torch.no_grad():
+        before = model.semantic_logits(pixels)
+    assert before.shape == (2, K + 1, 48, 40) and (before[:, DOG] == 0).all()
+    assert not (before.argmax(1) == DOG).any()
+
+    # The name "dog", embedded at test time, made to match query 0's segment embedding exactly.
+    with torch.no_grad():
+        hidden = model.maskformer.model(pixels[:1]).transformer_decoder_last_hidden_state
+        target = model.maskformer.class_predictor.projection(hidden)[0, 0]
+        model.add_class_embeddings([DOG], target[None])
+        after = model.semantic_logits(pixels[:1])
+        logits = model(pixels[:1]).class_queries_logits
+    assert DOG in model.known_classes and (after[:, DOG] > 0).all()
+    assert int(logits[0, 0].argmax()) == DOG  # cosine 1: the query now says "dog"
+    assert (logits[..., SEEN_1] > IGNORED_LOGIT).all()  # the seen classes stay in it
+
+    with pytest.raises(ValueError, match="only the text head takes class embeddings"):
+        _tiny().add_class_embeddings([DOG], target[None])
+
+
+def test_text_head_config_needs_its_fields():
+    with pytest.raises(ValueError, match="head 'text' needs text_encoder, text_template and text_dim"):
+        SegmenterModelConfig.tiny(K + 1, head="text", text_encoder="tiny")
+    with pytest.raises(ValueError, match="belong to head 'text'"):
+        SegmenterModelConfig.tiny(K + 1, text_dim=32)
+    old = SegmenterModelConfig.tiny(K + 1).model_dump(mode="json")
+    del old["head"], old["text_encoder"], old["text_template"], old["text_dim"]
+    assert SegmenterModelConfig.model_validate(old).head == "closed"  # checkpoints from before the text head
 
 
 def test_frozen_backbone_norm_keeps_statistics():
@@ -195,6 +260,15 @@ def test_checkpoint_round_trip_local(tmp_path):
     (Path(uri) / "checkpoint.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(CheckpointError, match="is not a segmenter-checkpoint/1"):
         load_segmenter_checkpoint(uri)
+
+
+def test_text_head_checkpoint_keeps_its_embeddings(tmp_path):
+    model = _text_model()
+    save_segmenter_checkpoint(str(tmp_path / "last"), model, None, METADATA)
+    loaded, _ = load_segmenter_checkpoint(str(tmp_path / "last"))
+    assert loaded.config.head == "text" and loaded.known_classes == SEEN_1
+    assert torch.equal(loaded.maskformer.class_predictor.class_embeddings,
+                       model.maskformer.class_predictor.class_embeddings)
 
 
 def test_checkpoint_round_trip_s3(bucket, s3_endpoint):

@@ -1,10 +1,12 @@
-"""Segmenter training: the transform, inductive and Model-D ignoring, the plan, the CLI's errors,
-and a Ray Train run with two workers that is then resumed.
+"""Segmenter training: the transform, inductive and Model-D ignoring, the plan, the zero-shot
+refusals, the text head's names, real and synthetic batches mixed, the CLI's errors, and a Ray
+Train run with two workers that is then resumed.
 
 The fixture datasets are written with pyarrow in the factory's format (the columns the
 segmenter reads, a manifest) rather than by running the factory: every sample shows a cat
 (label 8, seen in split 1) in the top-left quarter, a dog (12, unseen in split 1) in the
-bottom-right one, and an unsure band of 255 in the first row.
+bottom-right one, and an unsure band of 255 in the first row. Their manifest says who
+labelled them: by default a grounding annotator trained on split 1's seen classes.
 """
 
 from __future__ import annotations
@@ -19,15 +21,18 @@ import pyarrow.parquet as pq
 import pytest
 import safetensors.torch
 import torch
+import yaml
 from PIL import Image
 
+from factory.core.checkpoints import CheckpointError
 from factory.core.storage import open_location
 from factory.core.vocab import VOC
 from factory.dataset.codec import encode_image, encode_label
 from factory.dataset.schema import SCHEMA
-from factory.dataset.source import DatasetSource
+from factory.dataset.source import DatasetError, DatasetSource
 from jobs import train_segmenter
 from segmenter import model as segmenter_model
+from segmenter import text as segmenter_text
 from segmenter.data import (
     RealSamples,
     ignore_classes,
@@ -36,8 +41,15 @@ from segmenter.data import (
     train_transform,
     transform_synthetic,
 )
-from segmenter.model import load_segmenter_checkpoint
-from segmenter.train import SegmenterTrainConfig, prepare_training, training_dataset, vocabulary_json
+from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.train import (
+    SegmenterTrainConfig,
+    batch_parts,
+    mixed_batches,
+    prepare_training,
+    training_datasets,
+    vocabulary_json,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,7 +66,17 @@ def _label() -> np.ndarray:
     return label
 
 
-def make_synthetic(uri: str, split: int | None = 1, samples: int = 12) -> str:
+def labels_record(labeler: str | None, split: int | None = 1) -> dict | None:
+    """The manifest's "labels": an "annotator" trained on `split`'s seen classes, an "oracle"
+    trained on every class, or None (a manifest from before the record)."""
+    if labeler is None:
+        return None
+    trained = set(VOC.seen(split)) if labeler == "annotator" else set(VOC.names)
+    return {"labeler": labeler, "kind": labeler, "trained_split": split if labeler == "annotator" else None,
+            "trained": {name: name in trained for name in VOC.names}}
+
+
+def make_synthetic(uri: str, split: int | None = 1, samples: int = 12, labeler: str | None = "annotator") -> str:
     """A factory-format dataset at a local folder or s3:// prefix, in two Parquet parts."""
     location = open_location(uri)
     rng = np.random.default_rng(0)
@@ -72,19 +94,34 @@ def make_synthetic(uri: str, split: int | None = 1, samples: int = 12) -> str:
         files.append({"path": path, "rows": len(rows)})
     manifest = {"format": "dataset-factory/1", "name": "fixture", "recipe": {"vocabulary": "voc", "split": split},
                 "vocabulary": vocabulary_json(VOC), "files": files}
+    if labeler is not None:
+        manifest["labels"] = labels_record(labeler, split)
     location.write_bytes("manifest.json", json.dumps(manifest).encode())
     return uri
 
 
-def make_voc(root: Path, samples: int = 3) -> Path:
-    """A VOCdevkit/VOC2012 folder with the fixture's label maps (VOC border 255 included)."""
+def make_voc(root: Path, samples: int = 3, aug: int = 0) -> Path:
+    """A VOCdevkit/VOC2012 folder with the fixture's label maps (VOC border 255 included): train
+    lists `samples` images; with `aug`, SBD's SegmentationClassAug holds greyscale masks of
+    those and `aug` more, listed in train_aug, val lists one other image and trainval both."""
     ids = [f"2007_{i:06d}" for i in range(samples)]
+    extra = [f"2008_{i:06d}" for i in range(aug)]
     for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / folder).mkdir(parents=True)
-    for image_id in ids:
+    for image_id in ids + extra:
         Image.fromarray(np.full((SIZE, SIZE, 3), 128, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+    for image_id in ids:
         (root / "SegmentationClass" / f"{image_id}.png").write_bytes(encode_label(_label()))
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    if aug:
+        (root / "SegmentationClassAug").mkdir()
+        for image_id in ids + extra:
+            Image.fromarray(_label(), mode="L").save(root / "SegmentationClassAug" / f"{image_id}.png")
+        (root / "ImageSets" / "Segmentation" / "train_aug.txt").write_text("\n".join(ids + extra) + "\n")
+        Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(root / "JPEGImages" / "2009_000000.jpg")
+        (root / "SegmentationClass" / "2009_000000.png").write_bytes(encode_label(_label()))
+        (root / "ImageSets" / "Segmentation" / "val.txt").write_text("2009_000000\n")
+        (root / "ImageSets" / "Segmentation" / "trainval.txt").write_text("\n".join([*ids, "2009_000000"]) + "\n")
     return root
 
 
@@ -95,7 +132,7 @@ def synthetic(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def voc(tmp_path_factory) -> Path:
-    return make_voc(tmp_path_factory.mktemp("voc") / "VOC2012")
+    return make_voc(tmp_path_factory.mktemp("voc") / "VOC2012", aug=3)
 
 
 def test_transform_keeps_label_values_and_ignore():
@@ -164,12 +201,18 @@ def test_real_images_of_seen_classes_ignore_unseen_pixels(voc):
     assert (rows["label"] == 255).sum() == 2 * (SIZE + 16 * 16)
 
 
+TEXT_HEAD = {"head": "text", "text_encoder": "tiny"}
+
+
 def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
-    plan = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "a"), setting="inductive"))
+    plan = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "a"), setting="inductive",
+                                                 model=TEXT_HEAD))
     assert plan.split == 1 and plan.synthetic_rows == 12 and plan.unseen_indices() == UNSEEN_1
     assert plan.model.num_labels == 21 and plan.model.preset == "tiny" and not plan.resume
     metadata = plan.worker_config()["metadata"]
     assert metadata["seen"] == list(VOC.seen(1)) and metadata["vocabulary"]["name"] == "voc"
+    assert metadata["setting"] == "inductive" and metadata["zero_shot"] is True
+    assert metadata["data_labels"]["kind"] == "annotator"
 
     real = {"format": "voc", "root": str(voc), "split": "train"}
     plan = prepare_training(SegmenterTrainConfig(real=real, split=1, out=str(tmp_path / "d"), batch_size=2))
@@ -178,6 +221,119 @@ def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
     real_model = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "r"),
                                                        model={"preset": "real"})).model
     assert real_model.backbone_depths == [3, 4, 23, 3] and not real_model.frozen_backbone_norm
+
+
+def test_text_head_embeds_only_the_names_a_setting_trains_on(synthetic, tmp_path):
+    inductive = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "i"), setting="inductive",
+                                                      model=TEXT_HEAD))
+    assert inductive.model.head == "text" and inductive.model.text_encoder == "tiny"
+    assert list(inductive.class_embeddings) == list(VOC.seen(1))  # no unseen name before test time
+    assert inductive.model.text_dim == len(inductive.class_embeddings["cat"]) == 32
+    transductive = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "t"), model=TEXT_HEAD))
+    assert list(transductive.class_embeddings) == list(VOC.names)
+    assert transductive.class_embeddings["cat"] == inductive.class_embeddings["cat"]  # frozen CLIP: the same
+    closed = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "c")))
+    assert closed.model.head == "closed" and closed.class_embeddings is None
+
+
+def test_zero_shot_refuses_labels_from_a_labeler_trained_on_unseen_classes(tmp_path):
+    oracle = make_synthetic(str(tmp_path / "oracle"), labeler="oracle", samples=4)
+    config = {"data": oracle, "out": str(tmp_path / "ck"), "batch_size": 2}
+    expected = ("fixture: labels of unseen classes car, dog, sofa, train, tvmonitor (split 1) come from a labeler "
+                "trained on them; this is not zero-shot. Train on an annotated set, or pass --setting supervised "
+                "for an oracle upper bound")
+    with pytest.raises(DatasetError) as refused:
+        prepare_training(SegmenterTrainConfig(**config))
+    assert str(refused.value) == expected
+    with pytest.raises(DatasetError, match="not zero-shot"):
+        prepare_training(SegmenterTrainConfig(**config, setting="inductive", model=TEXT_HEAD))
+    plan = prepare_training(SegmenterTrainConfig(**config, setting="supervised"))  # an oracle upper bound, said so
+    assert plan.worker_config()["metadata"]["zero_shot"] is False and plan.data_labels["kind"] == "oracle"
+
+    # An annotator trained on split 1's seen classes labelled split 2's unseen person and horse.
+    annotated = make_synthetic(str(tmp_path / "annotated"), samples=4)
+    assert prepare_training(SegmenterTrainConfig(data=annotated, out=str(tmp_path / "a"), batch_size=2)).split == 1
+    with pytest.raises(DatasetError, match=r"unseen classes horse, motorbike, person, pottedplant, sheep \(split 2\)"):
+        prepare_training(SegmenterTrainConfig(data=annotated, out=str(tmp_path / "a"), batch_size=2, split=2))
+    # With no split, evaluation may score any: every split's unseen classes count.
+    no_split = make_synthetic(str(tmp_path / "no-split"), split=None, labeler="oracle", samples=4)
+    with pytest.raises(DatasetError, match=r"\(the splits; no split is set\)"):
+        prepare_training(SegmenterTrainConfig(data=no_split, out=str(tmp_path / "n"), batch_size=2))
+    older = make_synthetic(str(tmp_path / "older"), labeler=None, samples=4)
+    with pytest.raises(DatasetError, match="does not record which labeler was trained on which class"):
+        prepare_training(SegmenterTrainConfig(data=older, out=str(tmp_path / "o"), batch_size=2))
+
+
+def _save_init(uri: Path, setting: str, split: int | None, head: str = "closed") -> str:
+    text = {"head": "text", "text_encoder": "tiny", "text_template": "{}", "text_dim": 32} if head == "text" else {}
+    model = Segmenter(SegmenterModelConfig.tiny(21, **text))
+    save_segmenter_checkpoint(str(uri), model, None, {"iteration": 1, "vocabulary": vocabulary_json(VOC),
+                                                      "setting": setting, "split": split})
+    return str(uri)
+
+
+def test_init_must_have_the_runs_setting_head_and_split(synthetic, tmp_path):
+    def refusal(init: str, **config) -> str:
+        with pytest.raises(CheckpointError) as refused:
+            prepare_training(SegmenterTrainConfig(data=synthetic, init=init, out=str(tmp_path / "ck"), **config))
+        return str(refused.value)
+
+    oracle_c = _save_init(tmp_path / "oracle-c", "supervised", 1)
+    assert "was trained supervised; a transductive run must start from a transductive checkpoint" in refusal(oracle_c)
+    zero_shot_c = _save_init(tmp_path / "c", "transductive", 2)
+    assert "trained for split 2, so the unseen classes of split 1 are not zero-shot for it" in refusal(zero_shot_c)
+    assert "has the closed head; set model.head: closed" in refusal(zero_shot_c, model=TEXT_HEAD)
+    text_c = _save_init(tmp_path / "text-c", "transductive", 1, head="text")
+    plan = prepare_training(SegmenterTrainConfig(data=synthetic, init=text_c, out=str(tmp_path / "d"),
+                                                 model=TEXT_HEAD))
+    assert plan.model.head == "text" and plan.class_embeddings is None  # the init brings its own
+
+
+def test_real_fraction_sets_every_batch(synthetic, voc, tmp_path):
+    real = {"format": "voc_aug", "root": str(voc), "split": "train_aug"}
+    config = SegmenterTrainConfig(data=synthetic, real=real, real_fraction=0.25, out=str(tmp_path / "d"),
+                                  batch_size=8, num_workers=2)
+    plan = prepare_training(config)
+    assert plan.real_rows == 6 and plan.synthetic_rows == 12  # SBD's train_aug, not VOC's train
+    assert batch_parts(config, 2) == {"synthetic": 3, "real": 1}
+    assert batch_parts(config.model_copy(update={"real_fraction": 0.5}), 1) == {"synthetic": 4, "real": 4}
+
+    class Shard:
+        """A worker's shard of `rows` rows whose labels say where they come from."""
+        def __init__(self, value: int, rows: int):
+            self.value, self.rows, self.passes = value, rows, 0
+
+        def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size):
+            self.passes += 1
+            for _ in range(self.rows // batch_size):
+                yield {"image": torch.zeros(batch_size, 2, 2, 3, dtype=torch.uint8),
+                       "label": torch.full((batch_size, 2, 2), self.value, dtype=torch.uint8)}
+
+    shards = {"synthetic": Shard(1, 6), "real": Shard(2, 1)}  # a real shard far smaller than the synthetic one
+    steps = mixed_batches(shards, batch_parts(config, 2), rank=0)
+    for _ in range(5):
+        images, labels = next(steps)
+        assert images.shape == (4, 2, 2, 3) and labels[:, 0, 0].tolist() == [1, 1, 1, 2]
+    assert shards["real"].passes == 5 and shards["synthetic"].passes == 3  # each read again as it runs out
+    with pytest.raises(DatasetError, match="worker 0's real data shard holds fewer than 1 rows"):
+        next(mixed_batches({"synthetic": Shard(1, 6), "real": Shard(2, 0)}, {"synthetic": 3, "real": 1}, rank=0))
+
+
+def test_recipes_claim_zero_shot_only_on_annotated_sets():
+    """Each segmenter recipe's data is the output of the build recipe of the same name: a zero-shot
+    setting must train on a set labelled by the grounding annotator, an oracle set says
+    "supervised"; the README's Protocol-II table has a row per recipe."""
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("## Segmenter: Protocol-II"):readme.index("## Operations")]
+    for path in sorted((REPO / "jobs" / "recipes" / "segmenter").glob("*.yaml")):
+        config = SegmenterTrainConfig.model_validate(yaml.safe_load(path.read_text()))
+        build = yaml.safe_load((REPO / "jobs" / "recipes" / f"{config.data.rsplit('/', 1)[-1]}.yaml").read_text())
+        annotated = bool((build.get("annotator") or {}).get("checkpoint"))
+        assert annotated == (config.setting != "supervised"), path.name
+        assert f"| `{path.stem}`" in table, f"{path.stem} has no row in the README's Protocol-II table"
+    model_d = SegmenterTrainConfig.model_validate(
+        yaml.safe_load((REPO / "jobs" / "recipes" / "segmenter" / "model-d.yaml").read_text()))
+    assert model_d.real.format == "voc_aug" and model_d.real_fraction and model_d.data.endswith("voc-synthetic-mixture")
 
 
 def _cli_error(capsys, *args: str) -> str:
@@ -191,6 +347,7 @@ def test_cli_one_line_errors_before_any_model(tmp_path, synthetic, voc, capsys, 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
     monkeypatch.setattr(segmenter_model, "MaskFormerForInstanceSegmentation", no_model)
+    monkeypatch.setattr(segmenter_text, "load_clip", no_model)
     out = ["--out", str(tmp_path / "ck")]
     data = ["--data", synthetic]
     assert "no dataset at" in _cli_error(capsys, "--data", str(tmp_path / "missing"), *out)
@@ -198,12 +355,28 @@ def test_cli_one_line_errors_before_any_model(tmp_path, synthetic, voc, capsys, 
     assert "unknown config" in _cli_error(capsys, "--config", "nope")
     assert "not divisible" in _cli_error(capsys, *data, "--batch-size", "3", "--num-workers", "2", *out)
     assert "unknown split 7" in _cli_error(capsys, *data, "--split", "7", *out)
-    assert "fewer than batch_size" in _cli_error(capsys, *data, "--batch-size", "64", *out)
+    assert "12 synthetic training samples are fewer than the 64 that each step of batch_size 64" in _cli_error(
+        capsys, *data, "--batch-size", "64", *out)
 
-    no_split = make_synthetic(str(tmp_path / "no-split"), split=None, samples=4)
-    assert "pass --split" in _cli_error(capsys, "--data", no_split, "--setting", "inductive", *out)
+    text = ["--model.head", "text", "--model.text-encoder", "tiny"]
+    no_split = make_synthetic(str(tmp_path / "no-split"), split=None, samples=4, labeler="oracle")
+    assert "pass --split" in _cli_error(capsys, "--data", no_split, "--setting", "inductive", *text, *out)
+    assert ("setting inductive needs model.head text: a closed-set head trains no output for the unseen classes it "
+            "ignores, so it could never predict them") in _cli_error(capsys, *data, "--setting", "inductive", *out)
+    assert "model.head text needs model.text_encoder" in _cli_error(capsys, *data, "--model.head", "text", *out)
+    oracle = make_synthetic(str(tmp_path / "oracle"), labeler="oracle", samples=4)
+    assert "come from a labeler trained on them; this is not zero-shot" in _cli_error(
+        capsys, "--data", oracle, "--setting", "transductive", *out)
+    real = ["--real", f"{{format: voc_aug, root: {voc}, split: train_aug}}"]
+    assert "set real_fraction, the share of every batch that is real images" in _cli_error(capsys, *data, *real, *out)
+    assert "real_fraction 0.3 of the 4 samples each worker takes per step is not a whole number from 1 to 3" in (
+        _cli_error(capsys, *data, *real, "--real-fraction", "0.3", *out))
+    assert "real_fraction mixes data and real" in _cli_error(capsys, *data, "--real-fraction", "0.5", *out)
+    assert "real voc trainval lists 1 images of VOC val, the evaluation set (first: 2009_000000)" in _cli_error(
+        capsys, *data, "--real", f"{{format: voc, root: {voc}, split: trainval}}", "--real-fraction", "0.5", *out)
     assert "VOC root not found" in _cli_error(
-        capsys, *data, "--real", f"{{format: voc, root: {tmp_path / 'nowhere'}, split: train}}", *out)
+        capsys, *data, "--real", f"{{format: voc, root: {tmp_path / 'nowhere'}, split: train}}", "--real-fraction",
+        "0.5", *out)
     assert "no readable checkpoint" in _cli_error(capsys, *data, "--init", str(tmp_path / "none"), *out)
     assert "model not found" in _cli_error(capsys, *data, "--model.preset", "real", "--model.backbone-weights",
                                            str(tmp_path / "r101.safetensors"), *out)
@@ -213,8 +386,10 @@ def test_cli_one_line_errors_before_any_model(tmp_path, synthetic, voc, capsys, 
 @pytest.mark.slow
 def test_training_rows_of_synthetic_and_real_images(ray_cluster, synthetic, voc, tmp_path):
     config = SegmenterTrainConfig(data=synthetic, real={"format": "voc", "root": str(voc), "split": "train"},
-                                  readers=1, out=str(tmp_path / "ck"), crop_size=16, setting="inductive")
-    rows = training_dataset(prepare_training(config)).take_all()
+                                  real_fraction=0.5, batch_size=4, readers=1, out=str(tmp_path / "ck"), crop_size=16,
+                                  setting="inductive", model=TEXT_HEAD)
+    datasets = training_datasets(prepare_training(config))
+    rows = datasets["synthetic"].take_all() + datasets["real"].take_all()
     assert len(rows) == 12 + 3
     assert {r["image"].shape for r in rows} == {(16, 16, 3)} and {r["label"].shape for r in rows} == {(16, 16)}
     assert DOG not in set(np.unique([r["label"] for r in rows]).tolist())
@@ -225,7 +400,8 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     data = make_synthetic(f"s3://{bucket}/datasets/fixture")  # read by Ray Data from S3
     out = tmp_path / "ck"
     args = ["--data", data, "--out", str(out), "--num-workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "4",
-            "--crop-size", str(SIZE), "--setting", "inductive", "--checkpoint-every", "1", "--log-every", "1"]
+            "--crop-size", str(SIZE), "--setting", "inductive", "--model.head", "text", "--model.text-encoder", "tiny",
+            "--checkpoint-every", "1", "--log-every", "1"]
     assert train_segmenter.main([*args, "--iterations", "2"]) == 0
     assert "iterations 2 run now; 2 done" in capsys.readouterr().out
     assert {p.name for p in (out / "last").iterdir()} == {
@@ -234,6 +410,9 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     assert first["iteration"] == 2 and first["resumed_from"] == 0 and [e["iteration"] for e in first["log"]] == [1, 2]
     assert all(np.isfinite(e["loss"]) and e["iterations_per_second"] > 0 for e in first["log"])
     assert first["setting"] == "inductive" and first["split"] == 1 and first["unseen"] == list(VOC.unseen(1))
+    assert first["zero_shot"] is True and first["data_labels"]["kind"] == "annotator"
+    assert first["text_classes"] == list(VOC.seen(1)) and model.known_classes == sorted(
+        VOC.lookup(name).index for name in VOC.seen(1))  # the unseen names wait for evaluation
     assert first["vocabulary"]["name"] == "voc" and model.config.num_labels == 21
     assert first["optimizer"]["state"]["0"]["step"] == 2
     optimizer_before = safetensors.torch.load_file(out / "last" / "optimizer-00000002.safetensors")
