@@ -90,7 +90,7 @@ def run(*, train: int, val: int, test: int, epochs: int, seed: int, work: Path) 
     summary = run_training(prepare_training(config))
     trained = time.perf_counter()
 
-    options = GroundingEvalOptions(checkpoint=summary.best, data=str(work / "test"), splits=[SPLIT])
+    options = GroundingEvalOptions(checkpoints={SPLIT: summary.best}, data=str(work / "test"))
     report = run_evaluation(prepare_evaluation(options))
     done = time.perf_counter()
     return Report(train=train, val=val, test=test, epochs=epochs, best_epoch=summary.best_epoch,

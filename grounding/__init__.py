@@ -4,7 +4,8 @@ training on triplets of seen classes (Ray Train), its checkpoints, and Protocol-
 from factory.core.exports import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "checkpoint": ("load_grounding_checkpoint", "read_grounding_metadata", "save_grounding_checkpoint"),
+    "checkpoint": ("check_generation", "load_grounding_checkpoint", "read_grounding_metadata",
+                   "save_grounding_checkpoint", "training_generation"),
     "config": ("GroundingModelConfig",),
     "data": ("Featurizer", "TextConfig", "TripletSource"),
     "evaluate": ("GroundingEvalOptions", "ProtocolIAccumulator", "prepare_evaluation", "run_evaluation"),

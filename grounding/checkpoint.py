@@ -2,20 +2,36 @@
 (``factory.core.checkpoints``); reading one never imports a trainer.
 
 Besides the weights, checkpoint.json holds what the module was trained on: the epoch and
-metrics, the model and text config, the generator, the capture step and the vocabulary of
-its training data, and the trained classes.
+metrics, the model and text config, the capture layout and vocabulary of its training data,
+the trained classes, and "generation": how the training images were made (generator model,
+total denoising steps, capture step, guidance scale, prompt templates). Annotation and
+Protocol-I compare that record with the images they give the module (``check_generation``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from factory.core.checkpoints import METADATA_FILE, is_intact, read_checkpoint_metadata, read_tensors, save_checkpoint
+from factory.core.checkpoints import (
+    METADATA_FILE,
+    CheckpointError,
+    is_intact,
+    read_checkpoint_metadata,
+    read_tensors,
+    save_checkpoint,
+)
 from factory.core.storage import Location
 from grounding.config import GroundingModelConfig
 from grounding.model import GroundingModule
 
 FORMAT = "grounding-checkpoint/2"
+
+# Fields of "generation" that decide which U-Net features the module reads: the model, and
+# which denoising call of how many (the timestep schedule depends on the total). A use that
+# differs in one of them gives the module features it never saw, and is refused.
+FEATURE_FIELDS = {"model": "generator model", "steps": "total steps", "capture_step": "capture step"}
+# Fields that change how the images and prompts look, not how features are made: warned about.
+OTHER_FIELDS = {"guidance_scale": "guidance scale", "prompts": "prompt template"}
 
 
 def save_grounding_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Optimizer | None,
@@ -35,6 +51,33 @@ def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
     module = GroundingModule(GroundingModelConfig.model_validate(metadata["model"]))
     module.load_state_dict(read_tensors(uri, metadata, "model"))
     return module.eval(), metadata
+
+
+def training_generation(uri: str, metadata: dict) -> dict:
+    """The "generation" of a checkpoint's training data; CheckpointError for a checkpoint
+    written before checkpoints recorded it (nothing would then show a mismatch of total steps)."""
+    if "generation" not in metadata:
+        raise CheckpointError(f"{uri} does not record how its training data was generated (total steps, "
+                              f"guidance scale, prompt templates): it predates that record; retrain it")
+    return metadata["generation"]
+
+
+def check_generation(trained: dict, used: dict) -> tuple[list[str], list[str]]:
+    """Differences between the generation a checkpoint was trained on and the one it is used
+    on, each as "<field> <trained> vs <used>": those of FEATURE_FIELDS (the caller refuses) and
+    those of OTHER_FIELDS (the caller warns)."""
+    def changed(fields: dict[str, str]) -> list[str]:
+        out = []
+        for key, name in fields.items():
+            ours, theirs = trained[key], used[key]
+            if isinstance(ours, dict):  # the prompt templates, each by its own name
+                out += [f"{name} {k} {ours.get(k)!r} vs {theirs.get(k)!r}"
+                        for k in sorted({*ours, *theirs}) if ours.get(k) != theirs.get(k)]
+            elif ours != theirs:
+                out.append(f"{name} {ours!r} vs {theirs!r}")
+        return out
+
+    return changed(FEATURE_FIELDS), changed(OTHER_FIELDS)
 
 
 def resume_point(location: Location) -> tuple[str, dict] | None:

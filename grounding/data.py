@@ -1,8 +1,10 @@
 """Triplet rows -> grounding module inputs; shared by training, evaluation and annotation.
 
 A triplet dataset is a factory build with U-Net capture on (README, "Output"): each row
-holds a prompt, its classes, one oracle mask per class, and either the U-Net features
-(``features_<r>`` columns, fp16) or the latent they come from (``latent`` + ``timestep``).
+holds a prompt, its classes, one oracle mask per class, the label map (no loss and no
+metric counts its 255 pixels: the labeler's unsure band, or all it left unclaimed), and
+either the U-Net features (``features_<r>`` columns, fp16) or the latent they come from
+(``latent`` + ``timestep``).
 ``TripletSource`` reads the dataset; ``Featurizer`` owns the frozen Stable Diffusion
 parts (tokenizer, text encoder and, for latent datasets, the U-Net) and turns a table
 of rows into a ``Batch``.
@@ -21,16 +23,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
-from factory.core.conventions import is_held_out
+from factory.core.conventions import IGNORE, is_held_out
 from factory.core.devices import pick_dtype
 from factory.core.options import check_template
-from factory.dataset.codec import decode_png
+from factory.dataset.codec import decode_label, decode_png
 from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
 from factory.diffusion.pipelines import encode_texts, load_pipeline
 from factory.diffusion.tokens import class_embeddings, class_token_positions
 
-ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found"]
+ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found", "label"]
 
 
 class TextConfig(BaseModel):
@@ -94,6 +96,15 @@ class TripletSource(DatasetSource):
         return self.recipe["generator"]["model"]
 
     @property
+    def generation(self) -> dict:
+        """How the images were made, as a grounding checkpoint records its training data's
+        (``grounding.checkpoint.check_generation``): model, total steps, capture step, guidance
+        scale and prompt templates."""
+        generator = self.recipe["generator"]
+        return {"model": generator["model"], "steps": generator["steps"], "capture_step": self.capture_step,
+                "guidance_scale": generator["guidance_scale"], "prompts": self.recipe["prompts"]}
+
+    @property
     def image_size(self) -> tuple[int, int]:
         return self.recipe["generator"]["height"], self.recipe["generator"]["width"]
 
@@ -108,7 +119,7 @@ class TripletSource(DatasetSource):
 
     @property
     def columns(self) -> list[str]:
-        """What a Featurizer reads (images and label maps are left on disk)."""
+        """What a Featurizer reads (images are left on disk)."""
         return ROW_COLUMNS + self.feature_columns
 
 
@@ -130,6 +141,7 @@ class Batch:
     class_indices: Tensor  # (B, O) vocabulary label index per slot, 0 for padding
     targets: Tensor  # (B, O, H, W) float oracle masks
     valid: Tensor  # (B, O) slots the loss and the metrics count
+    ignore: Tensor  # (B, H, W) pixels 255 in the label map: neither positive nor negative for any slot
 
     def to(self, device: torch.device | str) -> "Batch":
         tensors = {f.name: getattr(self, f.name).to(device) for f in fields(self) if f.name != "features"}
@@ -196,6 +208,10 @@ class Featurizer:
         found = rows.column("found").to_pylist()
         embeddings, class_mask = text_class_embeddings(self.pipe, self.text, prompts, words)
         masks = [[decode_png(m["bytes"]).astype(bool) for m in row] for row in rows.column("masks").to_pylist()]
+        # 255 in the label map (an instance in the unsure band; every unclaimed pixel when a class
+        # was not found) is neither a class nor background: no class's target counts those pixels.
+        labels = rows.column("label").to_pylist()
+        ignore = torch.from_numpy(np.stack([decode_label(label) == IGNORE for label in labels]))
         height, width = masks[0][0].shape
         targets = torch.zeros(len(masks), class_mask.shape[1], height, width)
         valid = torch.zeros(class_mask.shape, dtype=torch.bool)
@@ -206,4 +222,4 @@ class Featurizer:
                                and not (self.ignore_empty and not mask.any()))
         return Batch(features=self.features(rows), class_embeddings=embeddings, class_mask=class_mask,
                      class_indices=_padded(rows.column("class_indices").to_pylist(), 0, torch.long),
-                     targets=targets, valid=valid).to(self.device)
+                     targets=targets, valid=valid, ignore=ignore).to(self.device)

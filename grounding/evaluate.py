@@ -5,11 +5,15 @@ its prompt names and whether they are seen in that split:
 
     one/seen   one/unseen   two/seen   two/seen+unseen   two/unseen
 
+As in the paper, each split has a module of its own, trained on that split's seen classes:
+a split is scored only with its module, a module that saw the split's unseen classes is
+refused, and the Average over the splits is reported only when all of them have a module.
+
 Per group and class the accumulator sums intersection and union pixel counts over all
 samples (exact integers, so accumulators of any partition of the test set merge into the
-same totals); a class's IoU is its intersection over its union, and a group's mIoU is the
-mean IoU over its classes with a non-empty union. Values are reported in percent, as in
-the paper's tables. The metric code takes predictions and oracle masks as bool arrays;
+same totals), leaving out pixels the label map marks 255; a class's IoU is its intersection
+over its union, and a group's mIoU is the mean IoU over its classes with a non-empty union.
+Values are reported in percent, as in the paper's tables. The metric code takes predictions and oracle masks as bool arrays;
 ``EvalStage`` is the Ray actor that makes them with a module and with DAAM, and
 ``prepare_evaluation`` / ``run_evaluation`` drive it over a test set
 (``jobs/eval_grounding.py``): the batches are fixed by the driver and the counts are
@@ -24,7 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
@@ -34,8 +39,14 @@ from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.diffusion.clip import select_top_fraction
 from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
 from factory.diffusion.features import from_fp16_bytes
-from grounding.checkpoint import load_grounding_checkpoint, read_grounding_metadata
-from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.checkpoint import (
+    check_generation,
+    load_grounding_checkpoint,
+    read_grounding_metadata,
+    training_generation,
+)
+from grounding.data import Batch, Featurizer, TextConfig, TripletSource, text_class_embeddings
+from grounding.model import GroundingModule
 
 GROUPS = ("one/seen", "one/unseen", "two/seen", "two/seen+unseen", "two/unseen")
 COLUMN_TITLES = ("One/Seen", "One/Unseen", "Two/Seen", "Two/Seen+Unseen", "Two/Unseen")
@@ -72,21 +83,29 @@ class ProtocolIAccumulator:
         self.pixels: dict[tuple[int, str], dict[str, list[int]]] = {(k, g): {} for k in self.splits for g in GROUPS}
         self.samples: dict[tuple[int, str], int] = {(k, g): 0 for k in self.splits for g in GROUPS}
 
-    def add(self, classes: Sequence[str], predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
-        """One sample: its class names, bool (O, H, W) predicted and oracle masks, and (O,) valid
-        slots (only those count; the sample still files into the group all its classes make).
-        A sample counts in a group's `samples` when at least one of its classes is valid."""
+    def add(self, classes: Sequence[str], predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray,
+            ignore: np.ndarray | None = None, *, splits: Sequence[int] | None = None) -> None:
+        """One sample: its class names, bool (O, H, W) predicted and oracle masks, (O,) valid
+        slots (only those count; the sample still files into the group all its classes make)
+        and (H, W) pixels to ignore (255 in the label map: counted in no intersection or union).
+        A sample counts in a group's `samples` when at least one of its classes is valid.
+        `splits`: the splits these predictions are scored for (default: all of this accumulator's),
+        when each split has a module of its own."""
         predicted, truth, valid = np.asarray(predicted, bool), np.asarray(truth, bool), np.asarray(valid, bool)
-        if not (predicted.shape == truth.shape and predicted.ndim == 3
+        counted = np.ones(truth.shape[1:], bool) if ignore is None else ~np.asarray(ignore, bool)
+        if not (predicted.shape == truth.shape and predicted.ndim == 3 and counted.shape == truth.shape[1:]
                 and predicted.shape[0] == len(classes) == valid.shape[0] and valid.ndim == 1):
-            raise ValueError(f"{len(classes)} classes need (O, H, W) masks and (O,) valid with O={len(classes)}; "
-                             f"got predicted {predicted.shape}, truth {truth.shape}, valid {valid.shape}")
+            raise ValueError(f"{len(classes)} classes need (O, H, W) masks, (O,) valid and (H, W) ignore with "
+                             f"O={len(classes)}; got predicted {predicted.shape}, truth {truth.shape}, "
+                             f"valid {valid.shape}, ignore {counted.shape}")
+        if splits is not None and not set(splits) <= set(self.splits):
+            raise ValueError(f"splits {list(splits)} are not all among this accumulator's {list(self.splits)}")
         if not valid.any():
             return
         names = [self.vocabulary.lookup(name).name for name in classes]
-        intersection = np.count_nonzero(predicted & truth, axis=(1, 2))
-        union = np.count_nonzero(predicted | truth, axis=(1, 2))
-        for split in self.splits:
+        intersection = np.count_nonzero(predicted & truth & counted, axis=(1, 2))
+        union = np.count_nonzero((predicted | truth) & counted, axis=(1, 2))
+        for split in self.splits if splits is None else splits:
             group = group_of(names, self._unseen[split])
             if group is None:
                 continue
@@ -130,8 +149,9 @@ class ProtocolIAccumulator:
 
     def result(self) -> dict:
         """Per split and group: mIoU (percent, None when no class has a non-empty union), the
-        per-class IoUs (percent, classes in vocabulary order) and the sample count; "mean" is
-        each group's mIoU averaged over the splits, None unless every split has one."""
+        per-class IoUs (percent, classes in vocabulary order) and the sample count. "average" is
+        the paper's Average: each group's mIoU averaged over all the vocabulary's splits (None for
+        a group that some split has no mIoU for); None when this accumulator lacks a split."""
         splits = {}
         for k in self.splits:
             groups = {}
@@ -142,11 +162,13 @@ class ProtocolIAccumulator:
                 groups[g] = {"miou": sum(iou.values()) / len(iou) if iou else None, "iou": iou,
                              "samples": self.samples[k, g]}
             splits[str(k)] = groups
-        mean = {}
-        for g in GROUPS:
-            values = [splits[str(k)][g]["miou"] for k in self.splits]
-            mean[g] = None if None in values else sum(values) / len(values)
-        return {"vocabulary": self.vocabulary.name, "splits": splits, "mean": mean}
+        average = None
+        if set(self.splits) == set(range(1, len(self.vocabulary.unseen_splits) + 1)):
+            average = {}
+            for g in GROUPS:
+                values = [splits[str(k)][g]["miou"] for k in self.splits]
+                average[g] = None if None in values else sum(values) / len(values)
+        return {"vocabulary": self.vocabulary.name, "splits": splits, "average": average}
 
 
 def _cell(value: float | None) -> str:
@@ -155,12 +177,13 @@ def _cell(value: float | None) -> str:
 
 def format_table(results_by_method: dict[str, dict]) -> str:
     """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
-    their mean), one column per group; empty groups print as "-"."""
+    their Average when every split was evaluated), one column per group; empty groups print as "-"."""
     header = ["Method", "Split", *COLUMN_TITLES]
     rows = []
     for method, result in results_by_method.items():
         lines = [(k, groups) for k, groups in result["splits"].items()]
-        lines.append(("mean", {g: {"miou": result["mean"][g]} for g in GROUPS}))
+        if result["average"] is not None:
+            lines.append(("Average", {g: {"miou": result["average"][g]} for g in GROUPS}))
         for n, (split, groups) in enumerate(lines):
             rows.append([method if n == 0 else "", split, *(_cell(groups[g]["miou"]) for g in GROUPS)])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
@@ -178,20 +201,23 @@ DAAM = "DAAM"
 
 
 class EvalStage:
-    """Ray Data actor: the module and the frozen Stable Diffusion parts, loaded once.
+    """Ray Data actor: each split's module and the frozen Stable Diffusion parts, loaded once.
 
-    Each call gets batches of row positions and returns, per batch, the JSON of a
-    module accumulator and of a DAAM one (empty when DAAM is skipped).
+    Each call gets batches of row positions and returns, per batch, the JSON of a module
+    accumulator (each split's counts made by that split's module, on the same features) and
+    of a DAAM one (empty when DAAM is skipped).
     """
 
-    def __init__(self, checkpoint: str, data: str, splits: list[int], daam_threshold: float | None):
+    def __init__(self, checkpoints: dict[int, str], data: str, daam_threshold: float | None):
         device = pick_device()
-        module, metadata = load_grounding_checkpoint(checkpoint)
-        self.module = module.to(device)
+        self.modules: dict[int, tuple[GroundingModule, TextConfig]] = {}  # split -> module, its text config
+        for split, uri in sorted(checkpoints.items()):
+            module, metadata = load_grounding_checkpoint(uri)
+            self.modules[split] = module.to(device), TextConfig.model_validate(metadata["text"])
+        self.splits = list(self.modules)
         self.source = TripletSource.open(data)
-        self.featurizer = Featurizer(self.source, TextConfig.model_validate(metadata["text"]), ignore_empty=True,
-                                     device=device)
-        self.splits, self.daam_threshold = splits, daam_threshold
+        self.featurizer = Featurizer(self.source, self.modules[self.splits[0]][1], ignore_empty=True, device=device)
+        self.daam_threshold = daam_threshold
         self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -204,35 +230,48 @@ class EvalStage:
 
     def _evaluate(self, rows) -> tuple[ProtocolIAccumulator, ProtocolIAccumulator | None]:
         vocabulary = self.source.vocabulary
-        inputs = self.featurizer(rows)
-        predicted = self.module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).cpu().numpy()
+        inputs = self.featurizer(rows)  # the U-Net features and oracle targets serve every split's module
+        predicted = {split: module.predict(inputs.features, *self._class_embeddings(rows, inputs, text)).cpu().numpy()
+                     for split, (module, text) in self.modules.items()}
         truth, valid = inputs.targets.bool().cpu().numpy(), inputs.valid.cpu().numpy()
+        ignore = inputs.ignore.cpu().numpy()
         module_acc = ProtocolIAccumulator(vocabulary, self.splits)
         daam_acc = ProtocolIAccumulator(vocabulary, self.splits) if self.daam_threshold is not None else None
         heatmaps = rows.column("daam").to_pylist() if daam_acc else None
         for i, classes in enumerate(rows.column("classes").to_pylist()):
             n = len(classes)
-            module_acc.add(classes, predicted[i, :n], truth[i, :n], valid[i, :n])
+            for split, masks_of_split in predicted.items():
+                module_acc.add(classes, masks_of_split[i, :n], truth[i, :n], valid[i, :n], ignore[i], splits=[split])
             if daam_acc:
                 maps = np.stack([from_fp16_bytes(m, self.source.shapes["daam"]) for m in heatmaps[i]])
+                # DAAM's expand_as: bicubic from the latent grid to the oracle masks' (image) size, min-max, > tau
                 masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
-                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n])
+                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n], ignore[i])
         return module_acc, daam_acc
 
+    def _class_embeddings(self, rows, inputs: Batch, text: TextConfig) -> tuple[Tensor, Tensor]:
+        """Class embeddings and mask for a module: the featurizer's when it reads the same text."""
+        if text == self.featurizer.text:
+            return inputs.class_embeddings, inputs.class_mask
+        return text_class_embeddings(self.featurizer.pipe, text, rows.column("prompt").to_pylist(),
+                                     rows.column("class_words").to_pylist())
 
-FORMAT = "protocol-i-results/1"
+
+FORMAT = "protocol-i-results/2"
 MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
-_CHECKPOINT_KEYS = ("model", "text", "generator", "capture", "vocabulary", "classes")
+_CHECKPOINT_KEYS = ("model", "text", "capture", "vocabulary", "classes")
 
 
 class GroundingEvalOptions(BaseModel):
     """The options of a Protocol-I evaluation (``jobs/eval_grounding.py``)."""
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    checkpoint: str = Field(description="grounding checkpoint folder (local or s3://), e.g. <training out>/best")
+    checkpoints: dict[int, str] = Field(
+        min_length=1, strict=False, description="one grounding checkpoint folder (local or s3://) per seen/unseen "
+        "split, trained on that split's seen classes, as a YAML mapping: '{1: URI, 2: URI, 3: URI}'; each split "
+        "is scored with its own module, and the paper's Average needs all three")
     data: str = Field(description="triplet test set (local or s3://)")
     out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
-    splits: list[int] = Field([1, 2, 3], min_length=1, description="seen/unseen splits")
     daam_threshold: float = Field(DAAM_THRESHOLD, ge=0.0, le=1.0,
                                   description="DAAM heat-map threshold (Tang et al.'s; heat maps are normalised)")
     batch_size: int = Field(8, ge=1, description="rows per module call")
@@ -243,13 +282,21 @@ class GroundingEvalOptions(BaseModel):
                                        "quality: keep this best fraction by the CLIP quality score (the follow-up "
                                        "paper keeps 0.8; needs a build with quality.model)")
 
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _per_split(cls, value):
+        if isinstance(value, str):  # one checkpoint for every split: what the paper does not do
+            # pydantic turns a ValueError (not a TypeError) into the option's one-line error
+            raise ValueError(f"one checkpoint per split, as a mapping: '{{1: URI, 2: URI, 3: URI}}' "  # noqa: TRY004
+                             f"(got {value!r})")
+        return value
+
 
 @dataclass
 class EvalPlan:
-    checkpoint: str
+    checkpoints: dict[int, str]  # split -> checkpoint URI, splits in order
     data: str
     out: str | None
-    splits: list[int]
     vocabulary: str
     daam_threshold: float | None  # None: the dataset has no heat maps, DAAM is skipped
     batches: list[list[int]]  # row positions of each module call, fixed here
@@ -274,43 +321,60 @@ def select_test_rows(source: TripletSource, min_score: float | None, keep_qualit
     return [int(i) for i in np.flatnonzero(keep)]
 
 
-def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
-    """Every check that needs no model; raises a FactoryError (one line) on bad input."""
-    checkpoint, data = absolute_uri(args.checkpoint), absolute_uri(args.data)
-    metadata = read_grounding_metadata(checkpoint)
+def _check_checkpoint(split: int, uri: str, metadata: dict, source: TripletSource) -> list[str]:
+    """One split's checkpoint against the test set: refuses (one line) a module that cannot read
+    these features or that saw the split's unseen classes; returns the notes to print."""
     missing = [key for key in _CHECKPOINT_KEYS if key not in metadata]
     if missing:
-        raise EvalError(f"{checkpoint} lacks {', '.join(missing)} in its checkpoint.json")
-    source = TripletSource.open(data)
+        raise EvalError(f"{uri} lacks {', '.join(missing)} in its checkpoint.json")
     vocabulary = source.vocabulary
-    for what, trained, tested in (("generator", metadata["generator"], source.generator),
-                                  ("capture step", metadata["capture"].get("steps_remaining"), source.capture_step),
-                                  ("vocabulary", metadata["vocabulary"]["name"], vocabulary.name)):
-        if trained != tested:
-            raise EvalError(f"{data} was made with {what} {tested}, the checkpoint's training data with {trained}")
+    if metadata["vocabulary"]["name"] != vocabulary.name:
+        raise EvalError(f"{source.uri} was made with vocabulary {vocabulary.name}, the training data of {uri} "
+                        f"with {metadata['vocabulary']['name']}")
+    features, others = check_generation(training_generation(uri, metadata), source.generation)
+    if features:
+        raise EvalError(f"{source.uri} does not have the features {uri} (split {split}) was trained on: "
+                        f"{'; '.join(features)} (its training data vs the test set)")
     height, width = source.image_size
     if not metadata["model"]["mask_resolution"] == height == width:
-        raise EvalError(f"the module makes {metadata['model']['mask_resolution']}-pixel masks, "
-                        f"{data} has {height}x{width} images")
+        raise EvalError(f"{uri} makes {metadata['model']['mask_resolution']}-pixel masks, "
+                        f"{source.uri} has {height}x{width} images")
+    shown = sorted(set(metadata["classes"]).intersection(vocabulary.unseen(split)))
+    if shown:
+        raise EvalError(f"{uri} was trained on {', '.join(shown)}, unseen classes of split {split}: it is not "
+                        f"zero-shot there; give split {split} a module trained on its seen classes "
+                        f"(jobs/train_grounding.py --split {split})")
+    if not others:
+        return []
+    note = (f"split {split}: {uri} was trained on images made otherwise than the test set's: {'; '.join(others)} "
+            f"(its training data vs the test set); the features are alike")
+    return [note]
+
+
+def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
+    """Every check that needs no model; raises a FactoryError (one line) on bad input."""
+    checkpoints = {k: absolute_uri(uri) for k, uri in sorted(args.checkpoints.items())}
+    metadata = {k: read_grounding_metadata(uri) for k, uri in checkpoints.items()}
+    data = absolute_uri(args.data)
+    source = TripletSource.open(data)
+    vocabulary = source.vocabulary
     try:
-        ProtocolIAccumulator(vocabulary, args.splits)  # rejects unknown and repeated splits
+        ProtocolIAccumulator(vocabulary, list(checkpoints))  # rejects unknown splits
     except ValueError as exc:
         raise EvalError(str(exc)) from None
+    notes = [note for k, uri in checkpoints.items() for note in _check_checkpoint(k, uri, metadata[k], source)]
     out = args.out and absolute_uri(args.out)
     if out:
         check_reachable(split_file_uri(out)[0])
 
-    notes = []
+    absent = [k for k in range(1, len(vocabulary.unseen_splits) + 1) if k not in checkpoints]
+    if absent:
+        notes.append(f"no Average: it is the mean over the modules of all {len(vocabulary.unseen_splits)} splits, "
+                     f"and split(s) {', '.join(map(str, absent))} have none here")
     daam_threshold = args.daam_threshold
     if "daam" not in source.shapes:
         daam_threshold = None
         notes.append(f"{data} has no DAAM heat maps (built without --capture.attention true): DAAM skipped")
-    trained = set(metadata["classes"])
-    for k in args.splits:
-        shown = sorted(trained.intersection(vocabulary.unseen(k)))
-        if shown:
-            notes.append(f"split {k}: the module was trained on {len(shown)} of its unseen classes "
-                         f"({', '.join(shown)}), so its unseen columns are not zero-shot")
     kept = select_test_rows(source, args.min_score, args.keep_quality)
     n = len(kept)
     if n == 0:
@@ -320,22 +384,24 @@ def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
         notes.append(f"test-set filter (min score {args.min_score}, best quality fraction {args.keep_quality}) "
                      f"kept {n} of {source.rows} samples")
     thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
-    report = {"format": FORMAT, "checkpoint": checkpoint, "checkpoint_epoch": metadata.get("epoch"),
-              "trained_classes": metadata["classes"], "data": data,
+    report = {"format": FORMAT, "checkpoints": {str(k): uri for k, uri in checkpoints.items()},
+              "checkpoint_epochs": {str(k): m.get("epoch") for k, m in metadata.items()},
+              "trained_classes": {str(k): m["classes"] for k, m in metadata.items()}, "data": data,
               "plan_digest": source.manifest["plan"]["digest"], "samples": n, "vocabulary": vocabulary.name,
-              "splits": list(args.splits), "thresholds": thresholds,
-              "scored": "classes the oracle found with a non-empty mask", "notes": notes}
-    return EvalPlan(checkpoint, data, out, list(args.splits), vocabulary.name, daam_threshold, batches,
-                    args.num_workers, report)
+              "splits": list(checkpoints), "thresholds": thresholds,
+              "scored": "classes the oracle found with a non-empty mask, on pixels the label map does not mark 255",
+              "notes": notes}
+    return EvalPlan(checkpoints, data, out, vocabulary.name, daam_threshold, batches, args.num_workers, report)
 
 
 def run_evaluation(plan: EvalPlan) -> dict:
     """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
-    pool = map_positions(EvalStage, {"checkpoint": plan.checkpoint, "data": plan.data, "splits": plan.splits,
+    pool = map_positions(EvalStage, {"checkpoints": plan.checkpoints, "data": plan.data,
                                      "daam_threshold": plan.daam_threshold}, plan.batches, plan.num_workers)
-    totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, plan.splits)}
+    splits = list(plan.checkpoints)
+    totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, splits)}
     if plan.daam_threshold is not None:
-        totals[DAAM] = ProtocolIAccumulator(plan.vocabulary, plan.splits)
+        totals[DAAM] = ProtocolIAccumulator(plan.vocabulary, splits)
     for row in pool.rows:  # integer counts: the merge order does not matter
         totals[MODULE].merge(ProtocolIAccumulator.from_dict(json.loads(row["module"])))
         if DAAM in totals:

@@ -112,8 +112,9 @@ def grounding_model_config(section: ModelSection, feature_channels: dict[int, in
 
 
 class IoUTotals:
-    """Protocol-I IoU: per class, intersection and union over all pixels of valid slots;
-    prediction = sigmoid > 0.5. mIoU is the mean over classes with a non-empty union."""
+    """Protocol-I IoU: per class, intersection and union over the pixels of valid slots that the
+    label map does not mark 255; prediction = sigmoid > 0.5. mIoU is the mean over classes with
+    a non-empty union."""
 
     def __init__(self, class_names: Sequence[str], device: torch.device | str = "cpu"):
         self.names = list(class_names)  # label index i is names[i - 1]; 0 is background
@@ -121,10 +122,11 @@ class IoUTotals:
         self.union = torch.zeros_like(self.intersection)
 
     def update(self, predicted: Tensor, batch: Batch) -> None:
+        counted = ~batch.ignore[:, None].expand_as(predicted)[batch.valid]
         predicted, targets = predicted[batch.valid], batch.targets[batch.valid].bool()
         index = batch.class_indices[batch.valid]
-        self.intersection.index_add_(0, index, (predicted & targets).flatten(1).sum(1).double())
-        self.union.index_add_(0, index, (predicted | targets).flatten(1).sum(1).double())
+        self.intersection.index_add_(0, index, (predicted & targets & counted).flatten(1).sum(1).double())
+        self.union.index_add_(0, index, ((predicted | targets) & counted).flatten(1).sum(1).double())
 
     def all_reduce(self) -> None:
         if dist.is_initialized():
@@ -222,6 +224,7 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
     # One Featurizer serves both sets, so they must be featurized alike.
     for what, ours, theirs in (("generator", source.generator, val_source.generator),
                                ("capture mode", source.mode, val_source.mode),
+                               ("total steps", source.generation["steps"], val_source.generation["steps"]),
                                ("capture step", source.capture_step, val_source.capture_step),
                                ("vocabulary", source.vocabulary.name, val_source.vocabulary.name),
                                ("image size", source.image_size, val_source.image_size)):
@@ -333,7 +336,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
         for i in range(0, per_worker, local_batch):
             batch = featurizer(train_rows.take(order[i:i + local_batch]))
             loss = grounding_loss(model(batch.features, batch.class_embeddings, batch.class_mask),
-                                  batch.targets, batch.valid, config.loss)
+                                  batch.targets, batch.valid, config.loss, batch.ignore)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -352,7 +355,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
             metadata = {
                 "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": totals.per_class()},
                 "best": best, "history": history, "resumed_from": start - 1,
-                "text": config.model.text.model_dump(), "generator": source.generator,
+                "text": config.model.text.model_dump(), "generation": source.generation,
                 "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
                 "classes": classes, "train": config.model_dump(mode="json")}
             save_grounding_checkpoint(out.url("last"), module, optimizer, metadata)

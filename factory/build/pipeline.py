@@ -87,7 +87,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     if recipe.quality.model and recipe.quality.model != TINY:
         check_model_source(recipe.quality.model, "config.json")
     if recipe.annotator.checkpoint:
-        _check_annotator(recipe)
+        notes += _check_annotator(recipe)
     elif recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
         check_model_source(recipe.labeler.weights)
     build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
@@ -111,23 +111,36 @@ def prepare_build(recipe: Recipe) -> Prepared:
     return Prepared(recipe, plan, location, notes)
 
 
-def _check_annotator(recipe: Recipe) -> None:
-    """The checkpoint must exist and read features of the same U-Net, at a step this run has."""
+def _check_annotator(recipe: Recipe) -> list[str]:
+    """The checkpoint must exist, read the features this build makes (same generator model and
+    total steps; it captures at the checkpoint's step), and, for a dataset declared for a split,
+    never have seen that split's unseen classes. Other generation differences are returned as
+    notes for the user."""
     # Imported here: only an annotating build needs grounding (and torch) before its models load.
     from factory.core.checkpoints import CheckpointError
-    from grounding.checkpoint import read_grounding_metadata
+    from grounding.checkpoint import check_generation, read_grounding_metadata, training_generation
 
+    uri = recipe.annotator.checkpoint
     try:
-        metadata = read_grounding_metadata(recipe.annotator.checkpoint)
+        metadata = read_grounding_metadata(uri)
+        trained = training_generation(uri, metadata)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from None
-    if metadata["generator"] != recipe.generator.model:
-        raise BuildError(f"grounding checkpoint {recipe.annotator.checkpoint} reads features of generator "
-                         f"{metadata['generator']!r}, not {recipe.generator.model!r}")
-    step = metadata["capture"]["steps_remaining"]
-    if step > recipe.generator.steps:
-        raise BuildError(f"grounding checkpoint needs capture step {step}, beyond generator.steps "
-                         f"{recipe.generator.steps}")
+    gen = recipe.generator
+    used = {"model": gen.model, "steps": gen.steps, "capture_step": trained["capture_step"],
+            "guidance_scale": gen.guidance_scale, "prompts": recipe.prompts.model_dump(mode="json")}
+    features, others = check_generation(trained, used)
+    if features:
+        raise BuildError(f"grounding checkpoint {uri} reads features this build does not make: "
+                         f"{'; '.join(features)} (its training data vs this recipe)")
+    if recipe.split is not None:
+        shown = sorted(set(metadata["classes"]) & set(get_vocabulary(recipe.vocabulary).unseen(recipe.split)))
+        if shown:
+            raise BuildError(f"grounding checkpoint {uri} was trained on {', '.join(shown)}, unseen classes of "
+                             f"split {recipe.split}, which this dataset is declared for; annotate with a module "
+                             f"trained on split {recipe.split}'s seen classes")
+    return [f"grounding checkpoint {uri} was trained on images made otherwise: {'; '.join(others)} "
+            f"(its training data vs this recipe)"] if others else []
 
 
 def _accelerator_resources(recipe: Recipe) -> dict[str, float]:

@@ -1,11 +1,13 @@
 import json
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from factory.build.annotate import AnnotateStage, annotation_label_map
-from factory.build.recipe import AnnotatorConfig, GeneratorConfig
+from factory.build.pipeline import prepare_build
+from factory.build.recipe import AnnotatorConfig, GeneratorConfig, PromptConfig, load_recipe
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_png
 from grounding.checkpoint import save_grounding_checkpoint
@@ -27,14 +29,21 @@ def test_label_map_takes_the_most_probable_class_above_threshold():
     assert banded.tolist() == [[12, 8, 0], [0, IGNORE, 0]]  # 0.45: unsure, neither class nor background
 
 
+# How the checkpoint's training images were made: the tiny recipe's, with 4 steps, captured at step 2.
+GENERATION = {"model": "tiny", "steps": 4, "capture_step": 2, "guidance_scale": 5.0,
+              "prompts": PromptConfig().model_dump(mode="json")}
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """An untrained tiny module in the training code's checkpoint format."""
+    """An untrained tiny module in the training code's checkpoint format, trained on dog and cat
+    (dog is unseen in split 1, cat in split 3; both are seen in split 2)."""
     path = tmp_path_factory.mktemp("grounding") / "best"
     module = GroundingModule(GroundingModelConfig.tiny(feature_channels=TINY_CHANNELS, mask_resolution=64))
     save_grounding_checkpoint(str(path), module, None, {
-        "epoch": 0, "text": TextConfig().model_dump(), "generator": "tiny", "capture": {"features": "latent", "steps_remaining": 2},
-        "vocabulary": {"name": "voc"}, "classes": ["dog", "cat"]})
+        "epoch": 0, "text": TextConfig().model_dump(), "generation": GENERATION,
+        "capture": {"features": "latent", "steps_remaining": 2}, "vocabulary": {"name": "voc"},
+        "classes": ["dog", "cat"]})
     return str(path)
 
 
@@ -52,17 +61,67 @@ def test_annotate_stage_labels_the_prompt_classes(checkpoint):
         assert all(bool(((bits >> k) & 1).any()) == f for k, f in enumerate(found))
 
 
-def test_checkpoint_of_another_generator_is_refused_before_models_load(checkpoint, tmp_path, capsys, monkeypatch):
+def refused(capsys, *args: str) -> str:
+    """The one error line of an annotating build that must stop before any model loads."""
+    assert build_dataset.main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("build_dataset: error: ") and err.count("\n") == 1
+    return err.strip().removeprefix("build_dataset: error: ")
+
+
+def test_checkpoint_of_other_features_is_refused_before_models_load(checkpoint, tmp_path, capsys, monkeypatch):
     from factory.build import pipeline
     monkeypatch.setattr(pipeline, "stream_samples", lambda *a, **k: pytest.fail("models loaded"))
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text("{}")
-    assert build_dataset.main(["--out", str(tmp_path / "o"), "--annotator.checkpoint", checkpoint,
-                               "--generator.model", str(tmp_path / "sd")]) == 2
-    assert "reads features of generator 'tiny'" in capsys.readouterr().err
-    assert build_dataset.main(["--out", str(tmp_path / "o"), "--annotator.checkpoint", str(tmp_path / "none")]) == 2
-    assert "no readable checkpoint" in capsys.readouterr().err
+    out = ["--out", str(tmp_path / "o"), "--annotator.checkpoint", checkpoint]
+    assert refused(capsys, *out, "--generator.steps", "4", "--generator.model", str(tmp_path / "sd")) == (
+        f"grounding checkpoint {checkpoint} reads features this build does not make: generator model 'tiny' vs "
+        f"'{tmp_path / 'sd'}' (its training data vs this recipe)")
+    # Capture step 2 of 4 is another U-Net call, at another timestep, than step 2 of 10.
+    assert refused(capsys, *out, "--generator.steps", "10") == (
+        f"grounding checkpoint {checkpoint} reads features this build does not make: total steps 4 vs 10 "
+        f"(its training data vs this recipe)")
+    assert "no readable checkpoint" in refused(capsys, "--out", str(tmp_path / "o"),
+                                               "--annotator.checkpoint", str(tmp_path / "none"))
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_that_saw_the_splits_unseen_classes_is_refused(checkpoint, tmp_path, capsys):
+    """A dataset declared for split 1 must be labelled by a module that never saw split 1's unseen
+    classes: otherwise its "unseen" labels are not zero-shot."""
+    out = ["--out", str(tmp_path / "o"), "--annotator.checkpoint", checkpoint, "--generator.steps", "4"]
+    assert refused(capsys, *out, "--split", "1") == (
+        f"grounding checkpoint {checkpoint} was trained on dog, unseen classes of split 1, which this dataset is "
+        f"declared for; annotate with a module trained on split 1's seen classes")
+    assert "trained on cat, unseen classes of split 3" in refused(capsys, *out, "--split", "3")
+    assert not (tmp_path / "o").exists()
+
+
+def test_other_guidance_or_prompts_are_a_note(checkpoint, tmp_path):
+    """Same features, other images: the build goes on, and says so."""
+    recipe = load_recipe("tiny", {"generator.steps": 4, "generator.guidance_scale": 7.5, "split": 2,
+                                  "prompts.two": "a {0} next to a {1}", "annotator.checkpoint": checkpoint,
+                                  "out": str(tmp_path / "a")})
+    note = (f"grounding checkpoint {checkpoint} was trained on images made otherwise: guidance scale 5.0 vs 7.5; "
+            f"prompt template two 'a photograph of a {{0}} and a {{1}}' vs 'a {{0}} next to a {{1}}' "
+            f"(its training data vs this recipe)")
+    assert prepare_build(recipe).notes == [note]  # split 2: dog and cat are seen there
+    same = load_recipe("tiny", {"generator.steps": 4, "annotator.checkpoint": checkpoint, "out": str(tmp_path / "b")})
+    assert prepare_build(same).notes == []
+
+
+def test_checkpoint_without_a_generation_record_is_refused(checkpoint, tmp_path, capsys):
+    """Written before checkpoints recorded their training data's generation: the total steps are
+    unknown, so a mismatch could not be seen; retraining is the safe way."""
+    old = tmp_path / "old"
+    shutil.copytree(checkpoint, old)
+    metadata = json.loads((old / "checkpoint.json").read_text())
+    del metadata["generation"]
+    (old / "checkpoint.json").write_text(json.dumps({**metadata, "generator": "tiny"}))
+    assert refused(capsys, "--out", str(tmp_path / "o"), "--annotator.checkpoint", str(old)) == (
+        f"{old} does not record how its training data was generated (total steps, guidance scale, prompt "
+        f"templates): it predates that record; retrain it")
 
 
 @pytest.mark.slow

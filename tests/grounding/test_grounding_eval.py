@@ -13,18 +13,23 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from factory.build.pipeline import prepare_build, run_build
 from factory.build.recipe import load_recipe
+from factory.core.checkpoints import CheckpointError
+from factory.core.conventions import IGNORE
+from factory.core.errors import EvalError
 from factory.core.storage import open_location
 from factory.core.vocab import VOC
 from factory.dataset.codec import decode_png
 from factory.diffusion.daam import daam_masks
 from factory.diffusion.features import from_fp16_bytes
-from grounding.checkpoint import save_grounding_checkpoint
+from grounding.checkpoint import load_grounding_checkpoint, save_grounding_checkpoint
 from grounding.data import Featurizer, TextConfig, TripletSource
 from grounding.evaluate import (
     GROUPS,
+    EvalPlan,
     EvalStage,
     GroundingEvalOptions,
     ProtocolIAccumulator,
@@ -130,19 +135,59 @@ def test_more_than_two_classes_are_ignored():
     assert all(not table for table in acc.pixels.values())
 
 
-def test_mean_over_splits_needs_every_split():
+def test_average_over_splits_needs_every_split():
     acc = ProtocolIAccumulator(VOC)
     # cat: seen in splits 1 and 2, unseen in 3. I = 8, U = 16 -> 50 %.
     acc.add(["cat"], masks(range(2)), masks(range(4)), [True])
-    assert acc.result()["mean"]["one/seen"] is None  # split 3 has no one/seen sample
+    assert acc.result()["average"]["one/seen"] is None  # split 3 has no one/seen sample
     # dog: unseen in split 1, seen in 2 and 3. I = 4, U = 16 -> 25 %.
     acc.add(["dog"], masks(range(1)), masks(range(4)), [True])
     result = acc.result()
     # one/seen: split 1 cat 50; split 2 (cat 50 + dog 25) / 2 = 37.5; split 3 dog 25.
     assert [result["splits"][k]["one/seen"]["miou"] for k in "123"] == [50.0, 37.5, 25.0]
-    assert result["mean"]["one/seen"] == pytest.approx((50 + 37.5 + 25) / 3)  # 37.5
+    assert result["average"]["one/seen"] == pytest.approx((50 + 37.5 + 25) / 3)  # 37.5
     # one/unseen: split 1 dog 25, split 2 none (cat and dog are seen there).
-    assert result["mean"]["one/unseen"] is None
+    assert result["average"]["one/unseen"] is None
+
+
+def test_no_average_without_every_split():
+    """The paper's Average is over the modules of all three splits: two splits give none at all,
+    not the mean of those two."""
+    acc = ProtocolIAccumulator(VOC, splits=(1, 2))
+    acc.add(["cat"], masks(range(2)), masks(range(4)), [True])  # one/seen in both: 50 %
+    result = acc.result()
+    assert [result["splits"][k]["one/seen"]["miou"] for k in "12"] == [50.0, 50.0]
+    assert result["average"] is None
+
+
+def test_each_split_is_scored_with_its_own_predictions():
+    acc = ProtocolIAccumulator(VOC)
+    truth = masks(range(4))
+    # The same dog image, predicted by each split's module: split 1's finds half, split 2's a
+    # quarter, split 3's all of it.
+    for split, rows in ((1, range(2)), (2, range(1)), (3, range(4))):
+        acc.add(["dog"], masks(rows), truth, [True], splits=[split])
+    result = acc.result()
+    assert result["splits"]["1"]["one/unseen"]["iou"] == {"dog": 50.0}
+    assert result["splits"]["2"]["one/seen"]["iou"] == {"dog": 25.0}
+    assert result["splits"]["3"]["one/seen"]["iou"] == {"dog": 100.0}
+    assert sum(acc.samples.values()) == 3  # one sample per split, not three
+    with pytest.raises(ValueError, match="not all among"):
+        ProtocolIAccumulator(VOC, splits=(1,)).add(["dog"], truth, truth, [True], splits=[2])
+
+
+def test_pixels_255_in_the_label_map_count_nowhere():
+    acc = ProtocolIAccumulator(VOC, splits=(1,))
+    # cat: truth rows 0-1 (8 px); prediction rows 0-2 (12 px). Row 2 is 255 in the label map
+    # (the oracle's unsure band): I = 8, U = 8 -> 100 %, not 8 / 12.
+    ignore = np.zeros((4, 4), bool)
+    ignore[2] = True
+    acc.add(["cat"], masks(range(3)), masks(range(2)), [True], ignore)
+    assert acc.result()["splits"]["1"]["one/seen"]["iou"] == {"cat": 100.0}
+    acc.add(["cat"], masks(range(3)), masks(range(2)), [True])  # the same without the band: 8 / 12
+    assert acc.pixels[1, "one/seen"] == {"cat": [16, 20]}
+    with pytest.raises(ValueError, match=r"\(H, W\) ignore"):
+        acc.add(["cat"], masks(range(3)), masks(range(2)), [True], np.zeros((2, 2), bool))
 
 
 def random_samples(n: int, seed: int = 0):
@@ -190,11 +235,17 @@ def test_table_text():
     assert cells[0] == ["grounding", "module", "1", "75.00", "25.00", "-", "-", "-"]
     assert cells[1] == ["2", "50.00", "-", "-", "-", "-"]  # (75 + 25) / 2
     assert cells[2] == ["3", "25.00", "75.00", "-", "-", "-"]
-    assert cells[3] == ["mean", "50.00", "-", "-", "-", "-"]  # (75 + 50 + 25) / 3; one/unseen lacks split 2
+    assert cells[3] == ["Average", "50.00", "-", "-", "-", "-"]  # (75 + 50 + 25) / 3; one/unseen lacks split 2
     assert cells[4] == ["DAAM", "1", "-", "-", "-", "-", "-"]
     assert len(cells) == 8
     # Numbers are right-aligned under their column titles.
     assert lines[2].index("75.00") + len("75.00") == lines[0].index("One/Seen") + len("One/Seen")
+
+    # Splits 1 and 2 only: their rows, and no Average row.
+    partial = ProtocolIAccumulator(VOC, splits=(1, 2))
+    partial.add(["cat"], masks(range(3)), masks(range(4)), [True])
+    cells = [line.split() for line in format_table({"grounding module": partial.result()}).splitlines()[2:]]
+    assert [row[-6] for row in cells] == ["1", "2"]
 
 
 # ---------------------------------------------------------------- end to end
@@ -214,39 +265,55 @@ def test_set(ray_cluster, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def checkpoint(test_set, tmp_path_factory) -> Path:
-    """An untrained tiny module in the training code's checkpoint format, trained classes: split 1's seen."""
-    source = TripletSource.open(str(test_set))
+def save_untrained(out: Path, source: TripletSource, classes, seed: int = 0) -> Path:
+    """An untrained tiny module in the training code's checkpoint format, trained on `classes`."""
     featurizer = Featurizer(source, TextConfig())
     config = grounding_model_config(ModelSection(preset="tiny"), featurizer.feature_channels(), featurizer.text_dim,
                                     source.image_size[0])
-    out = tmp_path_factory.mktemp("grounding") / "best"
+    torch.manual_seed(seed)
     save_grounding_checkpoint(str(out), GroundingModule(config).eval(), None, {
-        "epoch": 0, "text": TextConfig().model_dump(), "generator": source.generator,
+        "epoch": 0, "text": TextConfig().model_dump(), "generation": source.generation,
         "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
-        "classes": list(VOC.seen(1))})
+        "classes": list(classes)})
     return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(test_set, tmp_path_factory) -> dict[int, Path]:
+    """One module per split, as the paper trains them: split k's, on split k's seen classes
+    (different initialisations, so that the splits' predictions differ)."""
+    source = TripletSource.open(str(test_set))
+    folder = tmp_path_factory.mktemp("grounding")
+    return {k: save_untrained(folder / f"split{k}", source, VOC.seen(k), seed=k) for k in (1, 2, 3)}
+
+
+def mapping(checkpoints: dict[int, Path]) -> str:
+    """The --checkpoints value: a YAML mapping of split to checkpoint."""
+    return "{" + ", ".join(f"{k}: {path}" for k, path in checkpoints.items()) + "}"
 
 
 def daam_by_hand(test_set: Path, threshold: float) -> dict:
     """DAAM's result straight from the Parquet rows: heat maps upsampled and thresholded, scored on
-    the classes the oracle found with a non-empty mask."""
+    the classes the oracle found with a non-empty mask, on the pixels the label map does not mark 255."""
     manifest = json.loads((test_set / "manifest.json").read_text())
     shape = manifest["capture"]["shapes"]["daam"]
     acc = ProtocolIAccumulator(VOC)
+    ignored = 0
     for entry in manifest["files"]:
         for row in pq.read_table(test_set / entry["path"]).to_pylist():
             truth = np.stack([decode_png(m["bytes"]).astype(bool) for m in row["masks"]])
             maps = np.stack([from_fp16_bytes(m, shape) for m in row["daam"]])
             predicted = daam_masks(maps[None], threshold, size=truth.shape[1:])[0]
-            acc.add(row["classes"], predicted, truth, np.array(row["found"]) & truth.any(axis=(1, 2)))
+            ignore = decode_png(row["label"]["bytes"]) == IGNORE
+            ignored += int(ignore.sum())
+            acc.add(row["classes"], predicted, truth, np.array(row["found"]) & truth.any(axis=(1, 2)), ignore)
+    assert ignored > 0  # the set has 255 pixels (classes the random detector missed): the rule is exercised
     return acc.result()
 
 
 @pytest.mark.slow
-def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, bucket, capsys):
-    common = ["--checkpoint", str(checkpoint), "--data", str(test_set), "--batch-size", "3"]  # 4 batches
+def test_eval_job_end_to_end(test_set, checkpoints, tmp_path, bucket, capsys):
+    common = ["--checkpoints", mapping(checkpoints), "--data", str(test_set), "--batch-size", "3"]  # 4 batches
     assert eval_grounding.main([*common, "--num-workers", "1", "--out", str(tmp_path / "one.json")]) == 0
     printed = capsys.readouterr().out
     uri = f"s3://{bucket}/evals/two.json"
@@ -257,13 +324,15 @@ def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, bucket, capsys):
     two = json.loads(open_location(f"s3://{bucket}/evals").read_bytes("two.json"))
     assert one == two  # deterministic, whatever the worker count
     manifest = json.loads((test_set / "manifest.json").read_text())
+    assert one["format"] == "protocol-i-results/2"
     assert one["plan_digest"] == manifest["plan"]["digest"] and one["samples"] == manifest["counts"]["written"] == 10
-    assert one["checkpoint"] == str(checkpoint) and one["data"] == str(test_set)
+    assert one["checkpoints"] == {str(k): str(path) for k, path in checkpoints.items()} and one["data"] == str(test_set)
+    assert one["trained_classes"] == {str(k): list(VOC.seen(k)) for k in (1, 2, 3)}
     assert one["thresholds"] == {"grounding module": 0.5, "DAAM": 0.4}
     assert set(one["results"]) == {"grounding module", "DAAM"}
     numbers = 0
     for result in one["results"].values():
-        assert set(result["splits"]) == {"1", "2", "3"} and set(result["mean"]) == set(GROUPS)
+        assert set(result["splits"]) == {"1", "2", "3"} and set(result["average"]) == set(GROUPS)
         for groups in result["splits"].values():
             for group in groups.values():
                 values = [v for v in (group["miou"], *group["iou"].values()) if v is not None]
@@ -271,13 +340,42 @@ def test_eval_job_end_to_end(test_set, checkpoint, tmp_path, bucket, capsys):
                 numbers += bool(values)
     assert numbers > 0  # the oracle found something to score
     assert one["results"]["DAAM"] == daam_by_hand(test_set, 0.4)
-    # The untrained module saw split 1's seen classes: splits 2 and 3 are not zero-shot for it.
-    assert [n.split(":")[0] for n in one["notes"]] == ["split 2", "split 3"]
-    assert "grounding module  1" in printed and "DAAM" in printed and "note: split 2" in printed
+    assert one["notes"] == []  # every split has its zero-shot module: nothing to warn about
+    assert "grounding module  1" in printed and "DAAM" in printed and "Average" in printed
 
 
 @pytest.mark.slow
-def test_dataset_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path):
+def test_each_split_is_scored_by_its_own_module(test_set, checkpoints):
+    """In-process (the Ray run is the test above): split k's counts are those of split k's module
+    alone, on the same features; DAAM is skipped here."""
+    two = {k: checkpoints[k] for k in (1, 2)}
+    plan = prepare_evaluation(GroundingEvalOptions(checkpoints={k: str(p) for k, p in two.items()},
+                                                   data=str(test_set), daam_threshold=0.4))
+    no_average = "no Average: it is the mean over the modules of all 3 splits, and split(s) 3 have none here"
+    assert plan.report["notes"] == [no_average]
+    stage = EvalStage({k: str(p) for k, p in two.items()}, plan.data, None)
+    positions = list(range(10))
+    counts = ProtocolIAccumulator.from_dict(json.loads(stage({"positions": np.array([positions])})["module"][0]))
+    assert counts.splits == (1, 2)
+
+    source = TripletSource.open(str(test_set))
+    rows = source.take(positions, source.columns)
+    inputs = Featurizer(source, TextConfig())(rows)
+    predictions = {}
+    for k, path in two.items():
+        module, _ = load_grounding_checkpoint(str(path))
+        predictions[k] = module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).numpy()
+        alone = ProtocolIAccumulator(VOC, [k])
+        for i, classes in enumerate(rows.column("classes").to_pylist()):
+            n = len(classes)
+            alone.add(classes, predictions[k][i, :n], inputs.targets[i, :n].bool().numpy(),
+                      inputs.valid[i, :n].numpy(), inputs.ignore[i].numpy())
+        assert counts.to_dict()["groups"][str(k)] == alone.to_dict()["groups"][str(k)]
+    assert (predictions[1] != predictions[2]).any()  # two modules: the test could tell them apart
+
+
+@pytest.mark.slow
+def test_dataset_without_heat_maps_skips_daam(test_set, checkpoints, tmp_path):
     # What a build without --capture.attention records: no "daam" capture shape.
     copy = tmp_path / "no-daam"
     shutil.copytree(test_set, copy)
@@ -285,39 +383,104 @@ def test_dataset_without_heat_maps_skips_daam(test_set, checkpoint, tmp_path):
     manifest["capture"]["attention"] = False
     del manifest["capture"]["shapes"]["daam"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    plan = prepare_evaluation(GroundingEvalOptions(checkpoint=str(checkpoint), data=str(copy), splits=[1]))
+    plan = prepare_evaluation(GroundingEvalOptions(checkpoints={1: str(checkpoints[1])}, data=str(copy)))
     assert plan.daam_threshold is None and "DAAM" not in plan.report["thresholds"]
-    assert plan.report["notes"] == [f"{copy} has no DAAM heat maps (built without --capture.attention true): "
-                                    f"DAAM skipped"]
+    assert plan.report["notes"][1] == f"{copy} has no DAAM heat maps (built without --capture.attention true): DAAM skipped"
     # The actor, in-process (a Ray run is the test above): module counts only.
-    stage = EvalStage(plan.checkpoint, plan.data, plan.splits, plan.daam_threshold)
+    stage = EvalStage(plan.checkpoints, plan.data, plan.daam_threshold)
     out = stage({"positions": np.array([[0, 1, 2], [3, 4, 5]])})
     assert list(out["daam"]) == ["", ""]
     counts = ProtocolIAccumulator.from_dict(json.loads(out["module"][0]))
     assert counts.splits == (1,) and counts.vocabulary is VOC
 
 
-@pytest.mark.slow
-def test_eval_job_input_errors(test_set, checkpoint, tmp_path, capsys):
-    def error(*argv: str) -> str:
-        assert eval_grounding.main(list(argv)) == 2
-        message = capsys.readouterr().err
-        assert message.startswith("eval_grounding: error: ") and message.count("\n") == 1
-        return message
+def eval_error(capsys, *argv: str) -> str:
+    assert eval_grounding.main(list(argv)) == 2
+    message = capsys.readouterr().err
+    assert message.startswith("eval_grounding: error: ") and message.count("\n") == 1
+    return message
 
-    good = ["--checkpoint", str(checkpoint), "--data", str(test_set)]
-    assert "no readable checkpoint" in error("--checkpoint", str(tmp_path / "missing"), "--data", str(test_set))
+
+@pytest.mark.slow
+def test_eval_job_input_errors(test_set, checkpoints, tmp_path, capsys):
+    good = ["--checkpoints", mapping(checkpoints), "--data", str(test_set)]
+    assert "no readable checkpoint" in eval_error(capsys, "--checkpoints", mapping({1: tmp_path / "missing"}),
+                                                  "--data", str(test_set))
     no_capture = tmp_path / "plain"
     no_capture.mkdir()
     manifest = json.loads((test_set / "manifest.json").read_text())
     (no_capture / "manifest.json").write_text(json.dumps({**manifest, "capture": None}))
-    assert "no U-Net capture" in error("--checkpoint", str(checkpoint), "--data", str(no_capture))
-    assert "no dataset" in error("--checkpoint", str(checkpoint), "--data", str(tmp_path / "nowhere"))
-    assert "unknown split 4" in error(*good, "--splits", "1", "4")
-    assert "distinct" in error(*good, "--splits", "1", "1")
-    assert "--daam-threshold: Input should be less than or equal to 1" in error(*good, "--daam-threshold", "2")
-    assert "--keep-quality: Input should be less than or equal to 1" in error(*good, "--keep-quality", "1.5")
-    assert "must name a file" in error(*good, "--out", "s3://bucket")
+    assert "no U-Net capture" in eval_error(capsys, "--checkpoints", mapping(checkpoints), "--data", str(no_capture))
+    assert "no dataset" in eval_error(capsys, "--checkpoints", mapping(checkpoints), "--data", str(tmp_path / "nowhere"))
+    assert "unknown split 4" in eval_error(capsys, "--checkpoints", mapping({4: checkpoints[1]}), "--data", str(test_set))
+    assert "one checkpoint per split" in eval_error(capsys, "--checkpoints", str(checkpoints[1]), "--data", str(test_set))
+    assert "--daam-threshold: Input should be less than or equal to 1" in eval_error(capsys, *good, "--daam-threshold", "2")
+    assert "--keep-quality: Input should be less than or equal to 1" in eval_error(capsys, *good, "--keep-quality", "1.5")
+    assert "must name a file" in eval_error(capsys, *good, "--out", "s3://bucket")
+
+
+def test_a_split_whose_unseen_classes_the_module_saw_is_refused(test_set, checkpoints):
+    """The old evaluation scored split 1's module on splits 2 and 3 too, whose unseen classes it
+    had trained on; now each split needs a module that never saw its unseen classes."""
+    with pytest.raises(EvalError) as refused:
+        prepare_evaluation(GroundingEvalOptions(checkpoints={1: str(checkpoints[1]), 2: str(checkpoints[1])},
+                                                data=str(test_set)))
+    assert str(refused.value) == (f"{checkpoints[1]} was trained on horse, motorbike, person, pottedplant, sheep, "
+                                  f"unseen classes of split 2: it is not zero-shot there; give split 2 a module "
+                                  f"trained on its seen classes (jobs/train_grounding.py --split 2)")
+    everything = save_untrained(test_set.parent / "all-classes", TripletSource.open(str(test_set)), VOC.names)
+    with pytest.raises(EvalError, match="unseen classes of split 3"):
+        prepare_evaluation(GroundingEvalOptions(checkpoints={3: str(everything)}, data=str(test_set)))
+
+
+def with_recipe(test_set: Path, folder: Path, **generator) -> Path:
+    """The test set's manifest with other generator or capture settings (its rows linked in)."""
+    folder.mkdir()
+    (folder / "data").symlink_to(test_set / "data")
+    manifest = json.loads((test_set / "manifest.json").read_text())
+    capture_step = generator.pop("capture_step", None)
+    if capture_step is not None:
+        manifest["capture"]["steps_remaining"] = capture_step
+    prompts = generator.pop("prompts", None)
+    if prompts is not None:
+        manifest["recipe"]["prompts"].update(prompts)
+    manifest["recipe"]["generator"].update(generator)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_test_set_of_other_features_is_refused_and_other_images_noted(test_set, checkpoints, tmp_path):
+    def evaluate(data: Path) -> EvalPlan:
+        return prepare_evaluation(GroundingEvalOptions(checkpoints={1: str(checkpoints[1])}, data=str(data)))
+
+    for what, change, expected in (("steps", {"steps": 4}, "total steps 3 vs 4"),
+                                   ("capture", {"capture_step": 1}, "capture step 2 vs 1"),
+                                   ("model", {"model": "other-sd"}, "generator model 'tiny' vs 'other-sd'")):
+        data = with_recipe(test_set, tmp_path / what, **change)
+        with pytest.raises(EvalError) as refused:
+            evaluate(data)
+        assert str(refused.value) == (f"{data} does not have the features {checkpoints[1]} (split 1) was trained "
+                                      f"on: {expected} (its training data vs the test set)")
+    data = with_recipe(test_set, tmp_path / "looks", guidance_scale=7.5, prompts={"one": "a {0}"})
+    plan = evaluate(data)
+    assert plan.report["notes"][0] == (
+        f"split 1: {checkpoints[1]} was trained on images made otherwise than the test set's: guidance scale 5.0 "
+        f"vs 7.5; prompt template one 'a photograph of a {{0}}' vs 'a {{0}}' (its training data vs the test set); "
+        f"the features are alike")
+
+
+def test_checkpoint_without_a_generation_record_is_refused(test_set, checkpoints, tmp_path):
+    """Checkpoints written before they recorded their training data's generation: their total steps
+    are unknown, so nothing could show a mismatch; retraining is the safe way."""
+    old = tmp_path / "old"
+    shutil.copytree(checkpoints[1], old)
+    metadata = json.loads((old / "checkpoint.json").read_text())
+    del metadata["generation"]
+    (old / "checkpoint.json").write_text(json.dumps({**metadata, "generator": "tiny"}))
+    with pytest.raises(CheckpointError) as refused:
+        prepare_evaluation(GroundingEvalOptions(checkpoints={1: str(old)}, data=str(test_set)))
+    assert str(refused.value) == (f"{old} does not record how its training data was generated (total steps, "
+                                  f"guidance scale, prompt templates): it predates that record; retrain it")
 
 
 def test_automatic_test_set_filter(test_set):

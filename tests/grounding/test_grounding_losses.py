@@ -90,3 +90,44 @@ def test_no_valid_slot_gives_zero_with_grad_path(loss_fn):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shapes differ"):
         bce_loss(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 8, 8), torch.ones(1, 2, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- ignored pixels (255 in the label map)
+
+def test_ignored_pixels_are_neither_positive_nor_negative():
+    # One slot of 3 pixels; pixel 2 is 255 in the label map (the labeler's unsure band) and its
+    # target is 0. Counting it as background would add log(1 + e^4) to BCE and its probability
+    # to Dice's denominator; ignored, the loss is that of pixels 0 and 1 alone.
+    logits = _slots([0.0, 2.0, 4.0])
+    targets = _slots([1.0, 0.0, 0.0])
+    valid = torch.tensor([[True]])
+    ignore = torch.tensor([[[False, False, True]]])  # (B, H, W)
+    kept_logits, kept_targets = _slots([0.0, 2.0]), _slots([1.0, 0.0])
+    assert bce_loss(logits, targets, valid, ignore).item() == pytest.approx(
+        (math.log(2) + math.log(1 + math.e**2)) / 2, rel=1e-6)
+    assert bce_loss(logits, targets, valid, ignore) < bce_loss(logits, targets, valid)  # the old negative
+    for loss_fn in (dice_loss, log_cosh_dice_loss):
+        assert loss_fn(logits, targets, valid, ignore).item() == pytest.approx(
+            loss_fn(kept_logits, kept_targets, valid).item(), rel=1e-6)
+    for kind in ("bce", "bce+logcosh_dice"):
+        assert grounding_loss(logits, targets, valid, kind, ignore).item() == pytest.approx(
+            grounding_loss(kept_logits, kept_targets, valid, kind).item(), rel=1e-6)
+
+
+def test_ignored_pixels_reach_no_gradient_even_as_nan():
+    logits = _slots([0.0, 2.0, math.nan], [1.0, -1.0, math.nan]).requires_grad_()
+    targets = _slots([1.0, 0.0, 0.0], [1.0, 1.0, 0.0])
+    ignore = torch.tensor([[[False, False, True]]])
+    loss = grounding_loss(logits, targets, torch.tensor([[True, True]]), "bce+logcosh_dice", ignore)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[..., 2] == 0).all()
+    assert (logits.grad[..., :2] != 0).all()
+
+
+def test_a_slot_whose_pixels_are_all_ignored_costs_nothing():
+    logits, targets = _slots([3.0, -3.0]), _slots([0.0, 1.0])
+    ignore = torch.ones(1, 1, 2, dtype=torch.bool)
+    assert bce_loss(logits, targets, torch.tensor([[True]]), ignore).item() == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        bce_loss(logits, targets, torch.tensor([[True]]), torch.ones(1, 2, 2, dtype=torch.bool))

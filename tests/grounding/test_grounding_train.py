@@ -22,10 +22,11 @@ from factory.build.generate import GenerateStage
 from factory.build.pipeline import build_manifest, prepare_build
 from factory.build.recipe import load_recipe
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
+from factory.core.conventions import IGNORE
 from factory.core.storage import open_location
 from factory.core.vocab import VOC
 from factory.dataset.batch import SampleLabels, attach_labels
-from factory.dataset.codec import encode_mask, objects
+from factory.dataset.codec import encode_label, encode_mask, objects
 from factory.dataset.layout import MANIFEST_FILE
 from factory.dataset.write import Commit, encode_batch, write_part
 from factory.diffusion.features import from_fp16_bytes, unet_features
@@ -35,6 +36,7 @@ from grounding import data as grounding_data
 from grounding.checkpoint import load_grounding_checkpoint, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.losses import grounding_loss
 from grounding.model import GroundingModule
 from grounding.train import IoUTotals
 from jobs import train_grounding
@@ -45,11 +47,11 @@ SIZE = 32  # image side: latents of 16x16 keep the tiny U-Net cheap; masks and m
 BOXES = [(slice(0, 16), slice(0, 16)), (slice(16, 32), slice(16, 32))]
 
 
-def make_triplets(out: Path, features: str, num_samples: int = 24) -> Path:
+def make_triplets(out: Path, features: str, num_samples: int = 24, overrides: dict | None = None) -> Path:
     recipe = load_recipe("tiny", {
         "out": str(out), "split": 1, "num_samples": num_samples, "capture.features": features,
         "capture.step": 2, "generator.steps": 2, "generator.guidance_scale": 1.0, "generator.height": SIZE,
-        "generator.width": SIZE, "labeler.on_missing": "ignore", "writer.preview_samples": 0})
+        "generator.width": SIZE, "labeler.on_missing": "ignore", "writer.preview_samples": 0, **(overrides or {})})
     prepared = prepare_build(recipe)
     samples = prepared.plan
     n = len(samples)
@@ -132,6 +134,64 @@ def test_featurizer_tensors_mode_decodes_manifest_shapes(tensors_set):
     assert featurizer.feature_channels() == {8: shapes["features_8"][0], 16: shapes["features_16"][0]}
 
 
+# The README's tolerance for latent-mode features: recomputed by the Featurizer from the stored
+# fp16 latent vs captured at build time and stored as fp16 tensors, relative to the largest feature.
+RECOMPUTED_TOLERANCE = 1e-3
+
+
+@pytest.mark.slow  # two small builds
+def test_recomputed_features_match_the_captured_ones(tmp_path, capsys):
+    """Latent mode recomputes what tensors mode stores: the same samples built both ways (guidance
+    on, capture mid-trajectory at step 2 of 4), compared feature by feature. Both sides went
+    through fp16 (the stored latent, the stored features), so they agree to fp16 rounding, not
+    exactly; the number printed here is the README's."""
+    generation = {"generator.guidance_scale": 7.5, "generator.steps": 4, "capture.step": 2}
+    latent = TripletSource.open(str(make_triplets(tmp_path / "latent", "latent", 4, generation)))
+    tensors = TripletSource.open(str(make_triplets(tmp_path / "tensors", "tensors", 4, generation)))
+    rows = latent.take(range(latent.rows), [*latent.columns, "seed"])
+    stored_rows = tensors.take(range(tensors.rows), [*tensors.columns, "seed"])
+    # The plan gives both sets the same prompts and seeds; sample ids differ (the recipes do).
+    position = {seed: i for i, seed in enumerate(stored_rows.column("seed").to_pylist())}
+    order = [position[seed] for seed in rows.column("seed").to_pylist()]
+    recomputed = Featurizer(latent, TextConfig()).features(rows)
+    assert recomputed.keys() == tensors.stored_features.keys()
+    worst, largest = 0.0, 0.0
+    for r, name in tensors.stored_features.items():
+        cells = stored_rows.column(name).to_pylist()
+        stored = np.stack([from_fp16_bytes(cells[i], tensors.shapes[name]) for i in order]).astype(np.float32)
+        worst = max(worst, float(np.abs(recomputed[r].float().numpy() - stored).max()))
+        largest = max(largest, float(np.abs(stored).max()))
+    with capsys.disabled():
+        print(f"\nrecomputed vs captured features: max abs difference {worst:.2e}, largest |feature| {largest:.2f}, "
+              f"relative {worst / largest:.1e}")
+    assert 0.0 < worst <= RECOMPUTED_TOLERANCE * largest
+
+
+def test_label_map_255_is_ignored_not_background(latent_set):
+    """Pixels 255 in the label map (the oracle's unsure band; everything unclaimed when a class was
+    missed) reach the batch as ignored: their targets are 0, but no loss counts them as background."""
+    source = TripletSource.open(str(latent_set))
+    rows = source.take([0, 1], source.columns)
+    assert not Featurizer(source, TextConfig())(rows).ignore.any()  # the fixture's label maps hold no 255
+    label = np.zeros((SIZE, SIZE), np.uint8)
+    label[16:, :16] = IGNORE  # the quarter that neither box covers
+    edited = [{**row, "label": {"bytes": encode_label(label), "path": None}} for row in rows.to_pylist()]
+    batch = Featurizer(source, TextConfig())(pa.Table.from_pylist(edited, schema=rows.schema))
+    assert torch.equal(batch.ignore, torch.from_numpy(label == IGNORE).expand(2, SIZE, SIZE))
+    assert not batch.targets[:, :, 16:, :16].any()
+
+    # A module right everywhere except that it calls the unsure quarter its class: charged as a
+    # false positive when 255 is background, not at all when it is ignored.
+    right = torch.where(batch.targets.bool(), 5.0, -5.0)
+    unsure = right.clone()
+    unsure[:, :, 16:, :16] = 5.0
+    for kind in ("bce", "bce+logcosh_dice"):
+        assert grounding_loss(unsure, batch.targets, batch.valid, kind, batch.ignore).item() == pytest.approx(
+            grounding_loss(right, batch.targets, batch.valid, kind, batch.ignore).item())
+        assert grounding_loss(unsure, batch.targets, batch.valid, kind) > grounding_loss(
+            right, batch.targets, batch.valid, kind) + 0.5
+
+
 def _mask(box: tuple[slice, slice] | None) -> dict:
     mask = np.zeros((SIZE, SIZE), bool)
     if box is not None:
@@ -171,7 +231,7 @@ def test_iou_totals_over_pixels_of_valid_slots():
     batch = grounding_data.Batch(
         features={}, class_embeddings=torch.zeros(2, 2, 1), class_mask=torch.ones(2, 2, dtype=torch.bool),
         class_indices=torch.tensor([[1, 2], [1, 3]]), targets=torch.zeros(2, 2, 2, 2),
-        valid=torch.tensor([[True, True], [True, False]]))
+        valid=torch.tensor([[True, True], [True, False]]), ignore=torch.zeros(2, 2, 2, dtype=torch.bool))
     batch.targets[0, 0, 0] = 1  # class 1: 2 target pixels in sample 0, 1 in sample 1
     batch.targets[1, 0, 0, 0] = 1
     predicted = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
@@ -182,6 +242,15 @@ def test_iou_totals_over_pixels_of_valid_slots():
     totals.update(predicted, batch)
     assert totals.per_class() == {"aeroplane": 2 / 4, "bicycle": 0.0}
     assert totals.miou() == pytest.approx(0.25)
+
+    # Pixel (1, 1) of sample 1 is 255 in its label map: class 1's prediction there is no longer
+    # a false positive (I = 2, U = 3), and sample 0's ignored row takes class 2's union to 2.
+    batch.ignore[1, 1, 1] = True
+    batch.ignore[0, 1] = True
+    totals = IoUTotals(VOC.names)
+    totals.update(predicted, batch)
+    assert totals.per_class() == {"aeroplane": 2 / 3, "bicycle": 0.0}
+    assert totals.union.tolist() == [0, 3, 2, 0] + [0] * (len(VOC) - 3)
 
 
 def _tiny_module_and_optimizer():
@@ -278,8 +347,12 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
     assert last["epoch"] == 2 and last["resumed_from"] == 0 and len(last["history"]) == 2
     assert 0.0 <= last["metrics"]["val_miou"] <= 1.0 and np.isfinite(last["metrics"]["train_loss"])
     assert set(last["metrics"]["val_iou"]) <= set(VOC.seen(1)) and last["classes"] == list(VOC.seen(1))
-    assert last["best"]["epoch"] in (1, 2) and last["generator"] == "tiny"
-    assert last["capture"]["steps_remaining"] == 2 and last["text"]["two"] == "{0} and {1}"
+    assert last["best"]["epoch"] in (1, 2) and last["capture"]["steps_remaining"] == 2
+    recipe = json.loads((latent_set / "manifest.json").read_text())["recipe"]
+    # What annotation and Protocol-I check their images against (grounding.checkpoint.check_generation).
+    assert last["generation"] == {"model": "tiny", "steps": 2, "capture_step": 2, "guidance_scale": 1.0,
+                                  "prompts": recipe["prompts"]}
+    assert recipe["prompts"]["two"] == "a photograph of a {0} and a {1}" and last["text"]["two"] == "{0} and {1}"
     assert module.config.feature_channels == {8: 288, 16: 192} and module.config.mask_resolution == SIZE
     steps_two_epochs = last["optimizer"]["state"]["0"]["step"]
     optimizer_two_epochs = safetensors.torch.load_file(out / "last" / "optimizer-00000002.safetensors")
