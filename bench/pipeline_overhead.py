@@ -27,7 +27,6 @@ import os
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from factory.core.options import overrides_from_args
 
 def numpy_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
     """The samples as Ray Data hands them to a stage: one array per column, lists as objects."""
-    rows = [asdict(s) for s in samples]
+    rows = [s.row() for s in samples]
     batch = {}
     for key in rows[0]:
         column = np.empty(len(rows), dtype=object)

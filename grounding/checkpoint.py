@@ -3,8 +3,9 @@
 
 Besides the weights, checkpoint.json holds what the module was trained on: the epoch and
 metrics, the model and text config, the capture layout and vocabulary of its training data,
-the trained classes, and "generation": how the training images were made (generator model,
-total denoising steps, capture step, guidance scale, prompt templates). Annotation and
+the trained classes and their split ("split", null for a list of classes), and "generation":
+how the training images were made (generator model, total denoising steps, capture step,
+guidance scale, prompt templates). Annotation and
 Protocol-I compare that record with the images they give the module (``check_generation``).
 """
 

@@ -357,7 +357,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
                 "best": best, "history": history, "resumed_from": start - 1,
                 "text": config.model.text.model_dump(), "generation": source.generation,
                 "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
-                "classes": classes, "train": config.model_dump(mode="json")}
+                "classes": classes, "split": config.split or source.split, "train": config.model_dump(mode="json")}
             save_grounding_checkpoint(out.url("last"), module, optimizer, metadata)
             if improved:
                 save_grounding_checkpoint(out.url("best"), module, optimizer, metadata)

@@ -44,7 +44,8 @@ def build(argv: list[str] | None) -> int:
 def print_summary(summary: Summary) -> None:
     print(f"\nDataset written to {summary.out}")
     dropped = ", ".join(f"{n} {reason}" for reason, n in summary.dropped.items()) or "none"
-    print(f"  samples   {summary.written} written of {summary.planned} planned; dropped: {dropped}")
+    print(f"  samples   {summary.written} written of {summary.planned} planned; dropped: {dropped}; "
+          f"given up: {summary.given_up}")
     if summary.resumed_from:
         print(f"  resumed   {summary.resumed_from} samples were already done; {summary.new_this_run} made now")
     rate = summary.new_this_run / summary.wall_seconds if summary.wall_seconds else 0.0

@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
 
@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from factory.build.plan import Sample, build_plan, plan_digest
+from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, plan_digest
 from factory.build.recipe import TORCHVISION_WEIGHTS, Recipe
 from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
@@ -59,7 +59,8 @@ class Summary:
     out: str
     planned: int
     written: int
-    dropped: dict[str, int]
+    dropped: dict[str, int]  # samples dropped, by reason (replaced ones too)
+    given_up: int  # plan entries whose every attempt was dropped
     new_this_run: int
     resumed_from: int
     wall_seconds: float
@@ -99,11 +100,11 @@ def prepare_build(recipe: Recipe) -> Prepared:
                                  f"({previous['recipe']['name']}, key {previous['content_key']}); "
                                  f"use another --out or the same recipe")
             build = previous  # keep the first run's record; num_samples etc. may differ now
-            planned = {s.sample_id for s in plan}
+            planned = {s.sample_id for s in all_attempts(plan, recipe)}
             outside = sum(1 for c in read_commits(location) for i in (*c.written, *c.dropped) if i not in planned)
             if outside:
-                raise BuildError(f"{recipe.output} holds {outside} samples outside this plan "
-                                 f"(was num_samples larger before?); use the same or a larger --num-samples")
+                raise BuildError(f"{recipe.output} holds {outside} samples outside this plan (were num_samples "
+                                 f"or attempts larger before?); use the same or larger --num-samples and --attempts")
         location.write_bytes(BUILD_FILE, json.dumps(build, indent=2).encode())
     except OSError as exc:
         what = "no permission to write to" if access_refused(exc) else "cannot write to"
@@ -256,7 +257,7 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
     then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``).
     """
     gen, writer, pool = recipe.generator, recipe.writer, recipe.pool
-    rows = [asdict(s) for s in todo]
+    rows = [s.row() for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
     actors = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
                                         max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
@@ -283,6 +284,21 @@ def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: di
         commit = write_part(actor(batch), out=out, metadata=metadata).column("commit")[0].as_py()
         commits.append(Commit.from_json(commit.encode()))
     return commits
+
+
+def _make(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes],
+          stages: list[StageSpec] | None, models: dict[str, str], in_process: bool) -> list[Commit]:
+    """One round of samples, here or through Ray; their commits."""
+    if in_process:
+        return make_samples_here(recipe, todo, out, metadata, stages=stages, models=models)
+    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    try:
+        return stream_samples(recipe, todo, out, metadata, stages=stages, models=models)
+    except Exception as exc:  # a model that would not load, or storage that failed beyond its retries
+        cause = pipeline_failure(exc)
+        if cause is None:
+            raise
+        raise BuildError(f"{cause} (committed parts are kept; the same command resumes)") from None
 
 
 def _labeler_id(recipe: Recipe) -> str:
@@ -315,27 +331,52 @@ def _existing_commits(prepared: Prepared) -> tuple[list[Commit], list[str]]:
     return commits, orphans
 
 
-def _check_complete(plan: list[Sample], commits: list[Commit]) -> None:
-    seen: set[str] = set()
+def outcomes(commits: list[Commit]) -> dict[str, str]:
+    """Sample id -> "" when written, its drop reason when dropped."""
+    found: dict[str, str] = {}
     for commit in commits:
-        for sample_id in (*commit.written, *commit.dropped):
-            if sample_id in seen:
+        for sample_id, reason in (*((i, "") for i in commit.written), *commit.dropped.items()):
+            if sample_id in found:
                 raise BuildError(f"sample {sample_id} is committed twice (two builds writing one output?)")
-            seen.add(sample_id)
-    missing = len({s.sample_id for s in plan} - seen)
+            found[sample_id] = reason
+    return found
+
+
+def _check_complete(prepared: Prepared, made: dict[str, str]) -> None:
+    missing = len(next_attempts(prepared.plan, prepared.recipe, made))
     if missing:
         raise BuildError(f"{missing} planned samples were not written; run the same command again to resume")
+
+
+def attempt_counts(plan: list[Sample], recipe: Recipe, made: dict[str, str]) -> dict[str, dict[str, int]]:
+    """Per class: plan entries naming it, samples attempted, entries kept and given up."""
+    counts: dict[str, dict[str, int]] = {}
+    attempts = {entry.index: [] for entry in plan}
+    for sample in all_attempts(plan, recipe):
+        if sample.sample_id in made:
+            attempts[sample.index].append(made[sample.sample_id])
+    for entry in plan:
+        tried = attempts[entry.index]
+        kept = "" in tried
+        for name in entry.classes:
+            count = counts.setdefault(name, dict.fromkeys(("planned", "attempted", "kept", "given_up"), 0))
+            count["planned"] += 1
+            count["attempted"] += len(tried)
+            count["kept"] += kept
+            count["given_up"] += not kept
+    return counts
 
 
 def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, str]) -> dict:
     recipe, plan = prepared.recipe, prepared.plan
     vocabulary = get_vocabulary(recipe.vocabulary)
+    made = outcomes(commits)
     dropped: dict[str, int] = {}
-    for commit in commits:
-        for reason in commit.dropped.values():
-            dropped[reason] = dropped.get(reason, 0) + 1
+    for reason in filter(None, made.values()):
+        dropped[reason] = dropped.get(reason, 0) + 1
     files = sorted(({"path": c.file, "rows": c.rows, "bytes": c.bytes, "sha256": c.sha256}
                     for c in commits if c.file), key=lambda f: f["path"])
+    written = sum(f["rows"] for f in files)
     return {
         "format": FORMAT,
         "name": recipe.name,
@@ -349,7 +390,11 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
                        "background": BACKGROUND, "ignore": IGNORE},
         "models": models,
         "versions": _versions(),
-        "counts": {"planned": len(plan), "written": sum(f["rows"] for f in files), "dropped": dropped},
+        # planned: plan entries; attempted: samples made for them (replacements too); written: kept
+        # samples (one per entry at most); given_up: entries whose every attempt was dropped
+        "counts": {"planned": len(plan), "attempted": len(made), "written": written, "dropped": dropped,
+                   "given_up": len(plan) - written},
+        "per_class": attempt_counts(plan, recipe, made),
         "capture": _capture_info(recipe, commits),
         "labels": label_provenance(recipe, models["labeler"]),
         "files": files,
@@ -368,7 +413,7 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
         from grounding.checkpoint import read_grounding_metadata  # only annotating builds need it
 
         metadata = read_grounding_metadata(recipe.annotator.checkpoint)
-        trained, kind, split = set(metadata["classes"]), "annotator", metadata.get("train", {}).get("split")
+        trained, kind, split = set(metadata["classes"]), "annotator", metadata["split"]
     else:
         trained, kind, split = set(names), "oracle", None
     return {"labeler": labeler, "kind": kind, "trained_split": split,
@@ -415,24 +460,19 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
     models = models or model_ids(recipe)
     start = time.perf_counter()
     commits, orphans = _existing_commits(prepared)
-    resumed = sum(len(c.written) + len(c.dropped) for c in commits)
-    done = {i for c in commits for i in (*c.written, *c.dropped)}
-    todo = [s for s in plan if s.sample_id not in done]
-    new: list[Commit] = []
+    made = outcomes(commits)
+    resumed = len(made)
     metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
-    if todo and in_process:
-        new = make_samples_here(recipe, todo, location.uri, metadata, stages=stages, models=models)
-    elif todo:
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
-        try:
-            new = stream_samples(recipe, todo, location.uri, metadata, stages=stages, models=models)
-        except Exception as exc:  # a model that would not load, or storage that failed beyond its retries
-            cause = pipeline_failure(exc)
-            if cause is None:
-                raise
-            raise BuildError(f"{cause} (committed parts are kept; the same command resumes)") from None
+    new: list[Commit] = []
+    # Rounds: the entries' first samples, then replacements of those dropped, until none is due.
+    while todo := next_attempts(plan, recipe, made):
+        if todo[0].attempt or len(new):
+            logger.info(f"replacing {len(todo)} dropped samples with their entries' next attempts")
+        made_now = _make(recipe, todo, location.uri, metadata, stages, models, in_process)
+        made |= outcomes(made_now)
+        new += made_now
     commits += new
-    _check_complete(plan, commits)
+    _check_complete(prepared, outcomes(commits))
     manifest = build_manifest(prepared, commits, models)
     preview = _preview(prepared, manifest["files"])
     location.write_bytes(MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
@@ -443,7 +483,8 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
             stage_seconds[stage] = stage_seconds.get(stage, 0.0) + seconds
     notes = prepared.notes + ([f"deleted {len(orphans)} orphan part(s) of an interrupted run"] if orphans else [])
     return Summary(out=location.uri, planned=len(plan), written=manifest["counts"]["written"],
-                   dropped=manifest["counts"]["dropped"], new_this_run=sum(len(c.written) + len(c.dropped) for c in new),
+                   dropped=manifest["counts"]["dropped"], given_up=manifest["counts"]["given_up"],
+                   new_this_run=sum(len(c.written) + len(c.dropped) for c in new),
                    resumed_from=resumed, wall_seconds=time.perf_counter() - start, stage_seconds=stage_seconds,
                    bytes_written=sum(f["bytes"] for f in manifest["files"]), files=len(manifest["files"]),
                    preview=preview, manifest=location.url(MANIFEST_FILE), card=card, notes=notes)

@@ -4,13 +4,18 @@ A sample is its classes, its prompt and its noise seed. The plan is a pure
 function of the recipe: the same recipe and seed always give the same samples with
 the same ids, and `num_samples` keeps a prefix of the shuffled plan, so a larger
 `num_samples` extends a dataset instead of replacing it.
+
+Each plan entry has up to `recipe.attempts` samples: when one is dropped (a class not
+found), the entry's next attempt, the same prompt with its next seed, is made, until one is
+kept or the attempts are spent ("given up"). Which attempts are made is decided by the
+commit records alone (``next_attempts``), so an interrupted build resumes to the same set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError
 from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import first_line
 from factory.core.vocab import Vocabulary, get_vocabulary
-from factory.dataset.batch import MAX_CLASSES
+from factory.dataset.batch import MAX_CLASSES, PLAN_COLUMNS
 from factory.dataset.source import DatasetError
 
 
@@ -32,6 +37,11 @@ class Sample:
     class_words: tuple[str, ...]  # how each class is worded inside the prompt
     prompt: str
     seed: int
+    attempt: int = 0  # 0: the plan entry's first sample; k: its k-th replacement
+
+    def row(self) -> dict:
+        """The sample's plan columns, as the stages read them (``PLAN_COLUMNS``)."""
+        return {key: getattr(self, key) for key in PLAN_COLUMNS}
 
 
 @dataclass(frozen=True)
@@ -102,14 +112,18 @@ def load_prompt_file(path: Path, vocabulary: Vocabulary) -> list[Prompt]:
     return prompts
 
 
-def _sample_seed(plan_seed: int, index: int) -> int:
-    digest = hashlib.sha256(f"seed:{plan_seed}:{index}".encode()).digest()
+def _sample_seed(plan_seed: int, index: int, attempt: int = 0) -> int:
+    name = f"seed:{plan_seed}:{index}" + (f":{attempt}" if attempt else "")
+    digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1  # 63 bits: fits int64 and torch.Generator
 
 
-def _sample_id(content_key: str, index: int) -> str:
-    # Sorts in plan order; the hash keeps ids of different recipes apart when datasets are merged.
-    return f"{index:07d}-{hashlib.sha256(f'{content_key}:{index}'.encode()).hexdigest()[:8]}"
+def _sample_id(content_key: str, index: int, attempt: int = 0) -> str:
+    # Sorts in plan order, a replacement ("0000012.1-...") after its entry's first sample; the
+    # hash keeps ids of different recipes apart when datasets are merged.
+    if not attempt:
+        return f"{index:07d}-{hashlib.sha256(f'{content_key}:{index}'.encode()).hexdigest()[:8]}"
+    return f"{index:07d}.{attempt}-{hashlib.sha256(f'{content_key}:{index}:{attempt}'.encode()).hexdigest()[:8]}"
 
 
 def build_plan(recipe: Recipe) -> list[Sample]:
@@ -146,6 +160,34 @@ def build_plan(recipe: Recipe) -> list[Sample]:
     return plan
 
 
+def _attempt(sample: Sample, k: int, content_key: str, plan_seed: int) -> Sample:
+    """The k-th sample of `sample`'s plan entry: the same prompt with the k-th seed."""
+    return replace(sample, sample_id=_sample_id(content_key, sample.index, k),
+                   seed=_sample_seed(plan_seed, sample.index, k), attempt=k)
+
+
+def all_attempts(plan: list[Sample], recipe: Recipe) -> list[Sample]:
+    """Every sample the plan may make: each entry's attempts 0 .. recipe.attempts - 1."""
+    key = recipe.content_key()
+    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in range(recipe.attempts)]
+
+
+def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) -> list[Sample]:
+    """What to make next, given the `outcomes` of the samples committed so far (sample id ->
+    "" when written, the drop reason when dropped): each entry's first attempt when none was
+    made, its next one when the last made was dropped and attempts are left."""
+    key, due = recipe.content_key(), []
+    for sample in plan:
+        for k in range(recipe.attempts):
+            made = _attempt(sample, k, key, recipe.seed)
+            outcome = outcomes.get(made.sample_id)
+            if outcome is None:
+                due.append(made)
+            if not outcome:  # not made yet, or kept
+                break
+    return due
+
+
 def plan_digest(plan: list[Sample]) -> str:
     """A fingerprint of the whole plan, recorded in the manifest."""
     h = hashlib.sha256()
@@ -155,8 +197,9 @@ def plan_digest(plan: list[Sample]) -> str:
 
 
 def replan(manifest: dict) -> list[Sample]:
-    """The plan of a finished dataset, rebuilt from its manifest's recipe; DatasetError when this
-    version of the code cannot rebuild it, or rebuilds another plan."""
+    """Every sample a finished dataset's plan may make (``all_attempts``), rebuilt from its
+    manifest's recipe; DatasetError when this version of the code cannot rebuild the plan, or
+    rebuilds another one."""
     try:
         recipe = Recipe.model_validate(manifest["recipe"])
         if recipe.content_key() != manifest["content_key"]:
@@ -169,4 +212,4 @@ def replan(manifest: dict) -> list[Sample]:
     if plan_digest(plan) != manifest["plan"]["digest"]:
         raise DatasetError(f"the plan rebuilt from the manifest's recipe has digest {plan_digest(plan)}, "
                            f"the manifest {manifest['plan']['digest']}")
-    return plan
+    return all_attempts(plan, recipe)

@@ -166,6 +166,8 @@ class Recipe(_Section):
     num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
                                     "shuffled plan (a prefix: a larger N extends the same dataset)")
     seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
+    attempts: int = Field(4, ge=1, le=64, description="samples tried per plan entry: a dropped sample (a class "
+                          "not found) is replaced by the entry's next seed, up to this many; 1: never replaced")
     out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "
                             "(default: outputs/<name>)")
     prompts: PromptConfig = PromptConfig()
@@ -228,10 +230,11 @@ class Recipe(_Section):
         """Hash of every field that decides what a sample contains; part of sample ids.
 
         Resuming into an existing output requires the same key. Left out, and free to
-        change between runs: name, output, sample count, batch and pool sizes, file sizes.
+        change between runs: name, output, sample count, attempts (a larger number replaces
+        what was given up), batch and pool sizes, file sizes.
         """
         data = self.model_dump(mode="json", exclude={
-            "name": True, "out": True, "num_samples": True,
+            "name": True, "out": True, "num_samples": True, "attempts": True,
             "writer": {"rows_per_file", "preview_samples"},
             "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"}})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

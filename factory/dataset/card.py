@@ -40,7 +40,7 @@ COLUMNS = {
     "labeler": "model that labelled it",
     "timestep": "diffusion timestep of the captured U-Net call",
     "latent": "the captured U-Net call's latent, fp16 bytes",
-    "daam": "DAAM cross-attention heat map per class, fp16 bytes",
+    "daam": "DAAM cross-attention heat map per class (latent grid, min-max normalised), fp16 bytes",
     "quality": "CLIP image-quality score",
 }
 
@@ -151,8 +151,8 @@ LIMITATIONS = """## Limitations and biases
 - **Machine labels.** Label maps come from a model, not from people: missed instances,
   loose boundaries and wrong classes occur. Pixels the labeler was unsure of are 255
   (ignore), never background; use `ignore_index=255`.
-- **Selection.** Samples whose prompt class was not found may be dropped (see the counts):
-  the set over-represents images where the class is easy to recognise.
+- **Selection.** Samples whose prompt class was not found may be dropped and replaced by
+  another seed (see the counts): the set over-represents images where the class is easy to recognise.
 - **Two-object prompts** often yield one object, or a blend of both; `found` and `scores`
   say what the labeler saw.
 """
@@ -177,8 +177,16 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
     if preview:
         lines += [f"![Samples beside their label maps]({PREVIEW_FILE})", ""]
     lines += ["## Counts", "",
-              *_table([(counts["planned"], written, dropped, len(manifest["files"]))],
-                      ("planned", "written", "dropped", "Parquet files")), "",
+              *_table([(counts["planned"], counts["attempted"], written, dropped, counts["given_up"],
+                        len(manifest["files"]))],
+                      ("planned", "attempted", "written", "dropped", "given up", "Parquet files")), "",
+              f"Each planned prompt was tried with up to {recipe['attempts']} seeds until one sample was kept; "
+              "a prompt whose every attempt was dropped is given up. Per class (a two-class prompt "
+              "counts for both):", "",
+              *_table([(name, c["planned"], c["attempted"], c["kept"], c["given_up"])
+                       for name, c in manifest["per_class"].items()],
+                      ("class", "planned", "attempted", "kept", "given up")), "",
+              *_provenance(manifest["labels"]), "",
               "## Loading", "",
               "```python",
               "from datasets import load_dataset",
@@ -205,6 +213,21 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
               "OpenRAIL-M) applies to their use, and the labeler's to the labels.", ""]
     return "\n".join(lines)
+
+
+def _provenance(labels: dict) -> list[str]:
+    """Whether the labels may train a zero-shot model: which classes the labeler was trained on."""
+    trained = [name for name, known in labels["trained"].items() if known]
+    untrained = [name for name, known in labels["trained"].items() if not known]
+    if labels["kind"] == "oracle":
+        return ["## Label provenance", "",
+                f"Labelled by an oracle (`{labels['labeler']}`) that was trained on every class it labels: "
+                "not for zero-shot training on any of them (an upper bound only)."]
+    split = "" if labels["trained_split"] is None else f" (the seen classes of split {labels['trained_split']})"
+    return ["## Label provenance", "",
+            f"Labelled by the grounding module `{labels['labeler']}`, trained on {len(trained)} classes{split}: "
+            f"{', '.join(trained)}. Labels of the other classes ({', '.join(untrained) or 'none'}) come from a "
+            "model that never saw them: zero-shot for a segmenter whose unseen classes are among them."]
 
 
 def write_card(location: Location, manifest: dict) -> str:

@@ -301,7 +301,7 @@ img.gallery {{ max-width: 100%; }}
 </table>
 <h2>Classes</h2>
 <p>Samples: written samples whose prompt named the class; found / missed by the oracle;
-dropped: planned samples with the class that were not written. Coverage: share of the
+dropped: samples made for the class that were not written (then replaced, or given up). Coverage: share of the
 label map's pixels with the class index.</p>
 <table><tr><th>class</th><th>samples</th><th>found</th><th>missed</th><th>dropped</th>
 <th>coverage mean</th><th>coverage median</th><th>score mean</th><th>score min</th></tr>

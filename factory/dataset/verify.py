@@ -2,9 +2,10 @@
 
 Checks that every Parquet file the manifest lists is there with its recorded size,
 sha256 and row count, and no other; that each file holds the ids of its commit record;
-that sample ids are unique across files and are exactly the planned ids (the plan
-rebuilt from the manifest's recipe) minus those recorded as dropped; that the counts
-add up; that every image, label map and class mask decodes at the recorded size; and
+that sample ids are unique across files; that each plan entry (the plan rebuilt from the
+manifest's recipe) has exactly the attempts its outcomes call for: its first samples up to
+the first one written, each before it recorded as dropped, or all its attempts dropped
+("given up"); that the counts add up; that every image, label map and class mask decodes at the recorded size; and
 that the dataset card (README.md) is there.
 """
 
@@ -14,6 +15,7 @@ import hashlib
 import io
 import json
 from collections import Counter
+from collections.abc import Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -73,7 +75,7 @@ class Verifier:
         return not self.problems
 
     def dataset(self, location: Location, manifest: dict) -> None:
-        planned = self.planned_ids(manifest)
+        planned = self.planned_samples(manifest)
         commits = read_commits(location)
         committed = {c.file: c for c in commits if c.file}
         entries = {entry["path"]: entry for entry in manifest["files"]}
@@ -95,39 +97,64 @@ class Verifier:
             self.problems.append(some(duplicated, "sample ids in more than one row"))
         dropped = {i: reason for c in commits for i, reason in c.dropped.items()}
         written = set(ids)
+        plan_entries, given_up = manifest["counts"]["planned"], manifest["counts"]["given_up"]
         if planned is not None:
-            for wrong, what in ((written - planned, "written ids outside the plan"),
-                                (dropped.keys() - planned, "dropped ids outside the plan"),
-                                (planned - written - dropped.keys(), "planned ids neither written nor dropped")):
-                if wrong:
-                    self.problems.append(some(wrong, what))
+            plan_entries, given_up = self.attempts(planned, written, dropped)
         if written & dropped.keys():
             self.problems.append(some(written & dropped.keys(), "ids both written and recorded as dropped"))
         if not location.exists(CARD_FILE):
             self.problems.append(f"no {CARD_FILE} (the dataset card): run the same build command again to write it")
         reasons = dict(Counter(dropped.values()))
-        found = {"planned": len(planned) if planned is not None else manifest["counts"]["planned"],
-                 "written": sum(ids.values()), "dropped": reasons}
+        found = {"planned": plan_entries, "attempted": len(written | dropped.keys()), "written": sum(ids.values()),
+                 "dropped": reasons, "given_up": given_up}
         if manifest["counts"] != found:
             self.problems.append(f"manifest counts {json.dumps(manifest['counts'], sort_keys=True)} differ from "
                                  f"the files and commit records: {json.dumps(found, sort_keys=True)}")
 
         drops = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items())) or "none"
         self.checked += [
-            f"dataset   {manifest['name']}: {found['planned']} planned, {found['written']} written, dropped: {drops}",
+            f"dataset   {manifest['name']}: {found['planned']} planned, {found['written']} written, dropped: {drops}, "
+            f"given up: {found['given_up']}",
             f"files     {len(present)} Parquet files, {len(entries)} in the manifest, {len(commits)} commit records",
             f"samples   {sum(ids.values())} rows, {len(written)} distinct ids",
             f"decoded   {self.decoded['image']} images, {self.decoded['label']} label maps, "
             f"{self.decoded['mask']} masks",
         ]
 
-    def planned_ids(self, manifest: dict) -> set[str] | None:
-        """The plan's ids rebuilt from the manifest's recipe; None (and a problem) when it cannot be."""
+    def planned_samples(self, manifest: dict) -> Sequence | None:
+        """Every sample the plan may make, rebuilt from the manifest's recipe; None (and a problem)
+        when it cannot be."""
         try:
-            return {sample.sample_id for sample in self.replan(manifest)}
+            return self.replan(manifest)
         except FactoryError as exc:
             self.problems.append(str(exc))
             return None
+
+    def attempts(self, planned: Sequence, written: set[str], dropped: dict[str, str]) -> tuple[int, int]:
+        """Checks each plan entry's samples against its outcomes; returns (entries, given up)."""
+        possible = {sample.sample_id for sample in planned}
+        for wrong, what in ((written - possible, "written ids outside the plan"),
+                            (dropped.keys() - possible, "dropped ids outside the plan")):
+            if wrong:
+                self.problems.append(some(wrong, what))
+        entries: dict[int, list] = {}
+        for sample in sorted(planned, key=lambda sample: sample.attempt):
+            entries.setdefault(sample.index, []).append(sample.sample_id)
+        missing, extra, given_up = [], [], 0
+        for ids in entries.values():
+            # Walk the attempts as the build made them: on past each dropped one, to the first written.
+            due = next((k for k, i in enumerate(ids) if i not in dropped), None)
+            if due is None:
+                given_up += 1
+                continue
+            if ids[due] not in written:
+                missing.append(ids[due])
+            extra += [i for i in ids[due + 1:] if i in written or i in dropped]
+        for wrong, what in ((missing, "planned ids neither written nor dropped"),
+                            (extra, "ids of attempts made after their entry's sample was kept or missing")):
+            if wrong:
+                self.problems.append(some(wrong, what))
+        return len(entries), given_up
 
     def parquet_file(self, location: Location, entry: dict, commit: Commit | None, manifest: dict) -> list[str]:
         """Size, checksum, rows, ids and images of one file; returns its sample ids."""

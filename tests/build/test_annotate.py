@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
     save_grounding_checkpoint(str(path), module, None, {
         "epoch": 0, "text": TextConfig().model_dump(), "generation": GENERATION,
         "capture": {"features": "latent", "steps_remaining": 2}, "vocabulary": {"name": "voc"},
-        "classes": ["dog", "cat"]})
+        "classes": ["dog", "cat"], "split": None})  # trained on a list of classes, not a split's seen ones
     return str(path)
 
 
@@ -132,6 +132,9 @@ def test_annotated_build(ray_cluster, checkpoint, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["models"]["labeler"] == f"grounding:{checkpoint}"
     assert manifest["counts"]["written"] == 6
+    # Only dog and cat come from a labeler trained on them: the others are zero-shot labels.
+    assert manifest["labels"]["kind"] == "annotator" and manifest["labels"]["trained_split"] is None
+    assert {name for name, trained in manifest["labels"]["trained"].items() if trained} == {"dog", "cat"}
     rows = [r for f in manifest["files"] for r in pq.read_table(out / f["path"]).to_pylist()]
     for row in rows:
         label = decode_png(row["label"]["bytes"])

@@ -55,7 +55,7 @@ def test_tiny_build_to_local_folder(ray_cluster, tmp_path, capsys):
     rows = read_rows(out)
     ids = [r["sample_id"] for r in rows]
     assert sorted(ids) == sorted(planned_ids(*SMALL)) and len(set(ids)) == 12
-    assert manifest["counts"] == {"planned": 12, "written": 12, "dropped": {}}
+    assert manifest["counts"] == {"planned": 12, "attempted": 12, "written": 12, "dropped": {}, "given_up": 0}
     assert manifest["recipe"]["generator"]["steps"] == 3
     for entry in manifest["files"]:  # checksums and sizes match the files
         data = (out / entry["path"]).read_bytes()

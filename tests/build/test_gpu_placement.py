@@ -240,7 +240,7 @@ def assert_every_planned_sample_once(out: Path) -> None:
     # Pool sizes are not part of a sample's content: both scenarios plan the same ids.
     planned = sorted(s.sample_id for s in build_plan(recipe_from_args(build_dataset.parse_args(BUILD))))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"planned": 12, "written": 12, "dropped": {}}
+    assert manifest["counts"] == {"planned": 12, "attempted": 12, "written": 12, "dropped": {}, "given_up": 0}
     rows = [pq.read_table(out / entry["path"]).column("sample_id").to_pylist() for entry in manifest["files"]]
     assert sorted(i for part in rows for i in part) == planned
     commits = read_commits(open_location(str(out)))

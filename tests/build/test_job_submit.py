@@ -105,7 +105,7 @@ def test_build_submitted_with_ray_job_submit(ray_head, tmp_path):
     assert f"Dataset written to {out}" in logs
 
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["counts"] == {"planned": 4, "written": 4, "dropped": {}}
+    assert manifest["counts"] == {"planned": 4, "attempted": 4, "written": 4, "dropped": {}, "given_up": 0}
     ids = []
     for entry in manifest["files"]:
         table = pq.read_table(out / entry["path"])

@@ -3,15 +3,26 @@ read and add, and what prepare_build tells the user before any model loads."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.pipeline import label_provenance, model_stages, prepare_build, resolve_stage, run_build
+from factory.build.pipeline import (
+    StageSpec,
+    label_provenance,
+    model_stages,
+    prepare_build,
+    resolve_stage,
+    run_build,
+)
+from factory.build.plan import all_attempts, replan
 from factory.build.recipe import load_recipe
 from factory.core.vocab import get_vocabulary
-from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS
+from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS, SampleLabels, attach_labels
 from factory.dataset.codec import decode_image
+from factory.dataset.verify import Verifier
 
 
 def test_stages_of_an_oracle_build_read_what_the_stages_before_them_add():
@@ -44,7 +55,7 @@ def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):
 
     checkpoint = str(tmp_path / "best")
     module = GroundingModule(GroundingModelConfig.tiny(feature_channels={16: 8, 32: 8}, mask_resolution=16))
-    save_grounding_checkpoint(checkpoint, module, None, {"epoch": 1, "classes": ["dog", "cat"], "train": {"split": 1}})
+    save_grounding_checkpoint(checkpoint, module, None, {"epoch": 1, "classes": ["dog", "cat"], "split": 1})
     annotated = label_provenance(load_recipe("tiny", {"annotator": {"checkpoint": checkpoint}}), "grounding")
     assert annotated["kind"] == "annotator" and annotated["trained_split"] == 1
     assert {name for name, trained in annotated["trained"].items() if trained} == {"dog", "cat"}
@@ -75,3 +86,68 @@ def test_in_process_and_ray_builds_make_the_same_samples(ray_cluster, tmp_path):
         assert [row[k] for k in PLAN_COLUMNS] == [here[k] for k in PLAN_COLUMNS]
         difference = np.abs(decode_image(row["image"]).astype(int) - decode_image(here["image"]).astype(int))
         assert difference.max() <= 2 and difference.mean() < 0.01
+
+
+class KeepsEveryThirdSeed:
+    """A stand-in generator and labeler with a known verdict: a sample is kept when its seed is
+    a multiple of three, dropped as "class_not_found" otherwise."""
+
+    def __call__(self, batch):
+        n, start = len(batch["seed"]), 0.0
+        batch["image"] = np.zeros((n, 8, 8, 3), np.uint8)
+        batch["generate_seconds"] = np.zeros(n)
+        labels = [SampleLabels(np.zeros((8, 8), np.uint8), np.ones((len(classes), 8, 8), bool),
+                               np.ones(len(classes), np.float32), np.ones(len(classes), np.int16),
+                               "" if seed % 3 == 0 else "class_not_found")
+                  for classes, seed in zip(batch["classes"], batch["seed"])]
+        return attach_labels(batch, labels, start)
+
+
+def build_with_replacements(out, attempts: int):
+    recipe = load_recipe("tiny", {"num_samples": 12, "attempts": attempts, "out": str(out),
+                                  "writer": {"rows_per_file": 4, "preview_samples": 0}})
+    stage = StageSpec(KeepsEveryThirdSeed, {}, 4, reads=tuple(PLAN_COLUMNS), adds=())
+    summary = run_build(prepare_build(recipe), stages=[stage], models={"generator": "g", "labeler": "l"},
+                        in_process=True)
+    return recipe, summary
+
+
+def test_dropped_samples_are_replaced_by_their_entrys_next_seeds(tmp_path):
+    recipe, summary = build_with_replacements(tmp_path / "ds", attempts=4)
+    # What each entry should end with, from the seeds alone: its attempts up to the first kept one.
+    expected_rows, expected_drops, given_up = set(), set(), 0
+    attempts = all_attempts(prepare_build(recipe).plan, recipe)
+    for index in range(12):
+        mine = [s for s in attempts if s.index == index]
+        kept = next((s for s in mine if s.seed % 3 == 0), None)
+        expected_drops |= {s.sample_id for s in mine[:mine.index(kept) if kept else len(mine)]}
+        if kept:
+            expected_rows.add(kept.sample_id)
+        given_up += kept is None
+    rows = pq.read_table(tmp_path / "ds" / "data", columns=["sample_id", "seed"]).to_pylist()
+    assert {row["sample_id"] for row in rows} == expected_rows
+    assert any(".1-" in row["sample_id"] or ".2-" in row["sample_id"] for row in rows)  # replacements were kept
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert manifest["counts"] == {"planned": 12, "attempted": len(expected_rows) + len(expected_drops),
+                                  "written": len(expected_rows), "dropped": {"class_not_found": len(expected_drops)},
+                                  "given_up": given_up}
+    assert (summary.written, summary.given_up) == (len(expected_rows), given_up)
+    per_class = manifest["per_class"]
+    assert sum(c["planned"] for c in per_class.values()) == sum(len(s.classes) for s in prepare_build(recipe).plan)
+    assert all(c["kept"] + c["given_up"] == c["planned"] for c in per_class.values())
+    verifier = Verifier(str(tmp_path / "ds"), replan)
+    assert verifier.run(), verifier.report()
+
+
+def test_more_attempts_extend_a_build_to_what_a_fresh_build_makes(tmp_path):
+    """Replacements are decided by the commit records alone: a build with one attempt, rerun with
+    four, ends with exactly the rows of a build made with four at once."""
+    build_with_replacements(tmp_path / "grown", attempts=1)
+    first = pq.read_table(tmp_path / "grown" / "data", columns=["sample_id"]).column("sample_id").to_pylist()
+    build_with_replacements(tmp_path / "grown", attempts=4)
+    build_with_replacements(tmp_path / "fresh", attempts=4)
+    grown, fresh = (sorted(pq.read_table(tmp_path / name / "data", columns=["sample_id"]).column("sample_id")
+                           .to_pylist()) for name in ("grown", "fresh"))
+    assert grown == fresh and set(first) < set(grown)
+    with pytest.raises(Exception, match="outside this plan"):  # fewer attempts than made: refused
+        build_with_replacements(tmp_path / "grown", attempts=1)

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from factory.build.plan import build_plan, load_prompt_file, plan_digest, selected_classes
+from factory.build.plan import all_attempts, build_plan, load_prompt_file, next_attempts, plan_digest, selected_classes
 from factory.build.recipe import Recipe, RecipeError, load_recipe
 from factory.core.vocab import VOC
 
@@ -52,6 +52,41 @@ def test_indices_and_ids():
     # Another recipe (other content key) gives other ids for the same indices.
     other = build_plan(mixture(prompts={"one": "a picture of a {0}"}))
     assert not {s.sample_id for s in plan} & {s.sample_id for s in other}
+
+
+# --------------------------------------------------------------- replacements
+
+def test_an_entrys_attempts_share_its_prompt_with_their_own_seeds_and_ids():
+    r = mixture(attempts=3)
+    plan = build_plan(r)
+    every = all_attempts(plan, r)
+    assert len(every) == 3 * len(plan)
+    first = [s for s in every if s.attempt == 0]
+    assert as_tuples(first) == as_tuples(plan)  # attempt 0 is the plan itself
+    assert len({s.sample_id for s in every}) == len({s.seed for s in every}) == len(every)
+    for sample in every:
+        entry = plan[sample.index]
+        assert (sample.prompt, sample.classes, sample.class_words) == (entry.prompt, entry.classes, entry.class_words)
+    ids = [s.sample_id for s in every]
+    assert ids == sorted(ids)  # in plan order, each entry's replacements after its first sample
+    assert all(s.sample_id.startswith(f"{s.index:07d}.{s.attempt}-") for s in every if s.attempt)
+
+
+def test_next_attempts_replace_dropped_samples_until_kept_or_spent():
+    r = mixture(attempts=3)
+    plan = build_plan(r)[:4]
+    ids = {(s.index, s.attempt): s.sample_id for s in all_attempts(plan, r)}
+    assert next_attempts(plan, r, {}) == plan  # nothing made: every entry's first sample
+    made = {ids[0, 0]: "", ids[1, 0]: "class_not_found", ids[2, 0]: "class_not_found",
+            ids[2, 1]: "class_not_found", ids[3, 0]: "class_not_found", ids[3, 1]: "class_not_found",
+            ids[3, 2]: "class_not_found"}
+    due = next_attempts(plan, r, made)
+    # 0 kept; 1 and 2 get their next seed; 3 spent its three attempts: given up
+    assert [(s.index, s.attempt) for s in due] == [(1, 1), (2, 2)]
+    assert [s.seed for s in due] == [s.seed for s in all_attempts(plan, r) if (s.index, s.attempt) in {(1, 1), (2, 2)}]
+    made |= {ids[1, 1]: "", ids[2, 2]: ""}
+    assert next_attempts(plan, r, made) == []
+    assert next_attempts(plan, mixture(attempts=1), {ids[1, 0]: "class_not_found"}) == [plan[0], *plan[2:]]
 
 
 # ----------------------------------------------------------------------- counts

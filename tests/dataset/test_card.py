@@ -89,7 +89,11 @@ def fake_manifest(**recipe_changes) -> dict:
             "models": {"generator": "stable-diffusion-v1-5/stable-diffusion-v1-5",
                        "labeler": "grounding:s3://b/g/best" if recipe["annotator"]["checkpoint"] else "maskrcnn"},
             "versions": {"torch": "2.14.1"},
-            "counts": {"planned": 1500, "written": 1400, "dropped": {"class_not_found": 100}},
+            "counts": {"planned": 1500, "attempted": 1600, "written": 1400, "dropped": {"class_not_found": 200},
+                       "given_up": 100},
+            "per_class": {"cow": {"planned": 75, "attempted": 90, "kept": 70, "given_up": 5}},
+            "labels": {"labeler": "grounding:s3://b/g/best", "kind": "annotator", "trained_split": 1,
+                       "trained": {c.name: c.name != "cow" for c in VOC.classes}},
             "files": [{"path": "data/part-a.parquet", "rows": 700, "bytes": 1000},
                       {"path": "data/part-b.parquet", "rows": 700, "bytes": 2000}]}
 
@@ -101,7 +105,9 @@ def test_card_of_an_annotated_build():
     assert header["size_categories"] == ["1K<n<10K"]
     assert "**Annotator**" in body and "s3://b/g/best" in body and "probability 0.4" in body and "0.2" in body
     assert "**Labeler**" not in body and "Tiny models" not in body
-    assert "| 1500 | 1400 | 100 class_not_found | 2 |" in body
+    assert "| 1500 | 1600 | 1400 | 200 class_not_found | 100 | 2 |" in body
+    assert "| cow | 75 | 90 | 70 | 5 |" in body and "up to 4 seeds" in body
+    assert "trained on 19 classes (the seen classes of split 1)" in body and "other classes (cow)" in body
     assert "](preview.png)" in body  # the recipe asked for a preview
 
 

@@ -41,8 +41,9 @@ def copy(dataset, tmp_path) -> Path:
 
 def record_first_part_as_dropped(root: Path) -> None:
     """What the build writes when the detector misses every sample of a part: a commit
-    record of dropped ids and no file. The tiny detector finds nothing, so a real build
-    drops all samples or (on_missing: ignore) none; this makes a dataset with both."""
+    record of dropped ids and no file, with one attempt per plan entry (so the dropped ones
+    are given up, not replaced). The tiny detector finds nothing, so a real build drops all
+    samples or (on_missing: ignore) none; this makes a dataset with both."""
     manifest = json.loads((root / "manifest.json").read_text())
     entry = manifest["files"].pop(0)
     path = root / entry["path"]
@@ -52,8 +53,9 @@ def record_first_part_as_dropped(root: Path) -> None:
                   dropped={i: "class_not_found" for i in commit["written"]})
     commit_path.write_text(json.dumps(commit))
     path.unlink()
+    manifest["recipe"]["attempts"] = 1  # not part of the content key: the plan's ids stay
     manifest["counts"].update(written=manifest["counts"]["written"] - entry["rows"],
-                              dropped={"class_not_found": entry["rows"]})
+                              dropped={"class_not_found": entry["rows"]}, given_up=entry["rows"])
     (root / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -113,6 +115,13 @@ def stray_part(root: Path) -> None:  # a part of a killed run that nobody cleane
     shutil.copy(first_part(root), root / "data" / "part-stray.parquet")
 
 
+def leave_drops_unreplaced(root: Path) -> None:  # the build stopped before replacing them
+    record_first_part_as_dropped(root)
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["recipe"]["attempts"] = 2
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
 def lose_the_drop_records(root: Path) -> None:
     record_first_part_as_dropped(root)
     for path in (root / "_commits").glob("*.json"):
@@ -128,9 +137,10 @@ def lose_the_drop_records(root: Path) -> None:
     (drop_a_row, "1 planned ids neither written nor dropped"),
     (stray_part, "data/part-stray.parquet: not in the manifest"),
     (lose_the_drop_records, "planned ids neither written nor dropped"),
+    (leave_drops_unreplaced, "planned ids neither written nor dropped"),
     (lambda root: (root / "manifest.json").unlink(), "manifest.json not found (missing, or its build has not finished); run the same"),
 ], ids=["flipped-byte", "deleted-file", "duplicated-row", "corrupt-label", "lost-row", "stray-part",
-        "lost-drop-records", "no-manifest"])
+        "lost-drop-records", "unreplaced-drops", "no-manifest"])
 def test_damaged_copies_fail_with_a_clear_message(copy, damage, message, capsys):
     damage(copy)
     code, report = verify(str(copy), capsys)
