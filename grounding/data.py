@@ -74,7 +74,7 @@ class TripletSource(DatasetSource):
     @classmethod
     def open(cls, uri: str, *, allow_empty: bool = False) -> TripletSource:
         source = super().open(uri, allow_empty=allow_empty)
-        if not source.capture:
+        if not source.capture or source.capture["features"] == "none":  # DAAM heat maps alone are no triplets
             raise DatasetError(f"{uri} has no U-Net capture columns (built with capture.features: none); "
                                f"build it with --capture.features latent")
         return source
