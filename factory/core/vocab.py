@@ -1,4 +1,4 @@
-"""Class vocabularies (PASCAL VOC, COCO) and the papers' seen/unseen splits.
+"""Class vocabularies (PASCAL VOC, COCO, and the mini world's shapes) and their seen/unseen splits.
 
 Source: the supplementary material of Li et al. (ICCV 2023), section B.1, Table 1. Every class carries the names the different parts of the
 system need: the dataset's identifier, the natural name used in prompts, the
@@ -73,7 +73,7 @@ class ClassInfo:
     name: str      # canonical identifier: VOC identifier or official COCO name
     natural: str   # name used in prompts
     index: int     # label-map index, 1-based (0 is background)
-    coco_id: int   # official COCO category id, i.e. the detector's label
+    coco_id: int   # the oracle detector's label: the official COCO category id (shapes: its own index)
     detector: str  # the COCO detector's class name
 
 
@@ -180,7 +180,26 @@ COCO = Vocabulary(
     ),
 )
 
-VOCABULARIES: dict[str, Vocabulary] = {v.name: v for v in (VOC, COCO)}
+# The mini world (factory/build/world.py): drawn 64x64 images whose 20 classes are a colour and
+# a shape, named in words. Each split's five unseen classes are a "diagonal" of the colour x
+# shape grid, so every colour word and every shape word of an unseen class also names three or
+# four seen classes: zero-shot by composition, the role CLIP's knowledge of words plays for VOC.
+# Its oracle is a detector trained on the world itself, whose labels are the indices.
+SHAPE_COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "white")
+SHAPE_FORMS: tuple[str, ...] = ("disc", "square", "triangle", "cross")
+SHAPES = Vocabulary(
+    name="shapes",
+    classes=tuple(
+        ClassInfo(name=f"{colour}_{form}", natural=f"{colour} {form}", index=i, coco_id=i, detector=f"{colour} {form}")
+        for i, (colour, form) in enumerate(((c, f) for c in SHAPE_COLOURS for f in SHAPE_FORMS), start=1)
+    ),
+    unseen_splits=tuple(
+        tuple(f"{colour}_{SHAPE_FORMS[(i + k) % len(SHAPE_FORMS)]}" for i, colour in enumerate(SHAPE_COLOURS))
+        for k in range(3)
+    ),
+)
+
+VOCABULARIES: dict[str, Vocabulary] = {v.name: v for v in (VOC, COCO, SHAPES)}
 
 
 def get_vocabulary(name: str) -> Vocabulary:

@@ -177,4 +177,20 @@ def test_get_vocabulary():
     assert get_vocabulary("voc") is VOC and get_vocabulary("COCO") is COCO
     with pytest.raises(ValueError) as info:
         get_vocabulary("ade20k")
-    assert str(info.value) == "unknown vocabulary 'ade20k' (choices: voc, coco)"
+    assert str(info.value) == "unknown vocabulary 'ade20k' (choices: voc, coco, shapes)"
+
+
+def test_shapes_splits_are_compositional():
+    """Five unseen classes per split, disjoint across splits; each unseen class's colour word and
+    shape word also name at least three seen classes (zero-shot by composition)."""
+    from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
+
+    assert len(SHAPES) == len(SHAPE_COLOURS) * len(SHAPE_FORMS) == 20
+    unseen = [set(SHAPES.unseen(k)) for k in (1, 2, 3)]
+    assert all(len(u) == 5 for u in unseen) and len(set.union(*unseen)) == 15  # disjoint
+    for k in (1, 2, 3):
+        seen_words = [name.split("_") for name in SHAPES.seen(k)]
+        for name in SHAPES.unseen(k):
+            colour, form = name.split("_")
+            assert sum(c == colour for c, _ in seen_words) >= 3 and sum(f == form for _, f in seen_words) >= 3
+    assert SHAPES.lookup("Red Disc").name == "red_disc" and SHAPES.lookup("red_disc").natural == "red disc"
