@@ -29,27 +29,15 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import ray
 import torch
 
 from factory.build.generate import GenerateStage
 from factory.build.label import LabelStage
 from factory.build.pipeline import model_stages, stream_samples
-from factory.build.plan import Sample, build_plan
+from factory.build.plan import Sample, build_plan, plan_batch
 from factory.build.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from factory.core.options import overrides_from_args
-
-
-def numpy_batch(samples: list[Sample]) -> dict[str, np.ndarray]:
-    """The samples as Ray Data hands them to a stage: one array per column, lists as objects."""
-    rows = [s.row() for s in samples]
-    batch = {}
-    for key in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [row[key] for row in rows]
-        batch[key] = column if isinstance(rows[0][key], (str, list, tuple)) else np.array(list(column))
-    return batch
 
 
 def bare_loop(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, int]:
@@ -62,7 +50,7 @@ def bare_loop(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, int]:
     ready = time.perf_counter()
     labelled = 0
     for first in range(0, len(plan), gen.batch_size):
-        images = generator(numpy_batch(plan[first:first + gen.batch_size]))
+        images = generator(plan_batch(plan[first:first + gen.batch_size]))
         for i in range(0, len(images["sample_id"]), lab.batch_size):
             part = {key: value[i:i + lab.batch_size] for key, value in images.items()}
             labelled += len(labeler(part)["sample_id"])

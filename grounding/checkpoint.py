@@ -54,6 +54,14 @@ def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
     return module.eval(), metadata
 
 
+def generation_record(recipe: dict, capture_step: int) -> dict:
+    """The "generation" of images made by a build `recipe` (its JSON form), captured `capture_step`
+    steps before the end: what checkpoints record and ``check_generation`` compares."""
+    generator = recipe["generator"]
+    return {"model": generator["model"], "steps": generator["steps"], "capture_step": capture_step,
+            "guidance_scale": generator["guidance_scale"], "prompts": recipe["prompts"]}
+
+
 def training_generation(uri: str, metadata: dict) -> dict:
     """The "generation" of a checkpoint's training data; CheckpointError for a checkpoint
     written before checkpoints recorded it (nothing would then show a mismatch of total steps)."""

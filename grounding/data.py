@@ -31,6 +31,7 @@ from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
 from factory.diffusion.pipelines import encode_texts, load_pipeline
 from factory.diffusion.tokens import class_embeddings, class_token_positions
+from grounding.checkpoint import generation_record
 
 ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found", "label"]
 
@@ -98,11 +99,8 @@ class TripletSource(DatasetSource):
     @property
     def generation(self) -> dict:
         """How the images were made, as a grounding checkpoint records its training data's
-        (``grounding.checkpoint.check_generation``): model, total steps, capture step, guidance
-        scale and prompt templates."""
-        generator = self.recipe["generator"]
-        return {"model": generator["model"], "steps": generator["steps"], "capture_step": self.capture_step,
-                "guidance_scale": generator["guidance_scale"], "prompts": self.recipe["prompts"]}
+        (``grounding.checkpoint.generation_record``)."""
+        return generation_record(self.recipe, self.capture_step)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, plan_digest
+from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, plan_batch, plan_digest
 from factory.build.recipe import TORCHVISION_WEIGHTS, Recipe
 from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
@@ -29,9 +29,8 @@ from factory.core.errors import FactoryError
 from factory.core.loading import pipeline_failure
 from factory.core.storage import Location, StorageError, access_refused, check_model_source, check_reachable, first_line
 from factory.core.vocab import get_vocabulary
-from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS
+from factory.dataset.batch import LABEL_COLUMNS
 from factory.dataset.card import write_card
-from factory.dataset.codec import objects
 from factory.dataset.layout import BUILD_FILE, COMMIT_DIR, DATA_DIR, FORMAT, MANIFEST_FILE, PREVIEW_FILE
 from factory.dataset.preview import preview_png
 from factory.dataset.write import Commit, encode_batch, read_commits, write_part
@@ -119,7 +118,12 @@ def _check_annotator(recipe: Recipe) -> list[str]:
     notes for the user."""
     # Imported here: only an annotating build needs grounding (and torch) before its models load.
     from factory.core.checkpoints import CheckpointError
-    from grounding.checkpoint import check_generation, read_grounding_metadata, training_generation
+    from grounding.checkpoint import (
+        check_generation,
+        generation_record,
+        read_grounding_metadata,
+        training_generation,
+    )
 
     uri = recipe.annotator.checkpoint
     try:
@@ -127,9 +131,8 @@ def _check_annotator(recipe: Recipe) -> list[str]:
         trained = training_generation(uri, metadata)
     except CheckpointError as exc:
         raise BuildError(str(exc)) from None
-    gen = recipe.generator
-    used = {"model": gen.model, "steps": gen.steps, "capture_step": trained["capture_step"],
-            "guidance_scale": gen.guidance_scale, "prompts": recipe.prompts.model_dump(mode="json")}
+    # This build captures at the checkpoint's step: only the rest of its generation can differ.
+    used = generation_record(recipe.model_dump(mode="json"), trained["capture_step"])
     features, others = check_generation(trained, used)
     if features:
         raise BuildError(f"grounding checkpoint {uri} reads features this build does not make: "
@@ -278,9 +281,7 @@ def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: di
     actor = ModelActor(stages or model_stages(recipe), _encode_options(recipe, models))
     commits = []
     for start in range(0, len(todo), recipe.writer.rows_per_file):
-        part = todo[start:start + recipe.writer.rows_per_file]
-        batch = {key: objects([getattr(s, key) for s in part]) for key in PLAN_COLUMNS}
-        batch["index"], batch["seed"] = batch["index"].astype(np.int64), batch["seed"].astype(np.int64)
+        batch = plan_batch(todo[start:start + recipe.writer.rows_per_file])
         commit = write_part(actor(batch), out=out, metadata=metadata).column("commit")[0].as_py()
         commits.append(Commit.from_json(commit.encode()))
     return commits
@@ -466,7 +467,7 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
     new: list[Commit] = []
     # Rounds: the entries' first samples, then replacements of those dropped, until none is due.
     while todo := next_attempts(plan, recipe, made):
-        if todo[0].attempt or len(new):
+        if todo[0].attempt or new:
             logger.info(f"replacing {len(todo)} dropped samples with their entries' next attempts")
         made_now = _make(recipe, todo, location.uri, metadata, stages, models, in_process)
         made |= outcomes(made_now)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import first_line
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.batch import MAX_CLASSES, PLAN_COLUMNS
+from factory.dataset.codec import objects
 from factory.dataset.source import DatasetError
 
 
@@ -42,6 +44,14 @@ class Sample:
     def row(self) -> dict:
         """The sample's plan columns, as the stages read them (``PLAN_COLUMNS``)."""
         return {key: getattr(self, key) for key in PLAN_COLUMNS}
+
+
+def plan_batch(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
+    """The samples as Ray Data hands them to a stage: one array per plan column, int64 for the
+    numbers, objects for the rest."""
+    batch = {key: objects([getattr(s, key) for s in samples]) for key in PLAN_COLUMNS}
+    batch["index"], batch["seed"] = batch["index"].astype(np.int64), batch["seed"].astype(np.int64)
+    return batch
 
 
 @dataclass(frozen=True)
