@@ -11,5 +11,7 @@ Layers, each importing only those before it (tests/test_layers.py checks):
                                                            (imports core)
     grounding, segmenter                                   (import core, diffusion, dataset)
     factory.build      recipe, plan, model stages, the Ray pipeline, cost (imports all above)
+    world              the mini world: drawings, its drawn benchmark, the training of its
+                       generator and oracle               (imports all above)
     jobs, bench        entry points                        (import anything)
 """

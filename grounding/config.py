@@ -60,6 +60,16 @@ class GroundingModelConfig(BaseModel):
         return cls(**{**sizes, **overrides})
 
     @classmethod
+    def world(cls, **overrides: Any) -> "GroundingModelConfig":
+        """The mini world's generator (world/generator.py): features at 4, 8 and 16 (a 16x16 latent),
+        a 64-dim text encoder, 64x64 images; small enough to train on a CPU in minutes."""
+        sizes = dict(feature_channels={4: 480, 8: 432, 16: 288},
+                     reduce_channels={4: 16, 8: 16, 16: 32},
+                     fused_dim=64, patch_size=2, embed_dim=64, text_dim=64,
+                     decoder_layers=2, decoder_heads=4, dropout=0.1, mask_resolution=64)
+        return cls(**{**sizes, **overrides})
+
+    @classmethod
     def tiny(cls, **overrides: Any) -> "GroundingModelConfig":
         """The tiny test U-Net (32x32 latent) and text encoder (32 dims); fast on CPU."""
         sizes = dict(feature_channels={16: 96, 32: 64},

@@ -46,9 +46,10 @@ logger = logging.getLogger(__name__)
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "real"] = Field(
-        "tiny", description="module sizes: 'tiny' (tests, CPU) or 'real' (the paper's: D=240, d_e=512, "
-        "3 decoder layers); feature channels, text width and mask size come from the dataset")
+    preset: Literal["tiny", "world", "real"] = Field(
+        "tiny", description="module sizes: 'tiny' (tests, CPU), 'world' (the mini world's generator, CPU) or "
+        "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
+        "come from the dataset")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
     text: TextConfig = TextConfig()
 
@@ -99,7 +100,7 @@ def grounding_model_config(section: ModelSection, feature_channels: dict[int, in
                            image_size: int) -> GroundingModelConfig:
     """The preset's sizes on this dataset: its feature resolutions (the preset's reduce widths,
     coarsest first), its text encoder's width, and masks at the image size (as the paper)."""
-    preset = GroundingModelConfig.tiny() if section.preset == "tiny" else GroundingModelConfig.real()
+    preset = getattr(GroundingModelConfig, section.preset)()
     widths = [preset.reduce_channels[r] for r in sorted(preset.reduce_channels)]
     if len(widths) != len(feature_channels):
         raise ValueError(f"preset {section.preset} fuses {len(widths)} feature resolutions, the dataset "

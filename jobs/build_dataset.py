@@ -1,6 +1,7 @@
 """Build a synthetic segmentation dataset: plan -> generate -> label -> write.
 
-    python jobs/build_dataset.py                                   # tiny default, local
+    python jobs/build_dataset.py                                   # the mini world, local CPUs
+    python jobs/build_dataset.py --recipe tiny                     # tiny random models: plumbing only
     ray job submit -- python jobs/build_dataset.py --recipe voc-oracle --out s3://bucket/prefix
 
 Running the same command again on the same output finishes only what is missing.

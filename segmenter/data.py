@@ -114,9 +114,9 @@ def transform_synthetic(batch: dict[str, Any], *, crop_size: int, crop_scale: tu
 class RealSamples:
     """Ray Data actor: batches of sample positions ("id") -> training rows of a real dataset."""
 
-    def __init__(self, *, format: str, root: str, split: str, crop_size: int, crop_scale: tuple[float, float],
-                 ignore: list[int]):
-        self.reader = real_dataset(format, root, split)
+    def __init__(self, *, format: str, root: str, split: str, vocabulary: str, crop_size: int,
+                 crop_scale: tuple[float, float], ignore: list[int]):
+        self.reader = real_dataset(format, root, split, vocabulary)
         self.crop_size, self.crop_scale, self.ignore = crop_size, crop_scale, ignore
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -132,7 +132,7 @@ def synthetic_dataset(source: DatasetSource, *, crop_size: int, crop_scale: tupl
                           fn_kwargs={"crop_size": crop_size, "crop_scale": crop_scale, "ignore": ignore})
 
 
-def real_training_dataset(format: str, root: str, split: str, size: int, *, crop_size: int,
+def real_training_dataset(format: str, root: str, split: str, vocabulary: str, size: int, *, crop_size: int,
                           crop_scale: tuple[float, float], ignore: list[int], readers: int) -> ray.data.Dataset:
     """Training rows of a real dataset of `size` samples, read by up to `readers` actors.
 
@@ -143,5 +143,6 @@ def real_training_dataset(format: str, root: str, split: str, size: int, *, crop
     return positions.randomize_block_order().map_batches(
         RealSamples, batch_size=ROWS_PER_CALL, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers),
-        fn_constructor_kwargs={"format": format, "root": root, "split": split, "crop_size": crop_size,
+        fn_constructor_kwargs={"format": format, "root": root, "split": split, "vocabulary": vocabulary,
+                               "crop_size": crop_size,
                                "crop_scale": crop_scale, "ignore": ignore})

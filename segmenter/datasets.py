@@ -44,7 +44,7 @@ from pycocotools.coco import COCO as COCOApi
 
 from factory.core.conventions import IGNORE
 from factory.core.pairs import read_image_ids
-from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary
+from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary, get_vocabulary
 
 PathLike = str | os.PathLike
 
@@ -75,16 +75,18 @@ def _require_files(files: list[Path], directory: Path) -> None:
 class VOCSegmentation:
     """PASCAL VOC 2012 semantic segmentation; ``root`` is ``VOCdevkit/VOC2012``.
 
-    ``split`` names a list in ``ImageSets/Segmentation`` (train, val, trainval).
+    ``split`` names a list in ``ImageSets/Segmentation`` (train, val, trainval). ``vocabulary``
+    names the classes of the label indices: VOC's, or another of 20 classes in the same layout
+    (the mini world's drawn benchmark, ``shapes``).
     """
 
-    vocabulary: Vocabulary = VOC
     label_folder = "SegmentationClass"
     label_modes: ClassVar[dict[str, str]] = {"P": "palette"}  # PNG modes read as indices; colours (RGB) would not be classes
 
-    def __init__(self, root: PathLike, split: str = "val") -> None:
+    def __init__(self, root: PathLike, split: str = "val", vocabulary: Vocabulary = VOC) -> None:
         self.root = Path(root)
         self.split = split
+        self.vocabulary = vocabulary
         listing = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if not self.root.is_dir():
             raise FileNotFoundError(f"VOC root not found: {self.root}")
@@ -112,9 +114,9 @@ class VOCSegmentation:
                 raise ValueError(f"{path}: expected a {' or '.join(self.label_modes.values())} PNG of class "
                                  f"indices, got mode {png.mode}")
             label = np.array(png)
-        unknown = np.setdiff1d(label, [*range(len(VOC) + 1), IGNORE])
+        unknown = np.setdiff1d(label, [*range(len(self.vocabulary) + 1), IGNORE])
         if unknown.size:
-            raise ValueError(f"{path}: label values {unknown.tolist()} are no VOC class index")
+            raise ValueError(f"{path}: label values {unknown.tolist()} are no {self.vocabulary.name} class index")
         if label.shape != image.shape[:2]:
             raise ValueError(f"{path}: label size {label.shape} differs from image size "
                              f"{image.shape[:2]}")
@@ -129,8 +131,8 @@ class VOCAugSegmentation(VOCSegmentation):
     label_folder = "SegmentationClassAug"
     label_modes: ClassVar[dict[str, str]] = {"L": "greyscale", "P": "palette"}  # converted masks come either way
 
-    def __init__(self, root: PathLike, split: str = "train_aug") -> None:
-        super().__init__(root, split)
+    def __init__(self, root: PathLike, split: str = "train_aug", vocabulary: Vocabulary = VOC) -> None:
+        super().__init__(root, split, vocabulary)
 
 
 def voc_val_overlap(dataset: VOCSegmentation) -> list[str]:
@@ -229,10 +231,15 @@ READERS = {"voc": VOCSegmentation, "voc_aug": VOCAugSegmentation, "coco": COCOSe
 DEFAULT_SPLITS = {"voc": "val", "voc_aug": "train_aug", "coco": "val2017"}
 
 
-def real_dataset(format: str, root: PathLike,
-                 split: str | None = None) -> VOCSegmentation | COCOSemantic:
+def real_dataset(format: str, root: PathLike, split: str | None = None,
+                 vocabulary: str | None = None) -> VOCSegmentation | COCOSemantic:
     """The reader of a real dataset: ``format`` "voc", "voc_aug" or "coco"; ``split`` defaults
-    to val (voc_aug: train_aug)."""
+    to val (voc_aug: train_aug); ``vocabulary`` of the VOC layouts defaults to voc."""
     if format not in READERS:
         raise ValueError(f"unknown dataset format {format!r} (choices: {', '.join(READERS)})")
-    return READERS[format](root, split or DEFAULT_SPLITS[format])
+    split = split or DEFAULT_SPLITS[format]
+    if format == "coco":
+        if vocabulary not in (None, COCO.name):
+            raise ValueError(f"the coco format holds the coco vocabulary, not {vocabulary}")
+        return COCOSemantic(root, split)
+    return READERS[format](root, split, get_vocabulary(vocabulary or VOC.name))

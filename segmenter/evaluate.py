@@ -85,7 +85,7 @@ class ZS3Stage:
     classes added to a text head at test time to their text embeddings.
     """
 
-    def __init__(self, checkpoint: str, format: str, root: str, split: str, size: int,
+    def __init__(self, checkpoint: str, format: str, root: str, split: str, vocabulary: str, size: int,
                  panels: dict[int, str], panel_folder: str | None, added: dict[int, list[float]]):
         self.device = pick_device()
         model, _ = load_segmenter_checkpoint(checkpoint)
@@ -93,7 +93,7 @@ class ZS3Stage:
             model.add_class_embeddings(list(added), torch.tensor(list(added.values())))
         self.model = model.to(self.device)
         self.num_labels = model.config.num_labels
-        self.reader = real_dataset(format, root, split)
+        self.reader = real_dataset(format, root, split, vocabulary)
         self.size = size
         self.panels = panels
         self.panel_location = open_location(panel_folder) if panel_folder else None
@@ -127,6 +127,9 @@ class ZS3EvalOptions(BaseModel):
     checkpoint: str = Field(description="segmenter checkpoint folder (local or s3://)")
     format: Literal["voc", "coco"] = Field(description="real dataset format")
     root: str = Field(description="real dataset folder (local, readable on every node)")
+    vocabulary: Literal["voc", "coco", "shapes"] | None = Field(
+        None, description="the classes of the label indices (null: the format's own; shapes: the mini world's "
+        "drawn benchmark, VOC layout)")
     split_set: str | None = Field(None, description="image list: VOC ImageSets/Segmentation name or COCO image "
                                   f"folder (null: voc {DEFAULT_SPLITS['voc']}, coco {DEFAULT_SPLITS['coco']})")
     splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
@@ -200,7 +203,7 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
     split_set = args.split_set or DEFAULT_SPLITS[args.format]
     metadata = read_segmenter_metadata(checkpoint)  # first: a wrong path is the likeliest mistake
     try:
-        dataset = real_dataset(args.format, root, split_set)
+        dataset = real_dataset(args.format, root, split_set, args.vocabulary)
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot read the {args.format} dataset: {first_line(exc)}") from None
     vocabulary = dataset.vocabulary
@@ -276,8 +279,8 @@ def run_evaluation(plan: EvalPlan) -> dict:
     panel_folder = split_file_uri(plan.out)[0] if plan.panels else None
     start = time.perf_counter()
     pool = map_positions(ZS3Stage, {"checkpoint": plan.checkpoint, "format": plan.format, "root": plan.root,
-                                    "split": plan.split_set, "size": plan.size, "panels": plan.panels,
-                                    "panel_folder": panel_folder, "added": plan.added}, plan.batches,
+                                    "split": plan.split_set, "vocabulary": plan.vocabulary.name, "size": plan.size,
+                                    "panels": plan.panels, "panel_folder": panel_folder, "added": plan.added}, plan.batches,
                          plan.num_workers)
     confusion, images, busy = ConfusionMatrix(plan.num_labels), 0, 0.0
     for row in pool.rows:  # integer counts: the merge order does not matter

@@ -88,6 +88,9 @@ class RealSection(BaseModel):
                       "readable on every node")
     split: str = Field(description="voc: train (ImageSets/Segmentation/train.txt); voc_aug: train_aug; "
                        "coco: train2017")
+    vocabulary: Literal["voc", "coco", "shapes"] | None = Field(
+        None, description="the classes of the label indices (null: the format's own, voc or coco; shapes: the "
+        "mini world's drawn benchmark in VOC's layout)")
 
 
 class ModelSection(BaseModel):
@@ -265,7 +268,7 @@ def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
 def _real_rows(config: SegmenterTrainConfig) -> tuple[int, Vocabulary]:
     real = config.real
     try:
-        reader = real_dataset(real.format, real.root, real.split)
+        reader = real_dataset(real.format, real.root, real.split, real.vocabulary)
         leaked = voc_val_overlap(reader) if real.format != "coco" else []
     except (OSError, ValueError) as exc:
         raise DatasetError(f"real {real.format} images: {first_line(exc)}") from None
@@ -396,8 +399,8 @@ def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
         datasets["synthetic"] = synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore)
     if config.real:
         datasets["real"] = real_training_dataset(config.real.format, config.real.root, config.real.split,
-                                                 plan.real_rows, **crop, ignore=plan.unseen_indices(),
-                                                 readers=config.readers)
+                                                 plan.vocabulary.name, plan.real_rows, **crop,
+                                                 ignore=plan.unseen_indices(), readers=config.readers)
     return datasets
 
 

@@ -63,7 +63,7 @@ def ray_cluster(s3_endpoint):
 
 
 # A small finished dataset: 8 one-object and two-object samples in 3 parts, preview on.
-TINY_BUILD = ["--num-samples", "8", "--per-class", "0", "--generator.steps", "2", "--generator.batch-size", "4",
+TINY_BUILD = ["--recipe", "tiny", "--num-samples", "8", "--per-class", "0", "--generator.steps", "2", "--generator.batch-size", "4",
               "--labeler.batch-size", "4", "--writer.rows-per-file", "3", "--writer.preview-samples", "4"]
 
 

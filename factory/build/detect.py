@@ -28,7 +28,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
 
-from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig
+from factory.build.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
 from factory.core.vocab import Vocabulary
@@ -60,6 +60,28 @@ def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
         box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
         box_head=TwoMLPHead(width * 7 * 7, 64), box_predictor=FastRCNNPredictor(64, COCO_LABELS),
         mask_head=MaskRCNNHeads(width, (width, width), 1), mask_predictor=MaskRCNNPredictor(width, width, COCO_LABELS))
+
+
+def small_maskrcnn(num_labels: int, image_size: int = 64) -> MaskRCNN:
+    """A slim Mask R-CNN for small images: a five-conv batch-norm backbone at stride 4, one
+    feature level, anchors of 12-48 px. The mini world's oracle (trained by world/oracle.py)."""
+    width = 64
+
+    def conv(n_in: int, n_out: int, stride: int = 1, dilation: int = 1) -> list[nn.Module]:
+        return [nn.Conv2d(n_in, n_out, 3, stride, dilation, dilation, bias=False), nn.BatchNorm2d(n_out), nn.ReLU()]
+
+    backbone = nn.Sequential(*conv(3, 32, 2), *conv(32, 32), *conv(32, width, 2), *conv(width, width),
+                             *conv(width, width, dilation=2), *conv(width, width, dilation=4))
+    backbone.out_channels = width
+    return MaskRCNN(
+        backbone, num_classes=None, min_size=image_size, max_size=image_size,
+        rpn_anchor_generator=AnchorGenerator(((12, 24, 36, 48),), ((0.5, 1.0, 2.0),)),
+        rpn_pre_nms_top_n_train=300, rpn_post_nms_top_n_train=100,
+        rpn_pre_nms_top_n_test=150, rpn_post_nms_top_n_test=50, box_detections_per_img=10,
+        box_batch_size_per_image=64,
+        box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2), mask_roi_pool=MultiScaleRoIAlign(["0"], 14, 2),
+        box_head=TwoMLPHead(width * 7 * 7, 256), box_predictor=FastRCNNPredictor(256, num_labels),
+        mask_head=MaskRCNNHeads(width, (width,) * 4, 1), mask_predictor=MaskRCNNPredictor(width, width, num_labels))
 
 
 _TORCHVISION_COCO = {"maskrcnn_resnet50_fpn_v2": MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1,
@@ -94,11 +116,19 @@ def coco_to_vocabulary(vocabulary: Vocabulary) -> np.ndarray:
     return table
 
 
-def build_maskrcnn(config: LabelerConfig, image_size: int) -> MaskRCNN:
+def label_count(vocabulary: Vocabulary) -> int:
+    """Outputs of a detector trained on the vocabulary's own label space (``small``): background
+    and every detector label (``coco_id``) of its classes."""
+    return 1 + max(info.coco_id for info in vocabulary.classes)
+
+
+def build_maskrcnn(config: LabelerConfig, image_size: int, num_labels: int = COCO_LABELS) -> MaskRCNN:
     if config.model == TINY:
         with torch.random.fork_rng(devices=[]):  # the same random weights on every actor
             torch.manual_seed(0)
             model = tiny_maskrcnn(image_size)
+    elif config.model == SMALL:
+        model = small_maskrcnn(num_labels, image_size)
     else:
         factory = {"maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
                    "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[config.model]
@@ -118,7 +148,7 @@ class MaskRCNNDetector:
 
     def __init__(self, config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device):
         self.device = device
-        self.model = build_maskrcnn(config, image_size).to(device)
+        self.model = build_maskrcnn(config, image_size, label_count(vocabulary)).to(device)
         self.classes = coco_to_vocabulary(vocabulary)
 
     @torch.inference_mode()

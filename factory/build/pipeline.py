@@ -148,13 +148,15 @@ def _check_annotator(recipe: Recipe) -> list[str]:
 
 
 def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
-    """One GPU per model actor when the cluster has GPUs or the model is a real one.
+    """One GPU per model actor when the cluster has GPUs or the models require one.
 
-    Real models always ask for a GPU, so on an autoscaling cluster that starts with
-    no GPU nodes the request is what brings them up (and the CPU head stays free).
+    Real models require a GPU, so on an autoscaling cluster that starts with no GPU nodes
+    the request is what brings them up (and the CPU head stays free). The tiny models and
+    the mini world's (``pool.require_gpu: false``) run on CPUs when there is no GPU.
     """
     has_gpus = cluster_gpus() > 0
-    if has_gpus or recipe.generator.model != TINY:
+    require = recipe.pool.require_gpu if recipe.pool.require_gpu is not None else recipe.generator.model != TINY
+    if has_gpus or require:
         if not has_gpus:  # without an autoscaler nothing would ever start: say what we wait for
             logger.warning("the cluster has no GPU now; the model actors wait for GPU nodes (an autoscaler "
                            "adds them; on a machine without GPUs use the tiny models)")

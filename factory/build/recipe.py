@@ -28,8 +28,9 @@ from factory.core.options import (
 from factory.core.vocab import get_vocabulary
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "jobs" / "recipes"
-DEFAULT_RECIPE = "tiny"
+DEFAULT_RECIPE = "shapes"
 TORCHVISION_WEIGHTS = "torchvision"  # labeler.weights: torchvision's own COCO checkpoint
+SMALL = "maskrcnn_small"  # labeler.model: a slim Mask R-CNN over the vocabulary's own labels (the mini world's)
 
 
 RecipeError = ConfigError  # a recipe or command line that cannot be built; the message is one line
@@ -45,6 +46,10 @@ class PoolConfig(_Section):
     quality) on one GPU when the cluster has GPUs, and encodes what it made."""
     min_size: int = Field(1, ge=1, description="actors started at once")
     max_size: int = Field(1, ge=1, description="actors the pool may grow to (one GPU each when GPUs exist)")
+    require_gpu: bool | None = Field(
+        None, description="without GPUs in the cluster, wait for GPU nodes (an autoscaler adds them) instead of "
+        "running on CPUs; null: for every model but the tiny ones; false: models small enough for CPUs (the mini "
+        "world's). With GPUs in the cluster, actors always take one")
     load_attempts: int = Field(3, ge=1, le=20, description="tries per actor to load its models (backoff 2 s, "
                                "4 s, ...) before the build fails with the cause")
 
@@ -83,8 +88,9 @@ class GeneratorConfig(_Section):
 
 
 class LabelerConfig(_Section):
-    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn"] = Field(
-        "tiny", description="oracle detector architecture (COCO classes)")
+    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_small"] = Field(
+        "tiny", description="oracle detector architecture: COCO's classes, or maskrcnn_small, whose labels "
+        "are the vocabulary's (the mini world's trained oracle)")
     weights: str | None = Field(None, min_length=1, description="COCO-pretrained weights: 'torchvision' (its COCO "
                                 "checkpoint, downloaded on the node), or a .safetensors/.pth file, local or "
                                 "s3://; required for the real architectures")
@@ -107,8 +113,8 @@ class LabelerConfig(_Section):
                              f"score_threshold {self.score_threshold}")
         if self.model != TINY and self.weights is None:
             raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
-        if self.model == TINY and self.weights == TORCHVISION_WEIGHTS:
-            raise ValueError("weights: torchvision needs a torchvision architecture, not the tiny model")
+        if self.model in (TINY, SMALL) and self.weights == TORCHVISION_WEIGHTS:
+            raise ValueError(f"weights: torchvision needs a torchvision COCO architecture, not {self.model}")
         return self
 
 
@@ -154,7 +160,8 @@ class WriterConfig(_Section):
 
 class Recipe(_Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="recipe name (used in the default output path)")
-    vocabulary: Literal["voc", "coco"] = Field("voc", description="class vocabulary")
+    vocabulary: Literal["voc", "coco", "shapes"] = Field("voc", description="class vocabulary (shapes: the "
+                                                         "mini world's)")
     classes: Literal["all", "seen", "unseen"] | list[str] = Field(
         "all", description="'all', 'seen' or 'unseen' of --split, or a list of class names")
     split: int | None = Field(None, description="seen/unseen split (1-3) for classes: seen|unseen")

@@ -180,7 +180,7 @@ COCO = Vocabulary(
     ),
 )
 
-# The mini world (factory/build/world.py): drawn 64x64 images whose 20 classes are a colour and
+# The mini world (world/draw.py): drawn 64x64 images whose 20 classes are a colour and
 # a shape, named in words. Each split's five unseen classes are a "diagonal" of the colour x
 # shape grid, so every colour word and every shape word of an unseen class also names three or
 # four seen classes: zero-shot by composition, the role CLIP's knowledge of words plays for VOC.

@@ -31,18 +31,26 @@ def sd_scheduler(config=None) -> DDIMScheduler:
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
-    """A byte-level BPE tokenizer whose merges spell out the prompt and class words.
+PROMPT_WORDS = frozenset({"a", "photograph", "of", "and"})  # the recipes' default templates
 
-    Every byte is a token, so any text encodes; words of the templates and of the
-    class names are single tokens, like most of them are in CLIP's real vocabulary.
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """The tiny generator's tokenizer: the template words and every VOC and COCO class word."""
+    words = set(PROMPT_WORDS)
+    for info in VOC.classes + COCO.classes:
+        words.update(info.natural.split())
+    return bpe_tokenizer(words)
+
+
+def bpe_tokenizer(words: set[str], max_length: int = 77) -> CLIPTokenizer:
+    """A byte-level BPE tokenizer whose merges spell out `words`.
+
+    Every byte is a token, so any text encodes; each of `words` is a single token, like
+    most words are in CLIP's real vocabulary. Prompts are padded to `max_length` tokens.
     """
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(alphabet)}
     vocab.update({f"{c}</w>": len(alphabet) + i for i, c in enumerate(alphabet)})
-    words = {"a", "photograph", "of", "and"}
-    for info in VOC.classes + COCO.classes:
-        words.update(info.natural.split())
     # BPE applies merges by rank, not left to right, so per-word merge chains collide
     # ("photograph" came out in 7 pieces): learn the merges as BPE training does instead,
     # most frequent pair first, until every word is one symbol.
@@ -60,7 +68,7 @@ def tiny_tokenizer() -> CLIPTokenizer:
                 i += 1
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 def tiny_pipeline(seed: int = 0) -> StableDiffusionPipeline:

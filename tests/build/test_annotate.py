@@ -63,7 +63,7 @@ def test_annotate_stage_labels_the_prompt_classes(checkpoint):
 
 def refused(capsys, *args: str) -> str:
     """The one error line of an annotating build that must stop before any model loads."""
-    assert build_dataset.main(list(args)) == 2
+    assert build_dataset.main(["--recipe", "tiny", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("build_dataset: error: ") and err.count("\n") == 1
     return err.strip().removeprefix("build_dataset: error: ")
@@ -127,7 +127,7 @@ def test_checkpoint_without_a_generation_record_is_refused(checkpoint, tmp_path,
 @pytest.mark.slow
 def test_annotated_build(ray_cluster, checkpoint, tmp_path):
     out = tmp_path / "seg"
-    assert build_dataset.main(["--out", str(out), "--num-samples", "6", "--generator.steps", "4",
+    assert build_dataset.main(["--out", str(out), "--recipe", "tiny", "--num-samples", "6", "--generator.steps", "4",
                                "--annotator.checkpoint", checkpoint, "--annotator.on-missing", "ignore"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["models"]["labeler"] == f"grounding:{checkpoint}"

@@ -42,9 +42,9 @@ CASES = [
          "unknown class 'dgo' in vocabulary voc (did you mean: dog?)"),
     case("empty-class-list-in-recipe", ["--recipe", RECIPE], "classes: empty list", recipe="classes: []\n"),
     case("empty-class-list-on-cli", ["--classes", ","], "--classes: empty list"),
-    case("unknown-vocabulary", ["--vocabulary", "ade20k"], "--vocabulary: Input should be 'voc' or 'coco'"),
+    case("unknown-vocabulary", ["--vocabulary", "ade20k"], "--vocabulary: Input should be 'voc', 'coco' or 'shapes'"),
     case("empty-vocabulary", ["--recipe", RECIPE],
-         "vocabulary: Input should be 'voc' or 'coco'", recipe="vocabulary: ''\n"),
+         "vocabulary: Input should be 'voc', 'coco' or 'shapes'", recipe="vocabulary: ''\n"),
     case("per-class-negative", ["--per-class", "-1"], "--per-class: Input should be greater than or equal to 0"),
     case("per-pair-negative", ["--per-pair", "-2"], "--per-pair: Input should be greater than or equal to 0"),
     case("nothing-to-plan", ["--per-class", "0", "--per-pair", "0"], "per_class and per_pair are both 0"),
@@ -153,7 +153,7 @@ CASES = [
     case("missing-labeler-weights", ["--labeler.weights", "{tmp}/maskrcnn.safetensors"],
          "model not found: {tmp}/maskrcnn.safetensors"),
     case("torchvision-weights-for-the-tiny-labeler", ["--labeler.weights", "torchvision"],
-         "weights: torchvision needs a torchvision architecture"),
+         "weights: torchvision needs a torchvision COCO architecture, not tiny"),
     case("real-labeler-without-weights", ["--labeler.model", "maskrcnn_resnet50_fpn_v2"], "needs weights"),
     case("unknown-labeler-model", ["--labeler.model", "yolo"], "--labeler.model: Input should be 'tiny'"),
     case("missing-quality-model", ["--quality.model", "{tmp}/clip"], "model not found: {tmp}/clip/config.json"),
@@ -201,7 +201,8 @@ def no_models(monkeypatch):
 def earlier_run(args: list[str], out: Path) -> None:
     """What an earlier build leaves in `out`: build.json and a commit record of its whole plan (as
     dropped samples, which need no Parquet file and no model)."""
-    earlier = build_dataset.recipe_from_args(build_dataset.parse_args([*args, "--out", str(out)]))
+    argv = ["--recipe", "tiny", *args, "--out", str(out)]
+    earlier = build_dataset.recipe_from_args(build_dataset.parse_args(argv))
     prepared = pipeline.prepare_build(earlier)
     ids = [sample.sample_id for sample in prepared.plan]
     commit = Commit(part_name(ids), None, 0, 0, None, written=[], dropped=dict.fromkeys(ids, "not found"))
@@ -233,6 +234,8 @@ def test_bad_input_is_one_line_before_any_model_and_writes_nothing(job, args, ex
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     if job == "build_dataset" and "--out" not in args:
         argv += ["--out", OUT.replace("{tmp}", str(tmp_path))]
+    if job == "build_dataset" and "--recipe" not in args:  # the cases are of the tiny VOC recipe
+        argv = ["--recipe", "tiny", *argv]
     if before is not None:
         earlier_run(before, tmp_path / "out")
     files_before = snapshot(tmp_path)

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # Small and quick: 12 samples (one-class and pairs), batches of 4, parts of 4 rows.
-SMALL = ["--num-samples", "12", "--generator.steps", "3", "--generator.batch-size", "4",
+SMALL = ["--recipe", "tiny", "--num-samples", "12", "--generator.steps", "3", "--generator.batch-size", "4",
          "--labeler.batch-size", "4", "--writer.rows-per-file", "4", "--writer.preview-samples", "4"]
 
 
@@ -93,7 +93,7 @@ def test_tiny_build_to_s3(ray_cluster, bucket, s3_endpoint):
 def test_resume_after_killed_driver_completes_the_plan_exactly_once(ray_cluster, tmp_path):
     """Kill the driver mid-build (SIGKILL), rerun the same command: every id once, rows as
     an uninterrupted build of the same seed would have made them."""
-    args = ["--num-samples", "12", "--generator.steps", "3", "--generator.batch-size", "2",
+    args = ["--recipe", "tiny", "--num-samples", "12", "--generator.steps", "3", "--generator.batch-size", "2",
             "--labeler.batch-size", "2", "--writer.rows-per-file", "2"]
     out = tmp_path / "killed"
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
@@ -147,7 +147,8 @@ def test_help_documents_every_recipe_field(capsys):
 
 def test_triplet_build_stores_latent_attention_and_quality(ray_cluster, tmp_path):
     out = tmp_path / "triplets"
-    args = ["--out", str(out), "--num-samples", "4", "--generator.steps", "4", "--capture.features", "latent",
+    args = ["--out", str(out), "--recipe", "tiny", "--num-samples", "4", "--generator.steps", "4",
+            "--capture.features", "latent",
             "--capture.step", "2", "--capture.attention", "true", "--quality.model", "tiny",
             "--writer.preview-samples", "0"]
     assert build_dataset.main(args) == 0

@@ -46,7 +46,7 @@ pytestmark = pytest.mark.slow
 # Twelve samples in parts of up to two. In "placement" the pool of model actors starts with
 # one and may grow to four, all the GPUs; in "node-loss" it keeps one actor, so that the
 # restarted one finds a free GPU at once.
-BUILD = ["--num-samples", "12", "--generator.steps", "2", "--generator.batch-size", "1", "--labeler.batch-size", "1",
+BUILD = ["--recipe", "tiny", "--num-samples", "12", "--generator.steps", "2", "--generator.batch-size", "1", "--labeler.batch-size", "1",
          "--writer.rows-per-file", "2", "--writer.preview-samples", "0", "--pool.min-size", "1"]
 ACTORS = 4
 SCENARIOS = {"placement": ["--pool.max-size", str(ACTORS)], "node-loss": ["--pool.max-size", "1"]}

@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
-BUILD = ["--num-samples", "4", "--generator.steps", "2", "--generator.batch-size", "2", "--labeler.batch-size", "2",
+BUILD = ["--recipe", "tiny", "--num-samples", "4", "--generator.steps", "2", "--generator.batch-size", "2", "--labeler.batch-size", "2",
          "--writer.rows-per-file", "2", "--writer.preview-samples", "2"]
 # What `ray job status` prints: a sentence for an ended job, "Status for job ..." otherwise.
 ENDED = {"succeeded": "SUCCEEDED", "failed": "FAILED", "was stopped": "STOPPED"}

@@ -8,10 +8,12 @@ from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError, add_recipe_arg
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
 
-def parse(argv):
+def parse(argv, recipe: str | None = "tiny"):
+    """The recipe of a command line; of the tiny recipe unless `recipe` is None (the default one)."""
     parser = argparse.ArgumentParser()
     add_recipe_arguments(parser)
-    return recipe_from_args(parser.parse_args(argv))
+    return recipe_from_args(parser.parse_args(argv if recipe is None or "--recipe" in argv
+                                              else ["--recipe", recipe, *argv]))
 
 
 def recipe_error(overrides, recipe="tiny"):
@@ -40,8 +42,15 @@ def test_every_recipe_validates(path):
     assert by_name.output == by_name.out or by_name.output == f"outputs/{by_name.name}"
 
 
-def test_tiny_recipe_values():
+def test_the_default_is_the_mini_world():
     recipe = load_recipe()
+    assert recipe.name == "shapes" and recipe.vocabulary == "shapes"
+    assert recipe.generator.model == "models/shapes-generator" and recipe.labeler.model == "maskrcnn_small"
+    assert recipe.pool.require_gpu is False  # its models are small enough for CPUs
+
+
+def test_tiny_recipe_values():
+    recipe = load_recipe("tiny")
     assert recipe.name == "tiny" and recipe.vocabulary == "voc" and recipe.classes == "all"
     assert recipe.generator.model == "tiny" and recipe.labeler.model == "tiny"
     assert (recipe.generator.height, recipe.generator.width) == (64, 64)
@@ -133,7 +142,7 @@ def test_argparse_underscore_and_dash_forms():
 
 
 def test_argparse_without_overrides_is_the_recipe():
-    assert parse([]) == load_recipe("tiny")
+    assert parse([], recipe=None) == load_recipe("shapes")
 
 
 def test_argparse_yaml_values():

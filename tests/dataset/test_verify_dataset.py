@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # Six samples in parts of up to two (the tiny recipe keeps samples whose class is missed).
-BUILD = ["--num-samples", "6", "--generator.steps", "2", "--generator.batch-size", "3", "--labeler.batch-size", "3",
+BUILD = ["--recipe", "tiny", "--num-samples", "6", "--generator.steps", "2", "--generator.batch-size", "3", "--labeler.batch-size", "3",
          "--writer.rows-per-file", "2", "--writer.preview-samples", "0"]
 
 

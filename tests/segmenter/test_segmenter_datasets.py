@@ -119,7 +119,7 @@ def test_voc_rejects_values_that_are_no_class(voc_root):
     label = VOC_LABELS["2007_000039"].copy()
     label[0, 0] = 21
     write_palette_png(voc_root / "SegmentationClass" / "2007_000039.png", label)
-    with pytest.raises(ValueError, match=r"label values \[21\] are no VOC class index"):
+    with pytest.raises(ValueError, match=r"label values \[21\] are no voc class index"):
         VOCSegmentation(voc_root)[1]
 
 

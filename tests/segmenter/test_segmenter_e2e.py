@@ -69,7 +69,7 @@ def test_voc_factory_set_to_zs3_table(tiny_dataset, voc_eval_root, tmp_path, cap
 def test_coco_factory_set_to_zs3_table(ray_cluster, coco_eval_root, tmp_path, capsys):
     data = tmp_path / "coco-set"
     assert build_dataset.main([
-        "--out", str(data), "--vocabulary", "coco", "--num-samples", "4", "--generator.steps", "2",
+        "--out", str(data), "--recipe", "tiny", "--vocabulary", "coco", "--num-samples", "4", "--generator.steps", "2",
         "--generator.batch-size", "4", "--labeler.batch-size", "4", "--writer.preview-samples", "0"]) == 0
     checkpoint = train(data, tmp_path / "segmenter", 2, capsys, "--model.head", "text", "--model.text-encoder", "tiny")
     model, state = load_segmenter_checkpoint(str(checkpoint))

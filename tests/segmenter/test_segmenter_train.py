@@ -193,8 +193,8 @@ def test_inductive_ignores_unseen_pixels_and_keeps_samples(synthetic):
 
 
 def test_real_images_of_seen_classes_ignore_unseen_pixels(voc):
-    reader = RealSamples(format="voc", root=str(voc), split="train", crop_size=SIZE, crop_scale=(1.0, 1.0),
-                         ignore=UNSEEN_1)
+    reader = RealSamples(format="voc", root=str(voc), split="train", vocabulary="voc", crop_size=SIZE,
+                         crop_scale=(1.0, 1.0), ignore=UNSEEN_1)
     rows = reader({"id": np.array([0, 2])})
     assert rows["image"].shape == (2, SIZE, SIZE, 3) and rows["label"].shape == (2, SIZE, SIZE)
     assert set(np.unique(rows["label"]).tolist()) == {0, CAT, 255}  # the dog is ignored, not background

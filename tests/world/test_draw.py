@@ -1,12 +1,12 @@
-"""The mini world's drawings (factory/build/world.py): seeded, exact masks, two families."""
+"""The mini world's drawings (world/draw.py): seeded, exact masks, two families."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from factory.build.world import BACKGROUND_LEVELS, COLOURS, SIZE, draw, form_mask, label_map
 from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
+from world.draw import BACKGROUND_LEVELS, COLOURS, SIZE, draw, form_mask, label_map
 
 ONE, TWO = ("blue_triangle",), ("red_disc", "white_cross")
 

@@ -1,0 +1,96 @@
+"""What the mini world's models are measured by (the targets of their model cards).
+
+- ``oracle_quality``: the oracle on the drawn benchmark: objects found, mask IoU.
+- ``generator_quality``: the generator judged by the oracle: how often it draws the prompted
+  classes, and how often something else.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from diffusers import StableDiffusionPipeline
+from tqdm import tqdm
+
+from factory.build.detect import Detector
+from factory.core.vocab import SHAPES
+from factory.diffusion.pipelines import generate
+from world.draw import SIZE, draw
+from world.utils import prompt_of
+
+
+@dataclass
+class OracleQuality:
+    objects: int
+    found: float           # fraction of objects whose class mask (score >= threshold) has IoU >= 0.5
+    mean_iou: float        # mean IoU of the class mask over all objects (a missed object counts 0)
+    false_classes: float   # fraction of images where a class that is not drawn is detected
+
+    def as_dict(self) -> dict:
+        return {"objects": self.objects, "found": round(self.found, 4), "mean_iou": round(self.mean_iou, 4),
+                "false_classes": round(self.false_classes, 4)}
+
+
+def oracle_quality(detector: Detector, items: list[tuple[tuple[str, ...], int]], score_threshold: float = 0.5,
+                   batch: int = 32) -> OracleQuality:
+    """How well `detector` labels drawn benchmark images: per object, the merged mask of every
+    instance of its class at or above `score_threshold` (what the labeler keeps), against the exact mask."""
+    ious, false = [], 0
+    for start in range(0, len(items), batch):
+        chunk = items[start:start + batch]
+        drawn = [draw(classes, seed, "benchmark") for classes, seed in chunk]
+        for (classes, _), (_, masks), found in zip(chunk, drawn, detector(np.stack([d[0] for d in drawn]))):
+            keep = found.scores >= score_threshold
+            indices = {SHAPES.lookup(name).index for name in classes}
+            false += bool(set(found.classes[keep].tolist()) - indices)
+            for name, mask in zip(classes, masks):
+                mine = keep & (found.classes == SHAPES.lookup(name).index)
+                predicted = (found.masks[mine] >= 0.5).any(axis=0) if mine.any() else np.zeros_like(mask)
+                union = (predicted | mask).sum()
+                ious.append((predicted & mask).sum() / union if union else 0.0)
+    ious_a = np.array(ious)
+    return OracleQuality(objects=len(ious), found=float((ious_a >= 0.5).mean()), mean_iou=float(ious_a.mean()),
+                         false_classes=false / len(items))
+
+
+@dataclass
+class GeneratorQuality:
+    one: float         # one-object images in which the oracle finds the prompted class
+    two: float         # two-object images in which it finds both prompted classes
+    unprompted: float  # images in which it finds a class that was not prompted
+    images: int
+    steps: int
+    guidance_scale: float
+
+    def as_dict(self) -> dict:
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def quality_prompts(count: int) -> list[tuple[str, ...]]:
+    """`count` one-object prompts (every class in turn), then `count` two-object prompts (pairs
+    in a fixed shuffled order, each in both orders)."""
+    rng = np.random.default_rng(13)
+    pairs = list(itertools.combinations(SHAPES.names, 2))
+    pairs = [pairs[i] if k % 2 else pairs[i][::-1] for k, i in enumerate(rng.permutation(len(pairs)))]
+    return [(SHAPES.names[k % len(SHAPES)],) for k in range(count)] + [pairs[k % len(pairs)] for k in range(count)]
+
+
+def generator_quality(pipe: StableDiffusionPipeline, detector: Detector, count: int = 100, *, steps: int = 25,
+                      guidance_scale: float = 4.0, score_threshold: float = 0.5, batch: int = 20,
+                      seed: int = 0) -> GeneratorQuality:
+    """`count` one-object and `count` two-object images, each class set judged by the oracle."""
+    classes = quality_prompts(count)
+    hits, unprompted = [], 0
+    for start in tqdm(range(0, len(classes), batch), desc="generator quality", unit="batch", leave=False):
+        chunk = classes[start:start + batch]
+        images = generate(pipe, [prompt_of(c) for c in chunk], [seed + start + k for k in range(len(chunk))],
+                          steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE)
+        for prompted, found in zip(chunk, detector(images)):
+            seen = {SHAPES.by_index(int(i)).name for i in found.classes[found.scores >= score_threshold] if i}
+            hits.append(set(prompted) <= seen)
+            unprompted += bool(seen - set(prompted))
+    return GeneratorQuality(one=float(np.mean(hits[:count])), two=float(np.mean(hits[count:])),
+                            unprompted=unprompted / len(classes), images=len(classes), steps=steps,
+                            guidance_scale=guidance_scale)

@@ -1,0 +1,286 @@
+"""Train the mini world's Stable Diffusion from scratch on a CPU: the generator of `shapes` recipes.
+
+The same classes as Stable Diffusion 1.5 (AutoencoderKL, UNet2DConditionModel with
+cross-attention, CLIPTextModel, CLIPTokenizer, DDIM), miniature sizes, trained in two stages
+on drawings of all 20 classes with their prompts (Stable Diffusion saw every class too):
+
+1. the VAE: 64x64x3 <-> 16x16x4, L1 reconstruction plus a small KL term; its latent scale
+   is then measured and stored as ``scaling_factor``, as SD's 0.18215 was;
+2. the U-Net and the text encoder together, on the frozen VAE's latents: epsilon prediction
+   with min-SNR weighting, the prompt dropped for 10% of samples (classifier-free guidance),
+   an exponential moving average of the weights kept for sampling.
+
+Training state lives in ``work`` (one checkpoint folder, ``factory.core.checkpoints``) and a
+rerun continues from it up to the configured steps. ``out`` receives the EMA weights as a
+diffusers pipeline folder (``save_pretrained``, safetensors), which recipes load by path
+exactly as they load SD 1.5, with a loss plot, sample grid and model card beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from factory.core.checkpoints import (
+    load_optimizer_state,
+    read_checkpoint_metadata,
+    read_tensors,
+    save_checkpoint,
+)
+from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
+from factory.diffusion.pipelines import PROMPT_WORDS, bpe_tokenizer, generate, sd_scheduler
+from world.draw import SIZE, draw
+from world.utils import EMA, TrainingLog, class_draws, prompt_of, psnr, write_card
+
+KIND = "world-generator-training/1"
+LATENT = SIZE // 4  # three VAE blocks: two downsamplings
+
+
+class GeneratorTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    out: str = Field("models/shapes-generator", description="the pipeline folder written at each save")
+    work: str = Field("runs/shapes-generator", description="the resumable training state")
+    seed: int = Field(0, description="seeds the initial weights and every drawn batch")
+    vae_steps: int = Field(3000, ge=0, description="VAE steps (stage 1; the rate drops 5x for the last third)")
+    unet_steps: int = Field(20000, ge=0, description="U-Net + text encoder steps (stage 2)")
+    batch_size: int = Field(16, ge=1)
+    vae_lr: float = Field(2e-3, gt=0)
+    lr: float = Field(6e-4, gt=0, description="U-Net and text encoder learning rate (after 200 warm-up steps)")
+    two_objects: float = Field(0.5, ge=0, le=1, description="fraction of two-object drawings")
+    uncond: float = Field(0.1, ge=0, le=1, description="fraction of prompts dropped (guidance training)")
+    snr_gamma: float = Field(5.0, gt=0, description="min-SNR loss weighting")
+    ema_decay: float = Field(0.999, gt=0, lt=1)
+    save_every: int = Field(500, ge=1, description="steps between checkpoints (and pipeline exports)")
+
+
+def build_components(seed: int) -> dict[str, nn.Module]:
+    """The untrained generator: VAE, U-Net, text encoder (the tokenizer is ``world_tokenizer``)."""
+    tokenizer = world_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 64), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length, projection_dim=64,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id))
+        unet = UNet2DConditionModel(
+            sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(48, 96, 96), layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16)
+    return {"vae": vae, "text_encoder": text_encoder, "unet": unet}
+
+
+def world_tokenizer():
+    """CLIP's tokenizer class, whose words are the templates' and the world's (16 tokens a prompt)."""
+    return bpe_tokenizer(set(PROMPT_WORDS) | set(SHAPE_COLOURS) | set(SHAPE_FORMS), max_length=16)
+
+
+def drawn_batch(seed: int, step: int, size: int, two_objects: float) -> tuple[torch.Tensor, list[str]]:
+    """(B, 3, 64, 64) images in [-1, 1] and their prompts; a function of (seed, step) alone."""
+    images, prompts = [], []
+    for classes, draw_seed in class_draws(seed, step, size, two_objects):
+        image, _ = draw(classes, draw_seed, "training")
+        images.append(image)
+        prompts.append(prompt_of(classes))
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, prompts
+
+
+class GeneratorTraining:
+    """Both stages, resumable. ``run()`` continues from ``work`` up to the configured steps."""
+
+    def __init__(self, config: GeneratorTrainConfig):
+        self.config = config
+        self.parts = build_components(config.seed)
+        self.tokenizer = world_tokenizer()
+        self.ema = EMA(nn.ModuleDict({k: self.parts[k] for k in ("unet", "text_encoder")}), config.ema_decay)
+        self.log = TrainingLog()
+        self.vae_step = self.unet_step = 0
+        self.vae_optimizer = torch.optim.AdamW(self.parts["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
+        trained = list(self.parts["unet"].parameters()) + list(self.parts["text_encoder"].parameters())
+        self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=1e-2)
+        self.scheduler = sd_scheduler()
+        self._resume()
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _state(self) -> nn.ModuleDict:
+        return nn.ModuleDict({**self.parts, "ema": self.ema.shadow})
+
+    def _resume(self) -> None:
+        if not (Path(self.config.work) / "checkpoint.json").exists():
+            return
+        metadata = read_checkpoint_metadata(self.config.work, KIND)
+        self._state().load_state_dict(read_tensors(self.config.work, metadata, "model"))
+        self.vae_step, self.unet_step = metadata["vae_step"], metadata["unet_step"]
+        self.parts["vae"].register_to_config(scaling_factor=metadata["scaling_factor"])
+        self.log = TrainingLog(metadata["log"])
+        # One optimizer state is saved: the current stage's.
+        optimizer = self.optimizer if self.unet_step else self.vae_optimizer
+        load_optimizer_state(self.config.work, optimizer, metadata)
+
+    def _save(self) -> None:
+        stage_optimizer = self.optimizer if self.unet_step else self.vae_optimizer
+        save_checkpoint(self.config.work, KIND, self.vae_step + self.unet_step, self._state(), stage_optimizer,
+                        {"vae_step": self.vae_step, "unet_step": self.unet_step, "log": self.log.records,
+                         "scaling_factor": self.parts["vae"].config.scaling_factor,
+                         "config": self.config.model_dump()})
+        self.export()
+
+    # -- stage 1 ----------------------------------------------------------------------------
+
+    def vae_loss(self, pixels: torch.Tensor) -> torch.Tensor:
+        posterior = self.parts["vae"].encode(pixels).latent_dist
+        reconstruction = self.parts["vae"].decode(posterior.sample()).sample
+        return F.l1_loss(reconstruction, pixels) + 1e-6 * posterior.kl().mean()
+
+    def train_vae(self) -> None:
+        vae, config = self.parts["vae"].train(), self.config
+        bar = tqdm(total=config.vae_steps, initial=self.vae_step, desc="VAE", unit="step")
+        while self.vae_step < config.vae_steps:
+            pixels, _ = drawn_batch(config.seed, self.vae_step, config.batch_size, config.two_objects)
+            for group in self.vae_optimizer.param_groups:
+                group["lr"] = config.vae_lr * (0.2 if self.vae_step >= 2 * config.vae_steps / 3 else 1.0)
+            loss = self.vae_loss(pixels)
+            self.vae_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_optimizer.step()
+            self.vae_step += 1
+            self.log.add("vae", self.vae_step, loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if self.vae_step % config.save_every == 0 or self.vae_step == config.vae_steps:
+                if self.vae_step == config.vae_steps:
+                    vae.register_to_config(scaling_factor=self.latent_scale())
+                self._save()
+        bar.close()
+
+    @torch.no_grad()
+    def latent_scale(self) -> float:
+        """1 / the standard deviation of the latents: the diffusion sees unit-variance latents."""
+        pixels, _ = drawn_batch(self.config.seed + 1, 0, 256, self.config.two_objects)
+        return float(1.0 / self.parts["vae"].eval().encode(pixels).latent_dist.mean.std())
+
+    # -- stage 2 ----------------------------------------------------------------------------
+
+    def unet_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        vae, unet, text_encoder = self.parts["vae"], self.parts["unet"], self.parts["text_encoder"]
+        with torch.no_grad():
+            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+        dropped = torch.rand(len(prompts), generator=generator) < self.config.uncond
+        prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        prediction = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        # min-SNR-gamma (Hang et al., 2023) for epsilon prediction: weight min(SNR, gamma) / SNR.
+        alphas = self.scheduler.alphas_cumprod[t]
+        snr = alphas / (1 - alphas)
+        weight = torch.clamp(snr, max=self.config.snr_gamma) / snr
+        return (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
+
+    def train_unet(self) -> None:
+        config = self.config
+        self.parts["vae"].eval().requires_grad_(False)
+        self.parts["unet"].train()
+        self.parts["text_encoder"].train()
+        bar = tqdm(total=config.unet_steps, initial=self.unet_step, desc="U-Net + text", unit="step")
+        while self.unet_step < config.unet_steps:
+            step = self.unet_step
+            pixels, prompts = drawn_batch(config.seed + 2, step, config.batch_size, config.two_objects)
+            generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / 200)
+            loss = self.unet_loss(pixels, prompts, generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], 1.0)
+            self.optimizer.step()
+            self.ema.update()
+            self.unet_step += 1
+            self.log.add("unet", self.unet_step, loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{self.log.recent('unet'):.4f}")
+            if self.unet_step % config.save_every == 0 or self.unet_step == config.unet_steps:
+                self._save()
+        bar.close()
+
+    def run(self) -> "GeneratorTraining":
+        started = time.monotonic()
+        self.train_vae()
+        self.train_unet()
+        self.minutes = (time.monotonic() - started) / 60
+        return self
+
+    # -- the shipped pipeline ---------------------------------------------------------------
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """The EMA weights as a Stable Diffusion pipeline (copies: training goes on untouched)."""
+        shadow = self.ema.shadow
+        parts = build_components(self.config.seed)
+        parts["vae"].load_state_dict(self.parts["vae"].state_dict())
+        parts["vae"].register_to_config(scaling_factor=self.parts["vae"].config.scaling_factor)
+        parts["unet"].load_state_dict(shadow["unet"].state_dict())
+        parts["text_encoder"].load_state_dict(shadow["text_encoder"].state_dict())
+        pipe = StableDiffusionPipeline(**{k: v.eval() for k, v in parts.items()}, tokenizer=self.tokenizer,
+                                       scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def export(self) -> None:
+        """The pipeline folder, its loss plot, sample grid and card."""
+        out = Path(self.config.out)
+        pipe = self.pipeline()
+        # float16 files halve what the repository carries; loading casts to the recipe's dtype.
+        pipe.to(dtype=torch.float16).save_pretrained(out, safe_serialization=True)
+        pipe.to(dtype=torch.float32)
+        self.log.plot(out / "loss.png", title="mini-world generator")
+        pixels, _ = drawn_batch(self.config.seed + 3, 0, 64, 0.0)
+        with torch.no_grad():
+            vae = pipe.vae
+            decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        quality = {"vae_psnr_db": round(psnr(decoded, pixels), 2), "vae_steps": self.vae_step,
+                   "unet_steps": self.unet_step,
+                   "parameters_m": round(sum(p.numel() for p in pipe.unet.parameters())
+                                         + sum(p.numel() for p in pipe.vae.parameters())
+                                         + sum(p.numel() for p in pipe.text_encoder.parameters()), -3) / 1e6}
+        if self.unet_step:
+            sample_grid(pipe, out / "samples.png")
+        write_card(out / "README.md", "The mini world's generator", __doc__, self.config.model_dump(),
+                   self.log, quality)
+        (out / "training.json").write_text(json.dumps({"quality": quality, "config": self.config.model_dump()},
+                                                      indent=2) + "\n")
+
+
+GRID_CLASSES = [(name,) for name in SHAPES.names] + [
+    ("red_disc", "blue_square"), ("green_triangle", "white_cross"), ("yellow_square", "red_cross"),
+    ("blue_disc", "green_square"), ("white_triangle", "yellow_disc")]
+
+
+def sample_grid(pipe: StableDiffusionPipeline, path: Path, steps: int = 25, guidance_scale: float = 4.0) -> None:
+    """One sample of every class and of five pairs, each captioned by its prompt."""
+    from world.utils import image_grid
+    prompts = [prompt_of(classes) for classes in GRID_CLASSES]
+    images = generate(pipe, prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance_scale,
+                      height=SIZE, width=SIZE)
+    captions = [" + ".join(SHAPES.lookup(name).natural for name in classes) for classes in GRID_CLASSES]
+    image_grid(images, captions, path, columns=5)

@@ -1,0 +1,128 @@
+"""Plumbing shared by the mini world's trainers: drawn class choices, EMA, the loss log and its
+plot, image grids, the model card."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+
+from factory.build.recipe import PromptConfig
+from factory.core.vocab import SHAPES
+
+
+def class_draws(seed: int, step: int, size: int, two_objects: float) -> list[tuple[tuple[str, ...], int]]:
+    """(classes, drawing seed) of one training batch: any class, any pair of distinct classes,
+    uniformly; a function of (seed, step) alone, so a resumed run draws what it would have.
+    Drawing seeds are even: the drawn benchmark's are odd (world/benchmark.py)."""
+    rng = np.random.default_rng([seed, step])
+    names = SHAPES.names
+    out = []
+    for _ in range(size):
+        n = 2 if rng.random() < two_objects else 1
+        classes = tuple(names[i] for i in rng.choice(len(names), n, replace=False))
+        out.append((classes, 2 * int(rng.integers(2**30))))
+    return out
+
+
+def prompt_of(classes: tuple[str, ...], templates: PromptConfig = PromptConfig()) -> str:
+    """The recipes' default prompt of one or two ``shapes`` classes: 'a photograph of a red disc'."""
+    names = [SHAPES.lookup(name).natural for name in classes]
+    return templates.one.format(*names) if len(names) == 1 else templates.two.format(*names)
+
+
+class EMA:
+    """An exponential moving average of a module's weights (``shadow``), for sampling."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.module, self.decay = module, decay
+        self.shadow = copy.deepcopy(module).requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def update(self) -> None:
+        current = list(self.module.state_dict().values())
+        shadow = list(self.shadow.state_dict().values())
+        floats = [(s, c) for s, c in zip(shadow, current) if s.is_floating_point()]
+        torch._foreach_lerp_([s for s, _ in floats], [c for _, c in floats], 1.0 - self.decay)
+
+
+class TrainingLog:
+    """Loss records [stage, step, loss], kept in the checkpoint and plotted."""
+
+    def __init__(self, records: list | None = None):
+        self.records: list[list] = [list(r) for r in records or []]
+
+    def add(self, stage: str, step: int, loss: float) -> None:
+        self.records.append([stage, step, round(float(loss), 6)])
+
+    def recent(self, stage: str, n: int = 50) -> float:
+        losses = [loss for s, _, loss in self.records[-4 * n:] if s == stage][-n:]
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def stages(self) -> list[str]:
+        return list(dict.fromkeys(stage for stage, _, _ in self.records))
+
+    def plot(self, path: Path, title: str) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        stages = self.stages()
+        fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(5 * max(1, len(stages)), 3.5), squeeze=False)
+        for ax, stage in zip(axes[0], stages):
+            steps = np.array([step for s, step, _ in self.records if s == stage])
+            losses = np.array([loss for s, _, loss in self.records if s == stage])
+            ax.plot(steps, losses, alpha=0.25, lw=0.7, label="per step")
+            window = min(100, len(losses))
+            if window > 1:
+                smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+                ax.plot(steps[window - 1:], smooth, lw=1.5, label=f"mean of {window}")
+            ax.set_yscale("log")
+            ax.set_xlabel("step")
+            ax.set_title(f"{title}: {stage}")
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio (dB) of images in [-1, 1]."""
+    mse = torch.mean((a.clamp(-1, 1) - b) ** 2).item()
+    return 10 * np.log10(4.0 / max(mse, 1e-12))
+
+
+def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int, scale: int = 2) -> None:
+    """uint8 images (N, H, W, 3) in a captioned grid, enlarged `scale` times."""
+    n, h, w, _ = images.shape
+    cell_w, cell_h = w * scale, h * scale + 14
+    rows = -(-n // columns)
+    canvas = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    pen = ImageDraw.Draw(canvas)
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell_w, (i // columns) * cell_h
+        canvas.paste(Image.fromarray(image).resize((cell_w, h * scale), Image.NEAREST), (x, y))
+        pen.text((x + 2, y + h * scale + 1), caption[:24], fill="black")
+    canvas.save(path)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def write_card(path: Path, title: str, doc: str | None, config: dict, log: TrainingLog, quality: dict) -> None:
+    """A short model card: what it is, how it was trained, and what it measured."""
+    steps = {stage: max(step for s, step, _ in log.records if s == stage) for stage in log.stages()}
+    lines = [f"# {title}", "", (doc or "").strip(), "",
+             "## Training", "", f"- steps per stage: {json.dumps(steps)}",
+             f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads",
+             "- config:", "", "```json", json.dumps(config, indent=2), "```", "",
+             "## Measured", "", "```json", json.dumps(quality, indent=2), "```", "",
+             "![loss](loss.png)", ""]
+    Path(path).write_text("\n".join(lines))
