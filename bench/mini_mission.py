@@ -119,7 +119,8 @@ def run(work: Path, scale: float) -> dict:
     modules = {k: train_grounding(work, k, scale) for k in SPLITS}
     stage("grounding")
     report_i = run_protocol_i(prepare_protocol_i(GroundingEvalOptions(
-        checkpoints=modules, data=str(work / "triplets-test"), out=str(work / "protocol-i.json"))))
+        checkpoints=modules, data=str(work / "triplets-test"))))
+    (work / "protocol-i.json").write_text(json.dumps(report_i, indent=2) + "\n")
     stage("protocol-i")
     for kind in ("one", "two", "mixture"):
         sets[f"synthetic-{kind}"] = build(f"shapes-synthetic-{kind}", work / f"synthetic-{kind}", scale,

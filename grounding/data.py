@@ -160,12 +160,15 @@ class Featurizer:
     """
 
     def __init__(self, source: TripletSource, text: TextConfig, *, ignore_empty: bool = True,
-                 classes: Collection[str] | None = None, device: torch.device | str = "cpu"):
+                 classes: Collection[str] | None = None, device: torch.device | str = "cpu",
+                 generator: str | None = None):
         self.source, self.text = source, text
         self.ignore_empty = ignore_empty
         self.allowed = None if classes is None else set(classes)
         self.device = torch.device(device)
-        self.pipe = load_pipeline(source.generator, self.device, pick_dtype("auto", self.device))
+        # `generator`: the set's generator as the driver resolved it (a local path made absolute:
+        # Ray Train workers run in their own working directory).
+        self.pipe = load_pipeline(generator or source.generator, self.device, pick_dtype("auto", self.device))
         if source.mode == "tensors":
             self.pipe.unet = None  # the features are stored; only the text encoder is needed
 

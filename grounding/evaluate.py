@@ -34,7 +34,7 @@ from torch import Tensor
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
 from factory.core.errors import EvalError
-from factory.core.storage import absolute_uri, check_reachable, split_file_uri
+from factory.core.storage import absolute_model_source, absolute_uri, check_reachable, split_file_uri
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.diffusion.clip import select_top_fraction
 from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
@@ -208,7 +208,7 @@ class EvalStage:
     of a DAAM one (empty when DAAM is skipped).
     """
 
-    def __init__(self, checkpoints: dict[int, str], data: str, daam_threshold: float | None):
+    def __init__(self, checkpoints: dict[int, str], data: str, generator: str, daam_threshold: float | None):
         device = pick_device()
         self.modules: dict[int, tuple[GroundingModule, TextConfig]] = {}  # split -> module, its text config
         for split, uri in sorted(checkpoints.items()):
@@ -216,7 +216,8 @@ class EvalStage:
             self.modules[split] = module.to(device), TextConfig.model_validate(metadata["text"])
         self.splits = list(self.modules)
         self.source = TripletSource.open(data)
-        self.featurizer = Featurizer(self.source, self.modules[self.splits[0]][1], ignore_empty=True, device=device)
+        self.featurizer = Featurizer(self.source, self.modules[self.splits[0]][1], ignore_empty=True, device=device,
+                                     generator=generator)
         self.daam_threshold = daam_threshold
         self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
 
@@ -397,6 +398,7 @@ def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
 def run_evaluation(plan: EvalPlan) -> dict:
     """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
     pool = map_positions(EvalStage, {"checkpoints": plan.checkpoints, "data": plan.data,
+                                     "generator": absolute_model_source(TripletSource.open(plan.data).generator),
                                      "daam_threshold": plan.daam_threshold}, plan.batches, plan.num_workers)
     splits = list(plan.checkpoints)
     totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, splits)}

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state, read_tensors
 from factory.core.distributed import all_reduce_mean, fit
-from factory.core.storage import absolute_uri, check_reachable, open_location
+from factory.core.storage import absolute_model_source, absolute_uri, check_reachable, open_location
 from grounding.checkpoint import read_grounding_metadata, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import Batch, DatasetError, Featurizer, TextConfig, TripletSource, in_validation
@@ -154,10 +154,12 @@ class TrainingPlan:
     val_rows: list[int]  # positions in config.val (or config.data)
     resume: str | None  # "last" or "best" folder of config.out, None for a fresh start
     done_epochs: int
+    generator: str  # the set's generator, a local path made absolute
 
     def worker_config(self) -> dict:
         return {"config": self.config.model_dump(mode="json"), "classes": self.classes,
-                "train_rows": self.train_rows, "val_rows": self.val_rows, "resume": self.resume}
+                "train_rows": self.train_rows, "val_rows": self.val_rows, "resume": self.resume,
+                "generator": self.generator}
 
 
 @dataclass
@@ -255,7 +257,7 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
         check_same_run(config.out, metadata["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
         done = metadata["epoch"]
     return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), np.flatnonzero(val).tolist(),
-                        resume and resume[0], done)
+                        resume and resume[0], done, absolute_model_source(source.generator))
 
 
 def summarize(plan: TrainingPlan) -> TrainingSummary:
@@ -303,7 +305,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     val_source = TripletSource.open(config.val) if config.val else source
     classes = worker_config["classes"]
     featurizer = Featurizer(source, config.model.text, ignore_empty=config.ignore_empty, classes=classes,
-                            device=device)
+                            device=device, generator=worker_config["generator"])
     model_config = grounding_model_config(config.model, featurizer.feature_channels(), featurizer.text_dim,
                                           source.image_size[0])
     # DDP copies rank 0's initial weights to every worker; per-rank seeds only vary dropout.

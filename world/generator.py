@@ -32,14 +32,18 @@ from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from factory.core.checkpoints import (
+    check_same_run,
     load_optimizer_state,
     read_checkpoint_metadata,
     read_tensors,
     save_checkpoint,
 )
+from factory.core.devices import pick_device
 from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
 from factory.diffusion.pipelines import PROMPT_WORDS, bpe_tokenizer, generate, sd_scheduler
 from world.draw import SIZE, draw
+from world.evaluate import generator_quality
+from world.oracle import load_oracle
 from world.utils import EMA, TrainingLog, class_draws, prompt_of, psnr, write_card
 
 KIND = "world-generator-training/1"
@@ -62,6 +66,13 @@ class GeneratorTrainConfig(BaseModel):
     snr_gamma: float = Field(5.0, gt=0, description="min-SNR loss weighting")
     ema_decay: float = Field(0.999, gt=0, lt=1)
     save_every: int = Field(500, ge=1, description="steps between checkpoints (and pipeline exports)")
+    oracle: str = Field("models/shapes-oracle/model.safetensors", description="the oracle that measures each "
+                        "export (objects of the prompted classes found); skipped while it does not exist")
+    quality_images: int = Field(100, ge=1, description="one-object and two-object images of each measurement")
+
+
+# Changing these makes a different run: its training state is not resumed.
+_RUN_IDENTITY = ("seed", "batch_size", "vae_lr", "lr", "two_objects", "uncond", "snr_gamma", "ema_decay")
 
 
 def build_components(seed: int) -> dict[str, nn.Module]:
@@ -107,7 +118,8 @@ class GeneratorTraining:
 
     def __init__(self, config: GeneratorTrainConfig):
         self.config = config
-        self.parts = build_components(config.seed)
+        self.device = pick_device()
+        self.parts = {k: v.to(self.device) for k, v in build_components(config.seed).items()}
         self.tokenizer = world_tokenizer()
         self.ema = EMA(nn.ModuleDict({k: self.parts[k] for k in ("unet", "text_encoder")}), config.ema_decay)
         self.log = TrainingLog()
@@ -127,10 +139,11 @@ class GeneratorTraining:
         if not (Path(self.config.work) / "checkpoint.json").exists():
             return
         metadata = read_checkpoint_metadata(self.config.work, KIND)
+        check_same_run(self.config.work, metadata["config"], self.config.model_dump(), _RUN_IDENTITY)
         self._state().load_state_dict(read_tensors(self.config.work, metadata, "model"))
         self.vae_step, self.unet_step = metadata["vae_step"], metadata["unet_step"]
         self.parts["vae"].register_to_config(scaling_factor=metadata["scaling_factor"])
-        self.log = TrainingLog(metadata["log"])
+        self.log = TrainingLog(metadata["log"], metadata.get("seconds", 0.0))
         # One optimizer state is saved: the current stage's.
         optimizer = self.optimizer if self.unet_step else self.vae_optimizer
         load_optimizer_state(self.config.work, optimizer, metadata)
@@ -139,6 +152,7 @@ class GeneratorTraining:
         stage_optimizer = self.optimizer if self.unet_step else self.vae_optimizer
         save_checkpoint(self.config.work, KIND, self.vae_step + self.unet_step, self._state(), stage_optimizer,
                         {"vae_step": self.vae_step, "unet_step": self.unet_step, "log": self.log.records,
+                         "seconds": self.log.seconds,
                          "scaling_factor": self.parts["vae"].config.scaling_factor,
                          "config": self.config.model_dump()})
         self.export()
@@ -154,7 +168,7 @@ class GeneratorTraining:
         vae, config = self.parts["vae"].train(), self.config
         bar = tqdm(total=config.vae_steps, initial=self.vae_step, desc="VAE", unit="step")
         while self.vae_step < config.vae_steps:
-            pixels, _ = drawn_batch(config.seed, self.vae_step, config.batch_size, config.two_objects)
+            pixels = drawn_batch(config.seed, self.vae_step, config.batch_size, config.two_objects)[0].to(self.device)
             for group in self.vae_optimizer.param_groups:
                 group["lr"] = config.vae_lr * (0.2 if self.vae_step >= 2 * config.vae_steps / 3 else 1.0)
             loss = self.vae_loss(pixels)
@@ -174,25 +188,28 @@ class GeneratorTraining:
     @torch.no_grad()
     def latent_scale(self) -> float:
         """1 / the standard deviation of the latents: the diffusion sees unit-variance latents."""
-        pixels, _ = drawn_batch(self.config.seed + 1, 0, 256, self.config.two_objects)
+        pixels = drawn_batch(self.config.seed + 1, 0, 256, self.config.two_objects)[0].to(self.device)
         return float(1.0 / self.parts["vae"].eval().encode(pixels).latent_dist.mean.std())
 
     # -- stage 2 ----------------------------------------------------------------------------
 
     def unet_loss(self, pixels: torch.Tensor, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
         vae, unet, text_encoder = self.parts["vae"], self.parts["unet"], self.parts["text_encoder"]
+        # Every random draw on the CPU generator: a step's noise is the same on any device.
         with torch.no_grad():
-            latents = vae.encode(pixels).latent_dist.sample(generator) * vae.config.scaling_factor
+            posterior = vae.encode(pixels.to(self.device)).latent_dist
+            epsilon = torch.randn(posterior.mean.shape, generator=generator).to(self.device)
+            latents = (posterior.mean + posterior.std * epsilon) * vae.config.scaling_factor
         dropped = torch.rand(len(prompts), generator=generator) < self.config.uncond
         prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped.tolist())]
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn(latents.shape, generator=generator)
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)
+        noise = torch.randn(latents.shape, generator=generator).to(self.device)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(latents),), generator=generator)
-        noisy = self.scheduler.add_noise(latents, noise, t)
-        prediction = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        noisy = self.scheduler.add_noise(latents, noise, t.to(self.device))
+        prediction = unet(noisy, t.to(self.device), encoder_hidden_states=text_encoder(ids)[0]).sample
         # min-SNR-gamma (Hang et al., 2023) for epsilon prediction: weight min(SNR, gamma) / SNR.
-        alphas = self.scheduler.alphas_cumprod[t]
+        alphas = self.scheduler.alphas_cumprod[t].to(self.device)
         snr = alphas / (1 - alphas)
         weight = torch.clamp(snr, max=self.config.snr_gamma) / snr
         return (weight * F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))).mean()
@@ -244,7 +261,7 @@ class GeneratorTraining:
                                        scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return pipe.to(self.device)
 
     def export(self) -> None:
         """The pipeline folder, its loss plot, sample grid and card."""
@@ -254,7 +271,7 @@ class GeneratorTraining:
         pipe.to(dtype=torch.float16).save_pretrained(out, safe_serialization=True)
         pipe.to(dtype=torch.float32)
         self.log.plot(out / "loss.png", title="mini-world generator")
-        pixels, _ = drawn_batch(self.config.seed + 3, 0, 64, 0.0)
+        pixels = drawn_batch(self.config.seed + 3, 0, 64, 0.0)[0].to(self.device)
         with torch.no_grad():
             vae = pipe.vae
             decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
@@ -265,6 +282,10 @@ class GeneratorTraining:
                                          + sum(p.numel() for p in pipe.text_encoder.parameters()), -3) / 1e6}
         if self.unet_step:
             sample_grid(pipe, out / "samples.png")
+            if Path(self.config.oracle).is_file():
+                measured = generator_quality(pipe, load_oracle(self.config.oracle, device=self.device),
+                                             self.config.quality_images)
+                quality["oracle_finds"] = {**measured.as_dict(), "oracle": self.config.oracle}
         write_card(out / "README.md", "The mini world's generator", __doc__, self.config.model_dump(),
                    self.log, quality)
         (out / "training.json").write_text(json.dumps({"quality": quality, "config": self.config.model_dump()},

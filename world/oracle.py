@@ -23,7 +23,14 @@ from tqdm import tqdm
 
 from factory.build.detect import Detector, MaskRCNNDetector, label_count, small_maskrcnn
 from factory.build.recipe import SMALL, LabelerConfig
-from factory.core.checkpoints import load_optimizer_state, read_checkpoint_metadata, read_tensors, save_checkpoint
+from factory.core.checkpoints import (
+    check_same_run,
+    load_optimizer_state,
+    read_checkpoint_metadata,
+    read_tensors,
+    save_checkpoint,
+)
+from factory.core.devices import pick_device
 from factory.core.vocab import SHAPES
 from world.benchmark import benchmark_draws
 from world.draw import SIZE, draw
@@ -73,25 +80,32 @@ def training_batch(seed: int, step: int, size: int, two_objects: float) -> tuple
     return images, targets
 
 
-def load_oracle(weights: str, score_threshold: float = 0.5) -> MaskRCNNDetector:
+def load_oracle(weights: str, score_threshold: float = 0.5, device: torch.device | None = None) -> MaskRCNNDetector:
+    """The oracle as the build's labeler loads it (``labeler.model: maskrcnn_small``)."""
     config = LabelerConfig(model=SMALL, weights=weights, score_threshold=score_threshold)
-    return MaskRCNNDetector(config, SHAPES, SIZE, torch.device("cpu"))
+    return MaskRCNNDetector(config, SHAPES, SIZE, device or torch.device("cpu"))
+
+
+# Changing these makes a different run: its training state is not resumed.
+_RUN_IDENTITY = ("seed", "batch_size", "lr", "two_objects")
 
 
 class OracleTraining:
     def __init__(self, config: OracleTrainConfig):
         self.config = config
+        self.device = pick_device()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            self.model = small_maskrcnn(label_count(SHAPES), SIZE)
+            self.model = small_maskrcnn(label_count(SHAPES), SIZE).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
         self.step = 0
         self.log = TrainingLog()
         if (Path(config.work) / "checkpoint.json").exists():
             metadata = read_checkpoint_metadata(config.work, KIND)
+            check_same_run(config.work, metadata["config"], config.model_dump(), _RUN_IDENTITY)
             self.model.load_state_dict(read_tensors(config.work, metadata, "model"))
             load_optimizer_state(config.work, self.optimizer, metadata)
-            self.step, self.log = metadata["step"], TrainingLog(metadata["log"])
+            self.step, self.log = metadata["step"], TrainingLog(metadata["log"], metadata.get("seconds", 0.0))
 
     def run(self) -> "OracleTraining":
         config, started = self.config, time.monotonic()
@@ -99,6 +113,8 @@ class OracleTraining:
         bar = tqdm(total=config.steps, initial=self.step, desc="oracle", unit="step")
         while self.step < config.steps:
             images, targets = training_batch(config.seed, self.step, config.batch_size, config.two_objects)
+            images = [image.to(self.device) for image in images]
+            targets = [{k: v.to(self.device) for k, v in target.items()} for target in targets]
             # Warm-up, then a step down at 3/4 of the run.
             scale = min(1.0, (self.step + 1) / 100) * (0.1 if self.step >= 0.75 * config.steps else 1.0)
             for group in self.optimizer.param_groups:
@@ -115,7 +131,8 @@ class OracleTraining:
             bar.set_postfix(loss=f"{self.log.recent('oracle'):.3f}")
             if self.step % config.save_every == 0 or self.step == config.steps:
                 save_checkpoint(config.work, KIND, self.step, self.model, self.optimizer,
-                                {"step": self.step, "log": self.log.records, "config": config.model_dump()})
+                                {"step": self.step, "log": self.log.records, "seconds": self.log.seconds,
+                                 "config": config.model_dump()})
                 self.export()
                 self.model.train()
         bar.close()
@@ -129,7 +146,7 @@ class OracleTraining:
         weights = {k: (v.half() if v.is_floating_point() else v).detach().contiguous()
                    for k, v in self.model.state_dict().items()}
         safetensors.torch.save_file(weights, out / WEIGHTS)
-        oracle = load_oracle(str(out / WEIGHTS))
+        oracle = load_oracle(str(out / WEIGHTS), device=self.device)
         quality = oracle_quality(oracle, benchmark_draws(self.config.eval_images, split="val"))
         self.log.plot(out / "loss.png", title="mini-world oracle")
         preview(oracle, out / "detections.png")

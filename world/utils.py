@@ -7,6 +7,7 @@ import copy
 import hashlib
 import json
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,12 +55,18 @@ class EMA:
 
 
 class TrainingLog:
-    """Loss records [stage, step, loss], kept in the checkpoint and plotted."""
+    """Loss records [stage, step, loss] and the wall-clock seconds of training over every run,
+    kept in the checkpoint and plotted."""
 
-    def __init__(self, records: list | None = None):
+    def __init__(self, records: list | None = None, seconds: float = 0.0):
         self.records: list[list] = [list(r) for r in records or []]
+        self.seconds = seconds
+        self._last = time.monotonic()
 
     def add(self, stage: str, step: int, loss: float) -> None:
+        now = time.monotonic()
+        self.seconds += now - self._last
+        self._last = now
         self.records.append([stage, step, round(float(loss), 6)])
 
     def recent(self, stage: str, n: int = 50) -> float:
@@ -121,7 +128,8 @@ def write_card(path: Path, title: str, doc: str | None, config: dict, log: Train
     steps = {stage: max(step for s, step, _ in log.records if s == stage) for stage in log.stages()}
     lines = [f"# {title}", "", (doc or "").strip(), "",
              "## Training", "", f"- steps per stage: {json.dumps(steps)}",
-             f"- machine: {platform.machine()}, {torch.get_num_threads()} torch threads",
+             f"- time: {log.seconds / 60:.0f} minutes of training (all runs; the last on {platform.machine()}, "
+             f"{torch.get_num_threads()} torch threads, {'CUDA' if torch.cuda.is_available() else 'CPU'})",
              "- config:", "", "```json", json.dumps(config, indent=2), "```", "",
              "## Measured", "", "```json", json.dumps(quality, indent=2), "```", "",
              "![loss](loss.png)", ""]

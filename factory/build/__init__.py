@@ -1,5 +1,5 @@
-"""The build: a recipe, its plan, the model stages (generate, label or annotate, quality, the
-procedural drawing), the Ray Data pipeline that streams them into a dataset, and its cost."""
+"""The build: a recipe, its plan, the model stages (generate, label or annotate, quality), the
+Ray Data pipeline that streams them into a dataset, and its cost."""
 
 from factory.core.exports import lazy_exports
 
@@ -7,6 +7,5 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "cost": ("estimate", "format_estimate"),
     "pipeline": ("BuildError", "StageSpec", "model_stages", "prepare_build", "run_build"),
     "plan": ("Sample", "build_plan", "replan"),
-    "procedural": ("build_procedural", "procedural_recipe"),
     "recipe": ("Recipe", "load_recipe"),
 })

@@ -27,7 +27,15 @@ from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
 from factory.core.errors import FactoryError
 from factory.core.loading import pipeline_failure
-from factory.core.storage import Location, StorageError, access_refused, check_model_source, check_reachable, first_line
+from factory.core.storage import (
+    Location,
+    StorageError,
+    absolute_model_source,
+    access_refused,
+    check_model_source,
+    check_reachable,
+    first_line,
+)
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import LABEL_COLUMNS
 from factory.dataset.card import write_card
@@ -181,10 +189,13 @@ _LABELS = (*LABEL_COLUMNS, "label_seconds")
 
 def model_stages(recipe: Recipe) -> list[StageSpec]:
     """The recipe's model stages, in order: generate then label, or generate-and-annotate; quality."""
-    gen, lab, attempts = recipe.generator, recipe.labeler, recipe.pool.load_attempts
-    if recipe.annotator.checkpoint:  # the grounding module reads the generator's own U-Net features
+    gen = recipe.generator.model_copy(update={"model": absolute_model_source(recipe.generator.model)})
+    lab = recipe.labeler.model_copy(update={"weights": absolute_model_source(recipe.labeler.weights)})
+    annotator = recipe.annotator.model_copy(update={"checkpoint": absolute_model_source(recipe.annotator.checkpoint)})
+    attempts = recipe.pool.load_attempts
+    if annotator.checkpoint:  # the grounding module reads the generator's own U-Net features
         stages = [StageSpec("factory.build.annotate:AnnotateStage",
-                            {"generator": gen, "annotator": recipe.annotator, "vocabulary": recipe.vocabulary,
+                            {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
                              "load_attempts": attempts}, gen.batch_size,
                             reads=("prompt", "seed", "classes", "class_words"),
                             adds=("image", "generate_seconds", *_LABELS))]
@@ -199,7 +210,8 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
                             reads=("image", "classes"), adds=_LABELS)]
     if recipe.quality.model:
         stages.append(StageSpec("factory.build.quality:QualityStage",
-                                {"model": recipe.quality.model, "load_attempts": attempts}, lab.batch_size,
+                                {"model": absolute_model_source(recipe.quality.model), "load_attempts": attempts},
+                                lab.batch_size,
                                 reads=("image",), adds=("quality",)))
     return stages
 

@@ -203,6 +203,14 @@ def check_model_source(source: str, required_file: str | None = None) -> None:
         raise StorageError(f"cannot read model {source}: {first_line(exc)}") from None
 
 
+def absolute_model_source(source: str | None) -> str | None:
+    """A model named by an existing local path, made absolute: Ray workers run in their own working
+    directory. Model ids, s3:// prefixes and built-in names are returned as they are."""
+    if source is None or is_s3(source) or not os.path.exists(os.path.expanduser(source)):
+        return source
+    return str(Path(source).expanduser().resolve())
+
+
 def local_copy(source: str) -> str:
     """A local path for a model file or folder: s3:// ones are downloaded once into a cache."""
     if not is_s3(source):

@@ -44,6 +44,21 @@ def planned_ids(*args: str) -> list[str]:
     return [s.sample_id for s in build_plan(recipe_from_args(build_dataset.parse_args(list(args))))]
 
 
+def test_the_default_build_is_the_mini_world_with_objects_found(ray_cluster, tmp_path, capsys):
+    """`python jobs/build_dataset.py` as a new user runs it: the trained generator draws the
+    prompted objects and the trained oracle labels them."""
+    out = tmp_path / "default"
+    assert build_dataset.main(["--out", str(out), "--num-samples", "8", "--writer.preview-samples", "8"]) == 0
+    assert "preview" in capsys.readouterr().out and (out / "preview.png").is_file()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["vocabulary"]["name"] == "shapes" and manifest["models"]["generator"] == "models/shapes-generator"
+    counts = manifest["counts"]  # a sample whose class the oracle misses is replaced, up to 4 tries
+    assert counts["written"] + counts["given_up"] == 8 and counts["written"] >= 6, counts
+    for row in read_rows(out):  # every prompted class has pixels in the label map
+        label = decode_png(row["label"]["bytes"])
+        assert all((label == index).sum() >= 20 for index in row["class_indices"]), row["prompt"]
+
+
 def test_tiny_build_to_local_folder(ray_cluster, tmp_path, capsys):
     out = tmp_path / "ds"
     assert build_dataset.main(["--out", str(out), *SMALL]) == 0

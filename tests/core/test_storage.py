@@ -11,7 +11,14 @@ from safetensors.torch import save_file
 from factory.build import pipeline
 from factory.build.detect import build_maskrcnn
 from factory.build.recipe import LabelerConfig, load_recipe
-from factory.core.storage import StorageError, check_model_source, check_reachable, local_copy, open_location
+from factory.core.storage import (
+    StorageError,
+    absolute_model_source,
+    check_model_source,
+    check_reachable,
+    local_copy,
+    open_location,
+)
 from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline
 
 
@@ -19,6 +26,14 @@ def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
     for path in folder.rglob("*"):
         if path.is_file():
             client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder)}")
+
+
+def test_local_model_paths_are_made_absolute_for_the_actors(tmp_path, monkeypatch):
+    (tmp_path / "models" / "gen").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert absolute_model_source("models/gen") == str(tmp_path / "models" / "gen")
+    for kept in ("org/model-id", "s3://bucket/model", "tiny", None):  # ids, S3 and built-ins stay as named
+        assert absolute_model_source(kept) == kept
 
 
 def test_local_writes_are_atomic_and_listing_skips_temporaries(tmp_path):

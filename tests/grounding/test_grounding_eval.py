@@ -353,7 +353,7 @@ def test_each_split_is_scored_by_its_own_module(test_set, checkpoints):
                                                    data=str(test_set), daam_threshold=0.4))
     no_average = "no Average: it is the mean over the modules of all 3 splits, and split(s) 3 have none here"
     assert plan.report["notes"] == [no_average]
-    stage = EvalStage({k: str(p) for k, p in two.items()}, plan.data, None)
+    stage = EvalStage({k: str(p) for k, p in two.items()}, plan.data, "tiny", None)
     positions = list(range(10))
     counts = ProtocolIAccumulator.from_dict(json.loads(stage({"positions": np.array([positions])})["module"][0]))
     assert counts.splits == (1, 2)
@@ -387,7 +387,7 @@ def test_dataset_without_heat_maps_skips_daam(test_set, checkpoints, tmp_path):
     assert plan.daam_threshold is None and "DAAM" not in plan.report["thresholds"]
     assert plan.report["notes"][1] == f"{copy} has no DAAM heat maps (built without --capture.attention true): DAAM skipped"
     # The actor, in-process (a Ray run is the test above): module counts only.
-    stage = EvalStage(plan.checkpoints, plan.data, plan.daam_threshold)
+    stage = EvalStage(plan.checkpoints, plan.data, "tiny", plan.daam_threshold)
     out = stage({"positions": np.array([[0, 1, 2], [3, 4, 5]])})
     assert list(out["daam"]) == ["", ""]
     counts = ProtocolIAccumulator.from_dict(json.loads(out["module"][0]))

@@ -34,7 +34,7 @@ def test_batches_are_a_function_of_seed_and_step():
 @pytest.mark.slow  # two short trainings and two exports with sample grids: about 40 s
 def test_training_resumes_and_exports_a_loadable_pipeline(tmp_path):
     config = GeneratorTrainConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), vae_steps=2,
-                                  unet_steps=2, batch_size=2, save_every=2)
+                                  unet_steps=2, batch_size=2, save_every=2, quality_images=2)
     first = GeneratorTraining(config).run()
     assert (first.vae_step, first.unet_step) == (2, 2)
     resumed = GeneratorTraining(config.model_copy(update={"unet_steps": 3}))
@@ -48,6 +48,7 @@ def test_training_resumes_and_exports_a_loadable_pipeline(tmp_path):
         assert (out / name).is_file(), name
     quality = json.loads((out / "training.json").read_text())["quality"]
     assert quality["unet_steps"] == 3 and quality["vae_psnr_db"] > 0
+    assert quality["oracle_finds"]["images"] == 4  # measured by the shipped oracle: 2 one-object, 2 two-object
     pipe = load_pipeline(str(out))  # the build's own loader, as for SD 1.5
     assert pipe.vae.config.scaling_factor == pytest.approx(resumed.parts["vae"].config.scaling_factor)
     assert pipe.tokenizer.model_max_length == 16
