@@ -167,7 +167,7 @@ def _accelerator_resources(recipe: Recipe) -> dict[str, float]:
     if has_gpus or require:
         if not has_gpus:  # without an autoscaler nothing would ever start: say what we wait for
             logger.warning("the cluster has no GPU now; the model actors wait for GPU nodes (an autoscaler "
-                           "adds them; on a machine without GPUs use the tiny models)")
+                           "adds them; models small enough for CPUs run there with pool.require_gpu: false)")
         return actor_resources(gpu=True)
     return actor_resources(gpu=False)
 
