@@ -44,7 +44,7 @@ from factory.diffusion.pipelines import PROMPT_WORDS, bpe_tokenizer, generate, s
 from world.draw import SIZE, draw
 from world.evaluate import generator_quality
 from world.oracle import load_oracle
-from world.utils import EMA, TrainingLog, class_draws, prompt_of, psnr, write_card
+from world.utils import EMA, TrainingLog, class_draws, image_grid, prompt_of, psnr, write_card
 
 KIND = "world-generator-training/1"
 LATENT = SIZE // 4  # three VAE blocks: two downsamplings
@@ -277,9 +277,8 @@ class GeneratorTraining:
             decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
         quality = {"vae_psnr_db": round(psnr(decoded, pixels), 2), "vae_steps": self.vae_step,
                    "unet_steps": self.unet_step,
-                   "parameters_m": round(sum(p.numel() for p in pipe.unet.parameters())
-                                         + sum(p.numel() for p in pipe.vae.parameters())
-                                         + sum(p.numel() for p in pipe.text_encoder.parameters()), -3) / 1e6}
+                   "parameters_m": round(sum(p.numel() for part in (pipe.unet, pipe.vae, pipe.text_encoder)
+                                             for p in part.parameters()), -3) / 1e6}
         if self.unet_step:
             sample_grid(pipe, out / "samples.png")
             if Path(self.config.oracle).is_file():
@@ -299,7 +298,6 @@ GRID_CLASSES = [(name,) for name in SHAPES.names] + [
 
 def sample_grid(pipe: StableDiffusionPipeline, path: Path, steps: int = 25, guidance_scale: float = 4.0) -> None:
     """One sample of every class and of five pairs, each captioned by its prompt."""
-    from world.utils import image_grid
     prompts = [prompt_of(classes) for classes in GRID_CLASSES]
     images = generate(pipe, prompts, list(range(len(prompts))), steps=steps, guidance_scale=guidance_scale,
                       height=SIZE, width=SIZE)

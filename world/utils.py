@@ -4,7 +4,6 @@ plot, image grids, the model card."""
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import platform
 import time
@@ -117,10 +116,6 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
         canvas.paste(Image.fromarray(image).resize((cell_w, h * scale), Image.NEAREST), (x, y))
         pen.text((x + 2, y + h * scale + 1), caption[:24], fill="black")
     canvas.save(path)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def write_card(path: Path, title: str, doc: str | None, config: dict, log: TrainingLog, quality: dict) -> None:
