@@ -7,9 +7,10 @@
 2. Grounding: one module per split, trained on that split's seen classes only.
 3. Protocol-I: each split's module and DAAM on the test triplets (Table 1's layout).
 4. Synthetic segmentation sets for split 1, labelled by the split-1 module: one object, two
-   objects, the mixture (shapes-synthetic-*); the same mixture labelled by the oracle.
+   objects, the mixture (shapes-synthetic-*); the same mixture labelled by DAAM and by the oracle.
 5. Segmenters: Model-A (one), B (two), C (mixture), D (C, then C's set with drawn seen-class
-   images), and the oracle-labelled upper bound (supervised, not zero-shot).
+   images), the DAAM-labelled baseline, and the oracle-labelled upper bound (supervised, not
+   zero-shot).
 6. Protocol-II on the drawn benchmark (world/benchmark.py, VOC layout; Table 2's layout).
 
 Every stage resumes: a rerun with the same --work continues where the last one stopped.
@@ -49,6 +50,7 @@ MODELS = {  # name -> (dataset, setting, what it is)
     "Model-B": ("synthetic-two", "transductive", "two objects per image, module labels"),
     "Model-C": ("synthetic-mixture", "transductive", "one and two objects, module labels"),
     "Model-D": ("synthetic-mixture", "transductive", "Model-C, then its set and drawn seen-class images"),
+    "DAAM": ("synthetic-daam", "transductive", "one and two objects, DAAM labels: training-free baseline"),
     "Oracle": ("oracle", "supervised", "one and two objects, oracle labels: upper bound, not zero-shot"),
 }
 
@@ -125,9 +127,10 @@ def run(work: Path, scale: float) -> dict:
     for kind in ("one", "two", "mixture"):
         sets[f"synthetic-{kind}"] = build(f"shapes-synthetic-{kind}", work / f"synthetic-{kind}", scale,
                                           {"annotator.checkpoint": modules[SPLIT]})
+    sets["synthetic-daam"] = build("shapes-synthetic-daam", work / "synthetic-daam", scale)
     sets["oracle"] = build("shapes-oracle", work / "oracle", scale)
     stage("synthetic sets")
-    checkpoints = {name: train_segmenter(work, name, scale) for name in ("Model-A", "Model-B", "Model-C", "Oracle")}
+    checkpoints = {name: train_segmenter(work, name, scale) for name in ("Model-A", "Model-B", "Model-C", "DAAM", "Oracle")}
     checkpoints["Model-D"] = train_segmenter(work, "Model-D", scale, init=checkpoints["Model-C"])
     stage("segmenters")
     results_ii = {name: protocol_ii(work, name, checkpoints[name]) for name in MODELS}

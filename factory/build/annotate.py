@@ -1,8 +1,10 @@
-"""Annotate: label generated images with the trained grounding module (Algorithm 2).
+"""Annotate: label generated images with the trained grounding module (Algorithm 2), or
+with DAAM, the papers' baseline.
 
 One actor holds Stable Diffusion and the module: the generation call's U-Net features
 at the capture step go straight into the module, which predicts a mask for each of
-the prompt's classes, seen or unseen. The outputs have the same columns as the oracle
+the prompt's classes, seen or unseen. DAAM needs no module: its heat maps, recorded
+during the same call, are thresholded instead. The outputs have the same columns as the oracle
 labeler's, so encoding and writing are shared.
 """
 
@@ -20,9 +22,11 @@ from factory.core.devices import pick_device, pick_dtype
 from factory.core.loading import load_with_retries
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import CLASS_NOT_FOUND, SampleLabels, attach_labels
+from factory.diffusion.daam import CrossAttentionRecorder, daam_scores
 from factory.diffusion.features import FeatureCapture
 from factory.diffusion.pipelines import generate, load_pipeline
 from factory.diffusion.steps import capture_call_index
+from factory.diffusion.tokens import class_token_positions
 from grounding.checkpoint import load_grounding_checkpoint
 from grounding.data import TextConfig, text_class_embeddings
 
@@ -44,7 +48,12 @@ def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, thres
 
 
 class AnnotateStage:
-    """Ray Data actor: generate, capture, predict masks, label; one GPU when there are GPUs."""
+    """Ray Data actor: generate and label in one call; one GPU when there are GPUs.
+
+    The labels come from the grounding module reading the U-Net's features at its capture
+    step, or, with ``annotator.daam``, from DAAM's cross-attention heat maps over every step
+    (the papers' training-free baseline, as Protocol-I computes it).
+    """
 
     def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str,
                  load_attempts: int = 3):
@@ -53,30 +62,47 @@ class AnnotateStage:
         self.device = pick_device()
         self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
             generator.model, self.device, pick_dtype(generator.dtype, self.device)), load_attempts)
-        module, metadata = load_with_retries(f"grounding checkpoint {annotator.checkpoint}",
-                                             lambda: load_grounding_checkpoint(annotator.checkpoint), load_attempts)
-        self.module = module.to(self.device)
-        self.text = TextConfig.model_validate(metadata["text"])
-        self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])
+        self.module = None
+        if not annotator.daam:
+            module, metadata = load_with_retries(f"grounding checkpoint {annotator.checkpoint}",
+                                                 lambda: load_grounding_checkpoint(annotator.checkpoint), load_attempts)
+            self.module = module.to(self.device)
+            self.text = TextConfig.model_validate(metadata["text"])
+            self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        g = self.generator
-        prompts, words = list(batch["prompt"]), [list(w) for w in batch["class_words"]]
-        with FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)) as hooks:
-            images = generate(self.pipe, prompts, list(batch["seed"]), steps=g.steps,
-                              guidance_scale=g.guidance_scale, height=g.height, width=g.width)
-        features = {r: t.float() for r, t in hooks.features.items()}
-        embeddings, mask = text_class_embeddings(self.pipe, self.text, prompts, words)
-        logits = self.module(features, embeddings.float(), mask)
-        probabilities = torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
-                                                    align_corners=False)).cpu().numpy()
+        prompts, words, seeds = list(batch["prompt"]), [list(w) for w in batch["class_words"]], list(batch["seed"])
+        annotate = self.with_daam if self.module is None else self.with_module
+        images, probabilities = annotate(prompts, words, seeds)
         batch["image"] = images
         batch["generate_seconds"] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         # labelling happens inside the generation call: its time is counted there
         labels = [self.label(probabilities[i, :len(names)], names) for i, names in enumerate(batch["classes"])]
         return attach_labels(batch, labels, time.perf_counter())
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        g = self.generator
+        return generate(self.pipe, prompts, seeds, steps=g.steps, guidance_scale=g.guidance_scale,
+                        height=g.height, width=g.width)
+
+    def with_module(self, prompts: list[str], words: list[list[str]], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Images and (B, O, H, W) class probabilities from the module."""
+        with FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)) as hooks:
+            images = self.generate(prompts, seeds)
+        features = {r: t.float() for r, t in hooks.features.items()}
+        embeddings, mask = text_class_embeddings(self.pipe, self.text, prompts, words)
+        logits = self.module(features, embeddings.float(), mask)
+        return images, torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
+                                                   align_corners=False)).cpu().numpy()
+
+    def with_daam(self, prompts: list[str], words: list[list[str]], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Images and (B, O, H, W) normalised DAAM heat maps, the scores its threshold reads."""
+        with CrossAttentionRecorder(self.pipe) as recorder:  # every step, as the reference records
+            images = self.generate(prompts, seeds)
+        positions = [class_token_positions(self.pipe.tokenizer, p, w) for p, w in zip(prompts, words)]
+        return images, daam_scores(recorder.heatmaps(positions), size=images.shape[1:3])
 
     def label(self, probabilities: np.ndarray, names: list[str]) -> SampleLabels:
         return annotation_labels(probabilities, [self.vocabulary.lookup(name).index for name in names],

@@ -80,7 +80,7 @@ def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
     scale = _area(recipe, rates.image_size)
     evaluations = g.steps * (2 if g.guidance_scale > 1.0 else 1)  # guidance: unconditional + conditional
     generate = scale * (evaluations / rates.unet_forwards_per_s + 1 / rates.vae_images_per_s)
-    if recipe.annotator.checkpoint:
+    if recipe.annotator.enabled:
         return {"generate+annotate": generate}
     return {"generate": generate, "label": scale / rates.label_images_per_s}
 
@@ -88,7 +88,7 @@ def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
 def bytes_per_sample(recipe: Recipe) -> float:
     """Bytes of one written Parquet row."""
     area, c = _area(recipe), recipe.capture
-    total = (SYNTHETIC_BYTES_512 if recipe.annotator.checkpoint else ORACLE_BYTES_512) * area
+    total = (SYNTHETIC_BYTES_512 if recipe.annotator.enabled else ORACLE_BYTES_512) * area
     if c.features == "latent":
         total += LATENT_BYTES_512 * area
     elif c.features == "tensors":

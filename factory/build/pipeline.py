@@ -193,7 +193,7 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
     lab = recipe.labeler.model_copy(update={"weights": absolute_model_source(recipe.labeler.weights)})
     annotator = recipe.annotator.model_copy(update={"checkpoint": absolute_model_source(recipe.annotator.checkpoint)})
     attempts = recipe.pool.load_attempts
-    if annotator.checkpoint:  # the grounding module reads the generator's own U-Net features
+    if annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
         stages = [StageSpec("factory.build.annotate:AnnotateStage",
                             {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
                              "load_attempts": attempts}, gen.batch_size,
@@ -317,6 +317,8 @@ def _make(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, by
 
 
 def _labeler_id(recipe: Recipe) -> str:
+    if recipe.annotator.daam:
+        return "daam"
     if recipe.annotator.checkpoint:
         return f"grounding:{recipe.annotator.checkpoint}"
     lab = recipe.labeler
@@ -420,7 +422,8 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     """Which classes' labels came from a labeler trained on that class (manifest "labels").
 
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
-    every class it labels; the grounding annotator only its checkpoint's classes. Protocol-II
+    every class it labels; the grounding annotator only its checkpoint's classes; DAAM, which reads
+    the generator's attention and trains nothing, none. Protocol-II
     reads this to refuse a "zero-shot" segmenter trained on labels of its unseen classes.
     """
     names = get_vocabulary(recipe.vocabulary).names
@@ -429,6 +432,8 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
 
         metadata = read_grounding_metadata(recipe.annotator.checkpoint)
         trained, kind, split = set(metadata["classes"]), "annotator", metadata["split"]
+    elif recipe.annotator.daam:
+        trained, kind, split = set(), "daam", None
     else:
         trained, kind, split = set(names), "oracle", None
     return {"labeler": labeler, "kind": kind, "trained_split": split,

@@ -122,14 +122,23 @@ class AnnotatorConfig(_Section):
     checkpoint: str | None = Field(
         None, min_length=1, description="a trained grounding module (checkpoint folder, local or s3://): when set, it "
         "labels the images inside the generator's actor instead of the detector (Algorithm 2)")
+    daam: bool = Field(False, description="label with DAAM's cross-attention heat maps instead (the papers' "
+                       "training-free baseline; set threshold to its tau, 0.4)")
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
     ignore_below: float | None = Field(
         None, ge=0.0, le=1.0, description="pixels whose best probability is in [ignore_below, threshold] become 255")
     on_missing: Literal["drop", "ignore"] = Field("drop", description="a class with an empty predicted mask: "
                                                   "drop the sample, or keep it with unclaimed pixels 255")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether the build labels in the generator's actor (module or DAAM) instead of the detector."""
+        return self.checkpoint is not None or self.daam
+
     @model_validator(mode="after")
     def _band(self) -> "AnnotatorConfig":
+        if self.checkpoint and self.daam:
+            raise ValueError("annotator: give a grounding checkpoint or daam: true, not both")
         if self.ignore_below is not None and self.ignore_below >= self.threshold:
             raise ValueError(f"ignore_below {self.ignore_below} must be below threshold {self.threshold}")
         return self
@@ -223,8 +232,8 @@ class Recipe(_Section):
             raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
         if self.capture.features != "none" and self.capture.step > self.generator.steps:
             raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
-        if self.annotator.checkpoint and (self.capture.features != "none" or self.capture.attention):
-            raise ValueError("annotator.checkpoint makes a segmentation set; capture is for oracle triplet sets")
+        if self.annotator.enabled and (self.capture.features != "none" or self.capture.attention):
+            raise ValueError("an annotator makes a segmentation set; capture is for oracle triplet sets")
         if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
             raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self
@@ -244,7 +253,16 @@ class Recipe(_Section):
             "name": True, "out": True, "num_samples": True, "attempts": True,
             "writer": {"rows_per_file", "preview_samples"},
             "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"}})
+        for section, fields in ADDED_FIELDS.items():
+            for field, default in fields.items():
+                if data[section][field] == default:
+                    del data[section][field]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Fields added after datasets were first built with this key: left out of it while at their
+# default, so that those datasets keep their key and resume after an upgrade.
+ADDED_FIELDS = {"annotator": {"daam": False}}
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

@@ -109,12 +109,14 @@ def _making(recipe: dict, models: dict) -> list[str]:
              f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
              f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.",
              ]
-    if annotator.get("checkpoint"):
+    if annotator.get("checkpoint") or annotator.get("daam"):
         ignore = annotator.get("ignore_below")
-        lines.append(f"- **Annotator** (the grounding module, labelling from the generator's own U-Net features): "
-                     f"`{annotator['checkpoint']}`, a pixel belongs to a class above probability "
-                     f"{annotator['threshold']}" + (f", unsure below it down to {ignore} (255)" if ignore is not None
-                                                   else "") + ". " + _ON_MISSING[annotator["on_missing"]])
+        what = ("DAAM, the papers' baseline: the generator's cross-attention heat map of each class word over "
+                "every step, min-max normalised" if annotator.get("daam") else
+                f"the grounding module, labelling from the generator's own U-Net features: `{annotator['checkpoint']}`")
+        lines.append(f"- **Annotator** ({what}); a pixel belongs to a class above score {annotator['threshold']}"
+                     + (f", unsure below it down to {ignore} (255)" if ignore is not None else "") + ". "
+                     + _ON_MISSING[annotator["on_missing"]])
     else:
         ignore = lab.get("ignore_threshold")
         lines.append(f"- **Labeler**: `{models['labeler']}` (instance segmentation). Every instance of a prompt class "
@@ -223,6 +225,9 @@ def _provenance(labels: dict) -> list[str]:
         return ["## Label provenance", "",
                 f"Labelled by an oracle (`{labels['labeler']}`) that was trained on every class it labels: "
                 "not for zero-shot training on any of them (an upper bound only)."]
+    if labels["kind"] == "daam":
+        return ["## Label provenance", "",
+                "Labelled by DAAM, which trains on no class: zero-shot for every class (a baseline)."]
     split = "" if labels["trained_split"] is None else f" (the seen classes of split {labels['trained_split']})"
     return ["## Label provenance", "",
             f"Labelled by the grounding module `{labels['labeler']}`, trained on {len(trained)} classes{split}: "

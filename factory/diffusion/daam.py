@@ -255,12 +255,18 @@ class CrossAttentionRecorder:
         return out
 
 
-def daam_masks(heatmaps: np.ndarray, threshold: float = DAAM_THRESHOLD,
-               size: tuple[int, int] | None = None) -> np.ndarray:
-    """bool (B, O, H, W): the reference's `expand_as(image, threshold=tau)`: each heat map
-    upsampled bicubically to `size` (the image's (H, W); None keeps the heat maps' size),
-    min-max normalised, then `> threshold`. All-zero (padding) maps give empty masks."""
+def daam_scores(heatmaps: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """float32 (B, O, H, W) in [0, 1]: the reference's `expand_as(image)` before its threshold:
+    each heat map upsampled bicubically to `size` (the image's (H, W); None keeps the heat
+    maps' size), then min-max normalised. All-zero (padding) maps stay zero."""
     maps = torch.from_numpy(np.ascontiguousarray(heatmaps, dtype=np.float32))
     if size is not None and tuple(size) != tuple(maps.shape[-2:]):
         maps = F.interpolate(maps, size=tuple(size), mode="bicubic", align_corners=False)
-    return (min_max(maps) > threshold).numpy()
+    return min_max(maps).numpy()
+
+
+def daam_masks(heatmaps: np.ndarray, threshold: float = DAAM_THRESHOLD,
+               size: tuple[int, int] | None = None) -> np.ndarray:
+    """bool (B, O, H, W): the reference's `expand_as(image, threshold=tau)`, `daam_scores > tau`.
+    All-zero (padding) maps give empty masks."""
+    return daam_scores(heatmaps, size) > threshold

@@ -6,10 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.build.annotate import AnnotateStage, annotation_label_map
+from factory.build.generate import GenerateStage
 from factory.build.pipeline import prepare_build
-from factory.build.recipe import AnnotatorConfig, GeneratorConfig, PromptConfig, load_recipe
+from factory.build.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig, load_recipe
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_png
+from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
 from grounding.checkpoint import save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import TextConfig
@@ -59,6 +61,27 @@ def test_annotate_stage_labels_the_prompt_classes(checkpoint):
     assert [len(s) for s in out["scores"]] == [1, 2]
     for bits, found in zip(out["class_bits"], out["found"]):
         assert all(bool(((bits >> k) & 1).any()) == f for k, f in enumerate(found))
+
+
+def test_daam_annotation_is_protocol_i_daam_baseline():
+    """A DAAM-labelled set labels each class as Protocol-I scores DAAM: the same images and the
+    heat maps a triplet build stores, thresholded at tau."""
+    generator = GeneratorConfig(steps=4, height=64, width=64, guidance_scale=5.0)
+    prompts = ["a photograph of a dog", "a photograph of a cat and a bus"]
+    words = [["dog"], ["cat", "bus"]]
+
+    def batch():
+        return {"prompt": np.array(prompts, dtype=object), "class_words": np.array(words, dtype=object),
+                "classes": np.array(words, dtype=object), "seed": np.array([1, 2])}
+
+    annotated = AnnotateStage(generator, AnnotatorConfig(daam=True, threshold=DAAM_THRESHOLD), "voc")(batch())
+    triplets = GenerateStage(generator, CaptureConfig(attention=True))(batch())
+    np.testing.assert_array_equal(annotated["image"], triplets["image"])
+    for i, classes in enumerate(words):
+        expected = daam_masks(triplets["daam"][i][None].astype(np.float32), size=(64, 64))[0]
+        assert expected.reshape(len(classes), -1).any(axis=1).all()  # min-max normalised: never empty
+        for k in range(len(classes)):
+            np.testing.assert_array_equal((annotated["class_bits"][i] >> k) & 1, expected[k])
 
 
 def refused(capsys, *args: str) -> str:

@@ -38,9 +38,9 @@ def test_stages_of_an_oracle_build_read_what_the_stages_before_them_add():
                                               recipe.labeler.batch_size]
 
 
-def test_an_annotating_build_has_one_model_stage(tmp_path):
-    recipe = load_recipe("tiny", {"annotator": {"checkpoint": str(tmp_path / "ck")}})
-    (stage,) = model_stages(recipe)
+@pytest.mark.parametrize("annotator", [{"checkpoint": "ck"}, {"daam": True}])
+def test_an_annotating_build_has_one_model_stage(annotator):
+    (stage,) = model_stages(load_recipe("tiny", {"annotator": annotator}))
     assert stage.stage == "factory.build.annotate:AnnotateStage" and set(LABEL_COLUMNS) <= set(stage.adds)
 
 
@@ -60,6 +60,9 @@ def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):
     assert annotated["kind"] == "annotator" and annotated["trained_split"] == 1
     assert {name for name, trained in annotated["trained"].items() if trained} == {"dog", "cat"}
     assert annotated["trained"].keys() == set(voc)
+
+    daam = label_provenance(load_recipe("tiny", {"annotator": {"daam": True}}), "daam")
+    assert daam["kind"] == "daam" and daam["trained"] == {name: False for name in voc}  # zero-shot everywhere
 
 
 def test_more_samples_than_planned_is_said(tmp_path):

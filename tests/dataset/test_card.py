@@ -103,12 +103,21 @@ def test_card_of_an_annotated_build():
     header, body = header_and_body(dataset_card(copy.deepcopy(manifest)))
     assert header["dataset_info"]["splits"][0] == {"name": "train", "num_bytes": 3000, "num_examples": 1400}
     assert header["size_categories"] == ["1K<n<10K"]
-    assert "**Annotator**" in body and "s3://b/g/best" in body and "probability 0.4" in body and "0.2" in body
+    assert "**Annotator**" in body and "s3://b/g/best" in body and "score 0.4" in body and "0.2" in body
     assert "**Labeler**" not in body and "Tiny models" not in body
     assert "| 1500 | 1600 | 1400 | 200 class_not_found | 100 | 2 |" in body
     assert "| cow | 75 | 90 | 70 | 5 |" in body and "up to 4 seeds" in body
     assert "trained on 19 classes (the seen classes of split 1)" in body and "other classes (cow)" in body
     assert "](preview.png)" in body  # the recipe asked for a preview
+
+
+def test_card_of_a_daam_labelled_build():
+    manifest = fake_manifest(annotator={"daam": True, "threshold": 0.4})
+    manifest["labels"] = {"labeler": "daam", "kind": "daam", "trained_split": None,
+                          "trained": {name: False for name in manifest["labels"]["trained"]}}
+    _, body = header_and_body(dataset_card(manifest))
+    assert "**Annotator** (DAAM" in body and "score 0.4" in body and "**Labeler**" not in body
+    assert "Labelled by DAAM, which trains on no class: zero-shot for every class" in body
 
 
 def test_card_without_preview_or_with_capture_columns():
