@@ -29,8 +29,8 @@ from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import SHAPES
 from factory.dataset.batch import LABEL_COLUMNS, SampleLabels, attach_labels
 from factory.diffusion.features import unet_features
+from factory.diffusion.inversion import noised_latents, vae_latents
 from factory.diffusion.pipelines import encode_texts, load_pipeline
-from factory.diffusion.steps import capture_call_index
 from world.draw import SIZE, draw, label_map
 
 GENERATOR = "procedural"  # the `generator` and `labeler` of every row: drawn, not generated or detected
@@ -38,11 +38,6 @@ WORLD_GENERATOR = "models/shapes-generator"  # whose VAE, U-Net and text encoder
 SPLIT = 1
 SEEN = SHAPES.seen(SPLIT)
 UNSEEN = SHAPES.unseen(SPLIT)
-
-
-def _vae_latents(pipe: StableDiffusionPipeline, images: np.ndarray) -> torch.Tensor:
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).to(pipe.device, pipe.vae.dtype) / 127.5 - 1
-    return pipe.vae.encode(pixels).latent_dist.mean
 
 
 @torch.inference_mode()
@@ -58,22 +53,7 @@ def latent_scale(pipe: StableDiffusionPipeline, model: str) -> float:
         return float(pipe.vae.config.scaling_factor)
     names = SHAPES.names
     images = np.stack([draw([names[i % len(names)]], seed=2 * i)[0] for i in range(32)])
-    return float(1 / _vae_latents(pipe, images).std())
-
-
-@torch.inference_mode()
-def capture_latents(pipe: StableDiffusionPipeline, images: np.ndarray, seeds: list[int], *, scale: float,
-                    steps: int, remaining: int) -> tuple[torch.Tensor, int]:
-    """Images as the U-Net sees them at the capture step: VAE-encoded, scaled, and noised by the
-    scheduler to the timestep of the capture call (``remaining`` steps left of ``steps``).
-    Sample i's noise comes from seeds[i] alone, as in generation. Returns latents and timestep."""
-    scheduler = pipe.scheduler
-    scheduler.set_timesteps(steps)
-    timestep = scheduler.timesteps[capture_call_index(steps, remaining)]
-    latents = _vae_latents(pipe, images) * scale
-    noise = torch.stack([torch.randn(latents.shape[1:], generator=torch.Generator("cpu").manual_seed(int(seed)))
-                         for seed in seeds]).to(latents)
-    return scheduler.add_noise(latents, noise, timestep.reshape(1)), int(timestep)
+    return float(1 / vae_latents(pipe, images, scale=1.0).std())
 
 
 def procedural_recipe(out: str, *, classes: Sequence[str], num_samples: int, seed: int,
@@ -112,8 +92,9 @@ class DrawStage:
         n = len(batch["sample_id"])
         drawn = [draw(list(classes), int(seed), "training") for classes, seed in zip(batch["classes"], batch["seed"])]
         batch["image"] = np.stack([image for image, _ in drawn])
-        latents, timestep = capture_latents(self.pipe, batch["image"], list(batch["seed"]), scale=self.scale,
-                                            steps=self.generator.steps, remaining=self.capture.step)
+        latents, timestep = noised_latents(self.pipe, vae_latents(self.pipe, batch["image"], self.scale),
+                                           list(batch["seed"]), steps=self.generator.steps,
+                                           remaining=self.capture.step)
         batch["timestep"] = np.full(n, timestep, np.int64)
         if self.capture.features == "latent":  # the Featurizer makes the U-Net pass
             batch["latent"] = latents.float().cpu().numpy().astype(np.float16)

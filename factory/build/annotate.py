@@ -87,7 +87,8 @@ class AnnotateStage:
         return generate(self.pipe, prompts, seeds, steps=g.steps, guidance_scale=g.guidance_scale,
                         height=g.height, width=g.width)
 
-    def with_module(self, prompts: list[str], words: list[list[str]], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def with_module(self, prompts: list[str], words: list[list[str]],
+                    seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Images and (B, O, H, W) class probabilities from the module."""
         with FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)) as hooks:
             images = self.generate(prompts, seeds)
@@ -97,7 +98,8 @@ class AnnotateStage:
         return images, torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
                                                    align_corners=False)).cpu().numpy()
 
-    def with_daam(self, prompts: list[str], words: list[list[str]], seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    def with_daam(self, prompts: list[str], words: list[list[str]],
+                  seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Images and (B, O, H, W) normalised DAAM heat maps, the scores its threshold reads."""
         with CrossAttentionRecorder(self.pipe) as recorder:  # every step, as the reference records
             images = self.generate(prompts, seeds)

@@ -131,12 +131,15 @@ def encode_texts(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tenso
 
 
 @torch.inference_mode()
-def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], *, steps: int,
-             guidance_scale: float, height: int, width: int) -> np.ndarray:
+def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int] | None, *, steps: int,
+             guidance_scale: float, height: int, width: int, latents: torch.Tensor | None = None) -> np.ndarray:
     """uint8 images (N, H, W, 3). Sample i's noise comes from seeds[i] alone, on the CPU,
-    so an image depends on its own seed and prompt, not on its batch or device."""
-    generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-    images = pipe(prompt=list(prompts), generator=generators, num_inference_steps=steps,
+    so an image depends on its own seed and prompt, not on its batch or device; or the
+    denoising starts from ``latents`` (an inversion's) and seeds are None."""
+    if (seeds is None) == (latents is None):
+        raise ValueError("generate from seeds or from latents, one of them")
+    generators = None if seeds is None else [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    images = pipe(prompt=list(prompts), generator=generators, latents=latents, num_inference_steps=steps,
                   guidance_scale=guidance_scale, eta=0.0, height=height, width=width,
                   output_type="np").images
     return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)
