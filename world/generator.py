@@ -69,6 +69,8 @@ class GeneratorTrainConfig(BaseModel):
     oracle: str = Field("models/shapes-oracle/model.safetensors", description="the oracle that measures each "
                         "export (objects of the prompted classes found); skipped while it does not exist")
     quality_images: int = Field(100, ge=1, description="one-object and two-object images of each measurement")
+    sample_steps: int = Field(25, ge=1, description="DDIM steps of the sample grid and of each quality measurement "
+                              "(the recipes' 25)")
 
 
 # Changing these makes a different run: its training state is not resumed.
@@ -280,10 +282,10 @@ class GeneratorTraining:
                    "parameters_m": round(sum(p.numel() for part in (pipe.unet, pipe.vae, pipe.text_encoder)
                                              for p in part.parameters()), -3) / 1e6}
         if self.unet_step:
-            sample_grid(pipe, out / "samples.png")
+            sample_grid(pipe, out / "samples.png", steps=self.config.sample_steps)
             if Path(self.config.oracle).is_file():
                 measured = generator_quality(pipe, load_oracle(self.config.oracle, device=self.device),
-                                             self.config.quality_images)
+                                             self.config.quality_images, steps=self.config.sample_steps)
                 quality["oracle_finds"] = {**measured.as_dict(), "oracle": self.config.oracle}
         write_card(out / "README.md", "The mini world's generator", __doc__, self.config.model_dump(),
                    self.log, quality)

@@ -31,10 +31,10 @@ def test_batches_are_a_function_of_seed_and_step():
     assert all(p.startswith("a photograph of a ") for p in prompts)
 
 
-@pytest.mark.slow  # two short trainings and two exports with sample grids: about 40 s
+@pytest.mark.slow  # two short trainings and two exports with sample grids: about 15 s
 def test_training_resumes_and_exports_a_loadable_pipeline(tmp_path):
     config = GeneratorTrainConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), vae_steps=2,
-                                  unet_steps=2, batch_size=2, save_every=2, quality_images=2)
+                                  unet_steps=2, batch_size=2, save_every=2, quality_images=2, sample_steps=2)
     first = GeneratorTraining(config).run()
     assert (first.vae_step, first.unet_step) == (2, 2)
     resumed = GeneratorTraining(config.model_copy(update={"unet_steps": 3}))
