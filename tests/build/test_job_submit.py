@@ -16,6 +16,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def ray_head():
     temp = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths live under it
     dashboard, gcs, client, agent = free_ports(4)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # `ray` and the job's `python` from this interpreter's environment, activated or not.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     # Token auth as on a real cluster, with a token of this test's own (not ~/.ray/auth_token).
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     command = ["ray", "start", "--head", "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true",
