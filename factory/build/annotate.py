@@ -4,8 +4,8 @@ with DAAM, the papers' baseline.
 One actor holds Stable Diffusion and the module: the generation call's U-Net features
 at the capture step go straight into the module, which predicts a mask for each of
 the prompt's classes, seen or unseen. DAAM needs no module: its heat maps, recorded
-during the same call, are thresholded instead. The outputs have the same columns as the oracle
-labeler's, so encoding and writing are shared.
+during the same call, are thresholded instead. The outputs have the same columns as the
+oracle labeler's, so encoding and writing are shared.
 """
 
 from __future__ import annotations

@@ -422,9 +422,9 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     """Which classes' labels came from a labeler trained on that class (manifest "labels").
 
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
-    every class it labels; the grounding annotator only its checkpoint's classes; DAAM, which reads
-    the generator's attention and trains nothing, none. Protocol-II
-    reads this to refuse a "zero-shot" segmenter trained on labels of its unseen classes.
+    every class it labels; the grounding annotator only its checkpoint's classes; DAAM, which
+    reads the generator's attention and trains nothing, none. Protocol-II reads this to refuse
+    a "zero-shot" segmenter trained on labels of its unseen classes.
     """
     names = get_vocabulary(recipe.vocabulary).names
     if recipe.annotator.checkpoint:
