@@ -78,7 +78,7 @@ def train_grounding(work: Path, split: int, scale: float) -> str:
 def train_segmenter(work: Path, name: str, scale: float, init: str | None = None) -> str:
     data, setting, _ = MODELS[name]
     iterations = max(20, round(1500 * scale))
-    config = {"data": str(work / data), "out": str(work / name.lower()), "model": {"preset": "tiny"},
+    config = {"data": str(work / data), "out": str(work / "segmenters" / name.lower()), "model": {"preset": "tiny"},
               "setting": setting, "split": SPLIT, "crop_size": 64, "crop_scale": (0.5, 1.0),
               "iterations": iterations, "batch_size": 16, "lr": 1e-3, "checkpoint_every": iterations,
               "log_every": max(10, iterations // 10), "seed": 0}
