@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+import ray
 
 from factory.build.pipeline import prepare_build, run_build
 from factory.build.recipe import load_recipe
@@ -130,7 +133,8 @@ def run(work: Path, scale: float) -> dict:
     sets["synthetic-daam"] = build("shapes-synthetic-daam", work / "synthetic-daam", scale)
     sets["oracle"] = build("shapes-oracle", work / "oracle", scale)
     stage("synthetic sets")
-    checkpoints = {name: train_segmenter(work, name, scale) for name in ("Model-A", "Model-B", "Model-C", "DAAM", "Oracle")}
+    checkpoints = {name: train_segmenter(work, name, scale)
+                   for name in ("Model-A", "Model-B", "Model-C", "DAAM", "Oracle")}
     checkpoints["Model-D"] = train_segmenter(work, "Model-D", scale, init=checkpoints["Model-C"])
     stage("segmenters")
     results_ii = {name: protocol_ii(work, name, checkpoints[name]) for name in MODELS}
@@ -156,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of every set, checkpoint and result; a rerun resumes (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies set sizes and training lengths")
     args = parser.parse_args(argv)
+    # Logical CPUs: Model-D's data pipeline (synthetic rows, two real-image readers) needs three
+    # beside its training worker, more than a 2-core machine has; they share the cores.
+    ray.init(num_cpus=max(4, os.cpu_count() or 1))
     report = run(args.work, args.scale)
     (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
