@@ -190,6 +190,11 @@ class Segmenter(nn.Module):
         self.config = config
         self.maskformer = MaskFormerForInstanceSegmentation(config.maskformer_config())
         own = self.maskformer
+        # The query embeddings as MaskFormer's reference draws them (nn.Embedding's N(0, 1)).
+        # transformers draws them with std 0.02: a decoder trained from scratch then starts with
+        # every query alike and stays so (the tiny preset's 8 queries gave identical outputs after
+        # 500 steps, and no class was ever predicted).
+        nn.init.normal_(own.model.transformer_module.queries_embedder.weight)
         if config.head == "text":
             own.class_predictor = TextClassifier(config.decoder_width, config.num_labels - 1, config.text_dim)
         own.criterion = _IgnoringLoss(own.config.num_labels, matcher=_IgnoringMatcher(own.matcher),

@@ -51,6 +51,6 @@ def test_latent_and_tensors_sets_featurize_alike(tmp_path):
 
 @pytest.mark.slow
 def test_a_module_trained_on_seen_classes_labels_unseen_ones(tmp_path, ray_cluster):
-    report = learnability.run(train=384, val=48, test=96, epochs=20, seed=0, work=tmp_path / "run")
+    report = learnability.run(train=384, val=48, test=96, epochs=16, seed=0, work=tmp_path / "run")
     print(report.text())
     assert report.passed, report.text()
