@@ -34,7 +34,9 @@ def test_scaling_bench_on_one_and_two_fake_gpu_nodes(tmp_path):
         assert r["samples"] == r["gpus"] * 2 * 4
         assert r["accounted"] == r["samples"] and r["exact"]  # every planned sample committed once
         assert r["model_bound"] == pytest.approx(r["gpus"] * 4 / 0.25)
-        assert 0 < r["efficiency"] <= 1.5 and 0 < r["vs_linear"] <= 1.5
+        # The stand-ins sleep their stated time, so only a miscount could beat the bound by much.
+        # vs_linear has no bound: one slow one-node run (a busy machine) makes it any size.
+        assert 0 < r["efficiency"] <= 1.5 and r["vs_linear"] > 0
         assert r["efficiency"] == pytest.approx(r["throughput"] / r["model_bound"])
     assert runs[0]["vs_linear"] == pytest.approx(1.0)
     assert "efficiency" in result.stdout and "vs linear" in result.stdout
