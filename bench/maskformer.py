@@ -2,6 +2,7 @@
 
     python bench/maskformer.py                 # MaskFormer R101 (real size, random weights), CPU or GPU
     python bench/maskformer.py --preset tiny   # the tiny test model, seconds
+    python bench/maskformer.py --preset world --crop 64 --size 64 --batch 16   # the mini world's model
 
 Training: one optimizer step (forward, loss with Hungarian matching, backward, AdamW) on
 `--batch` random crops of `--crop` pixels through segmenter.train.train_step, the step the Ray
@@ -53,7 +54,7 @@ def random_batch(rng: np.random.Generator, batch: int, crop: int) -> tuple[torch
 def run(preset: str, batch: int, crop: int, size: int, repeats: int) -> dict:
     device = pick_device()
     torch.manual_seed(0)
-    config = SegmenterModelConfig.real(VOC_LABELS) if preset == "real" else SegmenterModelConfig.tiny(VOC_LABELS)
+    config = getattr(SegmenterModelConfig, preset)(VOC_LABELS)
     model = Segmenter(config).to(device)
     optimizer = make_optimizer(model, SegmenterTrainConfig(out="unused", data="unused"))  # default lr, decay
     rng = np.random.default_rng(0)
@@ -71,7 +72,7 @@ def run(preset: str, batch: int, crop: int, size: int, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["real", "tiny"], default="real")
+    parser.add_argument("--preset", choices=["real", "world", "tiny"], default="real")
     parser.add_argument("--batch", type=int, default=2, help="training samples per step")
     parser.add_argument("--crop", type=int, default=224, help="training crop side (the paper's 224)")
     parser.add_argument("--size", type=int, default=512, help="evaluation short side")

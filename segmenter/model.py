@@ -62,12 +62,14 @@ class SegmenterModelConfig(BaseModel):
     """Sizes of the segmenter; stored in every checkpoint."""
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "real"]
+    preset: Literal["tiny", "world", "real"]
     num_labels: int = Field(ge=2, description="background + the vocabulary's classes")
     backbone_layer_type: Literal["basic", "bottleneck"]
     backbone_depths: list[int]
     backbone_widths: list[int] = Field(description="output channels of the four ResNet stages")
     stem_width: int
+    stem_pool: bool = Field(True, description="the stem's max-pool; without it every stride halves, so the "
+                            "decoder's input, the last stage, is 4x4 rather than 2x2 at 64 px")
     fpn_size: int = Field(description="pixel decoder width; a multiple of 32 (GroupNorm groups)")
     mask_size: int = Field(description="width of the per-pixel and mask embeddings")
     queries: int
@@ -115,6 +117,17 @@ class SegmenterModelConfig(BaseModel):
                    backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 16, 32, 64], stem_width=8,
                    fpn_size=32, mask_size=32, queries=8, decoder_layers=2, decoder_width=32,
                    decoder_heads=4, decoder_ffn=64, dropout=0.0, deep_supervision=True, **head)
+
+    @classmethod
+    def world(cls, num_labels: int, **head) -> SegmenterModelConfig:
+        """The tiny backbone, sized for the mini world's 64 px images: no stem max-pool (see
+        stem_pool), 24 queries (more than the world's 21 labels: one can take each) and a decoder
+        of width 64: each of these made it learn faster from scratch (README, the mission in
+        miniature). `head`: the head fields (default closed)."""
+        return cls(preset="world", num_labels=num_labels, backbone_layer_type="basic",
+                   backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 16, 32, 64], stem_width=8, stem_pool=False,
+                   fpn_size=32, mask_size=32, queries=24, decoder_layers=2, decoder_width=64,
+                   decoder_heads=4, decoder_ffn=128, dropout=0.0, deep_supervision=True, **head)
 
     def maskformer_config(self) -> MaskFormerConfig:
         backbone = ResNetConfig(layer_type=self.backbone_layer_type, depths=self.backbone_depths,
@@ -195,6 +208,8 @@ class Segmenter(nn.Module):
         # every query alike and stays so (the tiny preset's 8 queries gave identical outputs after
         # 500 steps, and no class was ever predicted).
         nn.init.normal_(own.model.transformer_module.queries_embedder.weight)
+        if not config.stem_pool:
+            own.model.pixel_level_module.encoder.embedder.pooler = nn.Identity()
         if config.head == "text":
             own.class_predictor = TextClassifier(config.decoder_width, config.num_labels - 1, config.text_dim)
         own.criterion = _IgnoringLoss(own.config.num_labels, matcher=_IgnoringMatcher(own.matcher),

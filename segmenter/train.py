@@ -96,7 +96,9 @@ class RealSection(BaseModel):
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "real"] = Field("tiny", description="'tiny' (tests, CPU) or 'real' (MaskFormer R101)")
+    preset: Literal["tiny", "world", "real"] = Field(
+        "tiny", description="'tiny' (tests, CPU), 'world' (the mini world's 64 px images, CPU) or 'real' "
+        "(MaskFormer R101)")
     backbone_weights: str | None = Field(
         None, description="ImageNet ResNet weights for a fresh start (.safetensors file or folder with "
         "model.safetensors, local or s3://; torchvision or transformers layout); null: random")
@@ -335,7 +337,8 @@ def _fresh_model(config: SegmenterTrainConfig, vocabulary: Vocabulary, split: in
     if config.model.preset == "real":
         frozen = bool(config.model.backbone_weights)
         return SegmenterModelConfig.real(len(vocabulary) + 1, frozen_backbone_norm=frozen, **head), embeddings
-    return SegmenterModelConfig.tiny(len(vocabulary) + 1, **head), embeddings
+    small = SegmenterModelConfig.world if config.model.preset == "world" else SegmenterModelConfig.tiny
+    return small(len(vocabulary) + 1, **head), embeddings
 
 
 def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:

@@ -67,6 +67,22 @@ def test_a_fresh_models_queries_differ():
         assert logits.std(dim=1).mean() > 1e-3 * logits.std()
 
 
+def test_world_preset_halves_every_stride_and_keeps_it_in_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = Segmenter(SegmenterModelConfig.world(K + 1)).eval()
+    with torch.no_grad():
+        outputs = model.maskformer(pixel_values=torch.randn(2, 3, 64, 64), output_hidden_states=True)
+    assert [tuple(f.shape[-2:]) for f in outputs.encoder_hidden_states] == [(32, 32), (16, 16), (8, 8), (4, 4)]
+    assert outputs.class_queries_logits.shape == (2, 24, K + 2)
+    assert outputs.masks_queries_logits.shape[-2:] == (32, 32)  # tiny's: 16 x 16
+    save_segmenter_checkpoint(str(tmp_path / "w"), model, None, METADATA)
+    loaded = load_segmenter_checkpoint(str(tmp_path / "w"))[0].eval()
+    assert not loaded.config.stem_pool
+    with torch.no_grad():
+        again = loaded(torch.randn(2, 3, 64, 64)).masks_queries_logits
+    assert again.shape == outputs.masks_queries_logits.shape
+
+
 def test_semantic_logits_shape_and_labels():
     model = _tiny().eval()
     with torch.no_grad():

@@ -221,6 +221,9 @@ def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
     real_model = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "r"),
                                                        model={"preset": "real"})).model
     assert real_model.backbone_depths == [3, 4, 23, 3] and not real_model.frozen_backbone_norm
+    world_model = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "w"),
+                                                        model={"preset": "world"})).model
+    assert world_model == SegmenterModelConfig.world(21) and not world_model.stem_pool
 
 
 def test_text_head_embeds_only_the_names_a_setting_trains_on(synthetic, tmp_path):
