@@ -124,10 +124,9 @@ class SegmenterModelConfig(BaseModel):
         stem_pool), 24 queries (more than the world's 21 labels: one can take each) and a decoder
         of width 64: each of these made it learn faster from scratch (README, the mission in
         miniature). `head`: the head fields (default closed)."""
-        return cls(preset="world", num_labels=num_labels, backbone_layer_type="basic",
-                   backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 16, 32, 64], stem_width=8, stem_pool=False,
-                   fpn_size=32, mask_size=32, queries=24, decoder_layers=2, decoder_width=64,
-                   decoder_heads=4, decoder_ffn=128, dropout=0.0, deep_supervision=True, **head)
+        tiny = cls.tiny(num_labels, **head).model_dump()
+        return cls(**{**tiny, "preset": "world", "stem_pool": False, "queries": 24, "decoder_width": 64,
+                      "decoder_ffn": 128})
 
     def maskformer_config(self) -> MaskFormerConfig:
         backbone = ResNetConfig(layer_type=self.backbone_layer_type, depths=self.backbone_depths,
