@@ -64,19 +64,26 @@ def scaled(n: int, scale: float) -> int:
     return max(1, round(n * scale)) if n else 0
 
 
-def build(recipe: str, out: Path, scale: float, overrides: dict | None = None) -> dict:
+def build(recipe: str, out: Path, scale: float, overrides: dict | None = None, in_process: bool = False) -> dict:
     """One factory build, sizes scaled; resumes into `out`."""
     base = load_recipe(recipe)
     sizes = {"per_class": scaled(base.per_class, scale), "per_pair": scaled(base.per_pair, scale)}
-    summary = run_build(prepare_build(load_recipe(recipe, {**sizes, "out": str(out), **(overrides or {})})))
+    summary = run_build(prepare_build(load_recipe(recipe, {**sizes, "out": str(out), **(overrides or {})})),
+                        in_process=in_process)
     return {"written": summary.written, "planned": summary.planned, "given_up": summary.given_up}
 
 
-def train_grounding(work: Path, split: int, scale: float) -> str:
-    config = GroundingTrainConfig(
-        data=str(work / "triplets"), out=str(work / f"grounding-{split}"), val_fraction=0.1, classes="seen",
+def grounding_config(data: Path, out: Path, split: int, scale: float, mix: list[Path] | None = None
+                     ) -> GroundingTrainConfig:
+    """The mission's grounding training: the world preset on `split`'s seen classes of `data` (and `mix`)."""
+    return GroundingTrainConfig(
+        data=str(data), mix=mix and [str(m) for m in mix], out=str(out), val_fraction=0.1, classes="seen",
         split=split, epochs=max(2, round(12 * scale)), batch_size=16, lr=1e-3, seed=0,
         model={"preset": "world", "text": {"source": "template", "one": "{0}", "two": "{0} and {1}"}})
+
+
+def train_grounding(work: Path, split: int, scale: float) -> str:
+    config = grounding_config(work / "triplets", work / f"grounding-{split}", split, scale)
     return run_grounding(prepare_grounding(config)).best
 
 
@@ -109,15 +116,31 @@ def protocol_ii_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(work: Path, scale: float, segmenter_iterations: int) -> dict:
-    seconds, started = {}, time.monotonic()
+class StageClock:
+    """Seconds per stage of a bench run, printed as each ends."""
 
-    def stage(name: str) -> None:
-        nonlocal started
+    def __init__(self, bench: str):
+        self.bench, self.seconds, self.started = bench, {}, time.monotonic()
+
+    def __call__(self, name: str) -> None:
         now = time.monotonic()
-        seconds[name] = round(now - started, 1)
-        started = now
-        print(f"mini mission: {name} done in {seconds[name]:.0f} s", flush=True)
+        self.seconds[name] = round(now - self.started, 1)
+        self.started = now
+        print(f"{self.bench}: {name} done in {self.seconds[name]:.0f} s", flush=True)
+
+    def report(self) -> dict:
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 1)}
+
+
+def save_report(work: Path, report: dict, text: str) -> None:
+    """report.json and report.md in `work`, and the text printed."""
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (work / "report.md").write_text(text)
+    print(text)
+
+
+def run(work: Path, scale: float, segmenter_iterations: int) -> dict:
+    stage = StageClock("mini mission")
 
     sets = {"triplets": build("shapes-triplets", work / "triplets", scale),
             "triplets-test": build("shapes-triplets-test", work / "triplets-test", scale)}
@@ -143,7 +166,7 @@ def run(work: Path, scale: float, segmenter_iterations: int) -> dict:
     stage("protocol-ii")
     return {"scale": scale, "segmenter_iterations": segmenter_iterations, "sets": sets,
             "protocol_i": report_i["results"], "protocol_ii": results_ii,
-            "seconds": {**seconds, "total": round(sum(seconds.values()), 1)}}
+            "seconds": stage.report()}
 
 
 def markdown(report: dict) -> str:
@@ -170,10 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     # beside its training worker, more than a 2-core machine has; they share the cores.
     ray.init(num_cpus=max(4, os.cpu_count() or 1))
     report = run(args.work, args.scale, iterations)
-    (args.work / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (args.work / "report.md").write_text(text)
-    print(text)
+    save_report(args.work, report, markdown(report))
     return 0
 
 

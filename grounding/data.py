@@ -25,7 +25,7 @@ from torch import Tensor
 
 from factory.core.conventions import IGNORE, is_held_out
 from factory.core.devices import pick_dtype
-from factory.core.options import check_template
+from factory.core.options import check_template, fill_template
 from factory.dataset.codec import decode_label, decode_png
 from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
@@ -58,10 +58,7 @@ class TextConfig(BaseModel):
     def render(self, prompt: str, class_words: Sequence[str]) -> str:
         if self.source == "prompt":
             return prompt
-        templates = {1: self.one, 2: self.two}
-        if len(class_words) not in templates:
-            raise ValueError(f"no text template for {len(class_words)} classes ({list(class_words)})")
-        return templates[len(class_words)].format(*class_words)
+        return fill_template(self.one, self.two, class_words)
 
 
 def in_validation(sample_ids: Sequence[str], fraction: float) -> np.ndarray:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import ray.train.torch
@@ -58,6 +59,8 @@ class GroundingTrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     data: str = Field(description="triplet dataset: local folder or s3:// prefix")
+    mix: list[str] | None = Field(None, description="more triplet datasets trained on whole with data, made "
+                                  "alike (e.g. real images' triplets: the papers' sim+real); validation stays data's")
     val: str | None = Field(None, description="validation triplet dataset; null: hold out val_fraction of data")
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of data held out for validation "
                                 "(by sample_id hash) when val is null")
@@ -85,6 +88,11 @@ class GroundingTrainConfig(BaseModel):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _comma_uris(cls, value: Any) -> Any:
+        return [uri.strip() for uri in value.split(",") if uri.strip()] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _divisible(self) -> "GroundingTrainConfig":
         if self.batch_size % self.num_workers:
@@ -93,7 +101,7 @@ class GroundingTrainConfig(BaseModel):
 
 
 # Changing these makes a different experiment: such an output is not resumed.
-_RUN_IDENTITY = ("data", "val", "val_fraction", "model", "classes", "split", "ignore_empty")
+_RUN_IDENTITY = ("data", "mix", "val", "val_fraction", "model", "classes", "split", "ignore_empty")
 
 
 def grounding_model_config(section: ModelSection, feature_channels: dict[int, int], text_dim: int,
@@ -151,6 +159,7 @@ class TrainingPlan:
     config: GroundingTrainConfig
     classes: list[str]  # canonical names trained on
     train_rows: list[int]  # positions in config.data
+    mix_rows: list[list[int]]  # positions in each of config.mix
     val_rows: list[int]  # positions in config.val (or config.data)
     resume: str | None  # "last" or "best" folder of config.out, None for a fresh start
     done_epochs: int
@@ -158,7 +167,8 @@ class TrainingPlan:
 
     def worker_config(self) -> dict:
         return {"config": self.config.model_dump(mode="json"), "classes": self.classes,
-                "train_rows": self.train_rows, "val_rows": self.val_rows, "resume": self.resume,
+                "train_rows": self.train_rows, "mix_rows": self.mix_rows, "val_rows": self.val_rows,
+                "resume": self.resume,
                 "generator": self.generator}
 
 
@@ -221,18 +231,20 @@ def _usable_rows(source: TripletSource, classes: list[str]) -> tuple[list[str], 
 def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
     """Every check that needs no model; raises DatasetError, StorageError or CheckpointError (one line)."""
     config = config.model_copy(update={"data": absolute_uri(config.data), "out": absolute_uri(config.out),
-                                       "val": config.val and absolute_uri(config.val)})
+                                       "val": config.val and absolute_uri(config.val),
+                                       "mix": config.mix and [absolute_uri(uri) for uri in config.mix]})
     source = TripletSource.open(config.data)
     val_source = TripletSource.open(config.val) if config.val else source
-    # One Featurizer serves both sets, so they must be featurized alike.
-    for what, ours, theirs in (("generator", source.generator, val_source.generator),
-                               ("capture mode", source.mode, val_source.mode),
-                               ("total steps", source.generation["steps"], val_source.generation["steps"]),
-                               ("capture step", source.capture_step, val_source.capture_step),
-                               ("vocabulary", source.vocabulary.name, val_source.vocabulary.name),
-                               ("image size", source.image_size, val_source.image_size)):
-        if ours != theirs:
-            raise DatasetError(f"validation set {val_source.uri} differs from {source.uri} in {what}: {theirs} vs {ours}")
+    mixed = [TripletSource.open(uri) for uri in config.mix or []]
+    for other in (val_source, *mixed):  # one Featurizer serves every set, so they must be featurized alike
+        for what, ours, theirs in (("generator", source.generator, other.generator),
+                                   ("capture mode", source.mode, other.mode),
+                                   ("total steps", source.generation["steps"], other.generation["steps"]),
+                                   ("capture step", source.capture_step, other.capture_step),
+                                   ("vocabulary", source.vocabulary.name, other.vocabulary.name),
+                                   ("image size", source.image_size, other.image_size)):
+            if ours != theirs:
+                raise DatasetError(f"{other.uri} differs from {source.uri} in {what}: {theirs} vs {ours}")
     if source.image_size[0] != source.image_size[1]:
         raise DatasetError(f"{source.uri} has {source.image_size[0]}x{source.image_size[1]} images; "
                         f"the grounding module makes square masks")
@@ -244,7 +256,8 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
     else:
         held = in_validation(ids, config.val_fraction)
         train, val = usable & ~held, usable & held
-    if train.sum() < config.num_workers:
+    mix_rows = [np.flatnonzero(_usable_rows(other, classes)[1]).tolist() for other in mixed]
+    if train.sum() + sum(map(len, mix_rows)) < config.num_workers:
         raise DatasetError(f"{source.uri}: {train.sum()} training samples name only the {len(classes)} trained "
                         f"classes; need at least num_workers={config.num_workers}")
     if not val.any():
@@ -256,7 +269,7 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
         name, metadata = resume
         check_same_run(config.out, metadata["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
         done = metadata["epoch"]
-    return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), np.flatnonzero(val).tolist(),
+    return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), mix_rows, np.flatnonzero(val).tolist(),
                         resume and resume[0], done, absolute_model_source(source.generator))
 
 
@@ -266,7 +279,7 @@ def summarize(plan: TrainingPlan) -> TrainingSummary:
     best = read_grounding_metadata(location.url("best")) if location.exists(f"best/{METADATA_FILE}") else None
     return TrainingSummary(
         out=plan.config.out, epochs=last["epoch"], resumed_from=plan.done_epochs,
-        trained=last["epoch"] - plan.done_epochs, train_samples=len(plan.train_rows),
+        trained=last["epoch"] - plan.done_epochs, train_samples=len(plan.train_rows) + sum(map(len, plan.mix_rows)),
         val_samples=len(plan.val_rows), best_epoch=best and best["epoch"],
         best_miou=best and best["metrics"]["val_miou"], best=best and location.url("best"),
         last=location.url("last"))
@@ -326,9 +339,12 @@ def train_loop_per_worker(worker_config: dict) -> None:
         start, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
     model = ray.train.torch.prepare_model(module)
 
-    train_rows = source.take(worker_config["train_rows"][rank::world], source.columns)
+    shares = [source.take(worker_config["train_rows"][rank::world], source.columns)]
+    shares += [TripletSource.open(uri).take(rows[rank::world], source.columns)
+               for uri, rows in zip(config.mix or [], worker_config["mix_rows"])]
+    train_rows = pa.concat_tables(shares)
     val_rows = val_source.take(worker_config["val_rows"][rank::world], source.columns)
-    per_worker = math.ceil(len(worker_config["train_rows"]) / world)
+    per_worker = math.ceil((len(worker_config["train_rows"]) + sum(map(len, worker_config["mix_rows"]))) / world)
     local_batch = config.batch_size // world
     names = source.vocabulary.names
     for epoch in range(start, config.epochs + 1):

@@ -3,7 +3,7 @@
 - Synthetic factory datasets (README, "Output"), local or s3://: `factory.reader`'s Ray Data
   reader over the files its manifest lists, the `image` and `label` columns, file order
   shuffled on every pass, decoded by the reader's decoders inside the augmentation call.
-- Real datasets (`segmenter.datasets`: VOC, COCO): sample positions, in blocks of 16 whose
+- Real datasets (`factory.dataset.real`: VOC, COCO): sample positions, in blocks of 16 whose
   order is shuffled on every pass, read by a pool of actors that each hold one reader
   (COCO's parses its annotation file once per actor). Their root must be readable on
   every node.
@@ -33,8 +33,8 @@ from torch import Tensor
 
 from factory.dataset.codec import decode_image, decode_label
 from factory.dataset.reader import read_dataset
+from factory.dataset.real import ignore_classes, real_dataset
 from factory.dataset.source import DatasetSource
-from segmenter.datasets import ignore_classes, real_dataset
 
 # The backbone's ImageNet pretraining statistics (torchvision's and transformers' ResNets alike).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

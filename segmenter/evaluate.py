@@ -40,8 +40,8 @@ from factory.core.errors import EvalError
 from factory.core.storage import absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
 from factory.core.vocab import Vocabulary
 from factory.dataset.codec import COLORS
+from factory.dataset.real import DEFAULT_SPLITS, real_dataset
 from segmenter.data import normalize
-from segmenter.datasets import DEFAULT_SPLITS, real_dataset
 from segmenter.metrics import ConfusionMatrix, zs3_scores
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, read_segmenter_metadata
 from segmenter.text import check_text_encoder, encode_class_names

@@ -59,9 +59,9 @@ from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_
 from factory.core.distributed import all_reduce_mean, fit
 from factory.core.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
 from factory.core.vocab import Vocabulary, get_vocabulary
+from factory.dataset.real import real_dataset, voc_val_overlap
 from factory.dataset.source import DatasetError, DatasetSource
 from segmenter.data import normalize, real_training_dataset, synthetic_dataset
-from segmenter.datasets import real_dataset, voc_val_overlap
 from segmenter.model import (
     Segmenter,
     SegmenterModelConfig,

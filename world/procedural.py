@@ -28,7 +28,7 @@ from factory.core.conventions import TINY
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import SHAPES
 from factory.dataset.batch import LABEL_COLUMNS, SampleLabels, attach_labels
-from factory.diffusion.features import unet_features
+from factory.diffusion.features import fp16_array, unet_features
 from factory.diffusion.inversion import noised_latents, vae_latents
 from factory.diffusion.pipelines import encode_texts, load_pipeline
 from world.draw import SIZE, draw, label_map
@@ -97,11 +97,11 @@ class DrawStage:
                                            remaining=self.capture.step)
         batch["timestep"] = np.full(n, timestep, np.int64)
         if self.capture.features == "latent":  # the Featurizer makes the U-Net pass
-            batch["latent"] = latents.float().cpu().numpy().astype(np.float16)
+            batch["latent"] = fp16_array(latents)
         else:  # the Featurizer's pass on a latent: the prompt's text-encoder states, one U-Net call
             prompt_embeds = encode_texts(self.pipe, list(batch["prompt"]))
             for r, tensor in unet_features(self.pipe.unet, latents, timestep, prompt_embeds).items():
-                batch[f"features_{r}"] = tensor.float().cpu().numpy().astype(np.float16)
+                batch[f"features_{r}"] = fp16_array(tensor)
         batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)  # drawing, encoding, capture
         return attach_labels(batch, [_exact_labels(list(classes), masks)
                                      for classes, (_, masks) in zip(batch["classes"], drawn)], time.perf_counter())

@@ -47,6 +47,24 @@ def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, thres
     return out
 
 
+class GroundingAnnotator:
+    """A trained grounding module and how it reads: its text and the capture step of its features."""
+
+    def __init__(self, checkpoint: str, device: torch.device, load_attempts: int = 3):
+        module, metadata = load_with_retries(f"grounding checkpoint {checkpoint}",
+                                             lambda: load_grounding_checkpoint(checkpoint), load_attempts)
+        self.module = module.to(device)
+        self.text = TextConfig.model_validate(metadata["text"])
+        self.remaining = metadata["capture"]["steps_remaining"]
+
+    def probabilities(self, pipe, features: dict[int, torch.Tensor], prompts: list[str], words: list[list[str]],
+                      size: tuple[int, int]) -> np.ndarray:
+        """(B, O, H, W) class probabilities at `size` from a batch's U-Net features."""
+        embeddings, mask = text_class_embeddings(pipe, self.text, prompts, words)
+        logits = self.module({r: t.float() for r, t in features.items()}, embeddings.float(), mask)
+        return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False)).cpu().numpy()
+
+
 class AnnotateStage:
     """Ray Data actor: generate and label in one call; one GPU when there are GPUs.
 
@@ -62,13 +80,7 @@ class AnnotateStage:
         self.device = pick_device()
         self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
             generator.model, self.device, pick_dtype(generator.dtype, self.device)), load_attempts)
-        self.module = None
-        if not annotator.daam:
-            module, metadata = load_with_retries(f"grounding checkpoint {annotator.checkpoint}",
-                                                 lambda: load_grounding_checkpoint(annotator.checkpoint), load_attempts)
-            self.module = module.to(self.device)
-            self.text = TextConfig.model_validate(metadata["text"])
-            self.call = capture_call_index(generator.steps, metadata["capture"]["steps_remaining"])
+        self.module = None if annotator.daam else GroundingAnnotator(annotator.checkpoint, self.device, load_attempts)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -90,13 +102,10 @@ class AnnotateStage:
     def with_module(self, prompts: list[str], words: list[list[str]],
                     seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Images and (B, O, H, W) class probabilities from the module."""
-        with FeatureCapture(self.pipe.unet, self.call, batch=len(prompts)) as hooks:
+        call = capture_call_index(self.generator.steps, self.module.remaining)
+        with FeatureCapture(self.pipe.unet, call, batch=len(prompts)) as hooks:
             images = self.generate(prompts, seeds)
-        features = {r: t.float() for r, t in hooks.features.items()}
-        embeddings, mask = text_class_embeddings(self.pipe, self.text, prompts, words)
-        logits = self.module(features, embeddings.float(), mask)
-        return images, torch.sigmoid(F.interpolate(logits, size=images.shape[1:3], mode="bilinear",
-                                                   align_corners=False)).cpu().numpy()
+        return images, self.module.probabilities(self.pipe, hooks.features, prompts, words, images.shape[1:3])
 
     def with_daam(self, prompts: list[str], words: list[list[str]],
                   seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +125,11 @@ def annotation_labels(p: np.ndarray, indices: list[int], config: AnnotatorConfig
     label = annotation_label_map(p, indices, threshold=config.threshold, ignore_below=config.ignore_below)
     masks = p > config.threshold
     found = masks.reshape(len(indices), -1).any(axis=1)
-    if not found.all():  # as with the oracle: a missing class may be anywhere unclaimed
+    if not found.all() and config.on_missing != "absent":  # as with the oracle: it may be anywhere unclaimed
         label[label == 0] = IGNORE
     return SampleLabels(
         label=label, masks=masks,
         # score: mean probability inside the class's mask, a confidence for later filtering
         scores=np.array([p[k][masks[k]].mean() if found[k] else 0.0 for k in range(len(indices))], np.float32),
         instances=found.astype(np.int16),
-        drop_reason="" if found.all() or config.on_missing == "ignore" else CLASS_NOT_FOUND)
+        drop_reason="" if found.all() or config.on_missing != "drop" else CLASS_NOT_FOUND)

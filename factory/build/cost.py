@@ -78,6 +78,11 @@ def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
     """GPU-seconds per sample of each model stage (all of them run in one actor on one GPU)."""
     g = recipe.generator
     scale = _area(recipe, rates.image_size)
+    if recipe.source.enabled:  # a real image: VAE encode, then the route's U-Net calls (guidance 1)
+        # inversion: steps calls up, steps down, and a decode of the regenerated image (its PSNR);
+        # the encoder is counted as a decode, about twice its cost
+        evaluations, vae = (2 * g.steps, 2) if recipe.source.route == "inversion" else (1, 1)
+        return {"featurize+label": scale * (evaluations / rates.unet_forwards_per_s + vae / rates.vae_images_per_s)}
     evaluations = g.steps * (2 if g.guidance_scale > 1.0 else 1)  # guidance: unconditional + conditional
     generate = scale * (evaluations / rates.unet_forwards_per_s + 1 / rates.vae_images_per_s)
     if recipe.annotator.enabled:

@@ -6,14 +6,13 @@ import contextlib
 import time
 
 import numpy as np
-import torch
 
 from factory.build.recipe import CaptureConfig, GeneratorConfig
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.loading import load_with_retries
 from factory.dataset.codec import objects
 from factory.diffusion.daam import CrossAttentionRecorder
-from factory.diffusion.features import FeatureCapture
+from factory.diffusion.features import FeatureCapture, fp16_array
 from factory.diffusion.pipelines import generate, load_pipeline
 from factory.diffusion.steps import capture_call_index
 from factory.diffusion.tokens import class_token_positions
@@ -57,16 +56,13 @@ class GenerateStage:
         if hooks is not None:
             batch["timestep"] = np.full(n, hooks.timestep, np.int64)
             if capture.features == "latent":
-                batch["latent"] = _fp16(hooks.latent)
+                batch["latent"] = fp16_array(hooks.latent)
             else:
                 for r, tensor in hooks.features.items():
-                    batch[f"features_{r}"] = _fp16(tensor)
+                    batch[f"features_{r}"] = fp16_array(tensor)
                 if capture.unconditional:
                     for r, tensor in hooks.unconditional.items():
-                        batch[f"ufeatures_{r}"] = _fp16(tensor)
+                        batch[f"ufeatures_{r}"] = fp16_array(tensor)
         batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)
         return batch
 
-
-def _fp16(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.float().cpu().numpy().astype(np.float16)

@@ -79,6 +79,28 @@ class Summary:
     card: str
     notes: list[str] = field(default_factory=list)
 
+    def report(self) -> str:
+        """What the build did, for the job's last lines."""
+        dropped = ", ".join(f"{n} {reason}" for reason, n in self.dropped.items()) or "none"
+        lines = [f"\nDataset written to {self.out}",
+                 f"  samples   {self.written} written of {self.planned} planned; dropped: {dropped}; "
+                 f"given up: {self.given_up}"]
+        if self.resumed_from:
+            lines.append(f"  resumed   {self.resumed_from} samples were already done; {self.new_this_run} made now")
+        rate = self.new_this_run / self.wall_seconds if self.wall_seconds else 0.0
+        lines.append(f"  time      {self.wall_seconds:.1f} s wall, {rate:.2f} samples/s")
+        for stage, seconds in self.stage_seconds.items():
+            per = self.new_this_run / seconds if seconds else float("inf")
+            lines.append(f"    {stage:<9} {seconds:8.1f} s busy   {per:8.2f} samples per busy second")
+        per_sample = self.bytes_written / self.written if self.written else 0
+        lines.append(f"  storage   {self.bytes_written / 1e6:.2f} MB in {self.files} Parquet files "
+                     f"({per_sample / 1e3:.1f} kB per sample)")
+        lines += [f"  note      {note}" for note in self.notes]
+        lines += [f"  manifest  {self.manifest}", f"  card      {self.card}"]
+        if self.preview:
+            lines.append(f"  preview   {self.preview}")
+        return "\n".join(lines)
+
 
 def prepare_build(recipe: Recipe) -> Prepared:
     """Every check that needs no model, then the output is claimed with build.json.
@@ -188,12 +210,21 @@ _LABELS = (*LABEL_COLUMNS, "label_seconds")
 
 
 def model_stages(recipe: Recipe) -> list[StageSpec]:
-    """The recipe's model stages, in order: generate then label, or generate-and-annotate; quality."""
+    """The recipe's model stages, in order: generate then label, generate-and-annotate, or read real
+    images and label them; quality."""
     gen = recipe.generator.model_copy(update={"model": absolute_model_source(recipe.generator.model)})
     lab = recipe.labeler.model_copy(update={"weights": absolute_model_source(recipe.labeler.weights)})
     annotator = recipe.annotator.model_copy(update={"checkpoint": absolute_model_source(recipe.annotator.checkpoint)})
     attempts = recipe.pool.load_attempts
-    if annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
+    if recipe.source.enabled:  # real images: read, into the U-Net, labelled by their masks or the module
+        source = recipe.source.model_copy(update={"images": absolute_model_source(recipe.source.images)})
+        stages = [StageSpec("factory.build.real:ImageStage",
+                            {"generator": gen, "source": source, "capture": recipe.capture, "annotator": annotator,
+                             "vocabulary": recipe.vocabulary, "load_attempts": attempts}, gen.batch_size,
+                            reads=("source_image", "prompt", "seed", "classes", "class_words"),
+                            adds=("image", "psnr", "generate_seconds", "timestep", "latent", "features_<r>",
+                                  *_LABELS))]
+    elif annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
         stages = [StageSpec("factory.build.annotate:AnnotateStage",
                             {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
                              "load_attempts": attempts}, gen.batch_size,
@@ -218,7 +249,10 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
 
 def model_ids(recipe: Recipe) -> dict[str, str]:
     """What the `generator` and `labeler` columns and the manifest name as the models."""
-    return {"generator": recipe.generator.model, "labeler": _labeler_id(recipe)}
+    generator = recipe.generator.model
+    if recipe.source.enabled:  # the image is the source's; the generator's U-Net made the features
+        generator = f"{recipe.source.format}:{recipe.source.images} ({recipe.source.route} by {generator})"
+    return {"generator": generator, "labeler": _labeler_id(recipe)}
 
 
 def resolve_stage(stage: type | str) -> type:
@@ -317,6 +351,8 @@ def _make(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, by
 
 
 def _labeler_id(recipe: Recipe) -> str:
+    if recipe.source.enabled and not recipe.annotator.enabled:
+        return f"masks:{recipe.source.format}"
     if recipe.annotator.daam:
         return "daam"
     if recipe.annotator.checkpoint:
@@ -422,9 +458,10 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     """Which classes' labels came from a labeler trained on that class (manifest "labels").
 
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
-    every class it labels; the grounding annotator only its checkpoint's classes; DAAM, which
-    reads the generator's attention and trains nothing, none. Protocol-II reads this to refuse
-    a "zero-shot" segmenter trained on labels of its unseen classes.
+    every class it labels, and a real image's own masks annotate every class; the grounding
+    annotator knows only its checkpoint's classes; DAAM, which reads the generator's attention
+    and trains nothing, none. Protocol-II reads this to refuse a "zero-shot" segmenter trained
+    on labels of its unseen classes.
     """
     names = get_vocabulary(recipe.vocabulary).names
     if recipe.annotator.checkpoint:
@@ -434,6 +471,8 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
         trained, kind, split = set(metadata["classes"]), "annotator", metadata["split"]
     elif recipe.annotator.daam:
         trained, kind, split = set(), "daam", None
+    elif recipe.source.enabled:
+        trained, kind, split = set(names), "masks", None
     else:
         trained, kind, split = set(names), "oracle", None
     return {"labeler": labeler, "kind": kind, "trained_split": split,

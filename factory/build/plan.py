@@ -9,11 +9,15 @@ Each plan entry has up to `recipe.attempts` samples: when one is dropped (a clas
 found), the entry's next attempt, the same prompt with its next seed, is made, until one is
 kept or the attempts are spent ("given up"). Which attempts are made is decided by the
 commit records alone (``next_attempts``), so an interrupted build resumes to the same set.
+
+A build from real images (``recipe.source``) plans one sample per image instead, in the
+source's order (``image_plan``); a dropped image is not replaced.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,13 +26,17 @@ from pathlib import Path
 import numpy as np
 from pydantic import ValidationError
 
+from factory.build.images import ImageListing, open_images
 from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError
+from factory.core.options import fill_template
 from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import first_line
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.batch import MAX_CLASSES, PLAN_COLUMNS
 from factory.dataset.codec import objects
 from factory.dataset.source import DatasetError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,16 +48,22 @@ class Sample:
     prompt: str
     seed: int
     attempt: int = 0  # 0: the plan entry's first sample; k: its k-th replacement
+    source_image: str = ""  # a real image's ref in the recipe's source; "" for a generated sample
+
+    @property
+    def columns(self) -> list[str]:
+        return [*PLAN_COLUMNS, "source_image"] if self.source_image else list(PLAN_COLUMNS)
 
     def row(self) -> dict:
-        """The sample's plan columns, as the stages read them (``PLAN_COLUMNS``)."""
-        return {key: getattr(self, key) for key in PLAN_COLUMNS}
+        """The sample's plan columns, as the stages read them (``PLAN_COLUMNS``, and a real
+        image's ``source_image``)."""
+        return {key: getattr(self, key) for key in self.columns}
 
 
 def plan_batch(samples: Sequence[Sample]) -> dict[str, np.ndarray]:
     """The samples as Ray Data hands them to a stage: one array per plan column, int64 for the
     numbers, objects for the rest."""
-    batch = {key: objects([getattr(s, key) for s in samples]) for key in PLAN_COLUMNS}
+    batch = {key: objects([getattr(s, key) for s in samples]) for key in samples[0].columns}
     batch["index"], batch["seed"] = batch["index"].astype(np.int64), batch["seed"].astype(np.int64)
     return batch
 
@@ -139,6 +153,8 @@ def _sample_id(content_key: str, index: int, attempt: int = 0) -> str:
 def build_plan(recipe: Recipe) -> list[Sample]:
     vocabulary = get_vocabulary(recipe.vocabulary)
     classes = selected_classes(recipe, vocabulary)
+    if recipe.source.enabled:
+        return image_plan(recipe, open_images(recipe, classes, vocabulary))
     groups = [(name,) for name in classes for _ in range(recipe.per_class)]
     groups += [pair for pair in selected_pairs(recipe, vocabulary, classes) for _ in range(recipe.per_pair)]
 
@@ -170,6 +186,22 @@ def build_plan(recipe: Recipe) -> list[Sample]:
     return plan
 
 
+def image_plan(recipe: Recipe, listing: ImageListing) -> list[Sample]:
+    """One sample per source image, in the source's order; the prompt names the image's classes
+    with the recipe's templates, the seed is the noised route's noise."""
+    vocabulary, key = get_vocabulary(recipe.vocabulary), recipe.content_key()
+    if listing.skipped:
+        logger.warning(f"{recipe.source.images}: left out of the plan: "
+                       f"{', '.join(f'{n} images with {why}' for why, n in listing.skipped.items())}")
+    plan = []
+    for index, image in enumerate(listing.images):
+        words = tuple(vocabulary.lookup(name).natural for name in image.classes)
+        plan.append(Sample(_sample_id(key, index), index, image.classes, words,
+                           fill_template(recipe.prompts.one, recipe.prompts.two, words),
+                           _sample_seed(recipe.seed, index), source_image=image.ref))
+    return plan[: recipe.num_samples] if recipe.num_samples is not None else plan
+
+
 def _attempt(sample: Sample, k: int, content_key: str, plan_seed: int) -> Sample:
     """The k-th sample of `sample`'s plan entry: the same prompt with the k-th seed."""
     return replace(sample, sample_id=_sample_id(content_key, sample.index, k),
@@ -179,7 +211,7 @@ def _attempt(sample: Sample, k: int, content_key: str, plan_seed: int) -> Sample
 def all_attempts(plan: list[Sample], recipe: Recipe) -> list[Sample]:
     """Every sample the plan may make: each entry's attempts 0 .. recipe.attempts - 1."""
     key = recipe.content_key()
-    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in range(recipe.attempts)]
+    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in range(recipe.tries)]
 
 
 def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) -> list[Sample]:
@@ -188,7 +220,7 @@ def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) 
     made, its next one when the last made was dropped and attempts are left."""
     key, due = recipe.content_key(), []
     for sample in plan:
-        for k in range(recipe.attempts):
+        for k in range(recipe.tries):
             made = _attempt(sample, k, key, recipe.seed)
             outcome = outcomes.get(made.sample_id)
             if outcome is None:

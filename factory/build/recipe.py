@@ -127,8 +127,10 @@ class AnnotatorConfig(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
     ignore_below: float | None = Field(
         None, ge=0.0, le=1.0, description="pixels whose best probability is in [ignore_below, threshold] become 255")
-    on_missing: Literal["drop", "ignore"] = Field("drop", description="a class with an empty predicted mask: "
-                                                  "drop the sample, or keep it with unclaimed pixels 255")
+    on_missing: Literal["drop", "ignore", "absent"] = Field(
+        "drop", description="a class with an empty predicted mask: drop the sample, keep it with unclaimed pixels "
+        "255 ('ignore'), or keep it as is ('absent': the class is not in the image; for a class list asked of "
+        "every real image)")
 
     @property
     def enabled(self) -> bool:
@@ -152,6 +154,31 @@ class CaptureConfig(_Section):
     unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
     attention: bool = Field(False, description="store DAAM cross-attention heat maps per class "
                             "(the baseline that Protocol-I evaluation compares the grounding module with)")
+
+
+class SourceConfig(_Section):
+    """Real images instead of generated ones: each is turned into the U-Net features a generated
+    image gives for free (``factory.diffusion.inversion``), then labelled by its own masks (a
+    triplet set for grounding training: "sim+real") or by the annotator (annotating real images)."""
+    images: str | None = Field(
+        None, min_length=1, description="null: generate. Otherwise the images: a folder or s3:// prefix of "
+        ".png/.jpg files (format folder), a VOC root (voc, voc_aug), a COCO root (coco) or a factory dataset (dataset)")
+    format: Literal["folder", "voc", "voc_aug", "coco", "dataset"] = Field(
+        "folder", description="how `images` is laid out; every format but folder has masks, and names each image's "
+        "classes")
+    split: str | None = Field(None, min_length=1, description="voc/voc_aug/coco: the image list or folder (default: "
+                              "val, train_aug, val2017)")
+    classes_file: str | None = Field(
+        None, min_length=1, description="folder: a JSON file {\"<image file name>\": [class names]} naming each "
+        "image's classes; without it every image is asked for the recipe's classes")
+    route: Literal["inversion", "noised"] = Field(
+        "inversion", description="'inversion': DDIM-invert the image under its prompt (guidance 1, generator.steps), "
+        "regenerate, capture (000, C.3; 2 x steps U-Net calls); 'noised': one U-Net call on the VAE latent noised "
+        "to the capture step (fast, as ODISE, 004)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.images is not None
 
 
 class QualityConfig(_Section):
@@ -190,6 +217,7 @@ class Recipe(_Section):
     generator: GeneratorConfig = GeneratorConfig()
     labeler: LabelerConfig = LabelerConfig()
     annotator: AnnotatorConfig = AnnotatorConfig()
+    source: SourceConfig = SourceConfig()
     capture: CaptureConfig = CaptureConfig()
     quality: QualityConfig = QualityConfig()
     pool: PoolConfig = PoolConfig()
@@ -234,9 +262,31 @@ class Recipe(_Section):
             raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
         if self.annotator.enabled and (self.capture.features != "none" or self.capture.attention):
             raise ValueError("an annotator makes a segmentation set; capture is for oracle triplet sets")
+        if self.source.enabled:
+            self._check_source()
         if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
             raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self
+
+    def _check_source(self) -> None:
+        if self.annotator.daam or self.capture.attention:
+            raise ValueError("DAAM reads a generation's attention; real images are labelled by their masks or by "
+                             "annotator.checkpoint")
+        if self.source.format == "folder" and not self.annotator.enabled:
+            raise ValueError("a folder of images has no masks: set annotator.checkpoint to annotate it")
+        if not self.annotator.enabled and self.capture.features == "none":
+            raise ValueError("real images with masks make a triplet set: set capture.features (latent or tensors), "
+                             "or annotator.checkpoint to annotate them")
+        if self.source.classes_file and self.source.format != "folder":
+            raise ValueError(f"source.classes_file is for a folder; {self.source.format} names each image's classes")
+        if self.capture.unconditional:
+            raise ValueError("capture.unconditional: real images are featurized without guidance")
+
+    @property
+    def tries(self) -> int:
+        """Samples per plan entry: `attempts`, or one for a real image (another try would be the
+        same image again)."""
+        return 1 if self.source.enabled else self.attempts
 
     @property
     def output(self) -> str:
@@ -257,12 +307,14 @@ class Recipe(_Section):
             for field, default in fields.items():
                 if data[section][field] == default:
                     del data[section][field]
+            if not data[section]:  # a section added whole
+                del data[section]
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Fields added after datasets were first built with this key: left out of it while at their
 # default, so that those datasets keep their key and resume after an upgrade.
-ADDED_FIELDS = {"annotator": {"daam": False}}
+ADDED_FIELDS = {"annotator": {"daam": False}, "source": SourceConfig().model_dump(mode="json")}
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

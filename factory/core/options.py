@@ -135,6 +135,19 @@ def check_template(name: str, template: str, n: int) -> None:
         raise ValueError(f"template {name!r} must use {n} positional placeholder(s) {{0}}..: {', '.join(unused)} missing")
 
 
+def fill_template(one: str, two: str, words: list[str] | tuple[str, ...]) -> str:
+    """A text naming `words`: the one-class template for one, the two-class template for two, and
+    for more the two-class one with all but the last joined ("a cat, a dog and a bus" from
+    "a {0} and a {1}"), so every word appears as written."""
+    if len(words) == 1:
+        return one.format(*words)
+    if len(words) == 2:
+        return two.format(*words)
+    head = two.split("{0}")[0]  # what precedes each word: "a photograph of a " -> ", a "
+    article = head.split()[-1] + " " if head.strip() else ""
+    return two.format(f", {article}".join(words[:-1]), words[-1])
+
+
 def resolve_config_path(name_or_path: str, folder: Path, kind: str = "config") -> Path:
     """A YAML path, or a name in `folder`."""
     path = Path(name_or_path)

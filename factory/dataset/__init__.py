@@ -10,6 +10,7 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "export": ("ExportOptions", "export_dataset"),
     "inspection": ("InspectOptions", "inspect", "write_inspection"),
     "reader": ("IterableSegmentationDataset", "SegmentationDataset", "read_dataset"),
+    "real": ("COCOSemantic", "VOCSegmentation", "real_dataset"),
     "schema": ("SCHEMA",),
     "source": ("DatasetError", "DatasetSource"),
     "verify": ("Verifier", "VerifyOptions"),

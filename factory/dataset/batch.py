@@ -45,6 +45,8 @@ TIMING_COLUMNS = {
 }
 REQUIRED_COLUMNS = {**PLAN_COLUMNS, **IMAGE_COLUMNS, **LABEL_COLUMNS, **TIMING_COLUMNS}
 OPTIONAL_COLUMNS = {
+    "source_image": "(N,) str: a real image's ref in the recipe's source (file name, image id, sample id)",
+    "psnr": "(N,) float32: inversion route, dB of the image regenerated from its inversion against the image",
     "timestep": "(N,) int64: diffusion timestep of the captured U-Net call",
     "latent": "(N, 4, h, w) float16: the captured call's latent",
     "features_<r>": "(N, C_r, r, r) float16: U-Net features at resolution r, conditional branch",
@@ -52,6 +54,9 @@ OPTIONAL_COLUMNS = {
     "daam": "(N,) object: (O, h, w) float16 DAAM heat map per class, latent grid, min-max normalised",
     "quality": "(N,) float32: CLIP image-quality score",
 }
+
+
+SCALAR_COLUMNS = ("timestep", "quality", "source_image", "psnr")  # optional columns of one value per row
 
 
 class BatchError(FactoryError, ValueError):
@@ -69,7 +74,7 @@ def check_batch(batch: dict[str, np.ndarray]) -> None:
 def optional_columns(names) -> list[str]:
     """The optional columns among `names` (a batch's keys or a table's column names)."""
     return [name for name in names
-            if name in ("timestep", "latent", "daam", "quality") or name.startswith(("features_", "ufeatures_"))]
+            if name in ("latent", "daam", *SCALAR_COLUMNS) or name.startswith(("features_", "ufeatures_"))]
 
 
 @dataclass

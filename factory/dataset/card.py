@@ -79,7 +79,8 @@ def card_header(manifest: dict, schema: pa.Schema = SCHEMA) -> dict:
         "license": "other",  # the generator's licence binds its outputs: see "Licence"
         "task_categories": ["image-segmentation"],
         "task_ids": ["semantic-segmentation"],
-        "tags": ["synthetic", "stable-diffusion", "dataset-factory"],
+        "tags": [*([] if (manifest["recipe"].get("source") or {}).get("images") else ["synthetic"]),
+                 "stable-diffusion", "dataset-factory"],
         "size_categories": [_size_category(written)],
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.parquet"}]}],
         "dataset_info": {
@@ -98,18 +99,30 @@ def _table(rows: list[tuple], head: tuple) -> list[str]:
 
 _ON_MISSING = {"drop": "A sample with a prompt class not found was dropped (`on_missing: drop`).",
                "ignore": "A prompt class not found was kept, marked in `found`, with every unclaimed pixel 255 "
-                         "(`on_missing: ignore`)."}
+                         "(`on_missing: ignore`).",
+               "absent": "A class not found was taken as absent from the image, marked in `found` "
+                         "(`on_missing: absent`)."}
 
 
 def _making(recipe: dict, models: dict) -> list[str]:
     gen, lab = recipe["generator"], recipe["labeler"]
     prompts, writer = recipe["prompts"], recipe["writer"]
     annotator = recipe.get("annotator") or {}
-    lines = ["## How it was made", "",
-             f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
-             f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.",
-             ]
-    if annotator.get("checkpoint") or annotator.get("daam"):
+    source = recipe.get("source") or {}
+    lines = ["## How it was made", ""]
+    if source.get("images"):
+        route = ("DDIM-inverted under its prompt and regenerated, features captured on the way (000, C.3)"
+                 if source["route"] == "inversion" else "its VAE latent noised to the capture step, one U-Net pass")
+        lines.append(f"- **Images**: real, from `{source['images']}` ({source['format']}"
+                     + (f", {source['split']}" if source.get("split") else "") + f"), resized to "
+                     f"{gen['width']}x{gen['height']}; each {route}, through `{gen['model']}` with DDIM "
+                     f"{gen['steps']} steps, without guidance.")
+    else:
+        lines.append(f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
+                     f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.")
+    if source.get("images") and not (annotator.get("checkpoint") or annotator.get("daam")):
+        lines.append("- **Labels**: each image's own masks, resized with it (nearest).")
+    elif annotator.get("checkpoint") or annotator.get("daam"):
         ignore = annotator.get("ignore_below")
         what = ("DAAM, the papers' baseline: the generator's cross-attention heat map of each class word over "
                 "every step, min-max normalised" if annotator.get("daam") else
@@ -129,8 +142,10 @@ def _making(recipe: dict, models: dict) -> list[str]:
               + (f", scene prompts from `{prompts['file']}`" if prompts.get("file") else "") + ".",
               f"- **Plan**: vocabulary `{recipe['vocabulary']}`, classes `{recipe['classes']}`"
               + (f" of split {recipe['split']}" if recipe.get("split") else "")
-              + f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
-              f"`{recipe['pairs']}`), plan seed {recipe['seed']}"
+              + (", one sample per image of the source (`source_image`), in its order" if source.get("images") else
+                 f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
+                 f"`{recipe['pairs']}`)")
+              + f", plan seed {recipe['seed']}"
               + (f", first {recipe['num_samples']} samples kept" if recipe.get("num_samples") else "")
               + ". Each row's `seed` column is its noise seed: a sample is reproducible from its prompt and seed.",
               f"- **Encoding**: images as {writer['image_format'].upper()}, label maps as palette PNGs "
@@ -171,20 +186,24 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
     name, written = manifest["name"], counts["written"]
     models = manifest["models"]
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["dropped"].items())) or "none"
+    source = (recipe.get("source") or {}).get("images")
+    made = (f"real images of `{source}`, featurized as `{models['generator']}`" if source
+            else f"images drawn by `{models['generator']}`")
     lines = ["---", yaml.safe_dump(card_header(manifest, schema), sort_keys=False).rstrip(), "---", "",
              f"# {name}", "",
-             f"A synthetic semantic-segmentation dataset made by dataset-factory: {written} images of the "
-             f"`{manifest['vocabulary']['name']}` classes drawn by `{models['generator']}` and labelled by "
-             f"`{models['labeler']}`, built {manifest.get('created', 'at an unknown time')}.", ""]
+             f"A {'' if source else 'synthetic '}semantic-segmentation dataset made by dataset-factory: {written} "
+             f"{made}, of the `{manifest['vocabulary']['name']}` classes, labelled by `{models['labeler']}`, "
+             f"built {manifest.get('created', 'at an unknown time')}.", ""]
     if preview:
         lines += [f"![Samples beside their label maps]({PREVIEW_FILE})", ""]
     lines += ["## Counts", "",
               *_table([(counts["planned"], counts["attempted"], written, dropped, counts["given_up"],
                         len(manifest["files"]))],
                       ("planned", "attempted", "written", "dropped", "given up", "Parquet files")), "",
-              f"Each planned prompt was tried with up to {recipe['attempts']} seeds until one sample was kept; "
-              "a prompt whose every attempt was dropped is given up. Per class (a two-class prompt "
-              "counts for both):", "",
+              ("Each image of the source was planned once, never replaced. " if source else
+               f"Each planned prompt was tried with up to {recipe['attempts']} seeds until one sample was kept; "
+               "a prompt whose every attempt was dropped is given up. ") +
+              "Per class (a two-class sample counts for both):", "",
               *_table([(name, c["planned"], c["attempted"], c["kept"], c["given_up"])
                        for name, c in manifest["per_class"].items()],
                       ("class", "planned", "attempted", "kept", "given up")), "",
@@ -212,8 +231,10 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               "the full recipe is in `manifest.json`.", "",
               LIMITATIONS + (TINY_MODELS if TINY in (models["generator"], models["labeler"]) else ""), "",
               "## Licence", "",
-              "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
-              "OpenRAIL-M) applies to their use, and the labeler's to the labels.", ""]
+              (f"Images are the source's (`{source}`): its licence applies to their use, and the labeler's to "
+               "the labels." if source else
+               "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
+               "OpenRAIL-M) applies to their use, and the labeler's to the labels."), ""]
     return "\n".join(lines)
 
 
@@ -225,6 +246,10 @@ def _provenance(labels: dict) -> list[str]:
         return ["## Label provenance", "",
                 f"Labelled by an oracle (`{labels['labeler']}`) that was trained on every class it labels: "
                 "not for zero-shot training on any of them (an upper bound only)."]
+    if labels["kind"] == "masks":
+        return ["## Label provenance", "",
+                f"Labelled by the source's own masks (`{labels['labeler']}`), annotations of every class: "
+                "not for zero-shot training on any of them."]
     if labels["kind"] == "daam":
         return ["## Label provenance", "",
                 "Labelled by DAAM, which trains on no class: zero-shot for every class (a baseline)."]

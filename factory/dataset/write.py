@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.core.storage import Location, StorageError, first_line, open_location
-from factory.dataset.batch import check_batch, optional_columns
+from factory.dataset.batch import SCALAR_COLUMNS, check_batch, optional_columns
 from factory.dataset.codec import encode_image, encode_label, encode_mask
 from factory.dataset.layout import COMMIT_DIR, DATA_DIR
 from factory.dataset.schema import SCHEMA, huggingface_metadata
@@ -60,7 +60,7 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_qualit
     table = pa.table(columns, schema=SCHEMA)
     shapes = {}
     for name in optional_columns(batch):  # grounding triplets: fp16 C x H x W per row
-        if name in ("timestep", "quality"):
+        if name in SCALAR_COLUMNS:
             table = table.append_column(name, pa.array(batch[name]))
             continue
         if name == "daam":  # one (h, w) heat map per class

@@ -119,6 +119,11 @@ def feature_channels(features: dict[int, torch.Tensor]) -> dict[int, int]:
     return {r: int(t.shape[1]) for r, t in features.items()}
 
 
+def fp16_array(tensor: torch.Tensor) -> np.ndarray:
+    """A captured tensor as the float16 numpy array a batch column holds."""
+    return tensor.float().cpu().numpy().astype(np.float16)
+
+
 def to_fp16_bytes(array: np.ndarray | torch.Tensor) -> bytes:
     """Raw float16 bytes (C, H, W order); Parquet's zstd compresses them further."""
     if isinstance(array, torch.Tensor):

@@ -8,16 +8,59 @@ module reads, where generation gets them for free.
    ``reconstruction_psnr`` says how faithful the retrace, and so the features, are.
 2. ``noised_latents``: one forward-noising of the latent to the capture step's timestep, as
    in training (the fast route of ODISE, `004`): one U-Net pass instead of two walks.
+
+``image_features`` runs either route on a batch of images; builds from real images call it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDIMInverseScheduler, StableDiffusionPipeline
 
-from factory.diffusion.pipelines import encode_texts
+from factory.diffusion.features import FeatureCapture, unet_features
+from factory.diffusion.pipelines import encode_texts, generate
 from factory.diffusion.steps import capture_call_index
+
+ROUTES = ("inversion", "noised")
+
+
+@dataclass
+class ImageFeatures:
+    """A batch of real images in the U-Net, as a generation's capture call would have them."""
+    features: dict[int, torch.Tensor]  # resolution -> (N, C_r, r, r), the conditional branch
+    latent: torch.Tensor  # (N, 4, h, w): the captured call's input; one U-Net pass on it gives `features` again
+    timestep: int
+    regenerated: np.ndarray | None  # inversion: (N, H, W, 3) uint8 images regenerated from the inversion
+
+
+@torch.inference_mode()
+def image_features(pipe: StableDiffusionPipeline, images: np.ndarray, prompts: list[str], seeds: list[int], *,
+                   route: str, steps: int, remaining: int) -> ImageFeatures:
+    """The U-Net features of uint8 (N, H, W, 3) images at the capture step (``remaining`` of ``steps``).
+
+    1. Encode: the VAE latents, scaled as the U-Net expects.
+    2. "inversion": DDIM-invert them under their prompts (guidance 1, as the paper), then
+       regenerate from the inversion with the same prompts and steps, capturing the features at
+       the capture call, exactly as for a generated image; 2 x ``steps`` U-Net calls.
+       "noised": noise them to the capture call's timestep with each seed's noise and run the
+       U-Net once (the fast route; ``seeds`` are ignored by inversion, which is deterministic).
+    """
+    if route not in ROUTES:
+        raise ValueError(f"unknown route {route!r} (choices: {', '.join(ROUTES)})")
+    latents = vae_latents(pipe, images)
+    height, width = images.shape[1:3]
+    if route == "noised":
+        noised, timestep = noised_latents(pipe, latents, seeds, steps=steps, remaining=remaining)
+        features = unet_features(pipe.unet, noised, timestep, encode_texts(pipe, prompts).to(noised.dtype))
+        return ImageFeatures(features, noised, timestep, None)
+    noise = ddim_invert(pipe, latents, prompts, steps=steps)
+    with FeatureCapture(pipe.unet, capture_call_index(steps, remaining), batch=len(images)) as hooks:
+        regenerated = generate(pipe, prompts, None, steps=steps, guidance_scale=1.0, height=height, width=width,
+                               latents=noise)
+    return ImageFeatures(hooks.features, hooks.latent, hooks.timestep, regenerated)
 
 
 @torch.inference_mode()

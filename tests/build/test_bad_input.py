@@ -3,6 +3,7 @@ line `<job>: error: ...` that names the problem, before any model loads, with no
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -10,19 +11,27 @@ from pathlib import Path
 import boto3
 import pytest
 import ray
+from PIL import Image
 
 from factory.build import detect, generate, pipeline, quality
 from factory.core import storage
 from factory.dataset.layout import COMMIT_DIR
 from factory.dataset.write import Commit, part_name
 from factory.diffusion import clip, pipelines
-from jobs import build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
+from jobs import annotate_images, build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
 
 REPO = Path(__file__).resolve().parents[2]
 
-JOBS = {job.__name__.rsplit(".", 1)[-1]: job for job in (build_dataset, train_grounding, train_segmenter, eval_grounding, eval_zs3)}
+JOBS = {job.__name__.rsplit(".", 1)[-1]: job
+        for job in (build_dataset, annotate_images, train_grounding, train_segmenter, eval_grounding, eval_zs3)}
 RECIPE = "{tmp}/recipe.yaml"  # a case's `recipe` text is written here
 OUT = "{tmp}/out"
+
+
+def _png() -> bytes:
+    data = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(data, format="PNG")
+    return data.getvalue()
 
 
 def case(id: str, args: list[str], expect: str, *, recipe: str | None = None, files: dict | None = None,
@@ -35,6 +44,9 @@ def case(id: str, args: list[str], expect: str, *, recipe: str | None = None, fi
 
 
 PAIRS_HEADER = "# vocabulary: voc\n"
+PNG = _png()
+IMAGES = {"images/a.png": PNG, "images/b.png": b"\x89PNG but truncated"}
+ANNOTATE = ["--images", "{tmp}/images", "--out", OUT]
 CASES = [
     # --- classes, vocabulary, counts, splits
     case("unknown-class", ["--classes", "dog,unicorn"], "--classes: unknown class 'unicorn' in vocabulary voc"),
@@ -163,6 +175,31 @@ CASES = [
     case("missing-quality-model", ["--quality.model", "{tmp}/clip"], "model not found: {tmp}/clip/config.json"),
     case("missing-annotator-checkpoint", ["--annotator.checkpoint", "{tmp}/grounding"],
          "no readable checkpoint at {tmp}/grounding"),
+    # --- real images (a build's source, jobs/annotate_images.py)
+    case("folder-of-images-without-annotator", ["--source.images", "{tmp}/images", "--capture.features", "latent"],
+         "a folder of images has no masks: set annotator.checkpoint to annotate it"),
+    case("voc-images-without-capture", ["--source.images", "{tmp}/voc", "--source.format", "voc"],
+         "real images with masks make a triplet set: set capture.features"),
+    case("daam-on-real-images", ["--source.images", "{tmp}/images", "--annotator.daam", "true"],
+         "DAAM reads a generation's attention"),
+    case("annotate-unreadable-image", [*ANNOTATE, "--classes", "red disc"],
+         "1 of 2 images cannot be read; first: {tmp}/images/b.png:", files=IMAGES, job="annotate_images"),
+    case("annotate-unknown-class", [*ANNOTATE, "--classes", "red disc,unicorn"],
+         "--classes: unknown class 'unicorn' in vocabulary shapes", job="annotate_images"),
+    case("annotate-unknown-class-in-classes-file", [*ANNOTATE, "--classes-file", "{tmp}/classes.json"],
+         "{tmp}/classes.json: a.png: unknown class 'unicorn' in vocabulary shapes", job="annotate_images",
+         files={"images/a.png": PNG, "classes.json": '{"a.png": ["red disc", "unicorn"]}'}),
+    case("annotate-image-missing-from-classes-file", [*ANNOTATE, "--classes-file", "{tmp}/classes.json"],
+         "1 images have no entry in {tmp}/classes.json (first: b.png)", job="annotate_images",
+         files={"images/a.png": PNG, "images/b.png": PNG, "classes.json": '{"a.png": ["red disc"]}'}),
+    case("annotate-empty-folder", [*ANNOTATE, "--classes", "red disc"], "no images in {tmp}/images",
+         files={"images/notes.txt": "no image here"}, job="annotate_images"),
+    case("annotate-missing-folder", [*ANNOTATE, "--classes", "red disc"], "no images in {tmp}/images",
+         job="annotate_images"),
+    case("annotate-too-many-classes-for-every-image", [*ANNOTATE, "--classes", "all"],
+         "20 classes for every image; a sample holds at most 8", files={"images/a.png": PNG}, job="annotate_images"),
+    case("annotate-missing-checkpoint", [*ANNOTATE, "--classes", "red disc", "--checkpoint", "{tmp}/grounding"],
+         "no readable checkpoint at {tmp}/grounding", files={"images/a.png": PNG}, job="annotate_images"),
     # --- the other jobs share the config and command-line code
     case("train-grounding-unknown-field", ["--config", RECIPE, "--data", "{tmp}/data", "--out", OUT],
          "epochz: unknown field (did you mean epochs?)", recipe="epochz: 3\n", job="train_grounding"),
@@ -234,6 +271,7 @@ def test_bad_input_is_one_line_before_any_model_and_writes_nothing(job, args, ex
                                                                     monkeypatch, capsys, no_models):
     monkeypatch.chdir(tmp_path)  # a default output (outputs/<name>) would land here and be seen
     for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     argv = [arg.replace("{tmp}", str(tmp_path)) for arg in args]
     if job == "build_dataset" and "--out" not in args:

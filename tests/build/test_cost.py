@@ -68,6 +68,16 @@ def test_annotator_recipes_have_one_gpu_stage():
     assert e.total_gpu_hours == pytest.approx(10_000 * (100 / 100.0 + 1 / 10.0) / 3600)
 
 
+@pytest.mark.parametrize("route, evaluations, vae", [("inversion", 2 * 50, 2), ("noised", 1, 1)])
+def test_real_images_cost_their_routes_u_net_calls(route, evaluations, vae):
+    """Inversion: steps calls up and steps down without guidance, an encode and a decode; noised: one call."""
+    recipe = load_recipe("shapes-annotate", {"generator.steps": 50, "generator.height": 512, "generator.width": 512,
+                                             "source.route": route})
+    e = estimate(recipe, 1000, RATES, gpus=1)
+    assert e.seconds_per_sample == {
+        "featurize+label": pytest.approx(evaluations / RATES.unet_forwards_per_s + vae / RATES.vae_images_per_s)}
+
+
 def test_bytes_follow_the_capture_mode():
     oracle = load_recipe("voc-oracle-one")
     latent = load_recipe("voc-oracle-one", {"capture.features": "latent"})

@@ -8,8 +8,15 @@ import pytest
 import torch
 
 from factory.core.vocab import SHAPES
-from factory.diffusion.inversion import ddim_invert, noised_latents, reconstruction_psnr, vae_latents
-from factory.diffusion.pipelines import generate, load_pipeline
+from factory.diffusion.features import unet_features
+from factory.diffusion.inversion import (
+    ddim_invert,
+    image_features,
+    noised_latents,
+    reconstruction_psnr,
+    vae_latents,
+)
+from factory.diffusion.pipelines import encode_texts, generate, load_pipeline
 from world.draw import SIZE, draw
 from world.utils import prompt_of
 
@@ -63,6 +70,27 @@ def test_generate_takes_seeds_or_latents_not_both(world):
         generate(pipe, prompts[:1], [1], latents=torch.zeros(1, 4, 16, 16), **kwargs)
     with pytest.raises(ValueError, match="one of them"):
         generate(pipe, prompts[:1], None, **kwargs)
+
+
+def test_both_routes_give_the_features_one_pass_on_their_latent_gives(world, monkeypatch):
+    """The captured latent and timestep are what a triplet set stores: one U-Net pass on them (the
+    Featurizer's) must give the features again. Inversion: 2 x steps calls; noised: one."""
+    pipe, images, prompts = world
+    for route, expected_calls in (("inversion", 2 * 10), ("noised", 1)):
+        calls = []
+        monkeypatch.setattr(pipe.unet, "forward", _counting(pipe.unet.forward, calls))
+        got = image_features(pipe, images, prompts, [4, 5, 6], route=route, steps=10, remaining=3)
+        monkeypatch.undo()
+        assert len(calls) == expected_calls and set(calls) == {3}  # no guidance: one row per image
+        pipe.scheduler.set_timesteps(10)
+        assert got.timestep == int(pipe.scheduler.timesteps[7])  # the call with 3 of 10 steps left
+        again = unet_features(pipe.unet, got.latent, got.timestep, encode_texts(pipe, prompts))
+        assert sorted(again) == sorted(got.features)
+        for r in again:
+            torch.testing.assert_close(again[r], got.features[r], rtol=1e-4, atol=1e-4)
+        assert (got.regenerated is None) == (route == "noised")
+    with pytest.raises(ValueError, match="unknown route 'pixels'"):
+        image_features(pipe, images, prompts, [4, 5, 6], route="pixels", steps=10, remaining=3)
 
 
 def _counting(forward, calls: list):

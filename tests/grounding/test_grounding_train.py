@@ -35,10 +35,10 @@ from factory.diffusion.tokens import class_token_positions
 from grounding import data as grounding_data
 from grounding.checkpoint import load_grounding_checkpoint, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
-from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.data import DatasetError, Featurizer, TextConfig, TripletSource
 from grounding.losses import grounding_loss
 from grounding.model import GroundingModule
-from grounding.train import IoUTotals
+from grounding.train import GroundingTrainConfig, IoUTotals, prepare_training
 from jobs import train_grounding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -222,6 +222,7 @@ def test_text_templates():
     text = TextConfig()
     assert text.render("a photograph of a dog and a cat", ["dog", "cat"]) == "dog and cat"
     assert text.render("a photograph of a dog", ["dog"]) == "dog"
+    assert text.render("a photograph of a dog, a cat and a bus", ["dog", "cat", "bus"]) == "dog, cat and bus"
     assert TextConfig(source="prompt").render("a photograph of a dog", ["dog"]) == "a photograph of a dog"
     with pytest.raises(ValueError, match=r"\{1\} missing"):
         TextConfig(two="{0} alone")
@@ -330,14 +331,32 @@ def test_cli_one_line_errors_before_any_model(tmp_path, latent_set, capsys, monk
     assert not (tmp_path / "ck").exists()
 
 
+def test_mix_sets_are_trained_on_whole_beside_data(latent_set, tensors_set, tmp_path):
+    """--mix (sim+real): every usable row of each mixed set trains; validation stays data's."""
+    other = make_triplets(tmp_path / "other", "latent", num_samples=8, overrides={"seed": 5})
+    config = GroundingTrainConfig(data=str(latent_set), mix=f"{other}", out=str(tmp_path / "ck"), classes="all",
+                                  val_fraction=0.3)
+    plan = prepare_training(config)
+    alone = prepare_training(config.model_copy(update={"mix": None}))
+    assert plan.mix_rows == [list(range(8))] and plan.train_rows == alone.train_rows
+    assert plan.val_rows == alone.val_rows
+    with pytest.raises(DatasetError, match=f"{tensors_set} differs from {latent_set} in capture mode"):
+        prepare_training(config.model_copy(update={"mix": [str(tensors_set)]}))
+
+
 @pytest.mark.slow
 def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys):
     out = tmp_path / "ck"
-    args = ["--data", str(latent_set), "--out", str(out), "--num-workers", "2", "--batch-size", "4",
-            "--val-fraction", "0.3", "--classes", "seen"]
+    other = make_triplets(tmp_path / "other", "latent", num_samples=8, overrides={"seed": 5})  # a mixed set
+    args = ["--data", str(latent_set), "--mix", str(other), "--out", str(out), "--num-workers", "2",
+            "--batch-size", "4", "--val-fraction", "0.3", "--classes", "seen"]
     assert train_grounding.main([*args, "--epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "epochs    2 run now; 2 done" in printed and f"checkpoint {out}/" in printed
+    plan = prepare_training(GroundingTrainConfig(data=str(latent_set), mix=[str(other)], out=str(out),
+                                                 val_fraction=0.3, classes="seen"))
+    trained = len(plan.train_rows) + len(plan.mix_rows[0])
+    assert plan.mix_rows[0] and f"samples   {trained} training, {len(plan.val_rows)} validation" in printed
 
     for name in ("last", "best"):
         epoch = json.loads((out / name / "checkpoint.json").read_text())["epoch"]
@@ -345,6 +364,7 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
                                                             f"optimizer-{epoch:08d}.safetensors"}
     module, last = load_grounding_checkpoint(str(out / "last"))
     assert last["epoch"] == 2 and last["resumed_from"] == 0 and len(last["history"]) == 2
+    assert last["train"]["mix"] == [str(other)]
     assert 0.0 <= last["metrics"]["val_miou"] <= 1.0 and np.isfinite(last["metrics"]["train_loss"])
     assert set(last["metrics"]["val_iou"]) <= set(VOC.seen(1)) and last["classes"] == list(VOC.seen(1))
     assert last["best"]["epoch"] in (1, 2) and last["capture"]["steps_remaining"] == 2

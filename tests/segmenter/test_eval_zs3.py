@@ -14,8 +14,8 @@ from PIL import Image
 
 from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
+from factory.dataset.real import real_dataset
 from jobs import eval_zs3
-from segmenter.datasets import real_dataset
 from segmenter.evaluate import ZS3EvalOptions, format_table, predict, prepare_evaluation, short_side_size
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint

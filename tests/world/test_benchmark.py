@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from factory.core.vocab import SHAPES
+from factory.dataset.real import real_dataset
 from jobs.draw_benchmark import main as draw_benchmark_main
-from segmenter.datasets import real_dataset
 from world.benchmark import benchmark_draws, image_id, write_benchmark
 from world.draw import draw, label_map
 from world.utils import class_draws

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from factory.core.vocab import COCO
-from segmenter.datasets import (
+from factory.dataset.real import (
     COCOSemantic,
     VOCAugSegmentation,
     VOCSegmentation,

@@ -1,4 +1,4 @@
-"""Readers for the real evaluation sets of Protocol-II.
+"""Readers of real annotated datasets: the benchmarks of Protocol-II, and the real images a build can read.
 
 Both readers yield ``Sample(image_id, image, label)``: ``image`` is RGB uint8 (H, W, 3),
 ``label`` uint8 (H, W) with 0 = background, 1..N = the class index of the project's
@@ -105,6 +105,12 @@ class VOCSegmentation:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def present(self, i: int) -> list[int]:
+        """The class indices in image i's label map (not background or ignore), read without the image."""
+        with Image.open(self._label_path(self.ids[i])) as png:
+            values = np.unique(np.array(png))
+        return [int(v) for v in values if 0 < v <= len(self.vocabulary)]
+
     def __getitem__(self, i: int) -> Sample:
         image_id = self.ids[i]
         image = _read_rgb(self._image_path(image_id))
@@ -194,6 +200,11 @@ class COCOSemantic:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def present(self, i: int) -> list[int]:
+        """The class indices annotated in image i (not the dropped class), read from the annotations alone."""
+        labels = {self._labels.get(a["category_id"], IGNORE) for a in self._coco.imgToAnns[self._image_ids[i]]}
+        return sorted(label for label in labels if label != IGNORE)
 
     def __getitem__(self, i: int) -> Sample:
         coco_image_id = self._image_ids[i]

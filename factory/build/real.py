@@ -1,0 +1,82 @@
+"""Real images through the model actor: into the U-Net by the recipe's route, then labelled.
+
+``ImageStage`` is the build's model stage when the recipe reads real images (``source``): it
+reads each planned image (``factory.build.images``), gets the U-Net features a generated image
+would have given at the capture step (``factory.diffusion.inversion.image_features``), and then
+- with masks and capture on, keeps the features (or their latent) with the image's own masks:
+  a triplet set for grounding training, the "real" half of the papers' "sim+real";
+- with ``annotator.checkpoint``, lets the grounding module label the image, as it labels
+  generated ones (``factory.build.annotate``).
+The inversion route also records each image's reconstruction PSNR.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from factory.build.annotate import GroundingAnnotator, annotation_labels
+from factory.build.images import ImageReader, class_masks
+from factory.build.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, SourceConfig
+from factory.core.devices import pick_device, pick_dtype
+from factory.core.loading import load_with_retries
+from factory.core.vocab import get_vocabulary
+from factory.dataset.batch import SampleLabels, attach_labels
+from factory.diffusion.features import fp16_array
+from factory.diffusion.inversion import image_features, reconstruction_psnr
+from factory.diffusion.pipelines import load_pipeline
+
+
+class ImageStage:
+    """Ray Data actor: real images -> U-Net features -> labels; one GPU when there are GPUs."""
+
+    def __init__(self, generator: GeneratorConfig, source: SourceConfig, capture: CaptureConfig,
+                 annotator: AnnotatorConfig, vocabulary: str, load_attempts: int = 3):
+        self.generator, self.source, self.capture, self.annotator = generator, source, capture, annotator
+        self.vocabulary = get_vocabulary(vocabulary)
+        self.reader = ImageReader(source, vocabulary)
+        device = pick_device()
+        self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
+            generator.model, device, pick_dtype(generator.dtype, device)), load_attempts)
+        self.module = (GroundingAnnotator(annotator.checkpoint, device, load_attempts) if annotator.checkpoint
+                       else None)
+        self.remaining = self.module.remaining if self.module else capture.step
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        start = time.perf_counter()
+        g, n = self.generator, len(batch["sample_id"])
+        prompts, words = list(batch["prompt"]), [list(w) for w in batch["class_words"]]
+        # 1. Read: the images at the generator's size, and their label maps where the source has them.
+        images, label_maps = self.reader.load(list(batch["source_image"]), (g.height, g.width))
+        # 2. Into the U-Net: the features at the capture step, by the recipe's route.
+        got = image_features(self.pipe, images, prompts, list(batch["seed"]), route=self.source.route,
+                             steps=g.steps, remaining=self.remaining)
+        batch["image"] = images
+        if got.regenerated is not None:
+            batch["psnr"] = reconstruction_psnr(images, got.regenerated).astype(np.float32)
+        batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)  # reading and featurizing
+        # 3. Labels: the module's, or the image's own masks beside the captured features.
+        start = time.perf_counter()
+        indices = [[self.vocabulary.lookup(name).index for name in names] for names in batch["classes"]]
+        if self.module is not None:
+            probabilities = self.module.probabilities(self.pipe, got.features, prompts, words, images.shape[1:3])
+            labels = [annotation_labels(probabilities[i, :len(k)], k, self.annotator) for i, k in enumerate(indices)]
+            return attach_labels(batch, labels, start)
+        batch["timestep"] = np.full(n, got.timestep, np.int64)
+        if self.capture.features == "latent":
+            batch["latent"] = fp16_array(got.latent)
+        else:
+            for r, tensor in got.features.items():
+                batch[f"features_{r}"] = fp16_array(tensor)
+        return attach_labels(batch, [_mask_labels(label, k) for label, k in zip(label_maps, indices)], start)
+
+
+def _mask_labels(label: np.ndarray, indices: list[int]) -> SampleLabels:
+    """An image's own masks as labels; a class whose pixels did not survive resizing is not found."""
+    masks = class_masks(label, indices)
+    found = masks.reshape(len(indices), -1).any(axis=1)
+    return SampleLabels(label=label, masks=masks, scores=found.astype(np.float32), instances=found.astype(np.int16))
+

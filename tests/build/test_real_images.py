@@ -1,0 +1,134 @@
+"""Builds from real images (factory/build/real.py, jobs/annotate_images.py) on the mini world: the
+drawn benchmark's images turned into triplets with their exact masks, and folders of images (local
+and on S3) annotated by a grounding module, resumed after an interruption."""
+
+import json
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from factory.build.pipeline import prepare_build, run_build
+from factory.build.recipe import load_recipe
+from factory.dataset.codec import decode_label, decode_masks
+from factory.dataset.layout import COMMIT_DIR
+from factory.dataset.real import real_dataset
+from factory.diffusion.features import feature_channels, unet_features
+from factory.diffusion.pipelines import encode_texts, load_pipeline
+from grounding.checkpoint import generation_record, save_grounding_checkpoint
+from grounding.data import TextConfig, TripletSource
+from grounding.model import GroundingModule
+from grounding.train import ModelSection, grounding_model_config
+from jobs import annotate_images
+from world.benchmark import write_benchmark
+
+REPO = Path(__file__).resolve().parents[2]
+GENERATOR = str(REPO / "models" / "shapes-generator")
+STEPS, CAPTURE = 6, 2  # few steps: the plumbing, not the quality (bench/real_images.py measures that)
+FAST = {"generator.model": GENERATOR, "generator.steps": STEPS, "capture.step": CAPTURE, "generator.batch_size": 4,
+        "writer.rows_per_file": 4}
+
+
+@pytest.fixture(scope="module")
+def voc(tmp_path_factory):
+    return write_benchmark(tmp_path_factory.mktemp("voc"), val=6, train=0)
+
+
+def rows_of(out: Path) -> list[dict]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    return [row for f in manifest["files"] for row in pq.read_table(out / f["path"]).to_pylist()]
+
+
+@pytest.mark.slow  # builds through the world's generator
+@pytest.mark.parametrize("route", ["noised", "inversion"])
+def test_real_triplets_keep_each_images_exact_masks(voc, tmp_path, route):
+    out = tmp_path / "triplets"
+    recipe = load_recipe("shapes-real-triplets", {**FAST, "out": str(out), "source.images": str(voc),
+                                                  "source.split": "val", "source.route": route})
+    summary = run_build(prepare_build(recipe), in_process=True)
+    assert summary.written == summary.planned == 6
+    truth = {s.image_id: s.label for s in real_dataset("voc", voc, "val", "shapes")}
+    rows = rows_of(out)
+    assert sorted(row["source_image"] for row in rows) == sorted(truth)
+    for row in rows:
+        label = decode_label(row["label"])
+        np.testing.assert_array_equal(label, truth[row["source_image"]])
+        masks = decode_masks(row["masks"])
+        for k, index in enumerate(row["class_indices"]):
+            np.testing.assert_array_equal(masks[k], label == index)
+        assert all(row["found"]) and row["labeler"] == "masks:voc"
+        assert (row["psnr"] is not None and row["psnr"] > 10) if route == "inversion" else "psnr" not in row
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["labels"]["kind"] == "masks" and all(manifest["labels"]["trained"].values())
+    assert "real images of" in (out / "README.md").read_text()
+    source = TripletSource.open(str(out))  # what grounding training reads, beside the generated triplets
+    assert source.mode == "latent" and source.capture_step == CAPTURE and source.shapes["latent"] == (4, 16, 16)
+
+    # A finished dataset is a source too: the same images and masks again.
+    again = tmp_path / "again"
+    recipe = load_recipe("shapes-real-triplets", {**FAST, "out": str(again), "source.images": str(out),
+                                                  "source.format": "dataset", "source.route": "noised"})
+    run_build(prepare_build(recipe), in_process=True)
+    first = {row["sample_id"]: decode_label(row["label"]) for row in rows}
+    again_rows = rows_of(again)
+    assert sorted(row["source_image"] for row in again_rows) == sorted(first)  # its refs: the sample ids
+    for row in again_rows:
+        np.testing.assert_array_equal(decode_label(row["label"]), first[row["source_image"]])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """An untrained world-preset module in the training code's checkpoint format, reading the world
+    generator's features at this module's capture step (labels are noise; the plumbing is tested)."""
+    pipe = load_pipeline(GENERATOR)
+    channels = feature_channels(unet_features(pipe.unet, torch.zeros(1, 4, 16, 16), 0, encode_texts(pipe, [""])))
+    torch.manual_seed(0)
+    module = GroundingModule(grounding_model_config(ModelSection(preset="world"), channels,
+                                                    pipe.text_encoder.config.hidden_size, 64))
+    recipe = load_recipe("shapes-annotate", FAST).model_dump(mode="json")
+    path = tmp_path_factory.mktemp("grounding") / "best"
+    save_grounding_checkpoint(str(path), module, None, {
+        "epoch": 0, "text": TextConfig().model_dump(), "generation": generation_record(recipe, CAPTURE),
+        "capture": {"features": "latent", "steps_remaining": CAPTURE}, "vocabulary": {"name": "shapes"},
+        "classes": ["red_square", "blue_cross"], "split": 1})
+    return str(path)
+
+
+@pytest.mark.slow
+def test_annotate_a_folder_on_s3_and_resume_after_an_interruption(ray_cluster, voc, checkpoint, bucket, s3_endpoint,
+                                                                  tmp_path, capsys):
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    for path in sorted((voc / "JPEGImages").iterdir()):
+        s3.upload_file(str(path), bucket, f"photos/{path.name}")
+    out = tmp_path / "annotated"
+    args = ["--images", f"s3://{bucket}/photos", "--classes", "red_disc,blue_cross", "--checkpoint", checkpoint,
+            "--out", str(out), "--generator.model", GENERATOR, "--generator.steps", str(STEPS),
+            "--generator.batch-size", "2", "--writer.rows-per-file", "2", "--source.route", "noised"]
+    assert annotate_images.main(args) == 0
+    assert "6 written of 6 planned" in capsys.readouterr().out
+    rows = rows_of(out)
+    names = sorted(path.name for path in (voc / "JPEGImages").iterdir())
+    assert sorted(row["source_image"] for row in rows) == names
+    for row in rows:
+        assert row["classes"] == ["red_disc", "blue_cross"] and row["labeler"] == f"grounding:{checkpoint}"
+        # every class asked of every image: one not found is absent, never 255 over the rest
+        assert set(np.unique(decode_label(row["label"]))) <= {0, *row["class_indices"]}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"]["annotator"]["on_missing"] == "absent"
+
+    # Interrupted after its first parts: the last part's commit record never landed.
+    commits = sorted((out / COMMIT_DIR).iterdir())
+    lost = json.loads(commits[-1].read_text())
+    commits[-1].unlink()
+    assert annotate_images.main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed   {6 - len(lost['written'])} samples were already done; {len(lost['written'])} made now" in printed
+    assert "deleted 1 orphan part" in printed
+    again = rows_of(out)
+    # none lost, none twice
+    assert sorted(row["sample_id"] for row in again) == sorted(row["sample_id"] for row in rows)
+    for a, b in zip(sorted(rows, key=lambda r: r["sample_id"]), sorted(again, key=lambda r: r["sample_id"])):
+        np.testing.assert_array_equal(decode_label(a["label"]), decode_label(b["label"]))  # deterministic
