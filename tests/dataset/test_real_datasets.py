@@ -301,3 +301,11 @@ def test_real_dataset_defaults_and_errors(voc_root, coco_root):
     assert isinstance(real_dataset("coco", coco_root), COCOSemantic)
     with pytest.raises(ValueError, match=r"unknown dataset format 'ade' \(choices: voc, voc_aug, coco\)"):
         real_dataset("ade", voc_root)
+
+
+def test_present_classes_agree_with_the_label_maps(voc_root, coco_root):
+    """What a build from real images plans with (factory/build/images.py), read without the images."""
+    for reader in (VOCSegmentation(voc_root, "val"), COCOSemantic(coco_root)):
+        for i in range(len(reader)):
+            label = reader[i].label
+            assert reader.present(i) == sorted(int(v) for v in np.unique(label) if v not in (0, 255))
