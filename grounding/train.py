@@ -6,7 +6,9 @@ Each Ray Train worker (`train_loop_per_worker`) then reads its own share of thos
 straight from the Parquet files (`TripletSource.take`, file by file, only the columns
 the Featurizer needs) and keeps it in memory: a latent-mode row is ~40 kB, and U-Net
 features are recomputed on the worker's own device, next to the module being trained.
-Workers get equal step counts (a shorter share wraps around), as DDP needs.
+Workers get equal step counts (a shorter share wraps around), as DDP needs. ``mix`` adds
+more triplet sets made alike (real images' triplets beside generated ones: the papers'
+"sim+real"), each worker taking its share of every set.
 
 Each epoch: train (Adam, as in the papers), then validation mIoU over classes, one log line,
 and checkpoints (``grounding.checkpoint``) written by rank 0, local or s3://: ``<out>/last/``
