@@ -18,7 +18,6 @@ training leaves out samples that name a class it does not train on.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,7 +71,7 @@ class ImageReader:
 
     def _read(self, refs: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         if self.config.format == "folder":
-            return [(_decode(self._opened.read_bytes(ref)), None) for ref in refs]
+            return [(decode_image({"bytes": self._opened.read_bytes(ref)}), None) for ref in refs]
         if self.config.format == "dataset":
             source, position = self._opened
             rows = source.take([position[ref] for ref in refs], ["sample_id", "image", "label"]).to_pylist()
@@ -176,15 +175,10 @@ def _folder_images(c: SourceConfig, selected: list[str], vocabulary: Vocabulary)
 
 def _unreadable(location, name: str) -> str | None:
     try:
-        _decode(location.read_bytes(name))
+        decode_image({"bytes": location.read_bytes(name)})
     except (OSError, ValueError, StorageError) as exc:
         return f"{location.url(name)}: {first_line(exc)}"
     return None
-
-
-def _decode(data: bytes) -> np.ndarray:
-    with Image.open(io.BytesIO(data)) as image:
-        return np.array(image.convert("RGB"))
 
 
 def _resized(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):

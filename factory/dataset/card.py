@@ -120,9 +120,10 @@ def _making(recipe: dict, models: dict) -> list[str]:
     else:
         lines.append(f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
                      f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.")
-    if source.get("images") and not (annotator.get("checkpoint") or annotator.get("daam")):
+    annotated = bool(annotator.get("checkpoint") or annotator.get("daam"))
+    if source.get("images") and not annotated:
         lines.append("- **Labels**: each image's own masks, resized with it (nearest).")
-    elif annotator.get("checkpoint") or annotator.get("daam"):
+    elif annotated:
         ignore = annotator.get("ignore_below")
         what = ("DAAM, the papers' baseline: the generator's cross-attention heat map of each class word over "
                 "every step, min-max normalised" if annotator.get("daam") else
