@@ -9,10 +9,19 @@ weights (the cost of a forward pass does not depend on the weights' values):
 - maskrcnn: torchvision's maskrcnn_resnet50_fpn_v2 on B images, score threshold 0
   (every candidate reaches the mask head: the most it can cost);
 - generate: the whole diffusers pipeline call (text encoder, N steps, decoder) with
-  DDIM-50 and with DPM-Solver++-25, beside the rate the stage rates predict for it.
+  DDIM-50 and with DPM-Solver++-25, beside the rate the stage rates predict for it;
+- sam3, owlv2+sam: the open-vocabulary labeler (factory/build/openvocab.py, its own call:
+  processors, models, post-processing) on B 512x512 images, each asked for two classes
+  ("dog", "cat": a two-class prompt), score threshold 0, the 4 best instances kept. sam3:
+  Sam3Config() defaults, which are facebook/sam3's sizes (ViT 1024 wide, 32 layers at 1008 px;
+  CLIP text tower 1024 x 24; DETR encoder and decoder 6 layers each, 200 queries per text).
+  owlv2+sam: Owlv2Config() defaults (B/16 towers, owlv2-base-patch16) at that checkpoint's
+  960 px, then SAM at sam-vit-huge's sizes (ViT-H: 1280 wide, 32 layers at 1024 px; SamConfig()
+  defaults are ViT-B) on the 4 boxes. Not compiled (Python between the models).
 
 For each batch size and torch.compile off/on: seconds per call, images/s, TFLOP per
-image (counted by torch.utils.flop_counter.FlopCounterMode on one forward), achieved
+image (counted by torch.utils.flop_counter.FlopCounterMode on one forward, attention
+included on a CPU too), achieved
 TFLOP/s and its fraction of the device's peak (a table of known GPUs, or --peak-tflops).
 Float16 on CUDA, float32 on a CPU. ``--out rates.json`` writes the best rate of each
 stage in the form factory/cost.py reads (``jobs/build_dataset.py --estimate --rates``).
@@ -20,6 +29,7 @@ stage in the form factory/cost.py reads (``jobs/build_dataset.py --estimate --ra
     python bench/gpu.py --out rates.json                        # on a GPU: the full sweep
     python bench/gpu.py --small                                 # tiny models, 64x64, 2/1 steps (the smoke test)
     python bench/gpu.py --stages unet,vae,maskrcnn --batch-sizes 1 --compile off   # real shapes, on a CPU
+    python bench/gpu.py --stages sam3,owlv2+sam --batch-sizes 1 --repeats 1        # the open-vocabulary labeler
 """
 
 from __future__ import annotations
@@ -30,17 +40,23 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from factory.build.detect import COCO_LABELS, tiny_maskrcnn
+from factory.build.detect import COCO_LABELS, Detector, tiny_maskrcnn
+from factory.build.recipe import LabelerConfig
+from factory.core.vocab import VOC
 from factory.diffusion.pipelines import sd15_unet, sd_scheduler, tiny_pipeline, tiny_tokenizer
 
-STAGES = ("unet", "vae", "maskrcnn", "generate")
+LABELERS = ("sam3", "owlv2+sam")  # the open-vocabulary labeler's routes
+STAGES = ("unet", "vae", "maskrcnn", "generate", *LABELERS)
+LABELER_INSTANCES = 4  # instances kept per image (boxes SAM segments): a two-object image and a duplicate each
 
 # Dense float16/bfloat16 tensor-core TFLOP/s (fp32 accumulation), from the vendors' data sheets;
 # A10G from Baseten's A10 vs A10G comparison. The first name contained in the device's name wins.
@@ -71,6 +87,43 @@ def real_maskrcnn() -> torch.nn.Module:
     return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
 
 
+def open_vocabulary_labeler(route: str, small: bool, device: torch.device, dtype: torch.dtype) -> Detector:
+    """A route of the open-vocabulary labeler at real sizes (module docstring), or the tiny models
+    of the tests; random weights, tokenizers built offline (the token count is what costs)."""
+    from transformers import (
+        Owlv2Config,
+        Owlv2ForObjectDetection,
+        Owlv2ImageProcessor,
+        Owlv2Processor,
+        Sam3Config,
+        Sam3ImageProcessor,
+        Sam3Model,
+        Sam3Processor,
+        SamConfig,
+        SamImageProcessor,
+        SamModel,
+        SamProcessor,
+    )
+
+    from factory.build import openvocab
+
+    config = LabelerConfig(model="open_vocabulary", weights="built here", score_threshold=0.0)
+    if route == "sam3":
+        model, processor = openvocab.tiny_sam3() if small else (
+            Sam3Model(Sam3Config()), Sam3Processor(Sam3ImageProcessor(), openvocab.tiny_clip_tokenizer(32)))
+        return openvocab.Sam3Detector(model.to(device, dtype), processor, config, LABELER_INSTANCES)
+    if small:
+        (detector, detector_processor), (sam, sam_processor) = openvocab.tiny_owlv2(), openvocab.tiny_sam()
+    else:
+        detector = Owlv2ForObjectDetection(Owlv2Config(vision_config={"image_size": 960}))  # owlv2-base-patch16's
+        detector_processor = Owlv2Processor(Owlv2ImageProcessor(), openvocab.tiny_clip_tokenizer(16))
+        sam = SamModel(SamConfig(vision_config={"hidden_size": 1280, "num_hidden_layers": 32,  # sam-vit-huge
+                                                "num_attention_heads": 16, "global_attn_indexes": [7, 15, 23, 31]}))
+        sam_processor = SamProcessor(SamImageProcessor())
+    return openvocab.GroundedSamDetector(detector.to(device, dtype), detector_processor, sam.to(device, dtype),
+                                         sam_processor, config, LABELER_INSTANCES)
+
+
 @dataclass
 class Measurement:
     stage: str
@@ -95,8 +148,17 @@ def peak_tflops(device: torch.device, given: float | None) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
+def _attention_flop(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+# A CPU runs scaled_dot_product_attention as an op FlopCounterMode has no formula for (it has
+# CUDA's): without this, attention is not counted on a CPU (SD 1.5's U-Net: 0.677 TFLOP, not 0.803).
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flop}
+
+
 def count_tflop(fn) -> float:
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter:
         fn()
     return counter.get_total_flops() / 1e12
 
@@ -119,34 +181,57 @@ class Bench:
 
     def __init__(self, small: bool, device: torch.device, dtype: torch.dtype):
         self.small, self.device, self.dtype = small, device, dtype
-        torch.manual_seed(0)
-        self.pipe = (tiny_pipeline() if small else sd15_pipeline()).to(device, dtype)
-        self.pipe.set_progress_bar_config(disable=True)
-        self.detector = (tiny_maskrcnn(64) if small else real_maskrcnn()).to(device, dtype).eval()
-        self.detector.roi_heads.score_thresh = 0.0
         self.size = 64 if small else 512
-        self.latent = self.size // self.pipe.vae_scale_factor  # 8 for SD 1.5, 2 for the tiny VAE
-        self.text_dim = self.pipe.unet.config.cross_attention_dim
-        self.eager = {"unet": self.pipe.unet, "vae": self.pipe.vae.decoder, "maskrcnn": self.detector}
+        self.labelers: dict[str, Detector] = {}
+
+    # Each model is built when a stage first needs it: a run of some stages builds only theirs.
+    @cached_property
+    def pipe(self) -> StableDiffusionPipeline:
+        torch.manual_seed(0)
+        pipe = (tiny_pipeline() if self.small else sd15_pipeline()).to(self.device, self.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @cached_property
+    def detector(self) -> torch.nn.Module:
+        torch.manual_seed(0)
+        detector = (tiny_maskrcnn(64) if self.small else real_maskrcnn()).to(self.device, self.dtype).eval()
+        detector.roi_heads.score_thresh = 0.0
+        return detector
+
+    def eager(self, stage: str):
+        if stage in LABELERS:
+            if stage not in self.labelers:
+                torch.manual_seed(0)
+                self.labelers[stage] = open_vocabulary_labeler(stage, self.small, self.device, self.dtype)
+            return self.labelers[stage]
+        return {"unet": lambda: self.pipe.unet, "vae": lambda: self.pipe.vae.decoder,
+                "maskrcnn": lambda: self.detector}[stage]()
 
     def module(self, stage: str, compiled: bool):
-        return torch.compile(self.eager[stage], dynamic=False) if compiled else self.eager[stage]
+        return torch.compile(self.eager(stage), dynamic=False) if compiled else self.eager(stage)
 
     def call(self, stage: str, batch: int, module) -> Callable[[], object]:
         """A zero-argument forward of ``module`` for a batch of images."""
         make = lambda *shape: torch.randn(*shape, device=self.device, dtype=self.dtype)  # noqa: E731
         if stage == "unet":
-            latent, text = make(2 * batch, 4, self.latent, self.latent), make(2 * batch, 77, self.text_dim)
+            side = self.size // self.pipe.vae_scale_factor  # 64 for SD 1.5, 32 for the tiny VAE
+            text = make(2 * batch, 77, self.pipe.unet.config.cross_attention_dim)
+            latent = make(2 * batch, 4, side, side)
             return lambda: module(latent, 801, encoder_hidden_states=text)
         if stage == "vae":
-            latent = make(batch, 4, self.latent, self.latent)
+            side = self.size // self.pipe.vae_scale_factor
+            latent = make(batch, 4, side, side)
             return lambda: module(latent)
+        if stage in LABELERS:
+            images = np.random.default_rng(0).integers(0, 256, (batch, self.size, self.size, 3), dtype=np.uint8)
+            return lambda: module(images, [[VOC.lookup("dog"), VOC.lookup("cat")]] * batch)
         images = [torch.rand(3, self.size, self.size, device=self.device, dtype=self.dtype) for _ in range(batch)]
         return lambda: module(images)
 
     @torch.inference_mode()
     def stage(self, stage: str, batch: int, compiled: bool, repeats: int, peak: float | None) -> Measurement:
-        tflop = count_tflop(self.call(stage, 1, self.eager[stage]))
+        tflop = count_tflop(self.call(stage, 1, self.eager(stage)))
         if stage == "unet":
             tflop /= 2  # the one-image call is a guided pair
         seconds = timed(self.call(stage, batch, self.module(stage, compiled)), self.device, repeats)
@@ -164,11 +249,12 @@ class Bench:
         run = lambda n: pipe(prompt=["a photograph of a dog and a sofa"] * n, num_inference_steps=steps,  # noqa: E731
                              guidance_scale=7.5, height=self.size, width=self.size, output_type="np")
         tflop = count_tflop(lambda: run(1))  # eager: FLOPs are counted on the modules, not compiled graphs
+        eager = pipe.unet, pipe.vae.decoder
         pipe.unet, pipe.vae.decoder = self.module("unet", compiled), self.module("vae", compiled)
         try:
             seconds = timed(lambda: run(batch), self.device, repeats)
         finally:
-            pipe.unet, pipe.vae.decoder = self.eager["unet"], self.eager["vae"]
+            pipe.unet, pipe.vae.decoder = eager
         per_s = batch / seconds
         predicted = 1 / (2 * steps / unet_rate + 1 / vae_rate) if unet_rate and vae_rate else None
         return Measurement("generate", batch, compiled, seconds, per_s, tflop, tflop * per_s,
@@ -181,8 +267,11 @@ def best_rates(measurements: list[Measurement], device_name: str, dtype: torch.d
         rates = [m.images_per_s for m in measurements if m.stage == stage]
         return max(rates) if rates else None
 
+    # open_vocabulary's route is a matter of its saved models, not of the recipe: the slower route measured
+    open_vocabulary = [best(stage) for stage in LABELERS if best(stage) is not None]
     rates = {"unet_forwards_per_s": best("unet"), "vae_images_per_s": best("vae"),
-             "label_images_per_s": best("maskrcnn")}
+             "label_images_per_s": best("maskrcnn"),
+             "open_vocabulary_images_per_s": min(open_vocabulary) if open_vocabulary else None}
     return {"source": f"bench/gpu.py on {device_name}, {str(dtype).removeprefix('torch.')}",
             "image_size": image_size, **{key: value for key, value in rates.items() if value is not None}}
 
@@ -257,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(device, args.peak_tflops)
     bench = Bench(args.small, device, dtype)
     plan = [(stage, batch, compiled) for stage in args.stages for compiled in compile_modes
-            for batch in args.batch_sizes]
+            for batch in args.batch_sizes if not (compiled and stage in LABELERS)]
     measurements: list[Measurement] = []
     for stage, batch, compiled in tqdm(plan, desc="bench/gpu", file=sys.stderr):
         if stage != "generate":

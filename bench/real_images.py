@@ -55,17 +55,25 @@ ROUTES = ("inversion", "noised")
 MODULES = {"real": ("real",), "sim": ("sim",), "sim+real": ("sim", "real")}  # name -> its triplet sets
 
 
-def annotation_scores(dataset: str, root: Path, split: str = "val") -> dict:
+def annotation_scores(dataset: str, root: Path, split: str = "val", min_iou: float = 0.0,
+                      unsure: str = "background") -> dict:
     """mIoU (percent) of a dataset's label maps of the benchmark's `split` images against their exact
     label maps, over split 1's seen and unseen classes. A pixel the annotation left unsure (255)
-    counts as background; a class predicted on background pixels counts against that class."""
+    counts as background (``unsure="excluded"``: is not scored); a class predicted on background
+    pixels counts against that class.
+    ``min_iou``: only the rows whose every class agreed at least this much with the second labeler
+    (the recipe's ``agreement``: what its ``action: drop`` keeps)."""
     reader = real_dataset("voc", root, split, SHAPES.name)
     position = {image_id: k for k, image_id in enumerate(reader.ids)}
-    rows = DatasetSource.open(dataset).read(["source_image", "label"]).to_pylist()
+    source = DatasetSource.open(dataset)
+    rows = source.read(["source_image", "label", *(["agreement"] if min_iou else [])]).to_pylist()
+    rows = [row for row in rows if not min_iou or min(row["agreement"]) >= min_iou]
     confusion = ConfusionMatrix(len(SHAPES) + 1)
     for row in rows:
         predicted = decode_label(row["label"])
         truth = reader[position[row["source_image"]]].label
+        if unsure == "excluded":
+            truth = np.where(predicted == IGNORE, IGNORE, truth)
         confusion.update(np.where(predicted == IGNORE, 0, predicted), truth)
     iou = 100 * confusion.iou_per_class()
 
@@ -77,10 +85,12 @@ def annotation_scores(dataset: str, root: Path, split: str = "val") -> dict:
             "harmonic": 2 * seen * unseen / (seen + unseen) if seen + unseen else 0.0}
 
 
-def annotate(out: Path, root: Path, checkpoint: str, route: str, num_samples: int | None = None):
+def annotate(out: Path, root: Path, checkpoint: str, route: str, num_samples: int | None = None,
+             overrides: dict | None = None):
     """The val images annotated by `checkpoint` by `route` (the recipe of jobs/annotate_images.py)."""
     recipe = load_recipe("shapes-annotate", {"out": str(out), "source.images": str(root), "source.route": route,
-                                             "annotator.checkpoint": checkpoint, "num_samples": num_samples})
+                                             "annotator.checkpoint": checkpoint, "num_samples": num_samples,
+                                             **(overrides or {})})
     return run_build(prepare_build(recipe), in_process=True)
 
 

@@ -85,7 +85,7 @@ def oracle_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabel
             ids.append(info.index)
             scores.append(score)
     detections = Detections(np.array(ids, np.int64), np.array(scores, np.float32), np.stack(masks))
-    return label_detections(detections, infos, LabelerConfig(score_threshold=0.5, ignore_threshold=0.2))
+    return label_detections(detections, infos, LabelerConfig(score_threshold=0.5, ignore_threshold=0.2), (size, size))
 
 
 def annotator_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabels:

@@ -73,8 +73,8 @@ class ProtocolIAccumulator:
     (Ray workers each fill one, the driver merges); `result` gives the mIoU table.
     """
 
-    def __init__(self, vocabulary: Vocabulary | str, splits: Sequence[int] = (1, 2, 3)):
-        self.vocabulary = get_vocabulary(vocabulary) if isinstance(vocabulary, str) else vocabulary
+    def __init__(self, vocabulary: Vocabulary | str | dict, splits: Sequence[int] = (1, 2, 3)):
+        self.vocabulary = vocabulary if isinstance(vocabulary, Vocabulary) else get_vocabulary(vocabulary)
         self.splits = tuple(splits)
         if not self.splits or len(set(self.splits)) != len(self.splits):
             raise ValueError(f"splits must be distinct and at least one, got {list(splits)}")
@@ -133,7 +133,7 @@ class ProtocolIAccumulator:
 
     def to_dict(self) -> dict:
         """JSON-ready counts (how Ray workers hand their accumulator to the driver)."""
-        return {"vocabulary": self.vocabulary.name, "splits": list(self.splits),
+        return {"vocabulary": self.vocabulary.spec(), "splits": list(self.splits),
                 "groups": {str(k): {g: {"samples": self.samples[k, g], "pixels": dict(self.pixels[k, g])}
                                     for g in GROUPS} for k in self.splits}}
 
@@ -298,7 +298,7 @@ class EvalPlan:
     checkpoints: dict[int, str]  # split -> checkpoint URI, splits in order
     data: str
     out: str | None
-    vocabulary: str
+    vocabulary: str | dict  # Vocabulary.spec()
     daam_threshold: float | None  # None: the dataset has no heat maps, DAAM is skipped
     batches: list[list[int]]  # row positions of each module call, fixed here
     num_workers: int | None
@@ -392,7 +392,7 @@ def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
               "splits": list(checkpoints), "thresholds": thresholds,
               "scored": "classes the oracle found with a non-empty mask, on pixels the label map does not mark 255",
               "notes": notes}
-    return EvalPlan(checkpoints, data, out, vocabulary.name, daam_threshold, batches, args.num_workers, report)
+    return EvalPlan(checkpoints, data, out, vocabulary.spec(), daam_threshold, batches, args.num_workers, report)
 
 
 def run_evaluation(plan: EvalPlan) -> dict:

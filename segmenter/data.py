@@ -132,7 +132,7 @@ def synthetic_dataset(source: DatasetSource, *, crop_size: int, crop_scale: tupl
                           fn_kwargs={"crop_size": crop_size, "crop_scale": crop_scale, "ignore": ignore})
 
 
-def real_training_dataset(format: str, root: str, split: str, vocabulary: str, size: int, *, crop_size: int,
+def real_training_dataset(format: str, root: str, split: str, vocabulary: str | dict, size: int, *, crop_size: int,
                           crop_scale: tuple[float, float], ignore: list[int], readers: int) -> ray.data.Dataset:
     """Training rows of a real dataset of `size` samples, read by up to `readers` actors.
 

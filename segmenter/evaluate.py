@@ -38,7 +38,7 @@ from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
 from factory.core.errors import EvalError
 from factory.core.storage import absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
-from factory.core.vocab import Vocabulary
+from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.codec import COLORS
 from factory.dataset.real import DEFAULT_SPLITS, real_dataset
 from segmenter.data import normalize
@@ -85,7 +85,7 @@ class ZS3Stage:
     classes added to a text head at test time to their text embeddings.
     """
 
-    def __init__(self, checkpoint: str, format: str, root: str, split: str, vocabulary: str, size: int,
+    def __init__(self, checkpoint: str, format: str, root: str, split: str, vocabulary: str | dict, size: int,
                  panels: dict[int, str], panel_folder: str | None, added: dict[int, list[float]]):
         self.device = pick_device()
         model, _ = load_segmenter_checkpoint(checkpoint)
@@ -127,9 +127,9 @@ class ZS3EvalOptions(BaseModel):
     checkpoint: str = Field(description="segmenter checkpoint folder (local or s3://)")
     format: Literal["voc", "coco"] = Field(description="real dataset format")
     root: str = Field(description="real dataset folder (local, readable on every node)")
-    vocabulary: Literal["voc", "coco", "shapes"] | None = Field(
-        None, description="the classes of the label indices (null: the format's own; shapes: the mini world's "
-        "drawn benchmark, VOC layout)")
+    vocabulary: str | None = Field(
+        None, description="the classes of the label indices: voc, coco, shapes (the mini world's drawn benchmark) "
+        "or a vocabulary file (.yaml/.tsv); null: coco for coco, the checkpoint's for VOC's layout")
     split_set: str | None = Field(None, description="image list: VOC ImageSets/Segmentation name or COCO image "
                                   f"folder (null: voc {DEFAULT_SPLITS['voc']}, coco {DEFAULT_SPLITS['coco']})")
     splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
@@ -203,7 +203,8 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
     split_set = args.split_set or DEFAULT_SPLITS[args.format]
     metadata = read_segmenter_metadata(checkpoint)  # first: a wrong path is the likeliest mistake
     try:
-        dataset = real_dataset(args.format, root, split_set, args.vocabulary)
+        trained = get_vocabulary(metadata["vocabulary"]).spec() if args.format == "voc" else None
+        dataset = real_dataset(args.format, root, split_set, args.vocabulary or trained)
     except (OSError, ValueError) as exc:
         raise EvalError(f"cannot read the {args.format} dataset: {first_line(exc)}") from None
     vocabulary = dataset.vocabulary
@@ -279,7 +280,7 @@ def run_evaluation(plan: EvalPlan) -> dict:
     panel_folder = split_file_uri(plan.out)[0] if plan.panels else None
     start = time.perf_counter()
     pool = map_positions(ZS3Stage, {"checkpoint": plan.checkpoint, "format": plan.format, "root": plan.root,
-                                    "split": plan.split_set, "vocabulary": plan.vocabulary.name, "size": plan.size,
+                                    "split": plan.split_set, "vocabulary": plan.vocabulary.spec(), "size": plan.size,
                                     "panels": plan.panels, "panel_folder": panel_folder, "added": plan.added}, plan.batches,
                          plan.num_workers)
     confusion, images, busy = ConfusionMatrix(plan.num_labels), 0, 0.0

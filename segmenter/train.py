@@ -88,9 +88,9 @@ class RealSection(BaseModel):
                       "readable on every node")
     split: str = Field(description="voc: train (ImageSets/Segmentation/train.txt); voc_aug: train_aug; "
                        "coco: train2017")
-    vocabulary: Literal["voc", "coco", "shapes"] | None = Field(
-        None, description="the classes of the label indices (null: the format's own, voc or coco; shapes: the "
-        "mini world's drawn benchmark in VOC's layout)")
+    vocabulary: str | None = Field(
+        None, description="the classes of the label indices: voc, coco, shapes (the mini world's drawn benchmark in "
+        "VOC's layout) or a vocabulary file (.yaml/.tsv) for your own classes in VOC's layout (null: the format's own)")
 
 
 class ModelSection(BaseModel):
@@ -188,12 +188,6 @@ class SegmenterTrainConfig(BaseModel):
 _RUN_IDENTITY = ("data", "real", "real_fraction", "init", "model", "setting", "split")
 
 
-def vocabulary_json(vocabulary: Vocabulary) -> dict:
-    """As a dataset manifest's "vocabulary"."""
-    return {"name": vocabulary.name,
-            "classes": [{"index": c.index, "name": c.name, "natural": c.natural} for c in vocabulary.classes]}
-
-
 @dataclass
 class TrainingPlan:
     """What every worker needs, decided once by the driver."""
@@ -219,7 +213,7 @@ class TrainingPlan:
         seen = None if self.split is None else list(self.vocabulary.seen(self.split))
         return {"config": self.config.model_dump(mode="json"), "model": self.model.model_dump(mode="json"),
                 "resume": self.resume, "class_embeddings": self.class_embeddings, "metadata": {
-                    "vocabulary": vocabulary_json(self.vocabulary), "setting": self.config.setting,
+                    "vocabulary": self.vocabulary.definition(), "setting": self.config.setting,
                     "zero_shot": self.config.setting != "supervised", "split": self.split, "seen": seen,
                     "unseen": self.unseen, "data_labels": self.data_labels}}
 
@@ -402,7 +396,7 @@ def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
         datasets["synthetic"] = synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore)
     if config.real:
         datasets["real"] = real_training_dataset(config.real.format, config.real.root, config.real.split,
-                                                 plan.vocabulary.name, plan.real_rows, **crop,
+                                                 plan.vocabulary.spec(), plan.real_rows, **crop,
                                                  ignore=plan.unseen_indices(), readers=config.readers)
     return datasets
 
@@ -510,7 +504,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     last = open_location(config.out).url("last")
-    vocabulary = get_vocabulary(worker_config["metadata"]["vocabulary"]["name"])
+    vocabulary = get_vocabulary(worker_config["metadata"]["vocabulary"])
     start, log = 0, []
     if worker_config["resume"]:
         model, saved = load_segmenter_checkpoint(last)

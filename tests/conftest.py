@@ -109,7 +109,11 @@ def random_image(rng: np.random.Generator, height: int, width: int) -> np.ndarra
 @pytest.fixture(scope="session")
 def voc_eval_root(tmp_path_factory) -> Path:
     """Five VOC images of different sizes: boxes of classes in 255 borders on background."""
-    root = tmp_path_factory.mktemp("voc") / "VOCdevkit" / "VOC2012"
+    return write_voc_root(tmp_path_factory.mktemp("voc") / "VOCdevkit" / "VOC2012", classes=20)
+
+
+def write_voc_root(root: Path, classes: int) -> Path:
+    """Five images in VOC's layout, each with boxes of two of the label indices 1..classes."""
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / sub).mkdir(parents=True)
     rng = np.random.default_rng(0)
@@ -117,7 +121,7 @@ def voc_eval_root(tmp_path_factory) -> Path:
     for n, (height, width) in enumerate([(40, 56), (56, 40), (36, 36), (44, 64), (30, 50)]):
         image_id = f"2007_{n:06d}"
         label = np.zeros((height, width), np.uint8)
-        for index in rng.choice(np.arange(1, 21), size=2, replace=False):
+        for index in rng.choice(np.arange(1, classes + 1), size=2, replace=False):
             top, left = int(rng.integers(0, height - 12)), int(rng.integers(0, width - 12))
             label[top:top + 12, left:left + 12] = 255
             label[top + 2:top + 10, left + 2:left + 10] = index

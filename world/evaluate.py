@@ -41,7 +41,8 @@ def oracle_quality(detector: Detector, items: list[tuple[tuple[str, ...], int]],
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         drawn = [draw(classes, seed, "benchmark") for classes, seed in chunk]
-        for (classes, _), (_, masks), found in zip(chunk, drawn, detector(np.stack([d[0] for d in drawn]))):
+        asked = [[SHAPES.lookup(name) for name in classes] for classes, _ in chunk]
+        for (classes, _), (_, masks), found in zip(chunk, drawn, detector(np.stack([d[0] for d in drawn]), asked)):
             keep = found.scores >= score_threshold
             indices = {SHAPES.lookup(name).index for name in classes}
             false += bool(set(found.classes[keep].tolist()) - indices)
@@ -87,7 +88,7 @@ def generator_quality(pipe: StableDiffusionPipeline, detector: Detector, count: 
         chunk = classes[start:start + batch]
         images = generate(pipe, [prompt_of(c) for c in chunk], [seed + start + k for k in range(len(chunk))],
                           steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE)
-        for prompted, found in zip(chunk, detector(images)):
+        for prompted, found in zip(chunk, detector(images, [[SHAPES.lookup(name) for name in c] for c in chunk])):
             seen = {SHAPES.by_index(int(i)).name for i in found.classes[found.scores >= score_threshold] if i}
             hits.append(set(prompted) <= seen)
             unprompted += bool(seen - set(prompted))

@@ -163,7 +163,7 @@ def preview(detector: Detector, path: Path, n: int = 10) -> None:
     items = benchmark_draws(n, split="val")
     images = np.stack([draw(classes, seed, "benchmark")[0] for classes, seed in items])
     shown, captions = [], []
-    for image, found in zip(images, detector(images)):
+    for image, found in zip(images, detector(images, [[SHAPES.lookup(name) for name in c] for c, _ in items])):
         keep = found.scores >= 0.5
         overlay = image.astype(np.float32)
         for mask in found.masks[keep]:

@@ -1,5 +1,5 @@
-"""The build: a recipe, its plan, the model stages (generate, label or annotate, quality), the
-Ray Data pipeline that streams them into a dataset, and its cost."""
+"""The build: a recipe, its plan, the model stages (generate, label or annotate, a second
+labeler's agreement, quality), the Ray Data pipeline that streams them into a dataset, and its cost."""
 
 from factory.core.exports import lazy_exports
 

@@ -5,9 +5,10 @@ loads or runs. `jobs/build_dataset.py --estimate` prints it before any work star
 
 Rates are per GPU at ``image_size`` (square), in the units `bench/gpu.py --out` writes:
 single-image U-Net evaluations per second (a guided denoising step costs two), VAE
-decodes per second, Mask R-CNN images per second. Other resolutions scale by pixel
-count (convolutions are linear in pixels; attention grows faster, so large images
-come out optimistic).
+decodes per second, Mask R-CNN images per second, open-vocabulary labeler images per second.
+Other resolutions scale by pixel count (convolutions are linear in pixels; attention grows
+faster, so large images come out optimistic), except the open-vocabulary labeler's: its
+models resize every image to their own input size.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ class Rates(BaseModel):
     unet_forwards_per_s: float = Field(..., gt=0)
     vae_images_per_s: float = Field(..., gt=0)
     label_images_per_s: float = Field(..., gt=0)
+    # labeler.model open_vocabulary; unset (rates files from before it): Mask R-CNN's rate at the same FLOP/s
+    open_vocabulary_images_per_s: float | None = Field(None, gt=0)
+
+    def labeler_images_per_s(self, model: str) -> float:
+        """The rate of the recipe's labeler (``labeler.model``)."""
+        if model != "open_vocabulary":
+            return self.label_images_per_s
+        if self.open_vocabulary_images_per_s is not None:
+            return self.open_vocabulary_images_per_s
+        return self.label_images_per_s * MASKRCNN_BENCH_TFLOP / OPEN_VOCABULARY_TFLOP
 
 
 # Public figures (docs/performance.md, "Public anchors"), not measured here: A100, batch 16, torch.compile, about
@@ -37,9 +48,17 @@ class Rates(BaseModel):
 # decode). The stages are assumed to reach the same FLOP/s (Mask R-CNN v2: 0.33 TFLOP an
 # image; it is under 1% of the cost either way). Measure your own with bench/gpu.py --out.
 _A100_TFLOPS = 1.3 * (100 * 0.84 + 2.5)
+# The open-vocabulary labeler, counted by bench/gpu.py (FlopCounterMode, docs/performance.md) at real sizes, an
+# image asked for two classes: SAM 3, or OWLv2 B/16 + SAM ViT-H on 4 boxes. Which route a recipe takes is a
+# matter of its saved models, so the estimate takes the costlier one.
+SAM3_TFLOP = 6.49
+OWLV2_SAM_TFLOP = 7.09
+OPEN_VOCABULARY_TFLOP = max(SAM3_TFLOP, OWLV2_SAM_TFLOP)
+MASKRCNN_BENCH_TFLOP = 0.667  # Mask R-CNN v2 as bench/gpu.py runs it (100 detections), for measured rates
 DEFAULT_RATES = Rates(source="public A100 figures (docs/performance.md): 1.3 images/s at DDIM-50, batch 16, "
                       "torch.compile", image_size=512, unet_forwards_per_s=_A100_TFLOPS / 0.84,
-                      vae_images_per_s=_A100_TFLOPS / 2.5, label_images_per_s=_A100_TFLOPS / 0.33)
+                      vae_images_per_s=_A100_TFLOPS / 2.5, label_images_per_s=_A100_TFLOPS / 0.33,
+                      open_vocabulary_images_per_s=_A100_TFLOPS / OPEN_VOCABULARY_TFLOP)
 
 # Bytes per sample at 512x512, measured by bench/storage.py (docs/performance.md): a
 # Parquet row (PNG image, palette PNG label, 1-bit PNG masks, zstd) of each product,
@@ -76,6 +95,13 @@ def _area(recipe: Recipe, size: int = 512) -> float:
 
 def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
     """GPU-seconds per sample of each model stage (all of them run in one actor on one GPU)."""
+    seconds = _making_seconds(recipe, rates)
+    if recipe.agreement.enabled:
+        seconds["agreement"] = _label_seconds(recipe.agreement.labeler.model, recipe, rates)
+    return seconds
+
+
+def _making_seconds(recipe: Recipe, rates: Rates) -> dict[str, float]:
     g = recipe.generator
     scale = _area(recipe, rates.image_size)
     if recipe.source.enabled:  # a real image: VAE encode, then the route's U-Net calls (guidance 1)
@@ -87,7 +113,12 @@ def seconds_per_sample(recipe: Recipe, rates: Rates) -> dict[str, float]:
     generate = scale * (evaluations / rates.unet_forwards_per_s + 1 / rates.vae_images_per_s)
     if recipe.annotator.enabled:
         return {"generate+annotate": generate}
-    return {"generate": generate, "label": scale / rates.label_images_per_s}
+    return {"generate": generate, "label": _label_seconds(recipe.labeler.model, recipe, rates)}
+
+
+def _label_seconds(model: str, recipe: Recipe, rates: Rates) -> float:
+    scale = 1 if model == "open_vocabulary" else _area(recipe, rates.image_size)  # its models take a fixed size
+    return scale / rates.labeler_images_per_s(model)
 
 
 def bytes_per_sample(recipe: Recipe) -> float:
@@ -144,6 +175,10 @@ def estimate(recipe: Recipe, samples: int, rates: Rates, gpus: int, usd_per_gpu_
         notes.append(f"pool.max_size is {usable}: {gpus - usable} of the {gpus} GPUs would sit idle")
     if recipe.annotator.checkpoint:
         notes.append("the grounding module's forward pass is not counted (one small network per image)")
+    if recipe.labeler.model == "open_vocabulary" and not recipe.annotator.enabled and not recipe.source.enabled:
+        notes.append(f"labeler open_vocabulary is counted as its costlier route ({OPEN_VOCABULARY_TFLOP:.2g} "
+                     f"TFLOP an image asked for two classes; SAM 3 {SAM3_TFLOP:.2g}, OWLv2 + SAM ViT-H "
+                     f"{OWLV2_SAM_TFLOP:.2g})")
     if recipe.quality.model:
         notes.append("the CLIP quality stage is not counted")
     if recipe.capture.attention:
@@ -168,11 +203,11 @@ def _size(n: float) -> str:
 
 
 def format_estimate(e: Estimate, recipe: Recipe) -> str:
-    g = recipe.generator
+    g, labeler_rate = recipe.generator, e.rates.labeler_images_per_s(recipe.labeler.model)
     lines = [f"Estimate for {e.recipe}: {e.samples:,} samples, {g.width}x{g.height}, {g.steps} steps, "
              f"guidance {g.guidance_scale}, on {e.gpus} GPU(s)",
              f"  rates     {e.rates.source}: U-Net {e.rates.unet_forwards_per_s:.4g}/s, "
-             f"VAE {e.rates.vae_images_per_s:.4g}/s, labeler {e.rates.label_images_per_s:.4g}/s "
+             f"VAE {e.rates.vae_images_per_s:.4g}/s, labeler {labeler_rate:.4g}/s "
              f"(per GPU at {e.rates.image_size}x{e.rates.image_size})"]
     for stage, hours in e.gpu_hours.items():
         lines.append(f"  {stage:<18}{e.seconds_per_sample[stage]:9.3f} GPU-s per sample {hours:10.2f} GPU-hours")

@@ -1,10 +1,11 @@
 """The oracle detector: a COCO-pretrained Mask R-CNN behind a small interface.
 
-Any detector fits the factory if it turns a batch of uint8 images into ``Detections``
-labelled by the vocabulary's class indices; it translates its own label space (COCO
-category ids here) at this boundary, so the labelling rules never see it. Adding one (a
-detector of another world, an open-vocabulary model) means one module like this and a
-branch in ``load_detector``.
+Any detector fits the factory if it turns a batch of uint8 images, and the classes each image
+is asked for, into ``Detections`` labelled by the vocabulary's class indices; it translates its
+own label space (COCO category ids here) at this boundary, so the labelling rules never see
+it. Adding one (a detector of another world) means one module like this and a branch in
+``load_detector``; the open-vocabulary one (SAM 3, or a text-prompted detector and SAM) is
+factory/build/openvocab.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from factory.build.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
-from factory.core.vocab import Vocabulary
+from factory.core.vocab import ClassInfo, Vocabulary
 
 COCO_LABELS = 91  # torchvision's COCO heads: background + category ids 1..90 (with gaps)
 
@@ -45,7 +46,9 @@ class Detections:
 
 
 class Detector(Protocol):
-    def __call__(self, images: np.ndarray) -> list[Detections]: ...
+    def __call__(self, images: np.ndarray, classes: list[list[ClassInfo]]) -> list[Detections]:
+        """``images`` (N, H, W, 3) uint8; ``classes[i]``: what image i is asked for (its prompt's
+        classes). A closed-set detector may ignore them and report every class it knows."""
 
 
 def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
@@ -122,6 +125,13 @@ def label_count(vocabulary: Vocabulary) -> int:
     return 1 + max(info.coco_id for info in vocabulary.classes)
 
 
+def candidate_threshold(config: LabelerConfig) -> float:
+    """The lowest score any labelling rule looks at: a detector keeps candidates down to it; label.py decides."""
+    if config.ignore_threshold is None:  # 0.0 is a threshold, not 'unset'
+        return config.score_threshold
+    return min(config.score_threshold, config.ignore_threshold)
+
+
 def build_maskrcnn(config: LabelerConfig, image_size: int, num_labels: int = COCO_LABELS) -> MaskRCNN:
     if config.model == TINY:
         with torch.random.fork_rng(devices=[]):  # the same random weights on every actor
@@ -135,10 +145,7 @@ def build_maskrcnn(config: LabelerConfig, image_size: int, num_labels: int = COC
         model = factory(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
     if config.weights:
         load_weights(model, config.weights, config.model)
-    # Keep candidates down to the lowest threshold any rule looks at; label.py decides.
-    low = config.score_threshold if config.ignore_threshold is None else min(
-        config.score_threshold, config.ignore_threshold)  # 0.0 is a threshold, not 'unset'
-    model.roi_heads.score_thresh = low
+    model.roi_heads.score_thresh = candidate_threshold(config)
     model.roi_heads.nms_thresh = config.nms_threshold
     return model.eval()
 
@@ -152,7 +159,8 @@ class MaskRCNNDetector:
         self.classes = coco_to_vocabulary(vocabulary)
 
     @torch.inference_mode()
-    def __call__(self, images: np.ndarray) -> list[Detections]:
+    def __call__(self, images: np.ndarray, classes: list[list[ClassInfo]] | None = None) -> list[Detections]:
+        """Every class it knows in every image (``classes`` is not needed: a closed set)."""
         tensors = [torch.from_numpy(image).to(self.device).permute(2, 0, 1).float() / 255.0 for image in images]
         outputs = self.model(tensors)
         return [Detections(classes=self.classes[out["labels"].cpu().numpy()],
@@ -162,4 +170,8 @@ class MaskRCNNDetector:
 
 
 def load_detector(config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device) -> Detector:
+    if config.model == "open_vocabulary":
+        from factory.build.openvocab import load_open_vocabulary  # transformers' models load only here
+
+        return load_open_vocabulary(config, device)
     return MaskRCNNDetector(config, vocabulary, image_size, device)

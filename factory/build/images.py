@@ -104,14 +104,14 @@ def open_images(recipe: Recipe, selected: list[str], vocabulary: Vocabulary) -> 
             return ImageListing(_folder_images(c, selected, vocabulary))
         if c.format == "dataset":
             source = DatasetSource.open(c.images)
-            if source.vocabulary.name != vocabulary.name:
+            if source.vocabulary != vocabulary:
                 raise RecipeError(f"{c.images} is a {source.vocabulary.name} dataset; the recipe's vocabulary "
                                   f"is {vocabulary.name}")
             table = source.read(["sample_id", "classes"])
             named = zip(table.column("sample_id").to_pylist(), table.column("classes").to_pylist())
             shown = {ref: [vocabulary.lookup(name).index for name in names] for ref, names in named}
         else:
-            reader = real_dataset(c.format, c.images, c.split, vocabulary.name)
+            reader = real_dataset(c.format, c.images, c.split, vocabulary.spec())
             with ThreadPoolExecutor(16) as pool:
                 shown = dict(zip(reader.ids, pool.map(reader.present, range(len(reader)))))
     except RecipeError:

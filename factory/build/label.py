@@ -86,24 +86,26 @@ class LabelStage:
     def __init__(self, config: LabelerConfig, vocabulary: str, image_size: int, load_attempts: int = 3):
         self.config = config
         self.vocabulary = get_vocabulary(vocabulary)
-        self.detector = load_with_retries(f"labeler {config.model}" + (f" weights {config.weights}" if config.weights else ""),
+        models = "".join(f" {field} {value}" for field, value in (("weights", config.weights), ("sam", config.sam))
+                         if value)
+        self.detector = load_with_retries(f"labeler {config.model}{models}",
                                           lambda: load_detector(config, self.vocabulary, image_size, pick_device()),
                                           load_attempts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        labels = [self.label(image, names, detections)
-                  for image, names, detections in zip(batch["image"], batch["classes"], self.detector(batch["image"]))]
+        classes = [[self.vocabulary.lookup(name) for name in names] for names in batch["classes"]]
+        labels = [oracle_labels(detections, image_classes, self.config, image.shape[:2])
+                  for image, image_classes, detections in zip(batch["image"], classes,
+                                                              self.detector(batch["image"], classes))]
         return attach_labels(batch, labels, start)
 
-    def label(self, image: np.ndarray, names: list[str], detections: Detections) -> SampleLabels:
-        if not len(detections.masks):  # nothing detected: empty masks of the image's size
-            detections.masks = np.zeros((0, *image.shape[:2]), np.float32)
-        return oracle_labels(detections, [self.vocabulary.lookup(name) for name in names], self.config)
 
-
-def oracle_labels(detections: Detections, classes: list[ClassInfo], config: LabelerConfig) -> SampleLabels:
+def oracle_labels(detections: Detections, classes: list[ClassInfo], config: LabelerConfig,
+                  image_size: tuple[int, int]) -> SampleLabels:
     """One image's labels under the recipe's rules (module docstring)."""
+    if not len(detections.masks):  # nothing detected: empty masks of the image's size
+        detections.masks = np.zeros((0, *image_size), np.float32)
     labels, owner, ignore = label_classes(detections, classes, score_threshold=config.score_threshold,
                                           mask_threshold=config.mask_threshold,
                                           ignore_threshold=config.ignore_threshold)

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, plan_batch, plan_digest
-from factory.build.recipe import TORCHVISION_WEIGHTS, Recipe
+from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig, Recipe
 from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
 from factory.core.errors import FactoryError
@@ -118,8 +118,10 @@ def prepare_build(recipe: Recipe) -> Prepared:
         check_model_source(recipe.quality.model, "config.json")
     if recipe.annotator.checkpoint:
         notes += _check_annotator(recipe)
-    elif recipe.labeler.weights not in (None, TORCHVISION_WEIGHTS):
-        check_model_source(recipe.labeler.weights)
+    elif not recipe.source.enabled:
+        _check_labeler(recipe.labeler)
+    if recipe.agreement.enabled:
+        _check_labeler(recipe.agreement.labeler)
     build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
     try:
         if location.exists(BUILD_FILE):
@@ -213,7 +215,7 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
     """The recipe's model stages, in order: generate then label, generate-and-annotate, or read real
     images and label them; quality."""
     gen = recipe.generator.model_copy(update={"model": absolute_model_source(recipe.generator.model)})
-    lab = recipe.labeler.model_copy(update={"weights": absolute_model_source(recipe.labeler.weights)})
+    lab = _absolute_labeler(recipe.labeler)
     annotator = recipe.annotator.model_copy(update={"checkpoint": absolute_model_source(recipe.annotator.checkpoint)})
     attempts = recipe.pool.load_attempts
     if recipe.source.enabled:  # real images: read, into the U-Net, labelled by their masks or the module
@@ -239,6 +241,14 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
                             {"config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width),
                              "load_attempts": attempts}, lab.batch_size,
                             reads=("image", "classes"), adds=_LABELS)]
+    if recipe.agreement.enabled:
+        check = recipe.agreement.model_copy(update={"labeler": _absolute_labeler(recipe.agreement.labeler)})
+        stages.append(StageSpec("factory.build.agreement:AgreementStage",
+                                {"config": check, "vocabulary": recipe.vocabulary,
+                                 "image_size": min(gen.height, gen.width), "load_attempts": attempts},
+                                check.labeler.batch_size,
+                                reads=("image", "classes", "class_bits", "label", "drop_reason"),
+                                adds=("agreement", "label", "drop_reason", "label_seconds")))
     if recipe.quality.model:
         stages.append(StageSpec("factory.build.quality:QualityStage",
                                 {"model": absolute_model_source(recipe.quality.model), "load_attempts": attempts},
@@ -252,7 +262,24 @@ def model_ids(recipe: Recipe) -> dict[str, str]:
     generator = recipe.generator.model
     if recipe.source.enabled:  # the image is the source's; the generator's U-Net made the features
         generator = f"{recipe.source.format}:{recipe.source.images} ({recipe.source.route} by {generator})"
-    return {"generator": generator, "labeler": _labeler_id(recipe)}
+    ids = {"generator": generator, "labeler": _labeler_id(recipe)}
+    if recipe.agreement.enabled:
+        ids["agreement"] = _detector_id(recipe.agreement.labeler)
+    return ids
+
+
+def _check_labeler(lab: LabelerConfig) -> None:
+    """Its model files exist, when named by path (one-line StorageError otherwise)."""
+    saved = "config.json" if lab.model == "open_vocabulary" else None  # a save_pretrained folder
+    if lab.weights not in (None, TORCHVISION_WEIGHTS):
+        check_model_source(lab.weights, saved)
+    if lab.sam:
+        check_model_source(lab.sam, "config.json")
+
+
+def _absolute_labeler(lab: LabelerConfig) -> LabelerConfig:
+    """The labeler's model files as every node finds them."""
+    return lab.model_copy(update={"weights": absolute_model_source(lab.weights), "sam": absolute_model_source(lab.sam)})
 
 
 def resolve_stage(stage: type | str) -> type:
@@ -295,9 +322,10 @@ def _in_batches(stage, batch: dict[str, np.ndarray], size: int) -> dict[str, np.
 
 
 def _encode_options(recipe: Recipe, models: dict[str, str] | None) -> dict:
-    vocabulary, writer = get_vocabulary(recipe.vocabulary), recipe.writer
+    vocabulary, writer, ids = get_vocabulary(recipe.vocabulary), recipe.writer, models or model_ids(recipe)
     return {"image_format": writer.image_format, "jpeg_quality": writer.jpeg_quality,
-            "class_indices": {c.name: c.index for c in vocabulary.classes}, **(models or model_ids(recipe))}
+            "class_indices": {c.name: c.index for c in vocabulary.classes}, "generator": ids["generator"],
+            "labeler": ids["labeler"]}  # the row's columns; the agreement labeler is the manifest's
 
 
 def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
@@ -357,8 +385,11 @@ def _labeler_id(recipe: Recipe) -> str:
         return "daam"
     if recipe.annotator.checkpoint:
         return f"grounding:{recipe.annotator.checkpoint}"
-    lab = recipe.labeler
-    return lab.model if not lab.weights else f"{lab.model}:{lab.weights}"
+    return _detector_id(recipe.labeler)
+
+
+def _detector_id(lab: LabelerConfig) -> str:
+    return ":".join([lab.model, *filter(None, (lab.weights, lab.sam))])
 
 
 def _versions() -> dict[str, str]:
@@ -437,10 +468,7 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         "recipe": recipe.model_dump(mode="json"),
         "content_key": recipe.content_key(),
         "plan": {"samples": len(plan), "digest": plan_digest(plan)},
-        "vocabulary": {"name": vocabulary.name,
-                       "classes": [{"index": c.index, "name": c.name, "natural": c.natural}
-                                   for c in vocabulary.classes],
-                       "background": BACKGROUND, "ignore": IGNORE},
+        "vocabulary": {**vocabulary.definition(), "background": BACKGROUND, "ignore": IGNORE},
         "models": models,
         "versions": _versions(),
         # planned: plan entries; attempted: samples made for them (replacements too); written: kept
@@ -450,8 +478,23 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         "per_class": attempt_counts(plan, recipe, made),
         "capture": _capture_info(recipe, commits),
         "labels": label_provenance(recipe, models["labeler"]),
+        **({"agreement": agreement_summary(recipe, commits, models["agreement"])} if recipe.agreement.enabled else {}),
         "files": files,
     }
+
+
+def agreement_summary(recipe: Recipe, commits: list[Commit], checker: str) -> dict:
+    """Per class, how the second labeler's masks agreed with the labels (IoU) over every sample
+    made, dropped ones too: the manifest's "agreement", which the card shows."""
+    ious: dict[str, list[float]] = {}
+    for commit in commits:
+        for name, values in commit.agreement.items():
+            ious.setdefault(name, []).extend(values)
+    c, vocabulary = recipe.agreement, get_vocabulary(recipe.vocabulary)
+    return {"labeler": checker, "min_iou": c.min_iou, "action": c.action, "classes": {
+        name: {"samples": len(values), "mean": float(np.mean(values)), "median": float(np.median(values)),
+               "below": int(np.sum(np.array(values) < c.min_iou))}
+        for name, values in sorted(ious.items(), key=lambda item: vocabulary.lookup(item[0]).index)}}
 
 
 def label_provenance(recipe: Recipe, labeler: str) -> dict:
@@ -460,8 +503,10 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
     every class it labels, and a real image's own masks annotate every class; the grounding
     annotator knows only its checkpoint's classes; DAAM, which reads the generator's attention
-    and trains nothing, none. Protocol-II reads this to refuse a "zero-shot" segmenter trained
-    on labels of its unseen classes.
+    and trains nothing, none. A second labeler that acts on the labels (``agreement.min_iou`` > 0)
+    chose which labels were kept with its knowledge of every class (a Mask R-CNN oracle, or an
+    open-vocabulary model trained on the web), so it counts as trained on all of them. Protocol-II
+    reads this to refuse a "zero-shot" segmenter trained on labels of its unseen classes.
     """
     names = get_vocabulary(recipe.vocabulary).names
     if recipe.annotator.checkpoint:
@@ -475,8 +520,12 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
         trained, kind, split = set(names), "masks", None
     else:
         trained, kind, split = set(names), "oracle", None
+    chosen_by = None
+    if recipe.agreement.enabled and recipe.agreement.min_iou > 0:
+        trained, split, chosen_by = set(names), None, _detector_id(recipe.agreement.labeler)
     return {"labeler": labeler, "kind": kind, "trained_split": split,
-            "trained": {name: name in trained for name in names}}
+            "trained": {name: name in trained for name in names},
+            **({"chosen_by": chosen_by} if chosen_by else {})}
 
 
 def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:

@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from factory.build.images import ImageListing, open_images
-from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError
+from factory.build.recipe import Recipe, RecipeError, find_file
 from factory.core.options import fill_template
 from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import first_line
@@ -76,40 +76,22 @@ class Prompt:
     words: tuple[str, ...]
 
 
-def selected_classes(recipe: Recipe, vocabulary: Vocabulary) -> list[str]:
-    """Canonical names of the recipe's classes, in vocabulary order."""
-    if recipe.classes == "all":
-        return list(vocabulary.names)
-    if recipe.classes == "seen":
-        return list(vocabulary.seen(recipe.split))
-    if recipe.classes == "unseen":
-        return list(vocabulary.unseen(recipe.split))
-    chosen = {vocabulary.lookup(name).name for name in recipe.classes}
-    return [name for name in vocabulary.names if name in chosen]
-
-
-def find_file(path: str, kind: str) -> Path:
-    """A file named in a recipe: as given, or relative to the recipe folder."""
-    for candidate in (Path(path), RECIPE_DIR / path):
-        if candidate.is_file():
-            return candidate
-    hint = " (derive it with jobs/derive_pairs.py from real annotations)" if kind == "pairs" else ""
-    raise RecipeError(f"{kind} file not found: {path}{hint}")
-
-
 def selected_pairs(recipe: Recipe, vocabulary: Vocabulary, classes: list[str]) -> list[tuple[str, str]]:
     if recipe.per_pair == 0:
         return []
     if recipe.pairs == "all":
         return all_pairs(classes, vocabulary)
-    try:
-        pairs = load_pairs(find_file(recipe.pairs, "pairs"), vocabulary)
-    except (ValueError, OSError) as exc:
-        raise RecipeError(str(exc)) from None
+    if recipe.pairs == "vocabulary":
+        pairs, where = list(vocabulary.pairs), f"vocabulary {vocabulary.name}"
+    else:
+        try:
+            pairs, where = load_pairs(find_file(recipe.pairs, "pairs"), vocabulary), f"pairs file {recipe.pairs}"
+        except (ValueError, OSError) as exc:
+            raise RecipeError(str(exc)) from None
     inside = set(classes)
     pairs = [pair for pair in pairs if set(pair) <= inside]
     if not pairs:
-        raise RecipeError(f"pairs file {recipe.pairs} has no pair whose classes are both selected")
+        raise RecipeError(f"{where} has no pair whose classes are both selected")
     return pairs
 
 
@@ -152,7 +134,7 @@ def _sample_id(content_key: str, index: int, attempt: int = 0) -> str:
 
 def build_plan(recipe: Recipe) -> list[Sample]:
     vocabulary = get_vocabulary(recipe.vocabulary)
-    classes = selected_classes(recipe, vocabulary)
+    classes = recipe.selected_classes
     if recipe.source.enabled:
         return image_plan(recipe, open_images(recipe, classes, vocabulary))
     groups = [(name,) for name in classes for _ in range(recipe.per_class)]
@@ -162,6 +144,10 @@ def build_plan(recipe: Recipe) -> list[Sample]:
     if recipe.prompts.file:
         for prompt in load_prompt_file(find_file(recipe.prompts.file, "prompts"), vocabulary):
             hand_written.setdefault(frozenset(prompt.classes), []).append(prompt)
+    for name, templates in recipe.prompts.per_class.items():
+        info = vocabulary.lookup(name)
+        hand_written.setdefault(frozenset([info.name]), []).extend(
+            Prompt(template.format(info.natural), (info.name,), (info.natural,)) for template in templates)
 
     rng = np.random.default_rng(recipe.seed)
     order = rng.permutation(len(groups))

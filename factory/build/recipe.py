@@ -25,7 +25,14 @@ from factory.core.options import (
     overrides_from_args,
     resolve_config_path,
 )
-from factory.core.vocab import get_vocabulary
+from factory.core.storage import StorageError, first_line, is_s3, open_location, split_file_uri
+from factory.core.vocab import (
+    DEFINITION_SUFFIXES,
+    VOCABULARIES,
+    define_vocabulary,
+    get_vocabulary,
+    read_vocabulary_file,
+)
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "jobs" / "recipes"
 DEFAULT_RECIPE = "shapes"
@@ -67,11 +74,20 @@ class PromptConfig(_Section):
         None, min_length=1, description="file of 'complicated' prompts, class names in braces: "
         "'a photograph of a {bus} crossing a busy street'; used for one-class samples "
         "whose class it mentions, the template otherwise")
+    per_class: dict[str, list[str]] = Field(
+        {}, description="more templates per class, {} where its words go: {forklift: ['a {} in a warehouse "
+        "aisle', 'a {} lifting a pallet']}; a one-class sample picks among them and the file's prompts for the class, "
+        "instead of `one`")
 
     @model_validator(mode="after")
     def _placeholders(self) -> "PromptConfig":
         check_template("one", self.one, 1)
         check_template("two", self.two, 2)
+        for name, templates in self.per_class.items():
+            if not templates:
+                raise ValueError(f"per_class: {name} has an empty list")
+            for template in templates:
+                check_template(f"per_class: {name}", template, 1)
         return self
 
 
@@ -88,19 +104,29 @@ class GeneratorConfig(_Section):
 
 
 class LabelerConfig(_Section):
-    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_small"] = Field(
+    model: Literal["tiny", "maskrcnn_resnet50_fpn_v2", "maskrcnn_resnet50_fpn", "maskrcnn_small",
+                   "open_vocabulary"] = Field(
         "tiny", description="oracle detector architecture: COCO's classes, or maskrcnn_small, whose labels "
-        "are the vocabulary's (the mini world's trained oracle)")
+        "are the vocabulary's (the mini world's trained oracle), or open_vocabulary: every instance of each prompt "
+        "class found by its name and synonyms (SAM 3, or a text-prompted detector with labeler.sam)")
     weights: str | None = Field(None, min_length=1, description="COCO-pretrained weights: 'torchvision' (its COCO "
                                 "checkpoint, downloaded on the node), or a .safetensors/.pth file, local or "
-                                "s3://; required for the real architectures")
+                                "s3://; required for the real architectures. open_vocabulary: a saved SAM 3, "
+                                "OWLv2 or Grounding DINO (model id, local folder or s3:// prefix; its config says "
+                                "which)")
+    # Left out of the recipe's dump while unset, so that datasets built before it keep their content key.
+    sam: str | None = Field(None, min_length=1, exclude_if=lambda value: value is None,
+                            description="open_vocabulary with a detector: the Segment Anything model (SAM or SAM 2; "
+                            "model id, local folder or s3:// prefix) that turns its boxes into masks; not with SAM 3")
     score_threshold: float = Field(0.5, ge=0.0, le=1.0, description="instances at or above this score "
-                                   "are merged into their class mask")
+                                   "are merged into their class mask (open_vocabulary: SAM 3's query x presence "
+                                   "score, or the detector's box score)")
     ignore_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="instances of a prompt class scoring in "
         "[ignore_threshold, score_threshold) become ignore (255) instead of background")
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="soft mask binarisation threshold")
-    nms_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detector NMS IoU threshold")
+    nms_threshold: float = Field(0.5, ge=0.0, le=1.0, description="detector NMS IoU threshold (per class, on "
+                                 "boxes; open_vocabulary: the detector's boxes before SAM, unused by SAM 3)")
     on_missing: Literal["drop", "ignore"] = Field(
         "drop", description="a prompt class the detector does not find: 'drop' the sample, or "
         "'ignore': keep it, mark the class missing and make unclaimed pixels 255")
@@ -111,10 +137,15 @@ class LabelerConfig(_Section):
         if self.ignore_threshold is not None and self.ignore_threshold >= self.score_threshold:
             raise ValueError(f"ignore_threshold {self.ignore_threshold} must be below "
                              f"score_threshold {self.score_threshold}")
+        if self.model == "open_vocabulary" and self.weights is None:
+            raise ValueError("labeler open_vocabulary needs weights: a SAM 3, OWLv2 or Grounding DINO model")
         if self.model != TINY and self.weights is None:
             raise ValueError(f"labeler {self.model} needs weights (a COCO-pretrained checkpoint path)")
-        if self.model in (TINY, SMALL) and self.weights == TORCHVISION_WEIGHTS:
+        if self.model in (TINY, SMALL, "open_vocabulary") and self.weights == TORCHVISION_WEIGHTS:
             raise ValueError(f"weights: torchvision needs a torchvision COCO architecture, not {self.model}")
+        # Whether weights is SAM 3 (no sam) or a detector (sam needed) is known when its config loads.
+        if self.sam is not None and self.model != "open_vocabulary":
+            raise ValueError(f"sam is for labeler open_vocabulary with a detector, not {self.model}")
         return self
 
 
@@ -143,6 +174,29 @@ class AnnotatorConfig(_Section):
             raise ValueError("annotator: give a grounding checkpoint or daam: true, not both")
         if self.ignore_below is not None and self.ignore_below >= self.threshold:
             raise ValueError(f"ignore_below {self.ignore_below} must be below threshold {self.threshold}")
+        return self
+
+
+class AgreementConfig(_Section):
+    """A second labeler that checks the labels (``factory.build.agreement``): every sample records
+    the IoU of the two labelers' masks per class, and a threshold acts on disagreeing classes."""
+    labeler: LabelerConfig | None = Field(
+        None, description="the second labeler, a labeler section ({model: maskrcnn_small, weights: ...} or "
+        "{model: open_vocabulary, ...}) run on every image after the labels are made; null: none")
+    min_iou: float = Field(0.0, ge=0.0, le=1.0, description="a class whose two masks agree less than this (IoU) "
+                           "is handled by `action`; 0: record the agreement only")
+    action: Literal["drop", "ignore"] = Field(
+        "drop", description="a disagreeing class: 'drop' the sample, or 'ignore': make its pixels (either "
+        "labeler's) 255")
+
+    @property
+    def enabled(self) -> bool:
+        return self.labeler is not None
+
+    @model_validator(mode="after")
+    def _needs_labeler(self) -> "AgreementConfig":
+        if self.min_iou > 0 and self.labeler is None:
+            raise ValueError("min_iou needs a second labeler (agreement.labeler)")
         return self
 
 
@@ -196,16 +250,18 @@ class WriterConfig(_Section):
 
 class Recipe(_Section):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$", description="recipe name (used in the default output path)")
-    vocabulary: Literal["voc", "coco", "shapes"] = Field("voc", description="class vocabulary (shapes: the "
-                                                         "mini world's)")
+    vocabulary: str | dict[str, Any] = Field(
+        "voc", description="class vocabulary: voc, coco, shapes (the mini world's), or your own: a .yaml/.tsv file "
+        "(local, s3://, or in jobs/recipes/) or an inline mapping; kept in the recipe as its definition")
     classes: Literal["all", "seen", "unseen"] | list[str] = Field(
         "all", description="'all', 'seen' or 'unseen' of --split, or a list of class names")
-    split: int | None = Field(None, description="seen/unseen split (1-3) for classes: seen|unseen")
+    split: int | None = Field(None, description="seen/unseen split (voc, coco, shapes: 1-3) for classes: seen|unseen")
     per_class: int = Field(1, ge=0, description="one-class samples per class")
     per_pair: int = Field(0, ge=0, description="two-class samples per co-appearing pair")
     pairs: str | None = Field(
-        None, min_length=1, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, or 'all' for "
-        "every pair of the selected classes; pairs with a class outside the selection are skipped")
+        None, min_length=1, description="co-appearing pairs: a TSV file from jobs/derive_pairs.py, 'vocabulary' for "
+        "the pairs its file names, or 'all' for every pair of the selected classes; pairs with a class outside the "
+        "selection are skipped")
     num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
                                     "shuffled plan (a prefix: a larger N extends the same dataset)")
     seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
@@ -217,6 +273,7 @@ class Recipe(_Section):
     generator: GeneratorConfig = GeneratorConfig()
     labeler: LabelerConfig = LabelerConfig()
     annotator: AnnotatorConfig = AnnotatorConfig()
+    agreement: AgreementConfig = AgreementConfig()
     source: SourceConfig = SourceConfig()
     capture: CaptureConfig = CaptureConfig()
     quality: QualityConfig = QualityConfig()
@@ -231,6 +288,20 @@ class Recipe(_Section):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value
 
+    @field_validator("vocabulary", mode="before")
+    @classmethod
+    def _vocabulary_definition(cls, value: Any) -> Any:
+        # A file is read once, here: the recipe (and so the manifest) keeps the definition itself.
+        if isinstance(value, str) and value.strip().lower() in VOCABULARIES:
+            return value.strip().lower()
+        if isinstance(value, str):
+            if not value.endswith(DEFINITION_SUFFIXES):
+                get_vocabulary(value)  # one line naming the choices
+            value = read_vocabulary_file(value, read_recipe_file(value, "vocabulary"))
+        if isinstance(value, dict):
+            return define_vocabulary(value).definition()
+        return value
+
     # Field validators, so that errors name the field; `vocabulary` is validated before both.
     @field_validator("classes")
     @classmethod
@@ -241,6 +312,14 @@ class Recipe(_Section):
             if "vocabulary" in info.data:
                 for name in value:
                     get_vocabulary(info.data["vocabulary"]).lookup(name)
+        return value
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompted_classes(cls, value: PromptConfig, info: ValidationInfo) -> PromptConfig:
+        if "vocabulary" in info.data:
+            for name in value.per_class:
+                get_vocabulary(info.data["vocabulary"]).lookup(name)
         return value
 
     @field_validator("split")
@@ -264,6 +343,8 @@ class Recipe(_Section):
             raise ValueError("an annotator makes a segmentation set; capture is for oracle triplet sets")
         if self.source.enabled:
             self._check_source()
+        elif not self.annotator.enabled and self.labeler.model != "open_vocabulary":
+            self._check_detectable()
         if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
             raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self
@@ -281,6 +362,27 @@ class Recipe(_Section):
             raise ValueError(f"source.classes_file is for a folder; {self.source.format} names each image's classes")
         if self.capture.unconditional:
             raise ValueError("capture.unconditional: real images are featurized without guidance")
+
+    def _check_detectable(self) -> None:
+        vocabulary = get_vocabulary(self.vocabulary)
+        blind = [name for name in self.selected_classes if not vocabulary.lookup(name).coco_id]
+        if blind:
+            raise ValueError(f"the {self.labeler.model} oracle has no class for {', '.join(blind)} (vocabulary "
+                             f"{vocabulary.name} names no detector class): label them with labeler.model "
+                             f"open_vocabulary or annotator.checkpoint")
+
+    @property
+    def selected_classes(self) -> list[str]:
+        """Canonical names of the recipe's classes, in vocabulary order."""
+        vocabulary = get_vocabulary(self.vocabulary)
+        if self.classes == "all":
+            return list(vocabulary.names)
+        if self.classes == "seen":
+            return list(vocabulary.seen(self.split))
+        if self.classes == "unseen":
+            return list(vocabulary.unseen(self.split))
+        chosen = {vocabulary.lookup(name).name for name in self.classes}
+        return [name for name in vocabulary.names if name in chosen]
 
     @property
     def tries(self) -> int:
@@ -302,7 +404,8 @@ class Recipe(_Section):
         data = self.model_dump(mode="json", exclude={
             "name": True, "out": True, "num_samples": True, "attempts": True,
             "writer": {"rows_per_file", "preview_samples"},
-            "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"}})
+            "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"},
+            "agreement": {"labeler": {"batch_size"}}})
         for section, fields in ADDED_FIELDS.items():
             for field, default in fields.items():
                 if data[section][field] == default:
@@ -314,7 +417,28 @@ class Recipe(_Section):
 
 # Fields added after datasets were first built with this key: left out of it while at their
 # default, so that those datasets keep their key and resume after an upgrade.
-ADDED_FIELDS = {"annotator": {"daam": False}, "source": SourceConfig().model_dump(mode="json")}
+ADDED_FIELDS = {"annotator": {"daam": False}, "prompts": {"per_class": {}},
+                "agreement": AgreementConfig().model_dump(mode="json"),
+                "source": SourceConfig().model_dump(mode="json")}
+
+
+def find_file(path: str, kind: str) -> Path:
+    """A local file named in a recipe: as given, or relative to the recipe folder."""
+    for candidate in (Path(path), RECIPE_DIR / path):
+        if candidate.is_file():
+            return candidate
+    hint = " (derive it with jobs/derive_pairs.py from real annotations)" if kind == "pairs" else ""
+    raise RecipeError(f"{kind} file not found: {path}{hint}")
+
+
+def read_recipe_file(path: str, kind: str) -> bytes:
+    """The bytes of a file named in a recipe: s3://, or local as ``find_file`` finds it."""
+    try:
+        if is_s3(path):
+            return open_location(split_file_uri(path)[0]).read_bytes(split_file_uri(path)[1])
+        return find_file(path, kind).read_bytes()
+    except (OSError, StorageError) as exc:
+        raise RecipeError(f"cannot read the {kind} file {path}: {first_line(exc)}") from None
 
 
 def resolve_recipe_path(name_or_path: str) -> Path:

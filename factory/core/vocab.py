@@ -1,15 +1,31 @@
-"""Class vocabularies (PASCAL VOC, COCO, and the mini world's shapes) and their seen/unseen splits.
+"""Class vocabularies and their seen/unseen splits: the built-in PASCAL VOC, COCO and the mini world's
+shapes, and user-defined ones from a YAML or TSV file.
 
-Source: the supplementary material of Li et al. (ICCV 2023), section B.1, Table 1. Every class carries the names the different parts of the
-system need: the dataset's identifier, the natural name used in prompts, the
+Source of the built-in splits: the supplementary material of Li et al. (ICCV 2023), section B.1,
+Table 1. Every class carries the names the different parts of the system need: the dataset's
+identifier, the natural name used in prompts, more names for an open-vocabulary labeler, the
 label-map index, and the COCO id / class name the oracle detector predicts.
+
+A user-defined vocabulary travels as its definition (``Vocabulary.definition``, a JSON mapping):
+inside the recipe, the manifest and the segmenter's checkpoint, so a dataset or a model never
+depends on the file it was first read from. ``get_vocabulary`` takes either form.
 """
 
 from __future__ import annotations
 
+import csv
 import difflib
+import io
+import json
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from factory.core.conventions import IGNORE
+from factory.core.storage import open_location, split_file_uri
 
 # Official COCO category ids and names (80 classes; the ids have gaps up to 90).
 # torchvision's COCO detectors predict these ids as labels.
@@ -73,8 +89,9 @@ class ClassInfo:
     name: str      # canonical identifier: VOC identifier or official COCO name
     natural: str   # name used in prompts
     index: int     # label-map index, 1-based (0 is background)
-    coco_id: int   # the oracle detector's label: the official COCO category id (shapes: its own index)
-    detector: str  # the COCO detector's class name
+    coco_id: int   # the oracle detector's label: the official COCO category id (shapes: its own index); 0: none
+    detector: str  # the oracle detector's class name; "" when it has none (user-defined classes)
+    synonyms: tuple[str, ...] = ()  # more names an open-vocabulary labeler is asked for (its masks join the class's)
 
 
 def _key(name: str) -> str:
@@ -87,6 +104,8 @@ class Vocabulary:
     name: str
     classes: tuple[ClassInfo, ...]
     unseen_splits: tuple[tuple[str, ...], ...]  # split k (1-based) is unseen_splits[k - 1]
+    pairs: tuple[tuple[str, str], ...] = ()  # co-appearing pairs named with the vocabulary (recipe pairs: vocabulary)
+    detector_space: str = "coco"  # whose classes ClassInfo.detector names: "coco" or "shapes" (the mini world's)
 
     def __post_init__(self) -> None:
         if [c.index for c in self.classes] != list(range(1, len(self.classes) + 1)):
@@ -109,7 +128,7 @@ class Vocabulary:
     def _aliases(self) -> dict[str, ClassInfo]:
         aliases: dict[str, ClassInfo] = {}
         for c in self.classes:
-            spellings = {c.name, c.natural, c.detector, _COCO_TO_VOC.get(c.detector, c.name)}
+            spellings = {c.name, c.natural, c.detector or c.name, _COCO_TO_VOC.get(c.detector, c.name)}
             for key in map(_key, spellings):
                 if aliases.setdefault(key, c) is not c:
                     raise ValueError(f"vocabulary {self.name}: '{key}' names two classes")
@@ -142,6 +161,21 @@ class Vocabulary:
     def seen(self, split: int) -> tuple[str, ...]:
         unseen = set(self.unseen(split))
         return tuple(n for n in self.names if n not in unseen)
+
+    @property
+    def builtin(self) -> bool:
+        return VOCABULARIES.get(self.name) is self
+
+    def spec(self) -> str | dict[str, Any]:
+        """What ``get_vocabulary`` takes back: a built-in one's name, else the definition."""
+        return self.name if self.builtin else self.definition()
+
+    def definition(self) -> dict[str, Any]:
+        """The whole vocabulary as JSON; ``get_vocabulary`` reads it back."""
+        return {"name": self.name, "detector": self.detector_space,
+                "classes": [{"index": c.index, "name": c.name, "natural": c.natural, "synonyms": list(c.synonyms),
+                             "detector": c.detector} for c in self.classes],
+                "unseen": [list(split) for split in self.unseen_splits], "pairs": [list(p) for p in self.pairs]}
 
 
 VOC = Vocabulary(
@@ -197,13 +231,145 @@ SHAPES = Vocabulary(
         tuple(f"{colour}_{SHAPE_FORMS[(i + k) % len(SHAPE_FORMS)]}" for i, colour in enumerate(SHAPE_COLOURS))
         for k in range(3)
     ),
+    detector_space="shapes",
 )
 
 VOCABULARIES: dict[str, Vocabulary] = {v.name: v for v in (VOC, COCO, SHAPES)}
+DEFINITION_SUFFIXES = (".yaml", ".yml", ".tsv")
 
 
-def get_vocabulary(name: str) -> Vocabulary:
-    vocabulary = VOCABULARIES.get(name.strip().lower())
+def get_vocabulary(spec: str | dict[str, Any]) -> Vocabulary:
+    """A built-in vocabulary by name, or a definition (``Vocabulary.definition``, a vocabulary
+    file's mapping). A definition named like a built-in one is the built-in one: the manifests of
+    datasets built before definitions existed name their vocabulary with a partial definition."""
+    if isinstance(spec, dict):
+        return VOCABULARIES.get(str(spec.get("name", ""))) or define_vocabulary(spec)
+    vocabulary = VOCABULARIES.get(spec.strip().lower())
     if vocabulary is None:
-        raise ValueError(f"unknown vocabulary {name!r} (choices: {', '.join(VOCABULARIES)})")
+        raise ValueError(f"unknown vocabulary {spec!r} (choices: {', '.join(VOCABULARIES)}, or a "
+                         f"{'/'.join(DEFINITION_SUFFIXES)} file)")
     return vocabulary
+
+
+def read_vocabulary(name_or_file: str) -> Vocabulary:
+    """A built-in vocabulary by name, or a vocabulary file by path (local or s3://)."""
+    if not name_or_file.endswith(DEFINITION_SUFFIXES):
+        return get_vocabulary(name_or_file)
+    folder, file_name = split_file_uri(name_or_file)
+    try:
+        data = open_location(folder).read_bytes(file_name)
+    except OSError as exc:
+        raise ValueError(f"cannot read the vocabulary file {name_or_file}: {str(exc).splitlines()[0]}") from None
+    return define_vocabulary(read_vocabulary_file(name_or_file, data))
+
+
+def read_vocabulary_file(name: str, data: bytes) -> dict[str, Any]:
+    """A vocabulary file's definition: YAML (the layout of ``Vocabulary.definition``, most keys
+    optional) or TSV (a header naming the columns name, natural, synonyms, index, detector,
+    unseen; list cells comma-separated; the vocabulary is named after the file)."""
+    text = data.decode()
+    if name.endswith(".tsv"):
+        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
+        unknown = sorted(set(rows[0] if rows else []) - {"name", "natural", "synonyms", "index", "detector", "unseen"})
+        if unknown:
+            raise ValueError(f"{name}: unknown columns {unknown} (name, natural, synonyms, index, detector, unseen)")
+        classes, unseen = [], {}
+        for row in rows:
+            entry = {key: value.strip() for key, value in row.items() if value and value.strip()}
+            for field in ("synonyms", "unseen"):
+                entry[field] = [v.strip() for v in entry.get(field, "").split(",") if v.strip()]
+            for split in entry.pop("unseen"):
+                if not split.isdigit() or int(split) < 1:
+                    raise ValueError(f"{name}: unseen split {split!r} of class {entry.get('name')} is not 1, 2, ...")
+                unseen.setdefault(int(split), []).append(entry.get("name"))
+            if "index" in entry:
+                entry["index"] = int(entry["index"]) if entry["index"].isdigit() else entry["index"]
+            classes.append(entry)
+        return {"name": Path(name).stem, "classes": classes,
+                "unseen": [unseen.get(k, []) for k in range(1, max(unseen, default=0) + 1)]}
+    try:
+        definition = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{name}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(definition, dict):
+        raise ValueError(f"{name}: a vocabulary file is a mapping with name and classes")
+    return definition
+
+
+def define_vocabulary(definition: dict[str, Any]) -> Vocabulary:
+    """A user-defined vocabulary from its definition; ValueError (one line) when it is not valid."""
+    return _from_definition(json.dumps(definition, sort_keys=True))
+
+
+@lru_cache(maxsize=64)
+def _from_definition(text: str) -> Vocabulary:
+    d = json.loads(text)
+    name = d.get("name")
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError("a vocabulary needs a name")
+    if name.lower() in VOCABULARIES:
+        raise ValueError(f"vocabulary name {name!r} is a built-in vocabulary's; name yours otherwise")
+    unknown = sorted(set(d) - {"name", "detector", "classes", "unseen", "pairs"})
+    if unknown:
+        raise ValueError(f"vocabulary {name}: unknown keys {unknown} (name, detector, classes, unseen, pairs)")
+    space = d.get("detector") or "coco"
+    if space not in ("coco", "shapes"):
+        raise ValueError(f"vocabulary {name}: detector {space!r} is not coco or shapes")
+    entries = d.get("classes") or []
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"vocabulary {name} has no classes")
+    classes = [_class_info(name, position, entry, get_vocabulary(space))
+               for position, entry in enumerate(entries, start=1)]
+    _check_unique(name, "name", [c.name for c in classes])
+    _check_unique(name, "index", [c.index for c in classes])
+    indices = sorted(c.index for c in classes)
+    if indices != list(range(1, len(classes) + 1)):
+        raise ValueError(f"vocabulary {name}: indices {indices} must be 1..{len(classes)}, each once (label maps "
+                         f"and the segmenter's outputs are dense)")
+    classes.sort(key=lambda c: c.index)
+    by_name = Vocabulary(name, tuple(classes), ())
+    try:
+        unseen = tuple(tuple(by_name.lookup(n).name for n in split) for split in d.get("unseen") or [])
+        pairs = tuple(tuple(by_name.lookup(n).name for n in pair) for pair in d.get("pairs") or [])
+    except (UnknownClassError, TypeError) as exc:
+        raise ValueError(f"vocabulary {name}: {exc}") from None
+    for k, split in enumerate(unseen, start=1):
+        if not split or len(set(split)) == len(classes):
+            raise ValueError(f"vocabulary {name}: unseen split {k} must name at least one class and leave one seen")
+    if any(len(pair) != 2 or pair[0] == pair[1] for pair in pairs):
+        raise ValueError(f"vocabulary {name}: a pair is two different classes")
+    return Vocabulary(name, tuple(classes), unseen, pairs, space)
+
+
+def _class_info(vocabulary: str, position: int, entry: Any, space: Vocabulary) -> ClassInfo:
+    if isinstance(entry, str):
+        entry = {"name": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
+        raise ValueError(f"vocabulary {vocabulary}: class {position} needs a name")
+    name = entry["name"].strip()
+    unknown = sorted(set(entry) - {"name", "natural", "synonyms", "index", "detector"})
+    if unknown:
+        raise ValueError(f"vocabulary {vocabulary}: class {name} has unknown keys {unknown} "
+                         f"(name, natural, synonyms, index, detector)")
+    index = entry.get("index", position)
+    if not isinstance(index, int) or isinstance(index, bool) or index in (0, IGNORE) or not 0 < index < IGNORE:
+        raise ValueError(f"vocabulary {vocabulary}: class {name} has index {index!r}; indices are 1..254 "
+                         f"(0 is background, 255 ignore)")
+    synonyms = entry.get("synonyms") or []
+    if isinstance(synonyms, str) or not all(isinstance(s, str) and s.strip() for s in synonyms):
+        raise ValueError(f"vocabulary {vocabulary}: class {name}'s synonyms are a list of names")
+    detector, coco_id = "", 0
+    if entry.get("detector"):
+        try:
+            target = space.lookup(str(entry["detector"]))
+        except UnknownClassError as exc:
+            raise ValueError(f"vocabulary {vocabulary}: class {name}'s detector: {exc}") from None
+        detector, coco_id = target.detector, target.coco_id
+    return ClassInfo(name=name, natural=str(entry.get("natural") or name.replace("_", " ")).strip(), index=index,
+                     coco_id=coco_id, detector=detector, synonyms=tuple(s.strip() for s in synonyms))
+
+
+def _check_unique(vocabulary: str, what: str, values: list) -> None:
+    repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if repeated:
+        raise ValueError(f"vocabulary {vocabulary}: {what} {', '.join(map(str, repeated))} given twice")

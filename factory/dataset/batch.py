@@ -53,10 +53,12 @@ OPTIONAL_COLUMNS = {
     "ufeatures_<r>": "(N, C_r, r, r) float16: the same, unconditional branch",
     "daam": "(N,) object: (O, h, w) float16 DAAM heat map per class, latent grid, min-max normalised",
     "quality": "(N,) float32: CLIP image-quality score",
+    "agreement": "(N,) object: (O,) float32 IoU of the second labeler's mask with the label's, per class",
 }
 
 
 SCALAR_COLUMNS = ("timestep", "quality", "source_image", "psnr")  # optional columns of one value per row
+LIST_COLUMNS = ("agreement",)  # optional columns of one float per class
 
 
 class BatchError(FactoryError, ValueError):
@@ -74,7 +76,8 @@ def check_batch(batch: dict[str, np.ndarray]) -> None:
 def optional_columns(names) -> list[str]:
     """The optional columns among `names` (a batch's keys or a table's column names)."""
     return [name for name in names
-            if name in ("latent", "daam", *SCALAR_COLUMNS) or name.startswith(("features_", "ufeatures_"))]
+            if name in ("latent", "daam", *SCALAR_COLUMNS, *LIST_COLUMNS)
+            or name.startswith(("features_", "ufeatures_"))]
 
 
 @dataclass

@@ -17,6 +17,7 @@ import yaml
 
 from factory.core.conventions import TINY
 from factory.core.storage import Location
+from factory.core.vocab import VOCABULARIES
 from factory.dataset.layout import CARD_FILE, DATA_DIR, PREVIEW_FILE
 from factory.dataset.schema import SCHEMA, huggingface_metadata
 
@@ -42,6 +43,7 @@ COLUMNS = {
     "latent": "the captured U-Net call's latent, fp16 bytes",
     "daam": "DAAM cross-attention heat map per class (latent grid, min-max normalised), fp16 bytes",
     "quality": "CLIP image-quality score",
+    "agreement": "IoU of the second labeler's mask with this labeler's, per class",
 }
 
 
@@ -104,6 +106,38 @@ _ON_MISSING = {"drop": "A sample with a prompt class not found was dropped (`on_
                          "(`on_missing: absent`)."}
 
 
+def _agreement(agreement: dict | None) -> list[str]:
+    """The second labeler's agreement with the labels, per class (manifest "agreement")."""
+    if not agreement:
+        return []
+    min_iou, action = agreement["min_iou"], agreement["action"]
+    rule = (f"Samples with a class below IoU {min_iou} were {'dropped' if action == 'drop' else 'kept'}"
+            + ("." if action == "drop" else ", that class's pixels made 255.")) if min_iou else "Nothing was filtered."
+    return ["### Label agreement", "",
+            f"`{agreement['labeler']}` labelled every image again; per class, the IoU of its mask with the label's "
+            f"(1.0 when both are empty), over every sample made, dropped ones too. {rule}", "",
+            *_table([(name, c["samples"], f"{c['mean']:.3f}", f"{c['median']:.3f}", c["below"])
+                     for name, c in agreement["classes"].items()],
+                    ("class", "samples", "mean IoU", "median IoU", f"below {min_iou}")), ""]
+
+
+def _vocabulary_name(recipe: dict) -> str:
+    spec = recipe["vocabulary"]
+    return f"`{spec}`" if isinstance(spec, str) else f"`{spec['name']}` (user-defined, defined in the recipe)"
+
+
+def _classes(vocabulary: dict) -> list[str]:
+    """The class table, and the seen/unseen splits of a user-defined vocabulary."""
+    classes = vocabulary["classes"]
+    synonyms = any(c.get("synonyms") for c in classes)  # older manifests list index, name, natural only
+    lines = _table([(c["index"], c["name"], c["natural"], *([", ".join(c["synonyms"])] if synonyms else []))
+                    for c in classes], ("index", "name", "in prompts", *(["also asked as"] if synonyms else [])))
+    if vocabulary.get("unseen") and vocabulary["name"] not in VOCABULARIES:
+        lines += ["", "Unseen classes of each split: " + "; ".join(
+            f"{k}: {', '.join(split)}" for k, split in enumerate(vocabulary["unseen"], start=1)) + "."]
+    return lines
+
+
 def _making(recipe: dict, models: dict) -> list[str]:
     gen, lab = recipe["generator"], recipe["labeler"]
     prompts, writer = recipe["prompts"], recipe["writer"]
@@ -140,8 +174,10 @@ def _making(recipe: dict, models: dict) -> list[str]:
                      f"; soft masks binarised at {lab['mask_threshold']}, NMS IoU {lab['nms_threshold']}. "
                      + _ON_MISSING[lab["on_missing"]])
     lines += [f"- **Prompts**: one class `{prompts['one']}`, two classes `{prompts['two']}`"
-              + (f", scene prompts from `{prompts['file']}`" if prompts.get("file") else "") + ".",
-              f"- **Plan**: vocabulary `{recipe['vocabulary']}`, classes `{recipe['classes']}`"
+              + (f", scene prompts from `{prompts['file']}`" if prompts.get("file") else "")
+              + (f", more templates for {', '.join(f'`{n}`' for n in prompts['per_class'])}"
+                 if prompts.get("per_class") else "") + ".",
+              f"- **Plan**: vocabulary {_vocabulary_name(recipe)}, classes `{recipe['classes']}`"
               + (f" of split {recipe['split']}" if recipe.get("split") else "")
               + (", one sample per image of the source (`source_image`), in its order" if source.get("images") else
                  f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
@@ -209,6 +245,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
                        for name, c in manifest["per_class"].items()],
                       ("class", "planned", "attempted", "kept", "given up")), "",
               *_provenance(manifest["labels"]), "",
+              *_agreement(manifest.get("agreement")),
               "## Loading", "",
               "```python",
               "from datasets import load_dataset",
@@ -223,8 +260,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
                        for f in yaml_features(schema)], ("column", "type", "meaning")), "",
               "## Classes", "",
               "Label-map values: 0 background, 255 ignore, and:", "",
-              *_table([(c["index"], c["name"], c["natural"]) for c in manifest["vocabulary"]["classes"]],
-                      ("index", "name", "in prompts")), "",
+              *_classes(manifest["vocabulary"]), "",
               *_making(recipe, models), "",
               "## Versions", "",
               *_table(sorted(manifest["versions"].items()), ("package", "version")), "",
@@ -241,6 +277,11 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
 
 def _provenance(labels: dict) -> list[str]:
     """Whether the labels may train a zero-shot model: which classes the labeler was trained on."""
+    if labels.get("chosen_by"):
+        return ["## Label provenance", "",
+                f"Labelled by `{labels['labeler']}`, and which labels were kept was decided by their agreement with "
+                f"`{labels['chosen_by']}`, a labeler that knows every class: not for zero-shot training on any of "
+                f"them."]
     trained = [name for name, known in labels["trained"].items() if known]
     untrained = [name for name, known in labels["trained"].items() if not known]
     if labels["kind"] == "oracle":

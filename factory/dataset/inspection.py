@@ -49,7 +49,7 @@ class InspectOptions(BaseModel):
 
 GALLERY_SAMPLES = 8
 HISTOGRAM_BINS = 10  # over [0, 1] for detector and quality scores
-STAT_COLUMNS = ["sample_id", "classes", "class_indices", "label", "scores", "found", "quality"]
+STAT_COLUMNS = ["sample_id", "classes", "class_indices", "label", "scores", "found", "quality", "agreement"]
 GALLERY_COLUMNS = ["sample_id", "index", "prompt", "classes", "class_indices", "image", "label", "scores", "found"]
 
 
@@ -63,13 +63,16 @@ class ClassStats:
     coverage: list[float] = field(default_factory=list)  # label-map pixel fraction, one per sample
     scores: list[float] = field(default_factory=list)  # detector score where found
     ranked: list[tuple[float, str]] = field(default_factory=list)  # (score, sample_id) for the gallery
+    agreement: list[float] = field(default_factory=list)  # IoU with the second labeler's mask, one per sample
 
     def summary(self) -> dict:
         return {"index": self.index, "name": self.name, "samples": self.samples, "found": self.found,
                 "missed": self.samples - self.found, "dropped": self.dropped,
                 "coverage_mean": _mean(self.coverage), "coverage_median": _median(self.coverage),
                 "score_mean": _mean(self.scores), "score_median": _median(self.scores),
-                "score_min": min(self.scores) if self.scores else None}
+                "score_min": min(self.scores) if self.scores else None,
+                "agreement_mean": _mean(self.agreement), "agreement_median": _median(self.agreement),
+                "agreement_histogram": _histogram(self.agreement) if self.agreement else None}
 
     def gallery_ids(self) -> list[str]:
         """Up to GALLERY_SAMPLES ids spread evenly over the score ranks, lowest first."""
@@ -108,6 +111,8 @@ class Inspection:
             "dataset": self.source.uri, "name": self.source.manifest["name"],
             "vocabulary": self.source.vocabulary.name,
             "counts": counts,
+            "agreement": {key: value for key, value in self.source.manifest["agreement"].items() if key != "classes"}
+            if "agreement" in self.source.manifest else None,
             "classes": present,
             "classes_without_samples": [c.name for c in self.classes.values() if not c.samples],
             "ignore_fraction": {"mean": _mean(self.ignore), "median": _median(self.ignore)},
@@ -146,8 +151,10 @@ def inspect(source: DatasetSource, replan: Replan, progress: bool = True) -> Ins
         ignore.append(float(fractions[255]))
         if "quality" in row:
             quality.append(float(row["quality"]))
-        for index, found, score in zip(row["class_indices"], row["found"], row["scores"]):
+        for k, (index, found, score) in enumerate(zip(row["class_indices"], row["found"], row["scores"])):
             stats = classes[index]
+            if "agreement" in row:
+                stats.agreement.append(float(row["agreement"][k]))
             stats.samples += 1
             stats.coverage.append(float(fractions[index]))
             stats.ranked.append((float(score), row["sample_id"]))
@@ -223,6 +230,14 @@ def charts(inspection: Inspection, report: dict) -> dict[str, bytes]:
     if inspection.scores:
         out["detector scores"] = bar_chart("detector score of found classes", _bins(),
                                            [("classes", report["detector_scores"]["histogram"], _PLAIN)])
+    if report["agreement"]:
+        checked = [c for c in present if c["agreement_histogram"]]
+        out["label agreement"] = bar_chart(
+            "mean IoU with the second labeler's masks per class", [c["name"] for c in checked],
+            [("IoU", [c["agreement_mean"] for c in checked], _PLAIN)], "{:.2f}")
+        out["label agreement histogram"] = bar_chart(
+            "IoU with the second labeler's masks, every class of every written sample", _bins(),
+            [("classes", np.sum([c["agreement_histogram"] for c in checked], axis=0).tolist(), _PLAIN)])
     if report["quality"]:
         out["quality scores"] = bar_chart("CLIP quality score per sample", _bins(),
                                           [("samples", report["quality"]["histogram"], _PLAIN)])
@@ -265,7 +280,8 @@ def render_html(report: dict, chart_pngs: dict[str, bytes], gallery_files: dict[
         f"<tr><td>{_swatch(c['index'])}{html.escape(c['name'])}</td><td>{c['samples']}</td><td>{c['found']}</td>"
         f"<td>{c['missed']}</td><td>{'' if c['dropped'] is None else c['dropped']}</td>"
         f"<td>{_percent(c['coverage_mean'])}</td><td>{_percent(c['coverage_median'])}</td>"
-        f"<td>{_number(c['score_mean'])}</td><td>{_number(c['score_min'])}</td></tr>"
+        f"<td>{_number(c['score_mean'])}</td><td>{_number(c['score_min'])}</td>"
+        f"<td>{_number(c['agreement_mean'])}</td></tr>"
         for c in report["classes"])
     images = "".join(f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,'
                      f'{base64.b64encode(png).decode()}"></figure>' for title, png in chart_pngs.items())
@@ -302,9 +318,10 @@ img.gallery {{ max-width: 100%; }}
 <h2>Classes</h2>
 <p>Samples: written samples whose prompt named the class; found / missed by the oracle;
 dropped: samples made for the class that were not written (then replaced, or given up). Coverage: share of the
-label map's pixels with the class index.</p>
+label map's pixels with the class index. Agreement: IoU of a second labeler's mask with the label's (recipe
+`agreement`), over the written samples.</p>
 <table><tr><th>class</th><th>samples</th><th>found</th><th>missed</th><th>dropped</th>
-<th>coverage mean</th><th>coverage median</th><th>score mean</th><th>score min</th></tr>
+<th>coverage mean</th><th>coverage median</th><th>score mean</th><th>score min</th><th>agreement mean</th></tr>
 {rows}</table>
 <p>Classes without samples: {html.escape(absent)}</p>
 <h2>Charts</h2>
@@ -323,11 +340,13 @@ def summary_table(report: dict, out: str) -> str:
     lines = [f"inspect_dataset: {report['dataset']} ({report['name']}, vocabulary {report['vocabulary']})",
              f"  samples  {counts['written']} written of {counts['planned']} planned; dropped: {dropped}",
              f"  ignore   {_percent(report['ignore_fraction']['mean'])} of pixels on average",
-             f"  {'class':<16}{'samples':>8}{'found':>7}{'missed':>7}{'dropped':>8}{'coverage':>10}{'score':>7}"]
+             f"  {'class':<16}{'samples':>8}{'found':>7}{'missed':>7}{'dropped':>8}{'coverage':>10}{'score':>7}"
+             + (f"{'agree':>7}" if report["agreement"] else "")]
     for c in report["classes"]:
         lines.append(f"  {c['name'][:16]:<16}{c['samples']:>8}{c['found']:>7}{c['missed']:>7}"
                      f"{'' if c['dropped'] is None else c['dropped']:>8}"
-                     f"{_percent(c['coverage_mean']):>10}{_number(c['score_mean']):>7}")
+                     f"{_percent(c['coverage_mean']):>10}{_number(c['score_mean']):>7}"
+                     + (f"{_number(c['agreement_mean']):>7}" if report["agreement"] else ""))
     lines.append(f"  written  {out}/report.json, {out}/index.html, {out}/gallery/")
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from pycocotools.coco import COCO as COCOApi
 
 from factory.core.conventions import IGNORE
 from factory.core.pairs import read_image_ids
-from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary, get_vocabulary
+from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary, get_vocabulary, read_vocabulary
 
 PathLike = str | os.PathLike
 
@@ -243,9 +243,10 @@ DEFAULT_SPLITS = {"voc": "val", "voc_aug": "train_aug", "coco": "val2017"}
 
 
 def real_dataset(format: str, root: PathLike, split: str | None = None,
-                 vocabulary: str | None = None) -> VOCSegmentation | COCOSemantic:
+                 vocabulary: str | dict | None = None) -> VOCSegmentation | COCOSemantic:
     """The reader of a real dataset: ``format`` "voc", "voc_aug" or "coco"; ``split`` defaults
-    to val (voc_aug: train_aug); ``vocabulary`` of the VOC layouts defaults to voc."""
+    to val (voc_aug: train_aug); ``vocabulary`` of the VOC layouts (a built-in name, a vocabulary
+    file or a definition) defaults to voc."""
     if format not in READERS:
         raise ValueError(f"unknown dataset format {format!r} (choices: {', '.join(READERS)})")
     split = split or DEFAULT_SPLITS[format]
@@ -253,4 +254,6 @@ def real_dataset(format: str, root: PathLike, split: str | None = None,
         if vocabulary not in (None, COCO.name):
             raise ValueError(f"the coco format holds the coco vocabulary, not {vocabulary}")
         return COCOSemantic(root, split)
-    return READERS[format](root, split, get_vocabulary(vocabulary or VOC.name))
+    if isinstance(vocabulary, dict):
+        return READERS[format](root, split, get_vocabulary(vocabulary))
+    return READERS[format](root, split, read_vocabulary(vocabulary or VOC.name))

@@ -78,7 +78,8 @@ class DatasetSource:
 
     @cached_property
     def vocabulary(self) -> Vocabulary:
-        return get_vocabulary(self.manifest["vocabulary"]["name"])
+        return get_vocabulary({key: value for key, value in self.manifest["vocabulary"].items()
+                               if key not in ("background", "ignore")})
 
     @property
     def split(self) -> int | None:
@@ -99,9 +100,11 @@ class DatasetSource:
         return self.manifest.get("capture")
 
     def has_column(self, name: str) -> bool:
-        """Whether the rows hold an optional column (quality scores, capture columns)."""
+        """Whether the rows hold an optional column (quality scores, label agreement, capture columns)."""
         if name == "quality":
             return bool((self.recipe.get("quality") or {}).get("model"))
+        if name == "agreement":
+            return "agreement" in self.manifest
         return name in ((self.capture or {}).get("shapes") or {}) or (name == "timestep" and self.capture is not None)
 
     def read_file(self, position: int, columns: Sequence[str] | None = None) -> pa.Table:

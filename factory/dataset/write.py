@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.core.storage import Location, StorageError, first_line, open_location
-from factory.dataset.batch import SCALAR_COLUMNS, check_batch, optional_columns
+from factory.dataset.batch import LIST_COLUMNS, SCALAR_COLUMNS, check_batch, optional_columns
 from factory.dataset.codec import encode_image, encode_label, encode_mask
 from factory.dataset.layout import COMMIT_DIR, DATA_DIR
 from factory.dataset.schema import SCHEMA, huggingface_metadata
@@ -63,6 +63,9 @@ def encode_batch(batch: dict[str, np.ndarray], *, image_format: str, jpeg_qualit
         if name in SCALAR_COLUMNS:
             table = table.append_column(name, pa.array(batch[name]))
             continue
+        if name in LIST_COLUMNS:
+            table = table.append_column(name, pa.array([list(v) for v in batch[name]], pa.list_(pa.float32())))
+            continue
         if name == "daam":  # one (h, w) heat map per class
             shapes[name] = list(batch[name][0].shape[1:])
             table = table.append_column(name, pa.array(
@@ -91,6 +94,7 @@ class Commit:
     dropped: dict[str, str]  # sample_id -> reason
     seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage
     capture_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-row array shapes of capture columns
+    agreement: dict[str, list[float]] = field(default_factory=dict)  # class -> IoU of each sample, dropped ones too
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -128,6 +132,10 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
                       for stage in ("generate", "label", "encode")}
     commit.seconds["write"] = time.perf_counter() - start
     commit.capture_shapes = json.loads(batch.column("capture_shapes")[0].as_py())
+    if "agreement" in batch.column_names:
+        for names, ious in zip(batch.column("classes").to_pylist(), batch.column("agreement").to_pylist()):
+            for name, iou in zip(names, ious):
+                commit.agreement.setdefault(name, []).append(round(iou, 4))
     _write(location, f"{COMMIT_DIR}/{name}.json", commit.to_json())
     return pa.table({"commit": [commit.to_json().decode()]})
 

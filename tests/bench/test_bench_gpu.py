@@ -16,7 +16,8 @@ def test_small_run_measures_every_stage(tmp_path, capsys):
                      "--device", "cpu", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {(m["stage"], m["scheduler"]): m for m in report["measurements"]}
-    assert set(rows) == {("unet", ""), ("vae", ""), ("maskrcnn", ""), ("generate", "ddim"), ("generate", "dpm")}
+    assert set(rows) == {("unet", ""), ("vae", ""), ("maskrcnn", ""), ("generate", "ddim"), ("generate", "dpm"),
+                         ("sam3", ""), ("owlv2+sam", "")}
     for m in rows.values():
         assert m["images_per_s"] > 0 and m["tflop_per_image"] > 0
         assert m["fraction_of_peak"] == pytest.approx(m["achieved_tflops"] / 0.5)
@@ -29,6 +30,9 @@ def test_small_run_measures_every_stage(tmp_path, capsys):
     rates = load_rates(str(out))  # the cost model reads what the bench writes
     assert rates.image_size == 64
     assert rates.unet_forwards_per_s == pytest.approx(rows[("unet", "")]["images_per_s"])
+    # open_vocabulary's route is known only from its saved models: the slower one is its rate
+    assert rates.open_vocabulary_images_per_s == pytest.approx(
+        min(rows[("sam3", "")]["images_per_s"], rows[("owlv2+sam", "")]["images_per_s"]))
     assert "DPM-Solver++-1 / DDIM-2" in capsys.readouterr().out
 
 

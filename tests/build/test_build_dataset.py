@@ -181,6 +181,31 @@ def test_triplet_build_stores_latent_attention_and_quality(ray_cluster, tmp_path
         assert 0.0 <= row["quality"] <= 1.0
 
 
+def test_agreement_of_a_labeler_with_itself_is_recorded_carded_and_inspected(ray_cluster, tmp_path, capsys):
+    """The tiny oracle checked by a second copy of itself under the same rules: every class of
+    every sample agrees (IoU 1.0), in the rows, the manifest, the card and the inspection."""
+    from jobs import inspect_dataset
+
+    out = tmp_path / "checked"
+    assert build_dataset.main(["--out", str(out), *SMALL, "--agreement.labeler",
+                               "{model: tiny, score_threshold: 0.01, on_missing: ignore}",
+                               "--agreement.min-iou", "0.9"]) == 0
+    rows = read_rows(out)
+    assert len(rows) == 12 and all(row["agreement"] == [1.0] * len(row["classes"]) for row in rows)
+    manifest = json.loads((out / "manifest.json").read_text())
+    agreement = manifest["agreement"]
+    assert (agreement["labeler"], agreement["min_iou"], agreement["action"]) == ("tiny", 0.9, "drop")
+    assert sum(c["samples"] for c in agreement["classes"].values()) == sum(len(row["classes"]) for row in rows)
+    assert all(c["mean"] == 1.0 and c["below"] == 0 for c in agreement["classes"].values())
+    card = (out / "README.md").read_text()
+    assert "### Label agreement" in card and "Samples with a class below IoU 0.9 were dropped." in card
+    assert inspect_dataset.main([str(out), "--out", str(tmp_path / "inspection")]) == 0
+    report = json.loads((tmp_path / "inspection" / "report.json").read_text())
+    assert report["agreement"]["labeler"] == "tiny"
+    assert all(c["agreement_mean"] == 1.0 for c in report["classes"])
+    assert "agree" in capsys.readouterr().out
+
+
 def test_real_models_ask_for_a_gpu_and_say_so_when_there_is_none(ray_cluster, caplog):
     from factory.build.pipeline import _accelerator_resources
     from factory.build.recipe import load_recipe

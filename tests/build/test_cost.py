@@ -13,6 +13,8 @@ from factory.build.cost import (
     DEFAULT_RATES,
     FEATURE_BYTES_512,
     LATENT_BYTES_512,
+    MASKRCNN_BENCH_TFLOP,
+    OPEN_VOCABULARY_TFLOP,
     Rates,
     bytes_per_sample,
     estimate,
@@ -59,6 +61,37 @@ def test_steps_guidance_and_resolution_scale_the_generator():
     assert estimate(half_steps, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(base - unet / 2)
     assert estimate(no_guidance, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(base - unet / 2)
     assert estimate(double_side, 100, RATES, 1).seconds_per_sample["generate"] == pytest.approx(4 * base)
+
+
+def test_open_vocabulary_labeler_costs_its_flops():
+    mask_rcnn = estimate(load_recipe("voc-oracle-one"), 1, DEFAULT_RATES, gpus=1)
+    overrides = {"labeler.model": "open_vocabulary", "labeler.weights": "facebook/sam3"}
+    open_vocabulary = estimate(load_recipe("voc-oracle-one", overrides), 1, DEFAULT_RATES, gpus=1)
+    # the same assumed FLOP/s as Mask R-CNN's 0.33 TFLOP an image (the public figure)
+    assert open_vocabulary.seconds_per_sample["label"] == pytest.approx(
+        mask_rcnn.seconds_per_sample["label"] * OPEN_VOCABULARY_TFLOP / 0.33)
+    assert open_vocabulary.seconds_per_sample["generate"] == mask_rcnn.seconds_per_sample["generate"]
+    assert any("costlier route" in note for note in open_vocabulary.notes)
+    # its models resize every image to their own input: larger images cost the generator, not it
+    large = load_recipe("voc-oracle-one", {**overrides, "generator.height": 1024, "generator.width": 1024})
+    assert estimate(large, 1, DEFAULT_RATES, 1).seconds_per_sample["label"] == pytest.approx(
+        open_vocabulary.seconds_per_sample["label"])
+    # measured rates: bench/gpu.py's, or Mask R-CNN's measured one at the same FLOP/s in files from before it
+    assert estimate(load_recipe("voc-oracle-one", overrides), 1, RATES.model_copy(
+        update={"open_vocabulary_images_per_s": 4.0}), 1).seconds_per_sample["label"] == pytest.approx(0.25)
+    assert RATES.labeler_images_per_s("open_vocabulary") == pytest.approx(
+        RATES.label_images_per_s * MASKRCNN_BENCH_TFLOP / OPEN_VOCABULARY_TFLOP)
+    assert RATES.labeler_images_per_s("maskrcnn_resnet50_fpn_v2") == RATES.label_images_per_s
+
+
+def test_a_second_labeler_adds_its_stage():
+    checked = load_recipe("voc-synthetic-one", {"agreement.labeler": {"model": "open_vocabulary",
+                                                                      "weights": "facebook/sam3"}})
+    e = estimate(checked, 10_000, RATES, gpus=8)
+    assert list(e.gpu_hours) == ["generate+annotate", "agreement"]
+    assert e.seconds_per_sample["agreement"] == pytest.approx(1 / RATES.labeler_images_per_s("open_vocabulary"))
+    assert e.total_gpu_hours == pytest.approx(estimate(load_recipe("voc-synthetic-one"), 10_000, RATES, 8)
+                                              .total_gpu_hours + 10_000 * e.seconds_per_sample["agreement"] / 3600)
 
 
 def test_annotator_recipes_have_one_gpu_stage():

@@ -268,8 +268,10 @@ def test_label_stage_policy_with_a_stub_detector():
 
     for policy in ("drop", "ignore"):
         labeler = stage(score_threshold=0.5, ignore_threshold=0.2, on_missing=policy)
-        labeler.detector = lambda images: [found_all, cat_only, nothing]
+        asked = []
+        labeler.detector = lambda images, classes: asked.append(classes) or [found_all, cat_only, nothing]
         out = labeler(batch(size=size, classes=(["dog", "cat"], ["dog", "cat"], ["dog"])))
+        assert asked == [[[DOG, CAT], [DOG, CAT], [DOG]]]  # each image is asked for its prompt's classes
         reason = "" if policy == "ignore" else CLASS_NOT_FOUND
         assert out["drop_reason"].tolist() == ["", reason, reason]
         complete, partial, empty = out["label"]

@@ -64,6 +64,15 @@ def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):
     daam = label_provenance(load_recipe("tiny", {"annotator": {"daam": True}}), "daam")
     assert daam["kind"] == "daam" and daam["trained"] == {name: False for name in voc}  # zero-shot everywhere
 
+    # an oracle that decides which of the module's labels are kept knows every class: not zero-shot
+    checked = {"agreement": {"labeler": {"model": "tiny"}}}
+    recorded = label_provenance(load_recipe("tiny", {"annotator": {"checkpoint": checkpoint}, **checked}), "grounding")
+    assert recorded == annotated  # min_iou 0: the agreement is recorded, no label is chosen by it
+    acting = {"annotator": {"checkpoint": checkpoint}, "agreement": {**checked["agreement"], "min_iou": 0.5}}
+    filtered = label_provenance(load_recipe("tiny", acting), "grounding")
+    assert filtered["kind"] == "annotator" and filtered["trained_split"] is None
+    assert filtered["trained"] == {name: True for name in voc} and filtered["chosen_by"] == "tiny"
+
 
 def test_more_samples_than_planned_is_said(tmp_path):
     prepared = prepare_build(load_recipe("tiny", {"num_samples": 1000, "out": str(tmp_path / "ds")}))

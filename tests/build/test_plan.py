@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from factory.build.plan import all_attempts, build_plan, load_prompt_file, next_attempts, plan_digest, selected_classes
+from factory.build.plan import all_attempts, build_plan, load_prompt_file, next_attempts, plan_digest
 from factory.build.recipe import Recipe, RecipeError, load_recipe
 from factory.core.vocab import VOC
 
@@ -262,7 +262,7 @@ def test_prompt_file_missing(tmp_path):
 def test_seen_split_excludes_unseen_classes():
     unseen = {"tvmonitor", "car", "dog", "sofa", "train"}
     r = recipe(classes="seen", split=1, per_class=2)
-    assert set(selected_classes(r, VOC)) == set(VOC.names) - unseen
+    assert set(r.selected_classes) == set(VOC.names) - unseen
     plan = build_plan(r)
     assert len(plan) == 30
     assert not {name for s in plan for name in s.classes} & unseen
@@ -281,3 +281,33 @@ def test_prompt_file_with_too_many_classes(tmp_path):
     path.write_text("a photograph of " + " and ".join(f"{{{n}}}" for n in names) + "\n")
     with pytest.raises(RecipeError, match="at most 8"):
         build_plan(load_recipe("tiny", {"prompts": {"file": str(path)}}))
+
+
+# ------------------------------------------------------------------ user-defined vocabularies, prompts per class
+
+def test_per_class_templates_join_the_classes_prompts():
+    r = recipe(classes=["dog", "cat"], per_class=40,
+               prompts={"per_class": {"dog": ["a {} asleep on a sofa", "a wet {} on a beach"]}})
+    plan = build_plan(r)
+    dogs = Counter(s.prompt for s in plan if s.classes == ("dog",))
+    assert set(dogs) == {"a dog asleep on a sofa", "a wet dog on a beach"} and min(dogs.values()) >= 10
+    assert {s.prompt for s in plan if s.classes == ("cat",)} == {"a photograph of a cat"}  # the template
+    assert all(s.class_words == s.classes for s in plan)  # each prompt's class word, for the token locator
+    assert as_tuples(build_plan(r)) == as_tuples(plan)  # the choice is the plan seed's
+
+
+def test_user_vocabulary_plan_names_its_classes_naturally():
+    street = load_recipe("tiny", {"vocabulary": "vocabularies/street.yaml", "classes": "unseen", "split": 1,
+                                  "per_pair": 0, "num_samples": None})
+    assert [(s.classes, s.class_words, s.prompt) for s in build_plan(street)] == [
+        (("cyclist",), ("bicycle",), "a photograph of a bicycle")]
+
+
+def test_pairs_from_the_vocabulary():
+    signs = dict(vocabulary={"name": "signs", "pairs": [["stop", "light"]], "classes": [
+        {"name": "stop", "detector": "stop sign"}, {"name": "light", "detector": "traffic light"},
+        {"name": "hydrant", "detector": "fire hydrant"}]})
+    plan = build_plan(recipe(**signs, per_class=0, per_pair=3, pairs="vocabulary"))
+    assert Counter(frozenset(s.classes) for s in plan) == {frozenset({"stop", "light"}): 3}
+    with pytest.raises(RecipeError, match="vocabulary signs has no pair whose classes are both selected"):
+        build_plan(recipe(**signs, classes=["stop", "hydrant"], per_pair=1, pairs="vocabulary"))

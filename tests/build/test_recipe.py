@@ -193,6 +193,8 @@ def test_content_key_ignores_run_settings(overrides):
     {"prompts.one": "a picture of a {0}"},
     {"writer.image_format": "jpeg"},
     {"annotator.daam": True},
+    {"prompts.per_class": {"dog": ["a {} on a sofa"]}},
+    {"vocabulary": "vocabularies/street.yaml", "classes": "all"},
 ], ids=lambda o: ",".join(o))
 def test_content_key_follows_content(overrides):
     assert load_recipe("tiny", {**BASE, **overrides}).content_key() != load_recipe("tiny", BASE).content_key()
@@ -217,3 +219,68 @@ def test_text_fields_are_taken_verbatim_from_the_command_line():
     assert parse(["--prompts.file", "null"]).prompts.file is None
 
 
+
+
+# ------------------------------------------------------------------ user-defined vocabularies
+
+def test_a_vocabulary_file_is_kept_as_its_definition(tmp_path):
+    """The recipe (and so the manifest and the content key) holds the definition, not the path:
+    the same file elsewhere is the same recipe, and a changed file another one."""
+    street = load_recipe("tiny", {"vocabulary": "vocabularies/street.yaml"})
+    assert street.vocabulary["name"] == "street" and street.selected_classes == ["vehicle", "pedestrian", "cyclist"]
+    assert street.vocabulary["classes"][0] == {"index": 1, "name": "vehicle", "natural": "car",
+                                               "synonyms": ["automobile"], "detector": "car"}
+    moved = tmp_path / "mine.yaml"
+    moved.write_text((RECIPE_DIR / "vocabularies" / "street.yaml").read_text())
+    assert load_recipe("tiny", {"vocabulary": str(moved)}) == street
+    assert Recipe.model_validate(street.model_dump(mode="json")).content_key() == street.content_key()
+    moved.write_text(moved.read_text().replace("synonyms: [automobile]", "synonyms: [automobile, sedan]"))
+    assert load_recipe("tiny", {"vocabulary": str(moved)}).content_key() != street.content_key()
+    inline = load_recipe("tiny", {"vocabulary": {"name": "two", "classes": [{"name": "hound", "detector": "dog"},
+                                                                            {"name": "kitty", "detector": "cat"}]}})
+    assert inline.selected_classes == ["hound", "kitty"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"vocabulary": "ade20k"},
+     "--vocabulary: unknown vocabulary 'ade20k' (choices: voc, coco, shapes, or a .yaml/.yml/.tsv file)"),
+    ({"vocabulary": "none.yaml"}, "--vocabulary: vocabulary file not found: none.yaml"),
+    ({"vocabulary": {"name": "mine", "classes": []}}, "--vocabulary: vocabulary mine has no classes"),
+    ({"vocabulary": "vocabularies/street.yaml", "classes": "vehicle,dog"},
+     "--classes: unknown class 'dog' in vocabulary street"),
+    ({"vocabulary": "vocabularies/street.yaml", "classes": "all", "split": 2},
+     "--split: unknown split 2 for vocabulary street (valid splits: 1)"),
+    ({"vocabulary": "vocabularies/warehouse.tsv", "classes": "all"},
+     "tiny.yaml: the tiny oracle has no class for forklift, pallet, hard_hat (vocabulary warehouse names no "
+     "detector class): label them with labeler.model open_vocabulary or annotator.checkpoint"),
+    ({"prompts.per_class": {"unicorn": ["a {} at dawn"]}},
+     "tiny.yaml: prompts: unknown class 'unicorn' in vocabulary voc"),
+    ({"prompts.per_class": {"dog": ["a dog at dawn"]}},
+     "tiny.yaml: prompts: template 'per_class: dog' must use 1 positional placeholder(s) {0}..: {0} missing"),
+])
+def test_bad_vocabulary_or_prompts(overrides, message):
+    assert recipe_error(overrides) == message
+
+
+# ------------------------------------------------------------------ open-vocabulary labeler
+
+def test_open_vocabulary_labeler():
+    sam3 = load_recipe("tiny", {"labeler.model": "open_vocabulary", "labeler.weights": "s3://models/sam3"})
+    assert sam3.labeler.sam is None and "sam" not in sam3.model_dump()["labeler"]  # unset: the content key stays
+    grounded = load_recipe("tiny", {"labeler.model": "open_vocabulary", "labeler.weights": "google/owlv2-base-patch16",
+                                    "labeler.sam": "facebook/sam-vit-huge"})
+    assert grounded.labeler.sam == "facebook/sam-vit-huge"
+    assert grounded.content_key() != sam3.content_key()
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"labeler.model": "open_vocabulary"},
+     "tiny.yaml: labeler: labeler open_vocabulary needs weights: a SAM 3, OWLv2 or Grounding DINO model"),
+    ({"labeler.model": "open_vocabulary", "labeler.weights": "torchvision"},
+     "tiny.yaml: labeler: weights: torchvision needs a torchvision COCO architecture, not open_vocabulary"),
+    ({"labeler.sam": "facebook/sam-vit-huge"},
+     "tiny.yaml: labeler: sam is for labeler open_vocabulary with a detector, not tiny"),
+], ids=["no weights", "torchvision", "sam without open_vocabulary"])
+def test_bad_open_vocabulary_labeler(overrides, message):
+    # Whether weights is SAM 3 (then sam is refused) is known when it loads: tests/build/test_openvocab.py.
+    assert recipe_error(overrides) == message

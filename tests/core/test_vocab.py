@@ -1,6 +1,20 @@
+from pathlib import Path
+
 import pytest
 
-from factory.core.vocab import COCO, COCO_DROPPED, COCO_DROPPED_IDS, VOC, UnknownClassError, get_vocabulary
+from factory.core.vocab import (
+    COCO,
+    COCO_DROPPED,
+    COCO_DROPPED_IDS,
+    SHAPES,
+    VOC,
+    UnknownClassError,
+    define_vocabulary,
+    get_vocabulary,
+    read_vocabulary,
+)
+
+VOCABULARIES = Path(__file__).resolve().parents[2] / "jobs" / "recipes" / "vocabularies"
 
 # Table 1 of seeds/000 (B.1), verbatim: (seen, unseen) per split.
 SEED_TABLE = {
@@ -177,7 +191,7 @@ def test_get_vocabulary():
     assert get_vocabulary("voc") is VOC and get_vocabulary("COCO") is COCO
     with pytest.raises(ValueError) as info:
         get_vocabulary("ade20k")
-    assert str(info.value) == "unknown vocabulary 'ade20k' (choices: voc, coco, shapes)"
+    assert str(info.value) == "unknown vocabulary 'ade20k' (choices: voc, coco, shapes, or a .yaml/.yml/.tsv file)"
 
 
 def test_shapes_splits_are_compositional():
@@ -194,3 +208,78 @@ def test_shapes_splits_are_compositional():
             colour, form = name.split("_")
             assert sum(c == colour for c, _ in seen_words) >= 3 and sum(f == form for _, f in seen_words) >= 3
     assert SHAPES.lookup("Red Disc").name == "red_disc" and SHAPES.lookup("red_disc").natural == "red disc"
+
+
+# ---- user-defined vocabularies
+
+
+def test_yaml_vocabulary_file():
+    signs = read_vocabulary(str(VOCABULARIES / "signs.yaml"))
+    assert signs.names == ("stop_sign", "warning_sign", "info_sign") and not signs.builtin
+    info = signs.lookup("blue square")  # the natural name finds the class, as in prompt files
+    assert (info.name, info.index, info.synonyms) == ("info_sign", 3, ("blue box",))
+    # the detector names a class of the mini world's oracle, which labels by shapes indices
+    assert (info.detector, info.coco_id) == ("blue square", SHAPES.lookup("blue_square").coco_id)
+    assert signs.unseen(1) == ("info_sign",) and signs.seen(1) == ("stop_sign", "warning_sign")
+    assert signs.pairs == (("stop_sign", "info_sign"), ("warning_sign", "info_sign"))
+    assert get_vocabulary(signs.definition()) == signs and get_vocabulary(signs.spec()) == signs
+    assert VOC.spec() == "voc" and get_vocabulary(VOC.definition()) is VOC  # a built-in name is the built-in
+
+
+def test_tsv_vocabulary_file_is_named_after_the_file():
+    warehouse = read_vocabulary(str(VOCABULARIES / "warehouse.tsv"))
+    assert warehouse.name == "warehouse" and warehouse.names == ("forklift", "pallet", "hard_hat")
+    assert warehouse.lookup("wooden pallet").name == "pallet"
+    assert warehouse.lookup("hard_hat").synonyms == ("safety helmet", "construction helmet")
+    assert warehouse.lookup("forklift").coco_id == 0 and warehouse.lookup("forklift").detector == ""  # none given
+    assert warehouse.unseen_splits == (("hard_hat",),)
+
+
+def test_vocabulary_file_on_s3(s3_endpoint, bucket):
+    import boto3
+
+    boto3.client("s3").put_object(Bucket=bucket, Key="vocab/signs.yaml",
+                                  Body=(VOCABULARIES / "signs.yaml").read_bytes())
+    assert read_vocabulary(f"s3://{bucket}/vocab/signs.yaml") == read_vocabulary(str(VOCABULARIES / "signs.yaml"))
+    with pytest.raises(ValueError, match=f"cannot read the vocabulary file s3://{bucket}/vocab/none.yaml"):
+        read_vocabulary(f"s3://{bucket}/vocab/none.yaml")
+
+
+def _classes(*entries):
+    return {"name": "mine", "classes": list(entries)}
+
+
+@pytest.mark.parametrize("definition, message", [
+    (_classes(), "vocabulary mine has no classes"),
+    ({"classes": ["a"]}, "a vocabulary needs a name"),
+    ({"name": "voc", "classes": ["a"]}, "vocabulary name 'voc' is a built-in vocabulary's; name yours otherwise"),
+    (_classes("a", "a"), "vocabulary mine: name a given twice"),
+    (_classes({"name": "a", "index": 1}, {"name": "b", "index": 1}), "vocabulary mine: index 1 given twice"),
+    (_classes({"name": "a", "index": 0}),
+     "vocabulary mine: class a has index 0; indices are 1..254 (0 is background, 255 ignore)"),
+    (_classes({"name": "a", "index": 255}),
+     "vocabulary mine: class a has index 255; indices are 1..254 (0 is background, 255 ignore)"),
+    (_classes("a", {"name": "b", "index": 3}),
+     "vocabulary mine: indices [1, 3] must be 1..2, each once (label maps and the segmenter's outputs are dense)"),
+    (_classes("a", {"name": "b", "natural": "a"}), "vocabulary mine: 'a' names two classes"),
+    (_classes({"name": "a", "colour": "red"}),
+     "vocabulary mine: class a has unknown keys ['colour'] (name, natural, synonyms, index, detector)"),
+    (_classes({"name": "a", "synonyms": "b"}), "vocabulary mine: class a's synonyms are a list of names"),
+    (_classes({"name": "a", "detector": "forklift"}),
+     "vocabulary mine: class a's detector: unknown class 'forklift' in vocabulary coco (did you mean: fork?)"),
+    ({**_classes("a", "b"), "unseen": [["c"]]}, "vocabulary mine: unknown class 'c' in vocabulary mine"),
+    ({**_classes("a", "b"), "unseen": [["a", "b"]]},
+     "vocabulary mine: unseen split 1 must name at least one class and leave one seen"),
+    ({**_classes("a", "b"), "pairs": [["a", "a"]]}, "vocabulary mine: a pair is two different classes"),
+    ({**_classes("a"), "detector": "ade"}, "vocabulary mine: detector 'ade' is not coco or shapes"),
+])
+def test_bad_vocabularies_are_one_line_errors(definition, message):
+    with pytest.raises(ValueError) as info:
+        define_vocabulary(definition)
+    assert str(info.value) == message
+
+
+def test_explicit_indices_order_the_classes():
+    mine = define_vocabulary(_classes({"name": "a", "index": 2}, {"name": "b", "index": 1, "detector": "dog"}))
+    assert mine.names == ("b", "a") and mine.by_index(1).name == "b"
+    assert (mine.lookup("b").coco_id, mine.lookup("b").detector) == (18, "dog")

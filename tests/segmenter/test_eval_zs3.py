@@ -20,7 +20,6 @@ from segmenter.evaluate import ZS3EvalOptions, format_table, predict, prepare_ev
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
 from segmenter.text import TEMPLATE, encode_class_names
-from segmenter.train import vocabulary_json
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +36,7 @@ def save_tiny_checkpoint(uri: Path, vocabulary: Vocabulary, setting: str, split:
     if head == "text":
         model.add_class_embeddings([vocabulary.lookup(n).index for n in names], encode_class_names("tiny", vocabulary, names))
     save_segmenter_checkpoint(str(uri), model, None, {
-        "iteration": 0, "vocabulary": vocabulary_json(vocabulary), "setting": setting, "split": split,
+        "iteration": 0, "vocabulary": vocabulary.definition(), "setting": setting, "split": split,
         "seen": list(vocabulary.seen(split)), "unseen": list(vocabulary.unseen(split)),
         "text_classes": list(names) if head == "text" else None})
     return uri

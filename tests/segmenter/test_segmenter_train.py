@@ -48,7 +48,6 @@ from segmenter.train import (
     mixed_batches,
     prepare_training,
     training_datasets,
-    vocabulary_json,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -93,7 +92,7 @@ def make_synthetic(uri: str, split: int | None = 1, samples: int = 12, labeler: 
         location.write_bytes(path, buffer.getvalue())
         files.append({"path": path, "rows": len(rows)})
     manifest = {"format": "dataset-factory/1", "name": "fixture", "recipe": {"vocabulary": "voc", "split": split},
-                "vocabulary": vocabulary_json(VOC), "files": files}
+                "vocabulary": VOC.definition(), "files": files}
     if labeler is not None:
         manifest["labels"] = labels_record(labeler, split)
     location.write_bytes("manifest.json", json.dumps(manifest).encode())
@@ -270,7 +269,7 @@ def test_zero_shot_refuses_labels_from_a_labeler_trained_on_unseen_classes(tmp_p
 def _save_init(uri: Path, setting: str, split: int | None, head: str = "closed") -> str:
     text = {"head": "text", "text_encoder": "tiny", "text_template": "{}", "text_dim": 32} if head == "text" else {}
     model = Segmenter(SegmenterModelConfig.tiny(21, **text))
-    save_segmenter_checkpoint(str(uri), model, None, {"iteration": 1, "vocabulary": vocabulary_json(VOC),
+    save_segmenter_checkpoint(str(uri), model, None, {"iteration": 1, "vocabulary": VOC.definition(),
                                                       "setting": setting, "split": split})
     return str(uri)
 
