@@ -213,7 +213,7 @@ _LABELS = (*LABEL_COLUMNS, "label_seconds")
 
 def model_stages(recipe: Recipe) -> list[StageSpec]:
     """The recipe's model stages, in order: generate then label, generate-and-annotate, or read real
-    images and label them; quality."""
+    images and label them; a second labeler's agreement; quality."""
     gen = recipe.generator.model_copy(update={"model": absolute_model_source(recipe.generator.model)})
     lab = _absolute_labeler(recipe.labeler)
     annotator = recipe.annotator.model_copy(update={"checkpoint": absolute_model_source(recipe.annotator.checkpoint)})
