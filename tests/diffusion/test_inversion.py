@@ -32,6 +32,7 @@ def world():
     return pipe, images, [prompt_of(classes) for classes, _ in ITEMS]
 
 
+@pytest.mark.slow  # 25 steps each way through the world's generator: about a minute on 2 cores
 def test_ddim_inversion_regenerates_the_image(world):
     """The paper's setting, 50 steps at guidance 1. Measured: 25.4, 26.0, 22.4 dB from the
     inversion; 16.1, 14.5, 12.3 dB from a random seed's noise with the same prompt."""

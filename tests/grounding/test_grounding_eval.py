@@ -419,6 +419,7 @@ def test_eval_job_input_errors(test_set, checkpoints, tmp_path, capsys):
     assert "must name a file" in eval_error(capsys, *good, "--out", "s3://bucket")
 
 
+@pytest.mark.slow  # its test set is built on the Ray cluster
 def test_a_split_whose_unseen_classes_the_module_saw_is_refused(test_set, checkpoints):
     """The old evaluation scored split 1's module on splits 2 and 3 too, whose unseen classes it
     had trained on; now each split needs a module that never saw its unseen classes."""
@@ -449,6 +450,7 @@ def with_recipe(test_set: Path, folder: Path, **generator) -> Path:
     return folder
 
 
+@pytest.mark.slow  # its test set is built on the Ray cluster
 def test_test_set_of_other_features_is_refused_and_other_images_noted(test_set, checkpoints, tmp_path):
     def evaluate(data: Path) -> EvalPlan:
         return prepare_evaluation(GroundingEvalOptions(checkpoints={1: str(checkpoints[1])}, data=str(data)))
@@ -469,6 +471,7 @@ def test_test_set_of_other_features_is_refused_and_other_images_noted(test_set, 
         f"the features are alike")
 
 
+@pytest.mark.slow  # its test set is built on the Ray cluster
 def test_checkpoint_without_a_generation_record_is_refused(test_set, checkpoints, tmp_path):
     """Checkpoints written before they recorded their training data's generation: their total steps
     are unknown, so nothing could show a mismatch; retraining is the safe way."""
@@ -483,6 +486,7 @@ def test_checkpoint_without_a_generation_record_is_refused(test_set, checkpoints
                                   f"guidance scale, prompt templates): it predates that record; retrain it")
 
 
+@pytest.mark.slow  # its test set is built on the Ray cluster
 def test_automatic_test_set_filter(test_set):
     """Detector agreement and the quality score replace the papers' manual check of test sets."""
     source = TripletSource.open(str(test_set))
