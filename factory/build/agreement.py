@@ -14,13 +14,9 @@ import time
 
 import numpy as np
 
-from factory.build.detect import load_detector
-from factory.build.label import oracle_labels
+from factory.build.label import LabelStage
 from factory.build.recipe import AgreementConfig
 from factory.core.conventions import IGNORE
-from factory.core.devices import pick_device
-from factory.core.loading import load_with_retries
-from factory.core.vocab import get_vocabulary
 from factory.dataset.codec import objects
 
 DISAGREE = "labelers_disagree"  # the drop reason of a sample with a disagreeing class
@@ -54,24 +50,18 @@ class AgreementStage:
     """Ray Data actor stage: the second labeler's masks against the batch's labels."""
 
     def __init__(self, config: AgreementConfig, vocabulary: str | dict, image_size: int, load_attempts: int = 3):
-        self.config, self.vocabulary = config, get_vocabulary(vocabulary)
-        lab = config.labeler
-        self.detector = load_with_retries(f"agreement labeler {lab.model}" + (f" weights {lab.weights}" if lab.weights
-                                                                             else ""),
-                                          lambda: load_detector(lab, self.vocabulary, image_size, pick_device()),
-                                          load_attempts)
+        self.config = config
+        self.checker = LabelStage(config.labeler, vocabulary, image_size, load_attempts, role="agreement labeler")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
         n, c = len(batch["classes"]), self.config
-        classes = [[self.vocabulary.lookup(name) for name in names] for names in batch["classes"]]
-        ious = []
-        for i, (image_classes, found) in enumerate(zip(classes, self.detector(batch["image"], classes))):
-            second = oracle_labels(found, image_classes, c.labeler, batch["image"].shape[1:3]).masks
-            first = unpack_masks(batch["class_bits"][i], len(image_classes))
+        ious, checked = [], self.checker.labels(batch["image"], batch["classes"])
+        for i, (names, second) in enumerate(zip(batch["classes"], checked)):
+            first = unpack_masks(batch["class_bits"][i], len(names))
             batch["label"][i], iou, reason = apply_agreement(
-                batch["label"][i], [info.index for info in image_classes], first, second,
-                min_iou=c.min_iou, action=c.action)
+                batch["label"][i], [self.checker.vocabulary.lookup(name).index for name in names], first,
+                second.masks, min_iou=c.min_iou, action=c.action)
             batch["drop_reason"][i] = batch["drop_reason"][i] or reason
             ious.append(iou)
         batch["agreement"] = objects(ious)

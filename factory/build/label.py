@@ -83,22 +83,25 @@ def semantic_label_map(labels: list[ClassLabel], owner: np.ndarray, ignore: np.n
 class LabelStage:
     """Ray Data actor around the detector: adds label maps, class masks and scores."""
 
-    def __init__(self, config: LabelerConfig, vocabulary: str, image_size: int, load_attempts: int = 3):
+    def __init__(self, config: LabelerConfig, vocabulary: str | dict, image_size: int, load_attempts: int = 3,
+                 role: str = "labeler"):
         self.config = config
         self.vocabulary = get_vocabulary(vocabulary)
         models = "".join(f" {field} {value}" for field, value in (("weights", config.weights), ("sam", config.sam))
                          if value)
-        self.detector = load_with_retries(f"labeler {config.model}{models}",
+        self.detector = load_with_retries(f"{role} {config.model}{models}",
                                           lambda: load_detector(config, self.vocabulary, image_size, pick_device()),
                                           load_attempts)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()
-        classes = [[self.vocabulary.lookup(name) for name in names] for names in batch["classes"]]
-        labels = [oracle_labels(detections, image_classes, self.config, image.shape[:2])
-                  for image, image_classes, detections in zip(batch["image"], classes,
-                                                              self.detector(batch["image"], classes))]
-        return attach_labels(batch, labels, start)
+        return attach_labels(batch, self.labels(batch["image"], batch["classes"]), start)
+
+    def labels(self, images: np.ndarray, names: np.ndarray) -> list[SampleLabels]:
+        """Each image's labels of its classes (``names``: a list of class names per image)."""
+        classes = [[self.vocabulary.lookup(name) for name in image_names] for image_names in names]
+        return [oracle_labels(detections, image_classes, self.config, image.shape[:2])
+                for image, image_classes, detections in zip(images, classes, self.detector(images, classes))]
 
 
 def oracle_labels(detections: Detections, classes: list[ClassInfo], config: LabelerConfig,
