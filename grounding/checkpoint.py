@@ -27,10 +27,12 @@ from grounding.model import GroundingModule
 
 FORMAT = "grounding-checkpoint/2"
 
-# Fields of "generation" that decide which U-Net features the module reads: the model, and
-# which denoising call of how many (the timestep schedule depends on the total). A use that
+# Fields of "generation" that decide which U-Net features the module reads: the model, the sampler,
+# and which denoising call of how many (the timestep schedule depends on the total). A use that
 # differs in one of them gives the module features it never saw, and is refused.
-FEATURE_FIELDS = {"model": "generator model", "steps": "total steps", "capture_step": "capture step"}
+FEATURE_FIELDS = {"model": "generator model", "scheduler": "sampler", "steps": "total steps",
+                  "capture_step": "capture step"}
+RECORD_DEFAULTS = {"scheduler": "ddim"}  # what records written before a field existed mean
 # Fields that change how the images and prompts look, not how features are made: warned about.
 OTHER_FIELDS = {"guidance_scale": "guidance scale", "prompts": "prompt template"}
 
@@ -58,7 +60,8 @@ def generation_record(recipe: dict, capture_step: int) -> dict:
     """The "generation" of images made by a build `recipe` (its JSON form), captured `capture_step`
     steps before the end: what checkpoints record and ``check_generation`` compares."""
     generator = recipe["generator"]
-    return {"model": generator["model"], "steps": generator["steps"], "capture_step": capture_step,
+    return {"model": generator["model"], "scheduler": generator.get("scheduler", "ddim"),
+            "steps": generator["steps"], "capture_step": capture_step,
             "guidance_scale": generator["guidance_scale"], "prompts": recipe["prompts"]}
 
 
@@ -78,7 +81,7 @@ def check_generation(trained: dict, used: dict) -> tuple[list[str], list[str]]:
     def changed(fields: dict[str, str]) -> list[str]:
         out = []
         for key, name in fields.items():
-            ours, theirs = trained[key], used[key]
+            ours, theirs = (record.get(key, RECORD_DEFAULTS.get(key)) for record in (trained, used))
             if isinstance(ours, dict):  # the prompt templates, each by its own name
                 out += [f"{name} {k} {ours.get(k)!r} vs {theirs.get(k)!r}"
                         for k in sorted({*ours, *theirs}) if ours.get(k) != theirs.get(k)]

@@ -16,15 +16,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from factory.build.recipe import AnnotatorConfig, GeneratorConfig
+from factory.build.generate import load_generator
+from factory.build.recipe import AnnotatorConfig, FastConfig, GeneratorConfig
 from factory.core.conventions import IGNORE
-from factory.core.devices import pick_device, pick_dtype
+from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import CLASS_NOT_FOUND, SampleLabels, attach_labels
 from factory.diffusion.daam import CrossAttentionRecorder, daam_scores
 from factory.diffusion.features import FeatureCapture
-from factory.diffusion.pipelines import generate, load_pipeline
+from factory.diffusion.pipelines import generate
 from factory.diffusion.steps import capture_call_index
 from factory.diffusion.tokens import class_token_positions
 from grounding.checkpoint import load_grounding_checkpoint
@@ -74,12 +75,11 @@ class AnnotateStage:
     """
 
     def __init__(self, generator: GeneratorConfig, annotator: AnnotatorConfig, vocabulary: str,
-                 load_attempts: int = 3):
+                 fast: FastConfig | None = None, load_attempts: int = 3):
         self.generator, self.annotator = generator, annotator
         self.vocabulary = get_vocabulary(vocabulary)
         self.device = pick_device()
-        self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
-            generator.model, self.device, pick_dtype(generator.dtype, self.device)), load_attempts)
+        self.pipe = load_generator(generator, fast, load_attempts, self.device)
         self.module = None if annotator.daam else GroundingAnnotator(annotator.checkpoint, self.device, load_attempts)
 
     @torch.no_grad()
@@ -102,7 +102,7 @@ class AnnotateStage:
     def with_module(self, prompts: list[str], words: list[list[str]],
                     seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Images and (B, O, H, W) class probabilities from the module."""
-        call = capture_call_index(self.generator.steps, self.module.remaining)
+        call = capture_call_index(self.generator.steps, self.module.remaining, self.generator.scheduler)
         with FeatureCapture(self.pipe.unet, call, batch=len(prompts)) as hooks:
             images = self.generate(prompts, seeds)
         return images, self.module.probabilities(self.pipe, hooks.features, prompts, words, images.shape[1:3])

@@ -33,6 +33,15 @@ class Rates(BaseModel):
     label_images_per_s: float = Field(..., gt=0)
     # labeler.model open_vocabulary; unset (rates files from before it): Mask R-CNN's rate at the same FLOP/s
     open_vocabulary_images_per_s: float | None = Field(None, gt=0)
+    measured: tuple[str, ...] = ()  # the rates a file gave (bench/gpu.py measured them); the others are anchors
+
+    def origin(self, name: str) -> str:
+        """Where a rate comes from, for the estimate's reader."""
+        if name in self.measured:
+            return "measured"
+        if name == "open_vocabulary_images_per_s" and self.open_vocabulary_images_per_s is None:
+            return f"Mask R-CNN's rate at its FLOP, {self.origin('label_images_per_s')}"
+        return "public anchor"
 
     def labeler_images_per_s(self, model: str) -> float:
         """The rate of the recipe's labeler (``labeler.model``)."""
@@ -73,8 +82,14 @@ FEATURE_VALUES_512 = 18_104_320  # SD 1.5 U-Net feature values per sample (8960/
 PART_BYTES_WARNING = 2e9  # a write task holds its whole part in memory
 
 
+RATE_FIELDS = ("unet_forwards_per_s", "vae_images_per_s", "label_images_per_s", "open_vocabulary_images_per_s")
+
+
 def load_rates(path: str | None) -> Rates:
-    """Rates from a JSON file (`bench/gpu.py --out`, or a bare rates object), or the defaults."""
+    """Rates from a JSON file (`bench/gpu.py --out`, or a bare rates object), or the defaults.
+
+    The file's rates are marked measured; a stage it lacks (a sweep that measured only the
+    generator) takes the public anchor's rate, scaled to the file's image size."""
     if path is None:
         return DEFAULT_RATES
     try:
@@ -84,7 +99,14 @@ def load_rates(path: str | None) -> Rates:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"rates file {path} is not JSON: {exc}") from None
     try:
-        return Rates.model_validate(data.get("rates", data) if isinstance(data, dict) else data)
+        given = data.get("rates", data) if isinstance(data, dict) else data
+        if not isinstance(given, dict):
+            raise ConfigError(f"rates file {path} holds no rates object")
+        size = given.get("image_size", DEFAULT_RATES.image_size)
+        scale = (DEFAULT_RATES.image_size / size) ** 2 if isinstance(size, int) and size > 0 else 1.0
+        anchors = {name: getattr(DEFAULT_RATES, name) * scale for name in RATE_FIELDS[:3] if given.get(name) is None}
+        measured = tuple(name for name in RATE_FIELDS if given.get(name) is not None)
+        return Rates.model_validate({**given, **anchors, "measured": measured})
     except ValidationError as exc:
         raise ConfigError(f"rates file {path}: {one_line(exc, Rates)}") from None
 
@@ -114,6 +136,10 @@ def _making_seconds(recipe: Recipe, rates: Rates) -> dict[str, float]:
     if recipe.annotator.enabled:
         return {"generate+annotate": generate}
     return {"generate": generate, "label": _label_seconds(recipe.labeler.model, recipe, rates)}
+
+
+def _labeler_field(model: str) -> str:
+    return "open_vocabulary_images_per_s" if model == "open_vocabulary" else "label_images_per_s"
 
 
 def _label_seconds(model: str, recipe: Recipe, rates: Rates) -> float:
@@ -206,9 +232,10 @@ def format_estimate(e: Estimate, recipe: Recipe) -> str:
     g, labeler_rate = recipe.generator, e.rates.labeler_images_per_s(recipe.labeler.model)
     lines = [f"Estimate for {e.recipe}: {e.samples:,} samples, {g.width}x{g.height}, {g.steps} steps, "
              f"guidance {g.guidance_scale}, on {e.gpus} GPU(s)",
-             f"  rates     {e.rates.source}: U-Net {e.rates.unet_forwards_per_s:.4g}/s, "
-             f"VAE {e.rates.vae_images_per_s:.4g}/s, labeler {labeler_rate:.4g}/s "
-             f"(per GPU at {e.rates.image_size}x{e.rates.image_size})"]
+             f"  rates     {e.rates.source}, per GPU at {e.rates.image_size}x{e.rates.image_size}: "
+             f"U-Net {e.rates.unet_forwards_per_s:.4g}/s ({e.rates.origin('unet_forwards_per_s')}), "
+             f"VAE {e.rates.vae_images_per_s:.4g}/s ({e.rates.origin('vae_images_per_s')}), "
+             f"labeler {labeler_rate:.4g}/s ({e.rates.origin(_labeler_field(recipe.labeler.model))})"]
     for stage, hours in e.gpu_hours.items():
         lines.append(f"  {stage:<18}{e.seconds_per_sample[stage]:9.3f} GPU-s per sample {hours:10.2f} GPU-hours")
     lines.append(f"  total     {e.total_gpu_hours:.2f} GPU-hours ({e.total_gpu_hours / 24:.2f} GPU-days)"

@@ -8,6 +8,7 @@ with the manifest and the preview.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import logging
@@ -222,20 +223,22 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
         source = recipe.source.model_copy(update={"images": absolute_model_source(recipe.source.images)})
         stages = [StageSpec("factory.build.real:ImageStage",
                             {"generator": gen, "source": source, "capture": recipe.capture, "annotator": annotator,
-                             "vocabulary": recipe.vocabulary, "load_attempts": attempts}, gen.batch_size,
+                             "vocabulary": recipe.vocabulary, "fast": recipe.fast, "load_attempts": attempts},
+                            gen.batch_size,
                             reads=("source_image", "prompt", "seed", "classes", "class_words"),
                             adds=("image", "psnr", "generate_seconds", "timestep", "latent", "features_<r>",
                                   *_LABELS))]
     elif annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
         stages = [StageSpec("factory.build.annotate:AnnotateStage",
                             {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
-                             "load_attempts": attempts}, gen.batch_size,
+                             "fast": recipe.fast, "load_attempts": attempts}, gen.batch_size,
                             reads=("prompt", "seed", "classes", "class_words"),
                             adds=("image", "generate_seconds", *_LABELS))]
     else:
         capture = ("timestep", "latent", "features_<r>", "ufeatures_<r>", "daam")
         stages = [StageSpec("factory.build.generate:GenerateStage",
-                            {"config": gen, "capture": recipe.capture, "load_attempts": attempts}, gen.batch_size,
+                            {"config": gen, "capture": recipe.capture, "fast": recipe.fast, "load_attempts": attempts},
+                            gen.batch_size,
                             reads=("prompt", "seed", "class_words"), adds=("image", "generate_seconds", *capture)),
                   StageSpec("factory.build.label:LabelStage",
                             {"config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width),
@@ -295,29 +298,68 @@ class ModelActor:
 
     The labeler needs a few percent of the generator's time, so a pool of its own would
     hold GPUs that mostly idle (and one GPU could not host both pools); here every GPU
-    does both, and only PNG bytes cross the object store. Two calls run at once: the
-    lock keeps the models to one batch at a time, and the other call encodes its
-    finished batch meanwhile, off the GPU's critical path.
+    does both, and only PNG bytes cross the object store. Two calls run at once. By default
+    one lock keeps the models to one batch at a time, and the other call encodes its finished
+    batch meanwhile, off the GPU's critical path. With ``overlap`` each phase of each stage
+    (a stage's ``phases``: the generator's denoise and decode) has a lock and a CUDA stream of
+    its own, so batch k decodes and is labelled while batch k+1 denoises.
     """
 
-    def __init__(self, stages: list[StageSpec], encode: dict):
-        self.stages = [(resolve_stage(spec.stage)(**spec.kwargs), spec.batch_size) for spec in stages]
-        self.encode = encode
-        self.models = threading.Lock()
+    def __init__(self, stages: list[StageSpec], encode: dict, overlap: bool = False, static_batch: bool = False):
+        self.phases = []
+        for spec in stages:
+            stage = resolve_stage(spec.stage)(**spec.kwargs)
+            self.phases += [(phase, spec.batch_size) for phase in getattr(stage, "phases", (stage,))]
+        self.encode, self.static_batch = encode, static_batch
+        self.locks = [threading.Lock() for _ in self.phases] if overlap else [threading.Lock()]
+        self.streams = _phase_streams(len(self.phases)) if overlap else [contextlib.nullcontext]
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        with self.models:
-            for stage, batch_size in self.stages:
-                batch = _in_batches(stage, batch, batch_size)
+        if len(self.locks) == 1:  # the models one batch at a time, every phase under one lock
+            with self.locks[0]:
+                for phase, batch_size in self.phases:
+                    batch = _in_batches(phase, batch, batch_size, self.static_batch)
+        else:
+            for (phase, batch_size), lock, stream in zip(self.phases, self.locks, self.streams):
+                with lock, stream():
+                    batch = _in_batches(phase, batch, batch_size, self.static_batch)
         return encode_batch(batch, **self.encode)
 
 
-def _in_batches(stage, batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """The stage over the batch, at most ``size`` samples per call (its own batch size)."""
+def _phase_streams(count: int) -> list:
+    """A CUDA stream per phase on a GPU (kernels of two phases can then run at once); each ends
+    synchronized, as a phase's outputs leave for the CPU. Without a GPU: no streams."""
+    import torch  # in the actor only: the driver never imports torch for this
+
+    if not torch.cuda.is_available():
+        return [contextlib.nullcontext] * count
+
+    def on(stream):
+        @contextlib.contextmanager
+        def context():
+            with torch.cuda.stream(stream):
+                yield
+            stream.synchronize()
+        return context
+
+    return [on(torch.cuda.Stream()) for _ in range(count)]
+
+
+def _in_batches(stage, batch: dict[str, np.ndarray], size: int, static: bool = False) -> dict[str, np.ndarray]:
+    """The stage over the batch, at most ``size`` samples per call (its own batch size); ``static``:
+    exactly ``size``, a short call padded with copies of its last sample, which are cut off after."""
     n = len(batch["sample_id"])
-    if n <= size:
+    if n <= size and not (static and n < size):
         return stage(batch)
-    parts = [stage({key: column[i:i + size] for key, column in batch.items()}) for i in range(0, n, size)]
+    parts = []
+    for i in range(0, n, size):
+        part = {key: column[i:i + size] for key, column in batch.items()}
+        short = size - len(part["sample_id"]) if static else 0
+        if short:
+            part = {key: np.concatenate([column, np.repeat(column[-1:], short, axis=0)])
+                    for key, column in part.items()}
+        out = stage(part)
+        parts.append({key: column[:len(column) - short] for key, column in out.items()})
     return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
 
 
@@ -328,24 +370,36 @@ def _encode_options(recipe: Recipe, models: dict[str, str] | None) -> dict:
             "labeler": ids["labeler"]}  # the row's columns; the agreement labeler is the manifest's
 
 
+def write_concurrency(gpus: int) -> int:
+    """Write tasks in flight: one per 4 model actors, at least 2."""
+    return max(2, gpus // 4)
+
+
 def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
-                   stages: list[StageSpec] | None = None, models: dict[str, str] | None = None) -> list[Commit]:
+                   stages: list[StageSpec] | None = None, models: dict[str, str] | None = None,
+                   actor: type = ModelActor) -> list[Commit]:
     """The Ray Data pipeline over the samples still to make; returns their commits.
 
     One pool of model actors (``stages``, default ``model_stages(recipe)``, then encoding),
-    then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``).
+    then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``);
+    ``actor``: a ModelActor subclass (bench/scaling.py's holds its encoding as time).
     """
     gen, writer, pool = recipe.generator, recipe.writer, recipe.pool
     rows = [s.row() for s in todo]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, -(-len(rows) // gen.batch_size)))
     actors = ray.data.ActorPoolStrategy(min_size=pool.min_size, max_size=pool.max_size,
                                         max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
-    ds = ds.map_batches(ModelActor, batch_size=gen.batch_size, compute=actors, batch_format="numpy",
+    ds = ds.map_batches(actor, batch_size=gen.batch_size, compute=actors, batch_format="numpy",
                         fn_constructor_kwargs={"stages": stages or model_stages(recipe),
-                                               "encode": _encode_options(recipe, models)},
+                                               "encode": _encode_options(recipe, models),
+                                               "overlap": recipe.fast.overlap,
+                                               "static_batch": recipe.fast.static_batch},
                         **_accelerator_resources(recipe))
+    # A part's write takes a fraction of the time its batches took to make, so a few writes in flight
+    # keep up with many GPUs; unbounded, Ray Data runs one per free CPU and each starts a worker process.
     ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
-                        batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5)
+                        batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
+                        compute=ray.data.TaskPoolStrategy(size=write_concurrency(pool.max_size)))
     return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
 
 
@@ -354,7 +408,8 @@ def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: di
     """What ``stream_samples`` does, in this process and one part at a time, without Ray: for
     small sets made on one machine (the procedural source), where a Ray actor's one CPU would
     halve the torch threads. The same model actor, encoding and part writer."""
-    actor = ModelActor(stages or model_stages(recipe), _encode_options(recipe, models))
+    actor = ModelActor(stages or model_stages(recipe), _encode_options(recipe, models),
+                       static_batch=recipe.fast.static_batch)  # one call at a time: nothing to overlap
     commits = []
     for start in range(0, len(todo), recipe.writer.rows_per_file):
         batch = plan_batch(todo[start:start + recipe.writer.rows_per_file])
@@ -537,7 +592,7 @@ def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:
             "shapes": next((c.capture_shapes for c in commits if c.capture_shapes), {})}
     if capture.features != "none":
         info.update(steps_remaining=capture.step,
-                    unet_call=capture_call_index(recipe.generator.steps, capture.step))
+                    unet_call=capture_call_index(recipe.generator.steps, capture.step, recipe.generator.scheduler))
     return info
 
 

@@ -18,28 +18,26 @@ import numpy as np
 import torch
 
 from factory.build.annotate import GroundingAnnotator, annotation_labels
+from factory.build.generate import load_generator
 from factory.build.images import ImageReader, class_masks
-from factory.build.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, SourceConfig
-from factory.core.devices import pick_device, pick_dtype
-from factory.core.loading import load_with_retries
+from factory.build.recipe import AnnotatorConfig, CaptureConfig, FastConfig, GeneratorConfig, SourceConfig
+from factory.core.devices import pick_device
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import SampleLabels, attach_labels
 from factory.diffusion.features import fp16_array
 from factory.diffusion.inversion import image_features, reconstruction_psnr
-from factory.diffusion.pipelines import load_pipeline
 
 
 class ImageStage:
     """Ray Data actor: real images -> U-Net features -> labels; one GPU when there are GPUs."""
 
     def __init__(self, generator: GeneratorConfig, source: SourceConfig, capture: CaptureConfig,
-                 annotator: AnnotatorConfig, vocabulary: str, load_attempts: int = 3):
+                 annotator: AnnotatorConfig, vocabulary: str, fast: FastConfig | None = None, load_attempts: int = 3):
         self.generator, self.source, self.capture, self.annotator = generator, source, capture, annotator
         self.vocabulary = get_vocabulary(vocabulary)
         self.reader = ImageReader(source, vocabulary)
         device = pick_device()
-        self.pipe = load_with_retries(f"generator {generator.model}", lambda: load_pipeline(
-            generator.model, device, pick_dtype(generator.dtype, device)), load_attempts)
+        self.pipe = load_generator(generator, fast, load_attempts, device)
         self.module = (GroundingAnnotator(annotator.checkpoint, device, load_attempts) if annotator.checkpoint
                        else None)
         self.remaining = self.module.remaining if self.module else capture.step

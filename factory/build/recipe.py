@@ -33,6 +33,7 @@ from factory.core.vocab import (
     get_vocabulary,
     read_vocabulary_file,
 )
+from factory.diffusion.steps import REFERENCE_STEPS
 
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "jobs" / "recipes"
 DEFAULT_RECIPE = "shapes"
@@ -101,6 +102,32 @@ class GeneratorConfig(_Section):
     batch_size: int = Field(4, ge=1, le=256, description="prompts per generator call")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto': float16 on CUDA, float32 on CPU")
+    scheduler: Literal["ddim", "dpm++", "lcm"] = Field(
+        "ddim", description="sampler: 'ddim' (eta 0, the papers'), 'dpm++' (DPM-Solver++ 2M: about 25 steps for "
+        "DDIM-50's images), 'lcm' (4-8 steps of a latent consistency model: generator.lora an LCM-LoRA, "
+        "guidance_scale 1-2)")
+    # Left out of the recipe's dump while unset, so that datasets built before it keep their content key.
+    lora: str | None = Field(None, min_length=1, exclude_if=lambda value: value is None,
+                             description="LoRA weights fused into the U-Net at load (a diffusers .safetensors "
+                             "file, local or s3://): an LCM-LoRA for scheduler lcm")
+
+
+class FastConfig(_Section):
+    """How fast the model actor runs, not what it makes: each switch changes a sample by float rounding
+    at most (tests bound each against the reference path), so none is part of the content key."""
+    attention: Literal["sdpa", "math"] = Field(
+        "sdpa", description="'sdpa': PyTorch's fused scaled_dot_product_attention (flash or memory-efficient "
+        "kernels on a GPU); 'math': diffusers' plain matmul-softmax-matmul, the reference")
+    channels_last: bool = Field(False, description="U-Net and VAE in channels-last memory (faster convolutions "
+                                "on tensor cores)")
+    compile: Literal["off", "default", "max-autotune", "reduce-overhead"] = Field(
+        "off", description="torch.compile the U-Net as one graph (capture hooks compiled in; a graph break is "
+        "an error): 'default', 'max-autotune' (slower to start, tuned kernels), 'reduce-overhead' (CUDA graphs: "
+        "use with static_batch). Compiling takes minutes at the actor's first batch")
+    static_batch: bool = Field(False, description="pad every model call to its full batch size (a short last batch "
+                               "repeats its last sample), so a compiled model sees one shape")
+    overlap: bool = Field(False, description="pipeline the model actor: batch k's VAE decode, labels and encoding "
+                          "run (own CUDA stream, own thread) while batch k+1 denoises")
 
 
 class LabelerConfig(_Section):
@@ -204,7 +231,8 @@ class CaptureConfig(_Section):
     features: Literal["none", "latent", "tensors"] = Field(
         "none", description="U-Net features for grounding triplets: 'latent' stores the capture call's "
         "latent (features are one U-Net pass away, ~1000x smaller), 'tensors' the features themselves (fp16)")
-    step: int = Field(5, ge=1, description="denoising steps remaining at capture (the paper's t; best: 5 of 50)")
+    step: int = Field(5, ge=1, description="denoising steps remaining at capture (the paper's t; best: 5 of 50). "
+                      "generator.scheduler dpm++ or lcm: the call nearest DDIM-50's noise level at this step")
     unconditional: bool = Field(False, description="tensors mode: also store the unconditional branch")
     attention: bool = Field(False, description="store DAAM cross-attention heat maps per class "
                             "(the baseline that Protocol-I evaluation compares the grounding module with)")
@@ -278,6 +306,7 @@ class Recipe(_Section):
     capture: CaptureConfig = CaptureConfig()
     quality: QualityConfig = QualityConfig()
     pool: PoolConfig = PoolConfig()
+    fast: FastConfig = FastConfig()
     writer: WriterConfig = WriterConfig()
 
     @field_validator("classes", mode="before")
@@ -337,8 +366,14 @@ class Recipe(_Section):
             raise ValueError("per_class and per_pair are both 0: the plan would be empty")
         if self.per_pair > 0 and self.pairs is None:
             raise ValueError("per_pair > 0 needs pairs: a pair file or 'all'")
-        if self.capture.features != "none" and self.capture.step > self.generator.steps:
-            raise ValueError(f"capture.step {self.capture.step} is beyond generator.steps {self.generator.steps}")
+        if self.capture.features != "none":
+            steps, of = ((self.generator.steps, "generator.steps") if self.generator.scheduler == "ddim"
+                         else (REFERENCE_STEPS, f"DDIM-{REFERENCE_STEPS}, the reference of {self.generator.scheduler}"))
+            if self.capture.step > steps:
+                raise ValueError(f"capture.step {self.capture.step} is beyond {of} ({steps} steps)")
+        if self.fast.compile != "off" and (self.capture.attention or self.annotator.daam):
+            raise ValueError("fast.compile with DAAM: its recorder swaps the U-Net's attention processors for each "
+                             "batch, which a compiled graph does not see; compile off, or no attention maps")
         if self.annotator.enabled and (self.capture.features != "none" or self.capture.attention):
             raise ValueError("an annotator makes a segmentation set; capture is for oracle triplet sets")
         if self.source.enabled:
@@ -362,6 +397,9 @@ class Recipe(_Section):
             raise ValueError(f"source.classes_file is for a folder; {self.source.format} names each image's classes")
         if self.capture.unconditional:
             raise ValueError("capture.unconditional: real images are featurized without guidance")
+        if self.generator.scheduler != "ddim":
+            raise ValueError(f"real images are inverted or noised on DDIM's schedule, not {self.generator.scheduler}: "
+                             f"generator.scheduler ddim")
 
     def _check_detectable(self) -> None:
         vocabulary = get_vocabulary(self.vocabulary)
@@ -399,12 +437,12 @@ class Recipe(_Section):
 
         Resuming into an existing output requires the same key. Left out, and free to
         change between runs: name, output, sample count, attempts (a larger number replaces
-        what was given up), batch and pool sizes, file sizes.
+        what was given up), batch and pool sizes, speed switches (`fast`), file sizes.
         """
         data = self.model_dump(mode="json", exclude={
             "name": True, "out": True, "num_samples": True, "attempts": True,
             "writer": {"rows_per_file", "preview_samples"},
-            "pool": True, "generator": {"batch_size"}, "labeler": {"batch_size"},
+            "pool": True, "fast": True, "generator": {"batch_size"}, "labeler": {"batch_size"},
             "agreement": {"labeler": {"batch_size"}}})
         for section, fields in ADDED_FIELDS.items():
             for field, default in fields.items():
@@ -417,7 +455,7 @@ class Recipe(_Section):
 
 # Fields added after datasets were first built with this key: left out of it while at their
 # default, so that those datasets keep their key and resume after an upgrade.
-ADDED_FIELDS = {"annotator": {"daam": False}, "prompts": {"per_class": {}},
+ADDED_FIELDS = {"annotator": {"daam": False}, "prompts": {"per_class": {}}, "generator": {"scheduler": "ddim"},
                 "agreement": AgreementConfig().model_dump(mode="json"),
                 "source": SourceConfig().model_dump(mode="json")}
 

@@ -1,13 +1,14 @@
-"""Stable Diffusion internals: pipelines (real and tiny), one generation call, U-Net feature
-capture, class-word token positions, DAAM cross-attention maps and the CLIP quality score."""
+"""Stable Diffusion internals: pipelines (real and tiny), their samplers and fast paths, one
+generation call (denoise, decode), U-Net feature capture, class-word token positions, DAAM cross-attention maps and the CLIP quality score."""
 
 from factory.core.exports import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "clip": ("QualityScorer", "load_clip", "select_top_fraction"),
     "daam": ("DAAM_THRESHOLD", "CrossAttentionRecorder", "daam_masks"),
+    "fast": ("apply_fast_paths",),
     "features": ("FeatureCapture", "unet_features"),
-    "pipelines": ("encode_texts", "generate", "load_pipeline", "tiny_pipeline"),
-    "steps": ("capture_call_index",),
+    "pipelines": ("decode", "denoise", "encode_texts", "generate", "load_pipeline", "make_scheduler", "tiny_pipeline"),
+    "steps": ("capture_call_index", "reference_timestep"),
     "tokens": ("class_embeddings", "class_token_positions"),
 })

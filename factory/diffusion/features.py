@@ -5,7 +5,8 @@ outputs of every input block, the middle block and every output block (LDM's ter
 in diffusers: ``conv_in``, each down block's layers and downsampler, ``mid_block``,
 each up block's layers and upsampler), concatenated per resolution.
 
-Features are captured by forward hooks in the same U-Net call that makes the image.
+Features are captured by forward hooks in the same U-Net call that makes the image (a compiled
+U-Net too: the hooks are compiled in).
 With classifier-free guidance that call's batch is [unconditional; conditional], and
 sample i's features are row i of its half (the reference code interleaved samples
 for batch > 1). The latent and timestep of that call are kept too: one U-Net pass on
@@ -15,6 +16,8 @@ of real, ungenerated images are made (encode, noise to the step, one pass).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -40,12 +43,45 @@ def _tensor(output) -> torch.Tensor:
     return getattr(output, "sample", output)
 
 
-class FeatureCapture:
-    """Hooks a U-Net; keeps block outputs, input latent and timestep of one call.
+class _BlockRecorder:
+    """Forward hooks on a U-Net's captured blocks, installed once and left in place.
 
-    ``batch`` is the number of samples; a U-Net batch of twice that is a guidance
-    batch [unconditional; conditional]. ``features``/``unconditional`` map a resolution
-    to a (batch, channels, r, r) tensor, blocks concatenated in U-Net order.
+    A compiled U-Net traces the hooks it has at its first call and never sees hooks added
+    later, so they must be there from the start; their one flag is the only state they read,
+    so the U-Net compiles to two graphs (recording or not) and never breaks into eager code.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.recording = False
+        self.outputs: list[torch.Tensor] = []  # one list, cleared: a new one would be a new guard
+        for module in capture_modules(unet):
+            module.register_forward_hook(self._record)
+
+    def _record(self, module, args, output):
+        if self.recording:
+            self.outputs.append(_tensor(output).detach())
+
+
+_RECORDERS: weakref.WeakKeyDictionary[nn.Module, _BlockRecorder] = weakref.WeakKeyDictionary()
+
+
+def block_recorder(unet: nn.Module) -> _BlockRecorder:
+    """The U-Net's recorder (of the module inside, when ``unet`` is compiled), made at first use;
+    ``factory.diffusion.fast`` makes it before compiling."""
+    inner = getattr(unet, "_orig_mod", unet)
+    if inner not in _RECORDERS:
+        _RECORDERS[inner] = _BlockRecorder(inner)
+    return _RECORDERS[inner]
+
+
+class FeatureCapture:
+    """Keeps the block outputs, input latent and timestep of one U-Net call.
+
+    ``unet`` is what the pipeline calls (the module, or its compiled wrapper): hooks on it count
+    the calls, outside any compiled graph, and switch the block recorder on for call ``call``.
+    ``batch`` is the number of samples; a U-Net batch of twice that is a guidance batch
+    [unconditional; conditional]. ``features``/``unconditional`` map a resolution to a
+    (batch, channels, r, r) tensor, blocks concatenated in U-Net order.
     """
 
     def __init__(self, unet: nn.Module, call: int, batch: int, keep_unconditional: bool = False):
@@ -55,36 +91,35 @@ class FeatureCapture:
         self.timestep: int | None = None
         self._outputs: list[torch.Tensor] = []
         self._handles: list = []
+        self._recorder = block_recorder(unet)
 
     def __enter__(self) -> "FeatureCapture":
         self._handles.append(self.unet.register_forward_pre_hook(self._before_unet, with_kwargs=True))
         self._handles.append(self.unet.register_forward_hook(self._after_unet))
-        for module in capture_modules(self.unet):
-            self._handles.append(module.register_forward_hook(self._record))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-
-    @property
-    def _armed(self) -> bool:
-        return self.calls == self.call
+        self._recorder.recording = False
+        self._recorder.outputs.clear()
 
     def _before_unet(self, module, args, kwargs):
-        if self._armed:
+        if self.calls == self.call:
             sample = args[0] if args else kwargs["sample"]
             timestep = args[1] if len(args) > 1 else kwargs["timestep"]
             self.latent = sample[-self.batch:].detach().clone()  # both halves hold the same latent
             self.timestep = int(torch.as_tensor(timestep).reshape(-1)[0])
+            self._recorder.outputs.clear()
+            self._recorder.recording = True
 
     def _after_unet(self, module, args, output):
+        if self._recorder.recording:
+            self._outputs = list(self._recorder.outputs)
+            self._recorder.recording = False
+            self._recorder.outputs.clear()
         self.calls += 1
-
-    def _record(self, module, args, output):
-        if self._armed:
-            self._outputs.append(_tensor(output).detach())
 
     def _grouped(self, rows: slice) -> dict[int, torch.Tensor]:
         groups: dict[int, list[torch.Tensor]] = {}

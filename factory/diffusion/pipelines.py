@@ -5,7 +5,9 @@ Two ways to get a pipeline, one code path after that:
   encoder, BPE tokenizer) built from config in code; the default, and what tests use.
 - ``load_pipeline(source)``: a saved diffusers pipeline by model id, local folder or
   ``s3://`` prefix (e.g. Stable Diffusion 1.5), read from safetensors only.
-Both get a DDIM scheduler (eta 0), as in the papers.
+Both get a DDIM scheduler (eta 0), as in the papers, or a few-step sampler (``make_scheduler``).
+A generation is two calls, ``denoise`` then ``decode``, so that a model actor can decode one batch
+while the next denoises; ``generate`` is both.
 """
 
 from __future__ import annotations
@@ -14,7 +16,14 @@ from collections import Counter
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    LCMScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -29,6 +38,19 @@ def sd_scheduler(config=None) -> DDIMScheduler:
         return DDIMScheduler.from_config(config)
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+def make_scheduler(name: str, config=None):
+    """The sampler ``generator.scheduler`` names, on SD 1.x's noise schedule (or ``config``'s):
+    DDIM (eta 0), DPM-Solver++ 2M, or LCM (for a latent consistency model or an LCM-LoRA)."""
+    ddim = sd_scheduler(config)
+    if name == "ddim":
+        return ddim
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(ddim.config, algorithm_type="dpmsolver++", solver_order=2)
+    if name == "lcm":
+        return LCMScheduler.from_config(ddim.config)
+    raise ValueError(f"unknown scheduler {name!r}; choose ddim, dpm++ or lcm")
 
 
 PROMPT_WORDS = frozenset({"a", "photograph", "of", "and"})  # the recipes' default templates
@@ -107,9 +129,10 @@ def sd15_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
 
-def load_pipeline(source: str, device: torch.device | str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> StableDiffusionPipeline:
-    """The tiny pipeline, or a saved one by model id, local folder or s3:// prefix."""
+def load_pipeline(source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  scheduler: str = "ddim", lora: str | None = None) -> StableDiffusionPipeline:
+    """The tiny pipeline, or a saved one by model id, local folder or s3:// prefix; with ``lora``
+    (a diffusers LoRA .safetensors file, local or s3://) fused into its U-Net."""
     if source == TINY:
         pipe = tiny_pipeline()
         if dtype != torch.float32:
@@ -118,7 +141,11 @@ def load_pipeline(source: str, device: torch.device | str = "cpu",
         pipe = StableDiffusionPipeline.from_pretrained(
             local_copy(source), dtype=dtype, use_safetensors=True,
             safety_checker=None, requires_safety_checker=False)
-        pipe.scheduler = sd_scheduler(pipe.scheduler.config)
+    pipe.scheduler = make_scheduler(scheduler, None if source == TINY else pipe.scheduler.config)
+    if lora is not None:
+        pipe.load_lora_weights(local_copy(lora))
+        pipe.fuse_lora()  # into the weights: no LoRA layers left to slow each call (or break a compiled graph)
+        pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -133,13 +160,29 @@ def encode_texts(pipe: StableDiffusionPipeline, texts: list[str]) -> torch.Tenso
 @torch.inference_mode()
 def generate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int] | None, *, steps: int,
              guidance_scale: float, height: int, width: int, latents: torch.Tensor | None = None) -> np.ndarray:
-    """uint8 images (N, H, W, 3). Sample i's noise comes from seeds[i] alone, on the CPU,
-    so an image depends on its own seed and prompt, not on its batch or device; or the
-    denoising starts from ``latents`` (an inversion's) and seeds are None."""
+    """uint8 images (N, H, W, 3): ``denoise`` then ``decode``."""
+    return decode(pipe, denoise(pipe, prompts, seeds, steps=steps, guidance_scale=guidance_scale, height=height,
+                                width=width, latents=latents))
+
+
+@torch.inference_mode()
+def denoise(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int] | None, *, steps: int,
+            guidance_scale: float, height: int, width: int, latents: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoised latents (N, 4, H/8, W/8). Sample i's noise comes from seeds[i] alone, on the
+    CPU, so an image depends on its own seed and prompt, not on its batch or device; or the
+    denoising starts from ``latents`` (an inversion's) and seeds are None. With guidance, each
+    step is one U-Net call on [unconditional; conditional]."""
     if (seeds is None) == (latents is None):
         raise ValueError("generate from seeds or from latents, one of them")
     generators = None if seeds is None else [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
-    images = pipe(prompt=list(prompts), generator=generators, latents=latents, num_inference_steps=steps,
-                  guidance_scale=guidance_scale, eta=0.0, height=height, width=width,
-                  output_type="np").images
+    return pipe(prompt=list(prompts), generator=generators, latents=latents, num_inference_steps=steps,
+                guidance_scale=guidance_scale, eta=0.0, height=height, width=width, output_type="latent").images
+
+
+@torch.inference_mode()
+def decode(pipe: StableDiffusionPipeline, latents: torch.Tensor) -> np.ndarray:
+    """uint8 images (N, H, W, 3) of denoised latents: the VAE decoder, as the pipeline's own output."""
+    latents = latents.to(pipe.vae.device, pipe.vae.dtype)
+    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor, return_dict=False)[0]
+    images = pipe.image_processor.postprocess(images, output_type="np")
     return (np.clip(images, 0.0, 1.0) * 255.0).round().astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Smoke test of bench/scaling.py at a tiny size: a 1- and a 2-node fake-GPU cluster, every sample once.
+"""Smoke test of bench/scaling.py at a tiny size: 1 and 2 fake GPUs, every sample once; its stand-ins.
 
 The bench starts a Ray cluster of its own, so it runs in a child process (the session's
 Ray stays untouched).
@@ -23,9 +23,10 @@ def test_scaling_bench_on_one_and_two_fake_gpu_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["PYTHONPATH"] = str(REPO)
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "scaling.py"), "--nodes", "1", "2", "--batches-per-gpu", "2",
+        [sys.executable, str(REPO / "bench" / "scaling.py"), "--gpus", "1", "2", "--gpus-per-node", "1",
+         "--batches-per-gpu", "2",
          "--batch-size", "4", "--size", "64", "--generate-seconds", "0.2", "--label-seconds", "0.05",
-         "--rows-per-file", "4", "--cpus-per-node", "2", "--json", str(tmp_path / "figures.json")],
+         "--rows-per-file", "4", "--cpus-per-gpu", "2", "--json", str(tmp_path / "figures.json")],
         env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((tmp_path / "figures.json").read_text())["runs"]
@@ -38,8 +39,34 @@ def test_scaling_bench_on_one_and_two_fake_gpu_nodes(tmp_path):
         # vs_linear has no bound: one slow one-node run (a busy machine) makes it any size.
         assert 0 < r["efficiency"] <= 1.5 and r["vs_linear"] > 0
         assert r["efficiency"] == pytest.approx(r["throughput"] / r["model_bound"])
+        assert r["driver_cpu_per_batch"] > 0 and 0 < r["host_busy"] <= 1
     assert runs[0]["vs_linear"] == pytest.approx(1.0)
-    assert "efficiency" in result.stdout and "vs linear" in result.stdout
+    assert "efficiency" in result.stdout and "vs linear" in result.stdout and "coordination" in result.stdout
+
+
+def test_held_encoding_encodes_each_input_once_and_returns_its_bytes():
+    import numpy as np
+
+    from factory.dataset.codec import decode_png, encode_image
+
+    calls = []
+    encode = scaling.held(lambda array, *args: calls.append(args) or encode_image(array, *args))
+    image = scaling.stand_in_image(3, 64, 64)
+    first = encode(image, "png", 95)
+    again = encode(image.copy(), "png", 95)  # equal pixels, another array
+    assert again == first and len(calls) == 1
+    np.testing.assert_array_equal(decode_png(first), image)
+    other = encode(scaling.stand_in_image(4, 64, 64), "png", 95)
+    assert other != first and len(calls) == 2
+    encode(image, "jpeg", 90)  # other arguments: another encoding
+    assert len(calls) == 3
+
+
+def test_the_driver_bound_on_gpus():
+    assert scaling.max_gpus(0.01, 4.2) == pytest.approx(420)
+    runs = [{"samples": 8 * b, "driver_cpu_seconds": 3.0 + 0.02 * b} for b in (6, 48, 192)]
+    fixed, per_batch = scaling.coordination(runs, batch_size=8)
+    assert fixed == pytest.approx(3.0) and per_batch == pytest.approx(0.02)
 
 
 def test_stand_in_stages_return_what_the_real_stages_return(tmp_path):

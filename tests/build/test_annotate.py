@@ -105,6 +105,10 @@ def test_checkpoint_of_other_features_is_refused_before_models_load(checkpoint, 
     assert refused(capsys, *out, "--generator.steps", "10") == (
         f"grounding checkpoint {checkpoint} reads features this build does not make: total steps 4 vs 10 "
         f"(its training data vs this recipe)")
+    # Another sampler visits other latents (a record from before samplers were recorded means DDIM).
+    assert refused(capsys, *out, "--generator.steps", "4", "--generator.scheduler", "dpm++") == (
+        f"grounding checkpoint {checkpoint} reads features this build does not make: sampler 'ddim' vs 'dpm++' "
+        f"(its training data vs this recipe)")
     assert "no readable checkpoint" in refused(capsys, "--out", str(tmp_path / "o"),
                                                "--annotator.checkpoint", str(tmp_path / "none"))
     assert not (tmp_path / "o").exists()

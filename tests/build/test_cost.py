@@ -18,6 +18,7 @@ from factory.build.cost import (
     Rates,
     bytes_per_sample,
     estimate,
+    format_estimate,
     in_flight_bytes,
     load_rates,
 )
@@ -140,10 +141,29 @@ def test_default_rates_reproduce_the_public_a100_figure():
 def test_rates_files(tmp_path):
     bench_output = tmp_path / "gpu.json"  # the layout bench/gpu.py --out writes
     bench_output.write_text(json.dumps({"device": "x", "rates": RATES.model_dump(), "measurements": []}))
-    assert load_rates(str(bench_output)) == RATES
+    loaded = load_rates(str(bench_output))
+    assert loaded.model_dump(exclude={"measured"}) == RATES.model_dump(exclude={"measured"})
+    assert loaded.measured == ("unet_forwards_per_s", "vae_images_per_s", "label_images_per_s")
+    assert loaded.origin("unet_forwards_per_s") == "measured"
+    assert loaded.origin("open_vocabulary_images_per_s") == "Mask R-CNN's rate at its FLOP, measured"
     bare = tmp_path / "bare.json"
     bare.write_text(json.dumps({"unet_forwards_per_s": 1, "vae_images_per_s": 2, "label_images_per_s": 3}))
     assert load_rates(str(bare)).vae_images_per_s == 2
+
+
+def test_a_stage_the_rates_file_lacks_takes_the_public_anchor_at_its_size(tmp_path):
+    """A sweep that measured the generator at 256 px: the labeler is the anchor's, 4x as fast at a quarter
+    of the pixels, and the estimate says which rate is which."""
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps({"rates": {"source": "bench/gpu.py on H200", "image_size": 256,
+                                             "unet_forwards_per_s": 400.0, "vae_images_per_s": 90.0}}))
+    rates = load_rates(str(partial))
+    assert rates.label_images_per_s == pytest.approx(4 * DEFAULT_RATES.label_images_per_s)
+    assert rates.origin("unet_forwards_per_s") == "measured" and rates.origin("label_images_per_s") == "public anchor"
+    recipe = load_recipe("voc-oracle-one")
+    text = format_estimate(estimate(recipe, 100, rates, gpus=1), recipe)
+    assert "U-Net 400/s (measured)" in text and "VAE 90/s (measured)" in text and "(public anchor)" in text
+    assert "(measured)" not in format_estimate(estimate(recipe, 100, DEFAULT_RATES, gpus=1), recipe)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"unet_forwards_per_s": -1, "vae_images_per_s": 2, "label_images_per_s": 3}))
     for path, words in ((bad, "unet_forwards_per_s"), (tmp_path / "missing.json", "cannot read")):

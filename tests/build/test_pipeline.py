@@ -4,20 +4,25 @@ read and add, and what prepare_build tells the user before any model loads."""
 from __future__ import annotations
 
 import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from factory.build.pipeline import (
+    ModelActor,
     StageSpec,
+    _in_batches,
     label_provenance,
     model_stages,
     prepare_build,
     resolve_stage,
     run_build,
 )
-from factory.build.plan import all_attempts, replan
+from factory.build.plan import all_attempts, build_plan, plan_batch, replan
 from factory.build.recipe import load_recipe
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS, SampleLabels, attach_labels
@@ -163,3 +168,92 @@ def test_more_attempts_extend_a_build_to_what_a_fresh_build_makes(tmp_path):
     assert grown == fresh and set(first) < set(grown)
     with pytest.raises(Exception, match="outside this plan"):  # fewer attempts than made: refused
         build_with_replacements(tmp_path / "grown", attempts=1)
+
+
+class TwoPhases(KeepsEveryThirdSeed):
+    """A stand-in generator of two phases. The second phase of the first batch it sees waits for the
+    first phase of another batch: it can only be seen while the two phases run at once."""
+
+    def __init__(self):
+        self.phases = (self.first, self.second)
+        self.started, self.sizes, self.overlapped = threading.Event(), [], None
+
+    def first(self, batch):
+        self.sizes.append(len(batch["seed"]))
+        if self.overlapped is not None:
+            self.started.set()
+        return batch
+
+    def second(self, batch):
+        if self.overlapped is None:
+            self.overlapped = False
+            self.overlapped = self.started.wait(timeout=30)
+        return self(batch)
+
+
+def two_batches(n: int = 4):
+    plan = build_plan(load_recipe("tiny", {"num_samples": 2 * n}))
+    return plan_batch(plan[:n]), plan_batch(plan[n:])
+
+
+ENCODE = {"image_format": "png", "jpeg_quality": 95, "class_indices": {c.name: c.index for c in get_vocabulary(
+    "voc").classes}, "generator": "g", "labeler": "l"}
+
+
+def test_overlap_runs_one_batchs_later_phases_while_the_next_batch_starts():
+    actor = ModelActor([StageSpec(TwoPhases, {}, 4, reads=(), adds=())], ENCODE, overlap=True)
+    stage = actor.phases[0][0].__self__
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(actor, two_batches()[0])
+        while stage.overlapped is None:  # the first batch is in its second phase: send the next
+            time.sleep(0.01)
+        second = pool.submit(actor, two_batches()[1])
+        tables = [first.result(), second.result()]
+    assert stage.overlapped is True
+    assert [t.num_rows for t in tables] == [4, 4]
+
+
+def test_without_overlap_a_batch_holds_every_phase():
+    actor = ModelActor([StageSpec(TwoPhases, {}, 4, reads=(), adds=())], ENCODE)
+    stage = actor.phases[0][0].__self__
+    stage.started.wait = lambda timeout: stage.started.is_set()  # no waiting: it is set, or never will be
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(actor, two_batches()[0])
+        while stage.overlapped is None:
+            time.sleep(0.01)
+        pool.submit(actor, two_batches()[1]).result()
+        first.result()
+    assert stage.overlapped is False
+
+
+def test_static_batches_pad_short_calls_and_cut_the_copies():
+    stage = TwoPhases()
+    batch = plan_batch(build_plan(load_recipe("tiny", {"num_samples": 5})))
+    plain = _in_batches(stage.first, dict(batch), 4)
+    assert stage.sizes == [4, 1]
+    padded = _in_batches(stage.first, dict(batch), 4, static=True)
+    assert stage.sizes[2:] == [4, 4]
+    assert plain.keys() == padded.keys()
+    for key in plain:
+        assert list(plain[key]) == list(padded[key]), key
+    assert list(padded["sample_id"]) == list(batch["sample_id"])
+
+
+@pytest.mark.slow  # two tiny pipelines per case
+@pytest.mark.parametrize("fast", [{"overlap": True}, {"static_batch": True}])
+def test_the_generators_phases_in_a_fast_actor_make_the_same_images(fast):
+    recipe = load_recipe("tiny", {"num_samples": 6, "generator.steps": 2, "generator.batch_size": 4,
+                                  **{f"fast.{key}": value for key, value in fast.items()}})
+    stages = model_stages(recipe)
+    reference = ModelActor(stages, ENCODE)
+    actor = ModelActor(stages, ENCODE, **fast)
+    assert [phase.__name__ for phase, _ in actor.phases[:2]] == ["denoise", "decode"]
+    batches = [plan_batch(part) for part in (build_plan(recipe)[:4], build_plan(recipe)[4:])]
+    with ThreadPoolExecutor(2) as pool:
+        tables = list(pool.map(actor, [dict(b) for b in batches]))
+    for batch, table in zip(batches, tables):
+        want = reference(dict(batch))
+        assert table.column("sample_id").to_pylist() == want.column("sample_id").to_pylist()
+        for got, expected in zip(table.column("image").to_pylist(), want.column("image").to_pylist()):
+            difference = np.abs(decode_image(got).astype(int) - decode_image(expected).astype(int))
+            assert difference.max() <= 1

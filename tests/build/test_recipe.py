@@ -177,6 +177,8 @@ BASE = {"seed": 1}
     {"pool.max_size": 4},
     {"pool.min_size": 2, "pool.max_size": 3, "pool.load_attempts": 5},
     {"writer.preview_samples": 0},
+    {"fast.attention": "math", "fast.channels_last": True, "fast.compile": "max-autotune"},
+    {"fast.static_batch": True, "fast.overlap": True},
 ], ids=lambda o: ",".join(o))
 def test_content_key_ignores_run_settings(overrides):
     assert load_recipe("tiny", {**BASE, **overrides}).content_key() == load_recipe("tiny", BASE).content_key()
@@ -195,6 +197,8 @@ def test_content_key_ignores_run_settings(overrides):
     {"annotator.daam": True},
     {"prompts.per_class": {"dog": ["a {} on a sofa"]}},
     {"vocabulary": "vocabularies/street.yaml", "classes": "all"},
+    {"generator.scheduler": "dpm++"},
+    {"generator.scheduler": "lcm", "generator.lora": "lcm-lora.safetensors"},
 ], ids=lambda o: ",".join(o))
 def test_content_key_follows_content(overrides):
     assert load_recipe("tiny", {**BASE, **overrides}).content_key() != load_recipe("tiny", BASE).content_key()
@@ -260,6 +264,27 @@ def test_a_vocabulary_file_is_kept_as_its_definition(tmp_path):
 ])
 def test_bad_vocabulary_or_prompts(overrides, message):
     assert recipe_error(overrides) == message
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fast.compile": "fast"}, "--fast.compile: Input should be 'off', 'default', 'max-autotune' or "
+     "'reduce-overhead'"),
+    ({"fast.compile": "default", "capture.attention": True},
+     "tiny.yaml: fast.compile with DAAM: its recorder swaps the U-Net's attention processors for each batch, which "
+     "a compiled graph does not see; compile off, or no attention maps"),
+    ({"generator.scheduler": "dpm++", "generator.steps": 25, "capture.features": "latent", "capture.step": 51},
+     "tiny.yaml: capture.step 51 is beyond DDIM-50, the reference of dpm++ (50 steps)"),
+    ({"generator.scheduler": "euler"}, "--generator.scheduler: Input should be 'ddim', 'dpm++' or 'lcm'"),
+])
+def test_bad_fast_paths_or_samplers(overrides, message):
+    assert recipe_error(overrides) == message
+
+
+def test_a_few_step_sampler_captures_beyond_its_own_step_count():
+    """capture.step counts DDIM-50's steps for dpm++ and lcm: t=5 is valid for LCM-4."""
+    recipe = load_recipe("tiny", {"generator.scheduler": "lcm", "generator.steps": 4, "generator.guidance_scale": 1.0,
+                                  "capture.features": "latent", "capture.step": 5})
+    assert recipe.capture.step == 5
 
 
 # ------------------------------------------------------------------ open-vocabulary labeler

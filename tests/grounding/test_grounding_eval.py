@@ -457,6 +457,7 @@ def test_test_set_of_other_features_is_refused_and_other_images_noted(test_set, 
 
     for what, change, expected in (("steps", {"steps": 4}, "total steps 3 vs 4"),
                                    ("capture", {"capture_step": 1}, "capture step 2 vs 1"),
+                                   ("sampler", {"scheduler": "dpm++"}, "sampler 'ddim' vs 'dpm++'"),
                                    ("model", {"model": "other-sd"}, "generator model 'tiny' vs 'other-sd'")):
         data = with_recipe(test_set, tmp_path / what, **change)
         with pytest.raises(EvalError) as refused:

@@ -370,7 +370,8 @@ def test_train_two_workers_then_resume(ray_cluster, latent_set, tmp_path, capsys
     assert last["best"]["epoch"] in (1, 2) and last["capture"]["steps_remaining"] == 2
     recipe = json.loads((latent_set / "manifest.json").read_text())["recipe"]
     # What annotation and Protocol-I check their images against (grounding.checkpoint.check_generation).
-    assert last["generation"] == {"model": "tiny", "steps": 2, "capture_step": 2, "guidance_scale": 1.0,
+    assert last["generation"] == {"model": "tiny", "scheduler": "ddim", "steps": 2, "capture_step": 2,
+                                  "guidance_scale": 1.0,
                                   "prompts": recipe["prompts"]}
     assert recipe["prompts"]["two"] == "a photograph of a {0} and a {1}" and last["text"]["two"] == "{0} and {1}"
     assert module.config.feature_channels == {8: 288, 16: 192} and module.config.mask_resolution == SIZE

@@ -1,0 +1,41 @@
+"""The generator's fast paths (recipe section ``fast``), applied to a loaded pipeline.
+
+Each changes how the U-Net and VAE compute, not what: attention kernels, memory layout and
+compilation reorder floating-point work, so images move by rounding only (tests/diffusion/
+test_fast.py bounds each against the reference path). Feature capture works on every path:
+its hooks are installed before compiling, so the compiled U-Net records them in-graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+from factory.diffusion.features import block_recorder
+
+COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
+
+
+def apply_fast_paths(pipe: StableDiffusionPipeline, *, attention: str = "sdpa", channels_last: bool = False,
+                     compile: str = "off", backend: str = "inductor") -> StableDiffusionPipeline:
+    """``pipe`` with its U-Net and VAE set up as asked; ``compile`` replaces ``pipe.unet`` by its
+    compiled wrapper (``backend``: "inductor" for speed; tests use "aot_eager", which traces the
+    same graph without generating code)."""
+    # 1. Attention: PyTorch's fused kernel (flash / memory-efficient on a GPU), or plain matmuls.
+    processor = {"sdpa": AttnProcessor2_0, "math": AttnProcessor}[attention]
+    pipe.unet.set_attn_processor(processor())
+    pipe.vae.set_attn_processor(processor())
+    # 2. Memory layout: NHWC convolutions run on tensor cores without transposes.
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    # 3. One graph of the U-Net, shapes fixed (dynamic=False: a new batch size compiles anew, so
+    #    fast.static_batch keeps one). fullgraph: a graph break is an error, not a silent eager fallback.
+    if compile != "off":
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {compile!r}; choose off or {', '.join(COMPILE_MODES)}")
+        block_recorder(pipe.unet)  # capture hooks first: a compiled graph only sees hooks present at its tracing
+        options = {"mode": compile} if backend == "inductor" else {}
+        pipe.unet = torch.compile(pipe.unet, fullgraph=True, dynamic=False, backend=backend, **options)
+    return pipe
