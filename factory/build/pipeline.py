@@ -309,7 +309,8 @@ class ModelActor:
         self.phases = []
         for spec in stages:
             stage = resolve_stage(spec.stage)(**spec.kwargs)
-            self.phases += [(phase, spec.batch_size) for phase in getattr(stage, "phases", (stage,))]
+            phases = getattr(stage, "phases", (stage,)) if overlap else (stage,)  # one call when nothing overlaps
+            self.phases += [(phase, spec.batch_size) for phase in phases]
         self.encode, self.static_batch = encode, static_batch
         self.locks = [threading.Lock() for _ in self.phases] if overlap else [threading.Lock()]
         self.streams = _phase_streams(len(self.phases)) if overlap else [contextlib.nullcontext]

@@ -188,7 +188,10 @@ class TwoPhases(KeepsEveryThirdSeed):
         if self.overlapped is None:
             self.overlapped = False
             self.overlapped = self.started.wait(timeout=30)
-        return self(batch)
+        return super().__call__(batch)
+
+    def __call__(self, batch):  # both phases in one call: what an actor without overlap runs
+        return self.second(self.first(batch))
 
 
 def two_batches(n: int = 4):
@@ -202,7 +205,7 @@ ENCODE = {"image_format": "png", "jpeg_quality": 95, "class_indices": {c.name: c
 
 def test_overlap_runs_one_batchs_later_phases_while_the_next_batch_starts():
     actor = ModelActor([StageSpec(TwoPhases, {}, 4, reads=(), adds=())], ENCODE, overlap=True)
-    stage = actor.phases[0][0].__self__
+    stage = getattr(actor.phases[0][0], "__self__", actor.phases[0][0])
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(actor, two_batches()[0])
         while stage.overlapped is None:  # the first batch is in its second phase: send the next
@@ -215,7 +218,7 @@ def test_overlap_runs_one_batchs_later_phases_while_the_next_batch_starts():
 
 def test_without_overlap_a_batch_holds_every_phase():
     actor = ModelActor([StageSpec(TwoPhases, {}, 4, reads=(), adds=())], ENCODE)
-    stage = actor.phases[0][0].__self__
+    stage = getattr(actor.phases[0][0], "__self__", actor.phases[0][0])
     stage.started.wait = lambda timeout: stage.started.is_set()  # no waiting: it is set, or never will be
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(actor, two_batches()[0])
@@ -247,7 +250,8 @@ def test_the_generators_phases_in_a_fast_actor_make_the_same_images(fast):
     stages = model_stages(recipe)
     reference = ModelActor(stages, ENCODE)
     actor = ModelActor(stages, ENCODE, **fast)
-    assert [phase.__name__ for phase, _ in actor.phases[:2]] == ["denoise", "decode"]
+    if fast.get("overlap"):
+        assert [phase.__name__ for phase, _ in actor.phases[:2]] == ["denoise", "decode"]
     batches = [plan_batch(part) for part in (build_plan(recipe)[:4], build_plan(recipe)[4:])]
     with ThreadPoolExecutor(2) as pool:
         tables = list(pool.map(actor, [dict(b) for b in batches]))
