@@ -93,7 +93,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("outputs/agreement"),
-                        help="folder of the benchmark, the builds and the report; a rerun resumes (default: %(default)s)")
+                        help="folder of the benchmark, builds and report; a rerun resumes (default: %(default)s)")
     parser.add_argument("--images", type=int, default=500, help="val images to draw and annotate")
     args = parser.parse_args(argv)
     ray.init()

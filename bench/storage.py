@@ -124,7 +124,8 @@ def part_bytes_per_sample(images: np.ndarray, labels: list[SampleLabels], extra:
     return commit["bytes"] / n
 
 
-def pickle_bytes_per_sample(images: np.ndarray, labels: list[SampleLabels], features: list[dict[str, np.ndarray]] | None = None) -> float:
+def pickle_bytes_per_sample(images: np.ndarray, labels: list[SampleLabels],
+                            features: list[dict[str, np.ndarray]] | None = None) -> float:
     """The same samples as dicts of fp32 arrays, pickled one file per sample (reference style)."""
     total = 0
     for i, (image, lab) in enumerate(zip(images, labels)):
