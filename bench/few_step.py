@@ -12,8 +12,8 @@ and with 12 steps), the mission's split-1 arc (`bench/mini_mission.py`), every g
 
     python -m bench.few_step [--work outputs/few-step] [--scale 0.5] [--samplers ddim:25 dpm++:25 dpm++:12]
 
-Every stage resumes (a rerun with the same --work continues). --scale multiplies the set sizes
-and the training length. Results: <work>/report.md and <work>/report.json.
+Every stage resumes (a rerun with the same --work continues; its times count only what it ran).
+--scale multiplies the set sizes and the training length. Results: <work>/report.md and <work>/report.json.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scale", type=float, default=0.5, help="multiplies set sizes and training length")
     parser.add_argument("--samplers", type=parse_sampler, nargs="+",
                         default=[("ddim", 25), ("dpm++", 25), ("dpm++", 12)],
-                        help="NAME:STEPS each, the first the reference (default: ddim:25 dpm++:25 dpm++:12)")
+                        help="NAME:STEPS each (default: ddim:25 dpm++:25 dpm++:12)")
     args = parser.parse_args(argv)
     ray.init(num_cpus=max(4, os.cpu_count() or 1))
     clock = StageClock("few-step")
