@@ -29,7 +29,6 @@ from bench.mini_mission import SPLIT, StageClock, build, grounding_config, proto
 from factory.build.recipe import load_recipe
 from factory.diffusion.steps import (
     REFERENCE_STEPS,
-    TRAIN_TIMESTEPS,
     capture_call_index,
     reference_timestep,
     scheduler_timesteps,
@@ -46,6 +45,11 @@ def parse_sampler(text: str) -> tuple[str, int]:
     return name, int(steps)
 
 
+def capture_timestep(scheduler: str, steps: int, step: int) -> int:
+    timesteps = scheduler_timesteps(scheduler, steps)
+    return timesteps[capture_call_index(steps, step, scheduler)]
+
+
 def generation(scheduler: str, steps: int) -> dict:
     """One sampler's recipe overrides, its capture at the mini world's noise level (timestep 81)."""
     base = load_recipe("shapes-triplets")
@@ -53,14 +57,9 @@ def generation(scheduler: str, steps: int) -> dict:
     reference = (base.capture.step - 1) * REFERENCE_STEPS // base.generator.steps + 1
     step = reference
     if scheduler == "ddim":  # DDIM names a step of its own schedule: the one at the same timestep
-        stride = TRAIN_TIMESTEPS // steps
-        step = min(range(1, steps + 1), key=lambda r: abs((r - 1) * stride + 1 - reference_timestep(reference)))
+        target, timesteps = reference_timestep(reference), scheduler_timesteps("ddim", steps)
+        step = min(range(1, steps + 1), key=lambda r: abs(timesteps[capture_call_index(steps, r)] - target))
     return {"generator.scheduler": scheduler, "generator.steps": steps, "capture.step": step}
-
-
-def capture_timestep(scheduler: str, steps: int, step: int) -> int:
-    timesteps = scheduler_timesteps(scheduler, steps)
-    return timesteps[capture_call_index(steps, step, scheduler)]
 
 
 def run_sampler(work: Path, scheduler: str, steps: int, scale: float, clock: StageClock) -> dict:
