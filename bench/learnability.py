@@ -9,8 +9,11 @@ through the project's own code: training (grounding.train on Ray Train, on the 1
 classes of shapes split 1 only, best epoch by validation mIoU) and Protocol-I evaluation
 (jobs/eval_grounding.py) on a held-out test set of all 20 classes. The five unseen classes are
 new combinations of seen words ("red disc" is unseen; "red square" and "blue disc" are
-seen), which the generator's trained text encoder relates. The run exits 1 when the mean of
-the seen groups is below MIN_SEEN_MIOU or the mean of the unseen groups below MIN_UNSEEN_MIOU.
+seen), which the generator's trained text encoder relates. "seen" is the mean of the groups
+of seen classes only (one/seen, two/seen), "unseen" the mean of the groups of unseen classes
+only (one/unseen, two/unseen); the two/seen+unseen group, whose mIoU mixes a seen and an
+unseen class's IoU, is printed on its own and counts in neither. The run exits 1 when seen is
+below MIN_SEEN_MIOU or unseen below MIN_UNSEEN_MIOU.
 """
 
 from __future__ import annotations
@@ -23,14 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from factory.core.vocab import SHAPES
-from grounding.evaluate import MODULE, GroundingEvalOptions, format_table, prepare_evaluation, run_evaluation
+from grounding.evaluate import GROUPS, MODULE, GroundingEvalOptions, format_table, prepare_evaluation, run_evaluation
 from grounding.train import GroundingTrainConfig, prepare_training, run_training
 from world.procedural import SEEN, SPLIT, build_procedural, procedural_recipe
 
 MIN_SEEN_MIOU = 80.0  # percent, as the evaluation reports it
-MIN_UNSEEN_MIOU = 75.0  # measured 83.2 at the test size (tests/world/test_procedural.py)
+MIN_UNSEEN_MIOU = 75.0  # measured 86.9 at the test size (tests/world/test_procedural.py)
 SEEN_GROUPS = ("one/seen", "two/seen")
-UNSEEN_GROUPS = ("one/unseen", "two/seen+unseen", "two/unseen")
+UNSEEN_GROUPS = ("one/unseen", "two/unseen")  # unseen-class IoUs only
+MIXED_GROUP = "two/seen+unseen"  # a seen and an unseen class per image: in neither mean
 LR = 1e-3  # the tiny module learns within a few hundred steps at 10x the paper's rate
 
 
@@ -48,7 +52,8 @@ class Report:
     @property
     def groups(self) -> dict[str, float | None]:
         """Test mIoU (percent) per Protocol-I group of split 1."""
-        return {g: v["miou"] for g, v in self.results[MODULE]["splits"][str(SPLIT)].items()}
+        split = self.results[MODULE]["splits"][str(SPLIT)]
+        return {g: split[g]["miou"] for g in GROUPS}  # the split holds more than its groups
 
     @property
     def seen_miou(self) -> float:
@@ -74,6 +79,8 @@ class Report:
             f"  training  {self.epochs} epochs, best epoch {self.best_epoch} (val seen mIoU {self.val_miou:.1f})",
             f"  test      seen mIoU {self.seen_miou:.1f} ({cells(SEEN_GROUPS)})",
             f"            unseen mIoU {self.unseen_miou:.1f} ({cells(UNSEEN_GROUPS)})",
+            f"            seen+unseen images: {cells([MIXED_GROUP])} (a seen and an unseen class per image; "
+            f"in neither mean)",
             f"  time      {seconds}",
             f"  {verdict}  (seen mIoU must reach {MIN_SEEN_MIOU:.0f}, unseen {MIN_UNSEEN_MIOU:.0f})",
             "", format_table(self.results)])

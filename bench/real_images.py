@@ -159,6 +159,8 @@ def markdown(report: dict) -> str:
         f"## Sim, real and sim+real grounding modules on inverted real images (Protocol-I, split {SPLIT})", "",
         "```", protocol_i_table(report["protocol_i"]), "```", "",
         "## Annotating the real val images with the sim+real module, per route", "",
+        "The module was given each image's true class list (the classes its exact masks show); "
+        "bench/label_truth.py asks about classes that are not there too.", "",
         *rows, "", f"noised / inversion, images/s measured in one run here: "
         f"{speed['noised_over_inversion']:.1f}x; GPU estimates from {speed['gpu_rates']}", "",
         "## Sets", "", "```json", json.dumps(report["sets"], indent=2), "```", "",

@@ -26,7 +26,9 @@ from torch import Tensor
 from factory.core.conventions import IGNORE, is_held_out
 from factory.core.devices import pick_dtype
 from factory.core.options import check_template, fill_template
-from factory.dataset.codec import decode_label, decode_png
+from factory.core.vocab import Vocabulary
+from factory.dataset.batch import MAX_CLASSES
+from factory.dataset.codec import decode_label, decode_png, encode_mask
 from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
 from factory.diffusion.pipelines import encode_texts, load_pipeline
@@ -127,6 +129,31 @@ def text_class_embeddings(pipe, text: TextConfig, prompts: Sequence[str],
     return class_embeddings(encode_texts(pipe, texts), positions)
 
 
+def with_negatives(rows: pa.Table, classes: Sequence[str], vocabulary: Vocabulary, prompts: dict[str, str],
+                   share: float, rng: np.random.Generator) -> pa.Table:
+    """Hard negatives for the presence head: each row, with probability `share`, is also asked about
+    one of `classes` that it does not name, at a random place in its class list, as an annotated
+    image is asked about every class of a user's list. The prompt is made again from the set's
+    templates (`prompts`: its recipe's one/two), so that latent-mode U-Net features, recomputed
+    from it, are conditioned on the added class as an annotated image's are; its mask is empty
+    and it is not found (a target of the presence loss only)."""
+    if not share:
+        return rows
+    out = rows.to_pylist()
+    for row in out:
+        others = [name for name in classes if name not in row["classes"]]
+        if rng.random() >= share or not others or len(row["classes"]) >= MAX_CLASSES:
+            continue
+        added = vocabulary.lookup(others[rng.integers(len(others))])
+        at = int(rng.integers(len(row["classes"]) + 1))
+        empty = {**row["masks"][0], "bytes": encode_mask(np.zeros_like(decode_png(row["masks"][0]["bytes"])))}
+        for column, value in (("classes", added.name), ("class_words", added.natural), ("found", False),
+                              ("class_indices", added.index), ("masks", empty)):
+            row[column] = [*row[column][:at], value, *row[column][at:]]
+        row["prompt"] = fill_template(prompts["one"], prompts["two"], row["class_words"])
+    return pa.Table.from_pylist(out, schema=rows.schema)
+
+
 @dataclass
 class Batch:
     """Grounding module inputs and targets; O = the most classes of any row, padded."""
@@ -135,7 +162,9 @@ class Batch:
     class_mask: Tensor  # (B, O) real class slots
     class_indices: Tensor  # (B, O) vocabulary label index per slot, 0 for padding
     targets: Tensor  # (B, O, H, W) float oracle masks
-    valid: Tensor  # (B, O) slots the loss and the metrics count
+    valid: Tensor  # (B, O) slots the mask loss and the metrics count
+    present: Tensor  # (B, O) the oracle found the class (its mask is not empty): the presence target
+    named: Tensor  # (B, O) real slots of the allowed classes, found or not: those the presence loss counts
     ignore: Tensor  # (B, H, W) pixels 255 in the label map: neither positive nor negative for any slot
 
     def to(self, device: torch.device | str) -> "Batch":
@@ -212,12 +241,13 @@ class Featurizer:
         ignore = torch.from_numpy(np.stack([decode_label(label) == IGNORE for label in labels]))
         height, width = masks[0][0].shape
         targets = torch.zeros(len(masks), class_mask.shape[1], height, width)
-        valid = torch.zeros(class_mask.shape, dtype=torch.bool)
+        valid, present, named = (torch.zeros(class_mask.shape, dtype=torch.bool) for _ in range(3))
         for b, row in enumerate(masks):
             for o, mask in enumerate(row):
                 targets[b, o] = torch.from_numpy(mask)
-                valid[b, o] = (found[b][o] and (self.allowed is None or classes[b][o] in self.allowed)
-                               and not (self.ignore_empty and not mask.any()))
+                named[b, o] = self.allowed is None or classes[b][o] in self.allowed
+                present[b, o] = bool(found[b][o]) and bool(mask.any())
+                valid[b, o] = (found[b][o] and named[b, o] and not (self.ignore_empty and not mask.any()))
         return Batch(features=self.features(rows), class_embeddings=embeddings, class_mask=class_mask,
                      class_indices=_padded(rows.column("class_indices").to_pylist(), 0, torch.long),
-                     targets=targets, valid=valid, ignore=ignore).to(self.device)
+                     targets=targets, valid=valid, present=present, named=named, ignore=ignore).to(self.device)

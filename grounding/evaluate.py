@@ -13,7 +13,21 @@ Per group and class the accumulator sums intersection and union pixel counts ove
 samples (exact integers, so accumulators of any partition of the test set merge into the
 same totals), leaving out pixels the label map marks 255; a class's IoU is its intersection
 over its union, and a group's mIoU is the mean IoU over its classes with a non-empty union.
-Values are reported in percent, as in the paper's tables. The metric code takes predictions and oracle masks as bool arrays;
+Values are reported in percent, as in the paper's tables.
+
+The papers' protocol asks the module for a mask of every class (their test images show them
+all); a module with a presence head is also scored as the annotator uses it ("presence-gated": a
+class it judges absent gets no mask). Beside the paper's mIoU, which scores only classes the
+oracle found, the accumulator counts label truth over every named class, found or not (a test
+set built with ``on_missing: ignore`` keeps the images the generator drew without a prompted
+class): per split, object count (one/two) and
+seen/unseen class, whether the class got a mask against whether the oracle found it (presence
+precision and recall), and how many images with an absent class gave it a mask. A text-blind
+control ("text permuted") asks the same module about each class under another class's name (a
+fixed derangement of the vocabulary) and scores the masks against the true class: what the
+module owes to the text rather than to finding a salient object.
+
+The metric code takes predictions and oracle masks as bool arrays;
 ``EvalStage`` is the Ray actor that makes them with a module and with DAAM, and
 ``prepare_evaluation`` / ``run_evaluation`` drive it over a test set
 (``jobs/eval_grounding.py``): the batches are fixed by the driver and the counts are
@@ -29,7 +43,6 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from torch import Tensor
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
@@ -49,6 +62,8 @@ from grounding.data import Batch, Featurizer, TextConfig, TripletSource, text_cl
 from grounding.model import GroundingModule
 
 GROUPS = ("one/seen", "one/unseen", "two/seen", "two/seen+unseen", "two/unseen")
+SIZES = ("one", "two")
+KINDS = ("seen", "unseen")
 COLUMN_TITLES = ("One/Seen", "One/Unseen", "Two/Seen", "Two/Seen+Unseen", "Two/Unseen")
 
 
@@ -82,15 +97,21 @@ class ProtocolIAccumulator:
         # (split, group) -> class name -> [intersection, union]; and samples per (split, group)
         self.pixels: dict[tuple[int, str], dict[str, list[int]]] = {(k, g): {} for k in self.splits for g in GROUPS}
         self.samples: dict[tuple[int, str], int] = {(k, g): 0 for k in self.splits for g in GROUPS}
+        # (split, one|two, seen|unseen) -> [masked & found, masked & not found, not masked & found, neither]
+        self.presence = {(k, n, c): [0, 0, 0, 0] for k in self.splits for n in SIZES for c in KINDS}
+        # (split, one|two) -> [images with a class the oracle did not find, those where it got a mask]
+        self.absent = {(k, n): [0, 0] for k in self.splits for n in SIZES}
 
     def add(self, classes: Sequence[str], predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray,
-            ignore: np.ndarray | None = None, *, splits: Sequence[int] | None = None) -> None:
+            ignore: np.ndarray | None = None, *, splits: Sequence[int] | None = None,
+            present: np.ndarray | None = None) -> None:
         """One sample: its class names, bool (O, H, W) predicted and oracle masks, (O,) valid
         slots (only those count; the sample still files into the group all its classes make)
         and (H, W) pixels to ignore (255 in the label map: counted in no intersection or union).
         A sample counts in a group's `samples` when at least one of its classes is valid.
         `splits`: the splits these predictions are scored for (default: all of this accumulator's),
-        when each split has a module of its own."""
+        when each split has a module of its own. `present`: (O,) whether the oracle found each
+        class (default: valid), which the presence counts judge against."""
         predicted, truth, valid = np.asarray(predicted, bool), np.asarray(truth, bool), np.asarray(valid, bool)
         counted = np.ones(truth.shape[1:], bool) if ignore is None else ~np.asarray(ignore, bool)
         if not (predicted.shape == truth.shape and predicted.ndim == 3 and counted.shape == truth.shape[1:]
@@ -100,9 +121,13 @@ class ProtocolIAccumulator:
                              f"valid {valid.shape}, ignore {counted.shape}")
         if splits is not None and not set(splits) <= set(self.splits):
             raise ValueError(f"splits {list(splits)} are not all among this accumulator's {list(self.splits)}")
+        names = [self.vocabulary.lookup(name).name for name in classes]
+        if len(names) <= len(SIZES):
+            self._add_presence(names, predicted.any(axis=(1, 2)),
+                               valid if present is None else np.asarray(present, bool),
+                               self.splits if splits is None else splits)
         if not valid.any():
             return
-        names = [self.vocabulary.lookup(name).name for name in classes]
         intersection = np.count_nonzero(predicted & truth & counted, axis=(1, 2))
         union = np.count_nonzero((predicted | truth) & counted, axis=(1, 2))
         for split in self.splits if splits is None else splits:
@@ -117,6 +142,17 @@ class ProtocolIAccumulator:
                     counts[0] += int(i)
                     counts[1] += int(u)
 
+    def _add_presence(self, names: list[str], masked: np.ndarray, present: np.ndarray, splits) -> None:
+        size = SIZES[len(names) - 1]
+        for split in splits:
+            for name, got, there in zip(names, masked, present):
+                kind = "unseen" if name in self._unseen[split] else "seen"
+                self.presence[split, size, kind][(not got) * 2 + (not there)] += 1
+            if not present.all():
+                counts = self.absent[split, size]
+                counts[0] += 1
+                counts[1] += bool((masked & ~present).any())
+
     def merge(self, other: ProtocolIAccumulator) -> ProtocolIAccumulator:
         """Add another accumulator's counts to this one (same vocabulary and splits); returns self."""
         if other.vocabulary.name != self.vocabulary.name or other.splits != self.splits:
@@ -129,13 +165,18 @@ class ProtocolIAccumulator:
                 counts = mine.setdefault(name, [0, 0])
                 counts[0] += i
                 counts[1] += u
+        for counts, theirs in ((self.presence, other.presence), (self.absent, other.absent)):
+            for key, values in theirs.items():
+                counts[key] = [a + b for a, b in zip(counts[key], values)]
         return self
 
     def to_dict(self) -> dict:
         """JSON-ready counts (how Ray workers hand their accumulator to the driver)."""
         return {"vocabulary": self.vocabulary.spec(), "splits": list(self.splits),
                 "groups": {str(k): {g: {"samples": self.samples[k, g], "pixels": dict(self.pixels[k, g])}
-                                    for g in GROUPS} for k in self.splits}}
+                                    for g in GROUPS} for k in self.splits},
+                "presence": {f"{k}/{n}/{c}": v for (k, n, c), v in self.presence.items()},
+                "absent": {f"{k}/{n}": v for (k, n), v in self.absent.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> ProtocolIAccumulator:
@@ -145,6 +186,12 @@ class ProtocolIAccumulator:
                 saved = data["groups"][str(k)][g]
                 accumulator.samples[k, g] = saved["samples"]
                 accumulator.pixels[k, g] = {name: [int(i), int(u)] for name, (i, u) in saved["pixels"].items()}
+        for key, values in data["presence"].items():
+            k, n, c = key.split("/")
+            accumulator.presence[int(k), n, c] = list(values)
+        for key, values in data["absent"].items():
+            k, n = key.split("/")
+            accumulator.absent[int(k), n] = list(values)
         return accumulator
 
     def result(self) -> dict:
@@ -162,6 +209,8 @@ class ProtocolIAccumulator:
                 groups[g] = {"miou": sum(iou.values()) / len(iou) if iou else None, "iou": iou,
                              "samples": self.samples[k, g]}
             splits[str(k)] = groups
+            splits[str(k)]["presence"] = {n: {c: _presence(self.presence[k, n, c]) for c in KINDS} for n in SIZES}
+            splits[str(k)]["absent"] = {n: _absent(self.absent[k, n]) for n in SIZES}
         average = None
         if set(self.splits) == set(range(1, len(self.vocabulary.unseen_splits) + 1)):
             average = {}
@@ -171,21 +220,38 @@ class ProtocolIAccumulator:
         return {"vocabulary": self.vocabulary.name, "splits": splits, "average": average}
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _presence(counts: list[int]) -> dict:
+    """Precision and recall (percent) of "got a mask" against "the oracle found it"."""
+    tp, fp, fn, tn = counts
+    return {"precision": 100.0 * tp / (tp + fp) if tp + fp else None,
+            "recall": 100.0 * tp / (tp + fn) if tp + fn else None,
+            "found": tp + fn, "not_found": fp + tn}
+
+
+def _absent(counts: list[int]) -> dict:
+    images, masked = counts
+    return {"images": images, "masked": masked, "rate": 100.0 * masked / images if images else None}
+
+
+def _cell(value: float | None, samples: int | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if samples is None else f"{value:.2f} ({samples})"
 
 
 def format_table(results_by_method: dict[str, dict]) -> str:
     """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
-    their Average when every split was evaluated), one column per group; empty groups print as "-"."""
+    their Average when every split was evaluated), one column per group, each cell the mIoU and, in
+    parentheses, the images it was scored on; empty groups print as "-"."""
     header = ["Method", "Split", *COLUMN_TITLES]
     rows = []
     for method, result in results_by_method.items():
         lines = [(k, groups) for k, groups in result["splits"].items()]
         if result["average"] is not None:
-            lines.append(("Average", {g: {"miou": result["average"][g]} for g in GROUPS}))
+            lines.append(("Average", {g: {"miou": result["average"][g], "samples": None} for g in GROUPS}))
         for n, (split, groups) in enumerate(lines):
-            rows.append([method if n == 0 else "", split, *(_cell(groups[g]["miou"]) for g in GROUPS)])
+            rows.append([method if n == 0 else "", split,
+                         *(_cell(groups[g]["miou"], groups[g]["samples"]) for g in GROUPS)])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
@@ -196,8 +262,45 @@ def format_table(results_by_method: dict[str, dict]) -> str:
     return "\n".join([line(header), rule, *(line(row) for row in rows)])
 
 
+def format_presence_table(results_by_method: dict[str, dict]) -> str:
+    """Label truth per method and split: presence precision / recall (percent) of seen and unseen classes
+    in one- and two-object images, against the oracle's found flags, and the share of images with an
+    absent class in which it got a mask; "-" where the test set has no such case."""
+    header = ["Method", "Split", *(f"{n}/{c} P/R" for n in SIZES for c in KINDS), "Absent masked one",
+              "Absent masked two"]
+    rows = []
+    for method, result in results_by_method.items():
+        for n, (split, groups) in enumerate(result["splits"].items()):
+            def pr(cell: dict) -> str:
+                return "-" if cell["recall"] is None and cell["precision"] is None else (
+                    f"{_cell(cell['precision'])}/{_cell(cell['recall'])}")
+
+            def masked(cell: dict) -> str:
+                return "-" if cell["rate"] is None else f"{cell['rate']:.1f}% of {cell['images']}"
+            rows.append([method if n == 0 else "", split,
+                         *(pr(groups["presence"][size][kind]) for size in SIZES for kind in KINDS),
+                         *(masked(groups["absent"][size]) for size in SIZES)])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
+
+
 MODULE = "grounding module"
+GATED = "grounding module, presence-gated"
+TEXT_PERMUTED = "grounding module, text permuted"
 DAAM = "DAAM"
+
+
+def derangement(names: Sequence[str], seed: int = 0) -> dict[str, str]:
+    """A fixed permutation of `names` that moves every one (the text-blind control's class swap)."""
+    rng = np.random.default_rng(seed)
+    while True:
+        order = rng.permutation(len(names))
+        if len(names) < 2 or not np.any(order == np.arange(len(names))):
+            return {name: names[k] for name, k in zip(names, order)}
 
 
 class EvalStage:
@@ -208,7 +311,8 @@ class EvalStage:
     of a DAAM one (empty when DAAM is skipped).
     """
 
-    def __init__(self, checkpoints: dict[int, str], data: str, generator: str, daam_threshold: float | None):
+    def __init__(self, checkpoints: dict[int, str], data: str, generator: str, daam_threshold: float | None,
+                 presence_threshold: float = 0.5, text_control: bool = True):
         device = pick_device()
         self.modules: dict[int, tuple[GroundingModule, TextConfig]] = {}  # split -> module, its text config
         for split, uri in sorted(checkpoints.items()):
@@ -218,44 +322,74 @@ class EvalStage:
         self.source = TripletSource.open(data)
         self.featurizer = Featurizer(self.source, self.modules[self.splits[0]][1], ignore_empty=True, device=device,
                                      generator=generator)
-        self.daam_threshold = daam_threshold
+        self.daam_threshold, self.presence_threshold = daam_threshold, presence_threshold
+        vocabulary = self.source.vocabulary
+        self.swap = ({vocabulary.lookup(name).natural: vocabulary.lookup(other).natural
+                      for name, other in derangement(vocabulary.names).items()} if text_control else None)
         self.columns = self.source.columns + (["daam"] if daam_threshold is not None else [])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        module_json, daam_json = [], []
+        out: dict[str, list[str]] = {"module": [], "gated": [], "control": [], "daam": []}
         for positions in batch["positions"]:
-            module_acc, daam_acc = self._evaluate(self.source.take(list(positions), self.columns))
-            module_json.append(json.dumps(module_acc.to_dict()))
-            daam_json.append(json.dumps(daam_acc.to_dict()) if daam_acc else "")
-        return {"module": np.array(module_json), "daam": np.array(daam_json)}
+            accumulators = self._evaluate(self.source.take(list(positions), self.columns))
+            for key in out:
+                out[key].append(json.dumps(accumulators[key].to_dict()) if key in accumulators else "")
+        return {key: np.array(values) for key, values in out.items()}
 
-    def _evaluate(self, rows) -> tuple[ProtocolIAccumulator, ProtocolIAccumulator | None]:
+    def _evaluate(self, rows) -> dict[str, ProtocolIAccumulator]:
         vocabulary = self.source.vocabulary
         inputs = self.featurizer(rows)  # the U-Net features and oracle targets serve every split's module
-        predicted = {split: module.predict(inputs.features, *self._class_embeddings(rows, inputs, text)).cpu().numpy()
-                     for split, (module, text) in self.modules.items()}
+        prompts, words = rows.column("prompt").to_pylist(), rows.column("class_words").to_pylist()
+        # The papers' Protocol-I asks for a mask of every class (their test images show them all);
+        # gated, a class the presence head judges absent gets none, as the annotator labels.
+        predicted = {"module": self._predict(inputs, prompts, words, swapped=False, gate=None)}
+        if any(module.presence_mlp is not None for module, _ in self.modules.values()):
+            predicted["gated"] = self._predict(inputs, prompts, words, swapped=False, gate=self.presence_threshold)
+        if self.swap is not None:  # each class asked for under another class's name, scored as itself
+            swapped = [[self.swap.get(w, w) for w in row] for row in words]
+            prompts = [_swap_words(p, row, new) for p, row, new in zip(prompts, words, swapped)]
+            predicted["control"] = self._predict(inputs, prompts, swapped, swapped=True, gate=self.presence_threshold)
         truth, valid = inputs.targets.bool().cpu().numpy(), inputs.valid.cpu().numpy()
-        ignore = inputs.ignore.cpu().numpy()
-        module_acc = ProtocolIAccumulator(vocabulary, self.splits)
-        daam_acc = ProtocolIAccumulator(vocabulary, self.splits) if self.daam_threshold is not None else None
-        heatmaps = rows.column("daam").to_pylist() if daam_acc else None
+        present, ignore = inputs.present.cpu().numpy(), inputs.ignore.cpu().numpy()
+        accumulators = {key: ProtocolIAccumulator(vocabulary, self.splits) for key in predicted}
+        if self.daam_threshold is not None:
+            accumulators["daam"] = ProtocolIAccumulator(vocabulary, self.splits)
+            heatmaps = rows.column("daam").to_pylist()
         for i, classes in enumerate(rows.column("classes").to_pylist()):
             n = len(classes)
-            for split, masks_of_split in predicted.items():
-                module_acc.add(classes, masks_of_split[i, :n], truth[i, :n], valid[i, :n], ignore[i], splits=[split])
-            if daam_acc:
+            for key, by_split in predicted.items():
+                for split, masks in by_split.items():
+                    accumulators[key].add(classes, masks[i, :n], truth[i, :n], valid[i, :n], ignore[i],
+                                          splits=[split], present=present[i, :n])
+            if "daam" in accumulators:
                 maps = np.stack([from_fp16_bytes(m, self.source.shapes["daam"]) for m in heatmaps[i]])
                 # DAAM's expand_as: bicubic from the latent grid to the oracle masks' (image) size, min-max, > tau
                 masks = daam_masks(maps[None], self.daam_threshold, size=truth.shape[-2:])[0]
-                daam_acc.add(classes, masks, truth[i, :n], valid[i, :n], ignore[i])
-        return module_acc, daam_acc
+                accumulators["daam"].add(classes, masks, truth[i, :n], valid[i, :n], ignore[i], present=present[i, :n])
+        return accumulators
 
-    def _class_embeddings(self, rows, inputs: Batch, text: TextConfig) -> tuple[Tensor, Tensor]:
-        """Class embeddings and mask for a module: the featurizer's when it reads the same text."""
-        if text == self.featurizer.text:
-            return inputs.class_embeddings, inputs.class_mask
-        return text_class_embeddings(self.featurizer.pipe, text, rows.column("prompt").to_pylist(),
-                                     rows.column("class_words").to_pylist())
+    def _predict(self, inputs: Batch, prompts: list[str], words: list[list[str]], swapped: bool,
+                 gate: float | None) -> dict[int, np.ndarray]:
+        """Each split's module's masks for the classes that `words` name (the features are the images');
+        the featurizer's class embeddings serve a module that reads the same text, unswapped."""
+        out = {}
+        for split, (module, text) in self.modules.items():
+            if text == self.featurizer.text and not swapped:
+                embeddings, mask = inputs.class_embeddings, inputs.class_mask
+            else:
+                embeddings, mask = text_class_embeddings(self.featurizer.pipe, text, prompts, words)
+            out[split] = module.predict(inputs.features, embeddings, mask, gate).cpu().numpy()
+        return out
+
+
+def _swap_words(prompt: str, words: Sequence[str], new: Sequence[str]) -> str:
+    """`prompt` with each class word replaced by its substitute (a text made from the prompt then names
+    the substitutes); placeholders first, so that one substitution cannot hit another's output."""
+    for k, word in enumerate(words):
+        prompt = prompt.replace(word, f"\x00{k}\x00", 1)
+    for k, word in enumerate(new):
+        prompt = prompt.replace(f"\x00{k}\x00", word)
+    return prompt
 
 
 FORMAT = "protocol-i-results/2"
@@ -275,6 +409,12 @@ class GroundingEvalOptions(BaseModel):
     out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
     daam_threshold: float = Field(DAAM_THRESHOLD, ge=0.0, le=1.0,
                                   description="DAAM heat-map threshold (Tang et al.'s; heat maps are normalised)")
+    presence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="in the presence-gated rows (and the text "
+                                      "control), a module with a presence head gives a class scoring below this no "
+                                      "mask, as the annotator (its presence_threshold); the plain rows ask for a mask "
+                                      "of every class, as the papers' protocol")
+    text_control: bool = Field(True, description="also score the text-blind control: every class asked for under "
+                               "another class's name (a fixed derangement), its masks scored as the true class")
     batch_size: int = Field(8, ge=1, description="rows per module call")
     num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
     min_score: float | None = Field(None, ge=0.0, le=1.0, description="automatic test-set filter, detector "
@@ -300,6 +440,8 @@ class EvalPlan:
     out: str | None
     vocabulary: str | dict  # Vocabulary.spec()
     daam_threshold: float | None  # None: the dataset has no heat maps, DAAM is skipped
+    presence_threshold: float
+    text_control: bool
     batches: list[list[int]]  # row positions of each module call, fixed here
     num_workers: int | None
     report: dict  # the JSON's fields other than the results
@@ -384,28 +526,33 @@ def prepare_evaluation(args: GroundingEvalOptions) -> EvalPlan:
     if n < source.rows:
         notes.append(f"test-set filter (min score {args.min_score}, best quality fraction {args.keep_quality}) "
                      f"kept {n} of {source.rows} samples")
-    thresholds = {MODULE: MODULE_THRESHOLD} | ({DAAM: daam_threshold} if daam_threshold is not None else {})
+    thresholds = ({MODULE: MODULE_THRESHOLD, "presence": args.presence_threshold}
+                  | ({DAAM: daam_threshold} if daam_threshold is not None else {}))
     report = {"format": FORMAT, "checkpoints": {str(k): uri for k, uri in checkpoints.items()},
               "checkpoint_epochs": {str(k): m.get("epoch") for k, m in metadata.items()},
               "trained_classes": {str(k): m["classes"] for k, m in metadata.items()}, "data": data,
               "plan_digest": source.manifest["plan"]["digest"], "samples": n, "vocabulary": vocabulary.name,
               "splits": list(checkpoints), "thresholds": thresholds,
-              "scored": "classes the oracle found with a non-empty mask, on pixels the label map does not mark 255",
+              "scored": "mIoU: classes the oracle found with a non-empty mask, on pixels the label map does not mark "
+                        "255; presence: every named class, a mask (any pixel) against the oracle's found flag",
               "notes": notes}
-    return EvalPlan(checkpoints, data, out, vocabulary.spec(), daam_threshold, batches, args.num_workers, report)
+    return EvalPlan(checkpoints, data, out, vocabulary.spec(), daam_threshold, args.presence_threshold,
+                    args.text_control, batches, args.num_workers, report)
 
 
 def run_evaluation(plan: EvalPlan) -> dict:
     """The report: plan.report plus "results" per method (ProtocolIAccumulator.result)."""
     pool = map_positions(EvalStage, {"checkpoints": plan.checkpoints, "data": plan.data,
                                      "generator": absolute_model_source(TripletSource.open(plan.data).generator),
-                                     "daam_threshold": plan.daam_threshold}, plan.batches, plan.num_workers)
-    splits = list(plan.checkpoints)
-    totals = {MODULE: ProtocolIAccumulator(plan.vocabulary, splits)}
-    if plan.daam_threshold is not None:
-        totals[DAAM] = ProtocolIAccumulator(plan.vocabulary, splits)
+                                     "daam_threshold": plan.daam_threshold,
+                                     "presence_threshold": plan.presence_threshold,
+                                     "text_control": plan.text_control}, plan.batches, plan.num_workers)
+    methods = {"module": MODULE, "gated": GATED, "control": TEXT_PERMUTED, "daam": DAAM}
+    totals: dict[str, ProtocolIAccumulator] = {}
     for row in pool.rows:  # integer counts: the merge order does not matter
-        totals[MODULE].merge(ProtocolIAccumulator.from_dict(json.loads(row["module"])))
-        if DAAM in totals:
-            totals[DAAM].merge(ProtocolIAccumulator.from_dict(json.loads(row["daam"])))
-    return {**plan.report, "results": {method: acc.result() for method, acc in totals.items()}}
+        for key, method in methods.items():
+            if row[key]:
+                part = ProtocolIAccumulator.from_dict(json.loads(row[key]))
+                totals[method] = totals[method].merge(part) if method in totals else part
+    return {**plan.report, "results": {method: totals[method].result() for method in methods.values()
+                                       if method in totals}}

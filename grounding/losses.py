@@ -75,3 +75,14 @@ def grounding_loss(logits: Tensor, targets: Tensor, valid: Tensor, kind: Literal
     if kind == "bce+logcosh_dice":
         return bce_loss(logits, targets, valid, ignore) + log_cosh_dice_loss(logits, targets, valid, ignore)
     raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def presence_loss(logits: Tensor, present: Tensor, valid: Tensor) -> Tensor:
+    """Binary cross-entropy of (B, O) presence logits against (B, O) bool `present`, averaged over
+    the `valid` slots: every named class, found or not, since a class the prompt named but the
+    image lacks is the negative the head learns from."""
+    if not (logits.shape == present.shape == valid.shape):
+        raise ValueError(f"shapes differ: logits {tuple(logits.shape)}, present {tuple(present.shape)}, "
+                         f"valid {tuple(valid.shape)}")
+    per_slot = F.binary_cross_entropy_with_logits(logits[valid], present[valid].to(logits.dtype), reduction="none")
+    return _mean(per_slot)

@@ -4,6 +4,16 @@ Visual encoder (fuse the per-resolution U-Net features into a map F of D channel
 a transformer decoder whose queries are the class embeddings and whose keys/values
 are patches of F, and an MLP giving one D-dim mask embedding per class; a class's
 mask logits are the dot product of its embedding with F at each pixel (Li et al. 2023, supplementary A).
+
+With ``config.presence``, a presence head gives one more logit per class: whether the class is
+in the image at all. The papers' module has no such output and paints a mask for every class it
+is asked about; recognition decoupled from localisation, a presence head trained with hard
+negatives, is SAM 3's (Carion et al. 2025). Trained on classes the prompt named but the generator
+did not draw, it lets the annotator give an absent class no pixels. Two heads: "query" reads the
+decoded class query alone; "region" also reads what the class's own mask covers (F averaged under
+the mask's probabilities), so it asks whether the region the mask found is that class, as
+MaskFormer classifies a mask (Cheng et al. 2021). The region's weights are detached: the presence
+loss does not move the masks.
 """
 
 from __future__ import annotations
@@ -72,6 +82,9 @@ class GroundingModule(nn.Module):
                                            dropout=config.dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, config.decoder_layers, norm=nn.LayerNorm(d_e))
         self.mask_mlp = _mlp(d_e, d_e, d_e, config.fused_dim)
+        self.presence_mlp = {"none": None, "query": _mlp(d_e, d_e, 1),
+                             "region": _mlp(3 * d_e, d_e, 1)}[config.presence]
+        self.region_proj = nn.Linear(config.fused_dim, d_e) if config.presence == "region" else None
 
     def encode_visual(self, features: dict[int, Tensor]) -> Tensor:
         """Fuse {resolution: (B, C_r, r, r)} into F: (B, D, fuse_resolution, fuse_resolution)."""
@@ -87,9 +100,11 @@ class GroundingModule(nn.Module):
             x = F.interpolate(x, size=self.config.fuse_resolution, mode="bilinear", align_corners=False)
         return x
 
-    def forward(self, features: dict[int, Tensor], class_embeddings: Tensor, class_mask: Tensor) -> Tensor:
+    def forward(self, features: dict[int, Tensor], class_embeddings: Tensor, class_mask: Tensor, *,
+                with_presence: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
         """Mask logits (B, O, mask_resolution, mask_resolution) for class embeddings (B, O, text_dim);
-        class_mask (B, O) marks the real slots. Logits of padded slots are meaningless."""
+        class_mask (B, O) marks the real slots. Logits of padded slots are meaningless.
+        ``with_presence``: (mask logits, presence logits (B, O) or None without a presence head)."""
         fused = self.encode_visual(features)
         p = self.config.patch_size
         # Non-overlapping p x p patches -> (B, N, p*p*D). No positional encoding (nor in the
@@ -103,14 +118,33 @@ class GroundingModule(nn.Module):
         padding = ~class_mask & class_mask.any(dim=1, keepdim=True)
         decoded = self.decoder(queries, memory, tgt_key_padding_mask=padding)
         mask_embeddings = self.mask_mlp(decoded)
-        logits = torch.einsum("bod,bdhw->bohw", mask_embeddings, fused)
+        coarse = torch.einsum("bod,bdhw->bohw", mask_embeddings, fused)
         # Bilinear upsampling is linear, so upsampling the logits equals the dot product with
         # an upsampled F (what the reference code does) at O/D of the cost.
-        return F.interpolate(logits, size=self.config.mask_resolution, mode="bilinear", align_corners=False)
+        logits = F.interpolate(coarse, size=self.config.mask_resolution, mode="bilinear", align_corners=False)
+        if not with_presence:
+            return logits
+        return logits, self._presence(decoded, coarse, fused)
+
+    def _presence(self, decoded: Tensor, coarse: Tensor, fused: Tensor) -> Tensor | None:
+        """(B, O) presence logits from the decoded queries (B, O, d_e) and, for the region head, F
+        (B, D, h, w) averaged under each class's mask probabilities (coarse logits (B, O, h, w))."""
+        if self.presence_mlp is None:
+            return None
+        if self.region_proj is None:
+            return self.presence_mlp(decoded).squeeze(-1)
+        weights = torch.sigmoid(coarse.detach())
+        pooled = torch.einsum("bohw,bdhw->bod", weights, fused) / weights.sum(dim=(2, 3))[..., None].clamp(min=1e-6)
+        region = self.region_proj(pooled)
+        return self.presence_mlp(torch.cat([decoded, region, decoded * region], dim=-1)).squeeze(-1)
 
     @torch.no_grad()
-    def predict(self, features: dict[int, Tensor], class_embeddings: Tensor, class_mask: Tensor) -> Tensor:
-        """Bool masks (B, O, H, W): sigmoid(logits) > 0.5, i.e. logits > 0; padded slots are empty.
-        Put the module in eval mode first."""
-        logits = self(features, class_embeddings, class_mask)
-        return (logits > 0) & class_mask[:, :, None, None]
+    def predict(self, features: dict[int, Tensor], class_embeddings: Tensor, class_mask: Tensor,
+                presence_threshold: float | None = 0.5) -> Tensor:
+        """Bool masks (B, O, H, W): sigmoid(logits) > 0.5, i.e. logits > 0; padded slots are empty,
+        and so is a class whose presence score is below `presence_threshold` (with a presence head;
+        None: every class gets its mask, as the papers' module). Put the module in eval mode first."""
+        logits, presence = self(features, class_embeddings, class_mask, with_presence=True)
+        gated = presence is not None and presence_threshold is not None
+        keep = class_mask & (torch.sigmoid(presence) >= presence_threshold) if gated else class_mask
+        return (logits > 0) & keep[:, :, None, None]

@@ -39,8 +39,8 @@ from factory.core.distributed import all_reduce_mean, fit
 from factory.core.storage import absolute_model_source, absolute_uri, check_reachable, open_location
 from grounding.checkpoint import read_grounding_metadata, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
-from grounding.data import Batch, DatasetError, Featurizer, TextConfig, TripletSource, in_validation
-from grounding.losses import grounding_loss
+from grounding.data import Batch, DatasetError, Featurizer, TextConfig, TripletSource, in_validation, with_negatives
+from grounding.losses import grounding_loss, presence_loss
 from grounding.model import GroundingModule
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,10 @@ class ModelSection(BaseModel):
         "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
         "come from the dataset")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
+    presence: Literal["none", "query", "region"] = Field(
+        "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "
+        "so that a class the image lacks gets no mask: 'region' reads the class query and what its mask covers, "
+        "'query' the query alone; 'none': the papers' module")
     text: TextConfig = TextConfig()
 
 
@@ -70,7 +74,12 @@ class GroundingTrainConfig(BaseModel):
     model: ModelSection = ModelSection()
     loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (Li et al. "
                                                      "2023) or BCE + log-cosh Dice (Simoncini and Ankit)")
-    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count (Li et al. 2023, Table 3)")
+    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count in the mask loss "
+                               "(Li et al. 2023, Table 3); the presence loss counts them, as absent")
+    presence_weight: float = Field(1.0, ge=0.0, description="weight of the presence loss beside the mask loss")
+    negatives: float = Field(0.5, ge=0.0, le=1.0, description="share of training samples also asked about one "
+                             "trained class they do not name (prompt and text name it; an empty target, presence "
+                             "0): the hard negatives of an annotated image's class list")
     classes: Literal["seen", "all"] | list[str] = Field(
         "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
         "naming any other class are left out, so unseen classes are never shown")
@@ -119,20 +128,27 @@ def grounding_model_config(section: ModelSection, feature_channels: dict[int, in
                  text_dim=text_dim, mask_resolution=image_size, fuse_resolution=None)
     if section.dropout is not None:
         sizes["dropout"] = section.dropout
+    sizes["presence"] = section.presence
     return GroundingModelConfig(**{**preset.model_dump(), **sizes})
 
 
 class IoUTotals:
     """Protocol-I IoU: per class, intersection and union over the pixels of valid slots that the
-    label map does not mark 255; prediction = sigmoid > 0.5. mIoU is the mean over classes with
-    a non-empty union."""
+    label map does not mark 255; prediction = sigmoid > 0.5 (empty where the presence head judges
+    the class absent). mIoU is the mean over classes with a non-empty union. Beside it, how often a
+    named class got a mask when the oracle found it (true/false positives, false negatives)."""
 
     def __init__(self, class_names: Sequence[str], device: torch.device | str = "cpu"):
         self.names = list(class_names)  # label index i is names[i - 1]; 0 is background
         self.intersection = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
         self.union = torch.zeros_like(self.intersection)
+        self.presence = torch.zeros(3, dtype=torch.float64, device=device)  # tp, fp, fn
 
     def update(self, predicted: Tensor, batch: Batch) -> None:
+        masked = predicted.flatten(2).any(dim=2)
+        truth = batch.present
+        self.presence += torch.stack([(masked & truth)[batch.named].sum(), (masked & ~truth)[batch.named].sum(),
+                                      (~masked & truth)[batch.named].sum()]).double()
         counted = ~batch.ignore[:, None].expand_as(predicted)[batch.valid]
         predicted, targets = predicted[batch.valid], batch.targets[batch.valid].bool()
         index = batch.class_indices[batch.valid]
@@ -141,8 +157,13 @@ class IoUTotals:
 
     def all_reduce(self) -> None:
         if dist.is_initialized():
-            dist.all_reduce(self.intersection)
-            dist.all_reduce(self.union)
+            for totals in (self.intersection, self.union, self.presence):
+                dist.all_reduce(totals)
+
+    def presence_scores(self) -> dict[str, float | None]:
+        """Precision and recall of "the class got a mask" against the oracle's found flags."""
+        tp, fp, fn = self.presence.tolist()
+        return {"precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None}
 
     def per_class(self) -> dict[str, float]:
         return {self.names[i - 1]: float(self.intersection[i] / self.union[i])
@@ -354,10 +375,15 @@ def train_loop_per_worker(worker_config: dict) -> None:
         order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(train_rows))
         order = np.resize(order, per_worker)  # equal step counts on every worker
         total, steps = 0.0, 0
+        negatives = np.random.default_rng([config.seed, epoch, rank, 1])
         for i in range(0, per_worker, local_batch):
-            batch = featurizer(train_rows.take(order[i:i + local_batch]))
-            loss = grounding_loss(model(batch.features, batch.class_embeddings, batch.class_mask),
-                                  batch.targets, batch.valid, config.loss, batch.ignore)
+            rows = with_negatives(train_rows.take(order[i:i + local_batch]), classes, source.vocabulary,
+                                  source.recipe["prompts"], config.negatives, negatives)
+            batch = featurizer(rows)
+            logits, presence = model(batch.features, batch.class_embeddings, batch.class_mask, with_presence=True)
+            loss = grounding_loss(logits, batch.targets, batch.valid, config.loss, batch.ignore)
+            if presence is not None:
+                loss = loss + config.presence_weight * presence_loss(presence, batch.present, batch.named)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -374,7 +400,8 @@ def train_loop_per_worker(worker_config: dict) -> None:
         history.append({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})
         if rank == 0:
             metadata = {
-                "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": totals.per_class()},
+                "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": totals.per_class(),
+                                            "val_presence": totals.presence_scores()},
                 "best": best, "history": history, "resumed_from": start - 1,
                 "text": config.model.text.model_dump(), "generation": source.generation,
                 "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
@@ -384,5 +411,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
                 save_grounding_checkpoint(out.url("best"), module, optimizer, metadata)
             best_text = "none" if best["epoch"] is None else f"{best['val_miou']:.4f} (epoch {best['epoch']})"
             # Ray Train shows worker logs on the driver (a print is echoed twice there).
-            logger.info(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  best {best_text}")
+            found = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in totals.presence_scores().items())
+            logger.info(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  "
+                        f"masked named classes: {found}  best {best_text}")
         ray.train.report({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})

@@ -33,13 +33,21 @@ import sys
 from factory.core.cli import run_job
 from factory.core.options import parse_options
 from factory.core.storage import write_file
-from grounding.evaluate import GroundingEvalOptions, format_table, prepare_evaluation, run_evaluation
+from grounding.evaluate import (
+    GroundingEvalOptions,
+    format_presence_table,
+    format_table,
+    prepare_evaluation,
+    run_evaluation,
+)
 
 
 def evaluate(argv: list[str] | None) -> int:
     plan = prepare_evaluation(parse_options(GroundingEvalOptions, argv, __doc__))
     report = run_evaluation(plan)
     print(format_table(report["results"]))
+    print("\nLabel truth: presence precision/recall against the oracle's found flags; absent classes given a mask")
+    print(format_presence_table(report["results"]))
     for note in report["notes"]:
         print(f"note: {note}")
     if plan.out:

@@ -18,18 +18,21 @@ GPUs); each batch of images gives one integer confusion matrix and the driver ad
 The batches are fixed here and the counts are exact, so the result does not depend on the
 worker count. The scores are computed from the summed matrix for every split.
 
-Background (segmenter/metrics.py): by default background pixels are ignored, as in ZegFormer's
-VOC evaluation, whose numbers the paper compares with; --background seen counts background as
-a seen class instead (ZS3Net). The JSON keeps the confusion matrix, so either can be
-computed later.
+Background (segmenter/metrics.py): every split is scored both ways, background pixels ignored
+(ZegFormer, Ding et al. 2022, whose VOC numbers the paper compares with) and background a seen
+class (ZS3Net, Bucher et al. 2019), where a class predicted on background loses IoU by it; the
+JSON has them under background_ignored and background_counted and the table a row for each.
+A split's own seen/unseen/harmonic keys are ZegFormer's convention, or ZS3Net's with
+--background seen. The JSON keeps the confusion matrix too.
 
 Every result says how the model was trained: its setting, whether that is zero-shot (a
 "supervised" model, trained on oracle labels of the unseen classes, is labelled "supervised
 (oracle upper bound), not zero-shot" in the JSON and above the table), and, for a text-head
 model, the class names added at test time (embedded with the checkpoint's own text encoder).
 
-Prints a table (split, seen, unseen, harmonic) and, with --out, writes the results as JSON
-(local or s3://) and --qualitative panels (image | ground truth | prediction) next to it.
+Prints a table (split, background convention, seen, unseen, harmonic) and, with --out, writes
+the results as JSON (local or s3://) and --qualitative panels (image | ground truth |
+prediction) next to it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ def evaluate(argv: list[str] | None) -> int:
     dataset, run = report["dataset"], report["run"]
     added = f", classes named at test time: {', '.join(report['added_at_test'])}" if report["added_at_test"] else ""
     print(f"{dataset['format']} {dataset['split_set']}: {dataset['images']} images, {report['setting_label']} model "
-          f"({report['head']} head{added}), background: {report['background']}, short side {plan.size}")
+          f"({report['head']} head{added}), short side {plan.size}; the JSON's seen/unseen/harmonic keys: "
+          f"background {report['background']}")
     print(format_table(report["results"], report["setting"]))
     print(f"{run['images_per_second']:.2f} images/s in all, workers: {run['workers']} "
           f"({run['images_per_second_per_worker']:.2f} images/s per worker while busy)")

@@ -6,8 +6,10 @@
 
 Runs --iterations optimizer steps in all; a rerun on the same --out resumes from its last/.
 A zero-shot --setting (transductive, inductive) refuses a set whose unseen-class labels came
-from a labeler trained on them (an oracle set): --setting supervised trains such a set as an
-oracle upper bound, labelled so in every checkpoint and result. --setting inductive needs
+from a labeler trained on them (an oracle set), or whose images' class lists came from ground
+truth (real VOC/COCO images annotated by the module): --setting supervised trains such a set as
+an oracle upper bound, labelled so in every checkpoint and result. --setting inductive also
+refuses a set whose prompts named an unseen class (Bucher et al. 2019; Li et al. 2023). --setting inductive needs
 --model.head text (class names as CLIP text embeddings; unseen ones are added at evaluation).
 """
 

@@ -14,6 +14,13 @@ and turns each batch of sample positions into one integer confusion matrix.
 the result does not depend on the worker count; the scores are computed from the summed
 matrix for every split.
 
+Background (segmenter/metrics.py): every split is scored under both conventions from the same
+matrix, background ignored (ZegFormer, Ding et al. 2022, the papers' comparison point) and
+background counted as a seen class (ZS3Net, Bucher et al. 2019), under the keys
+``background_ignored`` and ``background_counted``; the table prints both, each row naming its
+convention. The split's top-level seen/unseen/harmonic/per_class keep their meaning: the
+``background`` option's convention (ignored by default).
+
 Every result says how its model was trained: the setting, whether that is zero-shot (a
 "supervised" model learnt unseen classes from oracle labels: an upper bound, labelled so in
 the JSON and the table), and, for the text head, the class names it had never embedded and
@@ -48,6 +55,14 @@ from segmenter.text import check_text_encoder, encode_class_names
 
 SETTING_LABELS = {"transductive": "transductive zero-shot", "inductive": "inductive zero-shot",
                   "supervised": "supervised (oracle upper bound), not zero-shot"}
+# Background convention (segmenter/metrics.py) -> its results key, its table label, what it means.
+BACKGROUND_KEYS = {"ignore": "background_ignored", "seen": "background_counted"}
+BACKGROUND_LABELS = {"ignore": "ignored (ZegFormer)", "seen": "a seen class (ZS3Net)"}
+BACKGROUND_MEANINGS = {
+    "ignore": "background pixels left out (ZegFormer, Ding et al. 2022): a class predicted on background costs "
+              "nothing",
+    "seen": "background a seen class (ZS3Net, Bucher et al. 2019): a class predicted on background loses IoU by it, "
+            "and background's own IoU is in the seen mean"}
 
 
 def short_side_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -134,8 +149,9 @@ class ZS3EvalOptions(BaseModel):
                                   f"folder (null: voc {DEFAULT_SPLITS['voc']}, coco {DEFAULT_SPLITS['coco']})")
     splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
                                      "checkpoint's split, else 1 2 3)")
-    background: Literal["ignore", "seen"] = Field("ignore", description="background pixels ignored (ZegFormer) "
-                                                  "or a seen class (ZS3Net)")
+    background: Literal["ignore", "seen"] = Field(
+        "ignore", description="the convention of each split's seen/unseen/harmonic keys: background pixels ignored "
+        "(ZegFormer) or a seen class (ZS3Net); both are reported, under background_ignored and background_counted")
     out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
     num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
     qualitative: int = Field(8, ge=0, description="panels written next to out, of images spread over the dataset")
@@ -251,6 +267,7 @@ def prepare_evaluation(args: ZS3EvalOptions) -> EvalPlan:
               "head": model.head, "added_at_test": to_add, "trained_split": trained_split,
               "dataset": {"format": args.format, "root": root, "split_set": split_set, "images": n},
               "vocabulary": vocabulary.name, "splits": splits, "background": args.background,
+              "background_conventions": {BACKGROUND_KEYS[m]: BACKGROUND_MEANINGS[m] for m in BACKGROUND_KEYS},
               "inference": {"mode": "resize", "short_side": args.size, "label_resize": "nearest"},
               "qualitative": sorted(panels.values()), "notes": notes}
     return EvalPlan(checkpoint, args.format, root, split_set, args.size, vocabulary,
@@ -263,15 +280,19 @@ def _class_name(vocabulary: Vocabulary, index: int) -> str:
 
 
 def score(plan: EvalPlan, confusion: ConfusionMatrix) -> dict:
-    """Per split: seen, unseen and harmonic mIoU and the per-class IoUs, in percent."""
+    """Per split: seen, unseen and harmonic mIoU and the per-class IoUs, in percent, under
+    plan.background's convention, and under each convention by its BACKGROUND_KEYS key."""
     vocabulary, results = plan.vocabulary, {}
     for k in plan.splits:
         seen = [vocabulary.lookup(name).index for name in vocabulary.seen(k)]
         unseen = [vocabulary.lookup(name).index for name in vocabulary.unseen(k)]
-        scores = zs3_scores(confusion, seen, unseen, background=plan.background)
-        results[str(k)] = {"seen": scores["seen"], "unseen": scores["unseen"], "harmonic": scores["harmonic"],
-                           "unseen_classes": list(vocabulary.unseen(k)),
-                           "per_class": {_class_name(vocabulary, i): v for i, v in scores["per_class"].items()}}
+        by_convention = {}
+        for mode, key in BACKGROUND_KEYS.items():
+            scores = zs3_scores(confusion, seen, unseen, background=mode)
+            by_convention[key] = {"seen": scores["seen"], "unseen": scores["unseen"], "harmonic": scores["harmonic"],
+                                  "per_class": {_class_name(vocabulary, i): v for i, v in scores["per_class"].items()}}
+        results[str(k)] = {**by_convention[BACKGROUND_KEYS[plan.background]],
+                           "unseen_classes": list(vocabulary.unseen(k)), **by_convention}
     return results
 
 
@@ -300,11 +321,14 @@ def _cell(value: float | None) -> str:
 
 
 def format_table(results: dict, setting: str) -> str:
-    """The setting's label, then Split | Seen | Unseen | Harmonic, numbers right-aligned; "-"
-    where no class was present."""
-    rows = [["Split", "Seen", "Unseen", "Harmonic"]]
-    rows += [[k, _cell(r["seen"]), _cell(r["unseen"]), _cell(r["harmonic"])] for k, r in results.items()]
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    """The setting's label, then Split | Background | Seen | Unseen | Harmonic, a row per split
+    and background convention, numbers right-aligned; "-" where no class was present."""
+    rows = [["Split", "Background", "Seen", "Unseen", "Harmonic"]]
+    for k, r in results.items():
+        for mode, key in BACKGROUND_KEYS.items():
+            scores = r[key]
+            rows.append([k, BACKGROUND_LABELS[mode], *(_cell(scores[m]) for m in ("seen", "unseen", "harmonic"))])
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
              for row in rows]
     return "\n".join([f"mIoU, {SETTING_LABELS[setting]}", lines[0], "-" * len(lines[0]), *lines[1:]])

@@ -29,7 +29,9 @@ Settings:
 
 The two zero-shot settings refuse synthetic data whose labels of the split's unseen classes
 (of every split when none is set) came from a labeler trained on them (the manifest's
-record, `DatasetSource.supervised_classes`), and an init checkpoint of another setting or
+record, `DatasetSource.supervised_classes`) or whose class lists, which say which images
+show them, came from ground truth (an annotated VOC/COCO source); the inductive setting also
+refuses a set whose prompts named one; both refuse an init checkpoint of another setting or
 split. Real images (Model-D) always have their unseen pixels ignored, never trained as
 background.
 
@@ -44,7 +46,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -279,21 +281,61 @@ def _data_split(source: DatasetSource) -> int | None:
     return source.split or source.manifest.get("labels", {}).get("trained_split")
 
 
+def _class_lists(manifest: dict) -> str:
+    """Where each image's class list came from (manifest "labels"). A manifest from before the
+    record says it through its recipe's source, from which the build decides it: no source,
+    the prompts; a folder, the user; any other format, its ground truth."""
+    if "class_lists" in manifest["labels"]:
+        return manifest["labels"]["class_lists"]
+    source = manifest["recipe"].get("source") or {}
+    if not source.get("images"):
+        return "prompt"
+    return "user" if source.get("format", "folder") == "folder" else "ground_truth"
+
+
+def _prompted_classes(source: DatasetSource) -> set[str]:
+    """The classes the plan's prompts named (manifest "plan"). A manifest from before the record
+    names the same classes in its per-class counts, as every prompt names exactly its plan
+    entry's classes."""
+    manifest = source.manifest
+    if "prompted_classes" in manifest.get("plan", {}):
+        return set(manifest["plan"]["prompted_classes"])
+    if "per_class" not in manifest:
+        raise DatasetError(f"{source.uri} does not record which classes its prompts named (built by an older "
+                           f"version): rebuild it")
+    return set(manifest["per_class"])
+
+
 def check_zero_shot(source: DatasetSource, setting: str, split: int | None) -> None:
-    """Refuse a zero-shot setting on labels of unseen classes that came from a labeler trained on
-    them; with no split, evaluation may score any, so every split's unseen classes count."""
+    """Refuse a zero-shot setting on a set that knew its unseen classes: their labels came from a
+    labeler trained on them, or which images show them (the class lists) from ground truth; and
+    the inductive setting on a set whose prompts named one (ZS3, Bucher et al. 2019; Li et al.
+    2023: no unseen class name at training time). With no split, evaluation may score any, so
+    every split's unseen classes count."""
     if setting == "supervised":
         return
-    vocabulary = source.vocabulary
+    vocabulary, manifest = source.vocabulary, source.manifest
     splits = [split] if split is not None else range(1, len(vocabulary.unseen_splits) + 1)
     unseen = {name for k in splits for name in vocabulary.unseen(k)}
-    leaked = [name for name in vocabulary.names if name in unseen and name in source.supervised_classes]
-    if leaked:
-        which = f"split {split}" if split is not None else "the splits; no split is set"
-        name = source.manifest.get("name") or source.uri
-        raise DatasetError(f"{name}: labels of unseen classes {', '.join(leaked)} ({which}) come from a labeler "
+    which = f"split {split}" if split is not None else "the splits; no split is set"
+    name = manifest.get("name") or source.uri
+
+    def among(classes: Container[str]) -> str:  # the unseen ones, in vocabulary order
+        return ", ".join(n for n in vocabulary.names if n in unseen and n in classes)
+
+    if leaked := among(source.supervised_classes):
+        raise DatasetError(f"{name}: labels of unseen classes {leaked} ({which}) come from a labeler "
                            f"trained on them; this is not zero-shot. Train on an annotated set, or pass --setting "
                            f"supervised for an oracle upper bound")
+    if _class_lists(manifest) == "ground_truth":  # per_class is older than real-image sources
+        if shown := among({n for n, counts in manifest["per_class"].items() if counts["kept"]}):
+            raise DatasetError(f"{name}: which images show unseen classes {shown} ({which}) comes from the "
+                               f"source's ground truth (its masks or tags); this is not zero-shot. Train on "
+                               f"generated images or your own class lists, or pass --setting supervised")
+    if setting == "inductive" and (named := among(_prompted_classes(source))):
+        raise DatasetError(f"{name}: its prompts name unseen classes {named} ({which}); the inductive setting "
+                           f"sees no unseen class name in training. Build the set from the seen classes "
+                           f"(classes: seen), or pass --setting transductive")
 
 
 def _init_model(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: dict, split: int | None

@@ -3,7 +3,8 @@ with DAAM, the papers' baseline.
 
 One actor holds Stable Diffusion and the module: the generation call's U-Net features
 at the capture step go straight into the module, which predicts a mask for each of
-the prompt's classes, seen or unseen. DAAM needs no module: its heat maps, recorded
+the prompt's classes, seen or unseen, and (with a presence head) whether each is in the image
+at all: a class it judges absent gets no pixels. DAAM needs no module: its heat maps, recorded
 during the same call, are thresholded instead. The outputs have the same columns as the
 oracle labeler's, so encoding and writing are shared.
 """
@@ -59,11 +60,14 @@ class GroundingAnnotator:
         self.remaining = metadata["capture"]["steps_remaining"]
 
     def probabilities(self, pipe, features: dict[int, torch.Tensor], prompts: list[str], words: list[list[str]],
-                      size: tuple[int, int]) -> np.ndarray:
-        """(B, O, H, W) class probabilities at `size` from a batch's U-Net features."""
+                      size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, O, H, W) class probabilities at `size` from a batch's U-Net features, and (B, O)
+        presence scores (None: the module has no presence head)."""
         embeddings, mask = text_class_embeddings(pipe, self.text, prompts, words)
-        logits = self.module({r: t.float() for r, t in features.items()}, embeddings.float(), mask)
-        return torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False)).cpu().numpy()
+        logits, presence = self.module({r: t.float() for r, t in features.items()}, embeddings.float(), mask,
+                                       with_presence=True)
+        probabilities = torch.sigmoid(F.interpolate(logits, size=size, mode="bilinear", align_corners=False))
+        return probabilities.cpu().numpy(), None if presence is None else torch.sigmoid(presence).cpu().numpy()
 
 
 class AnnotateStage:
@@ -87,11 +91,13 @@ class AnnotateStage:
         start = time.perf_counter()
         prompts, words, seeds = list(batch["prompt"]), [list(w) for w in batch["class_words"]], list(batch["seed"])
         annotate = self.with_daam if self.module is None else self.with_module
-        images, probabilities = annotate(prompts, words, seeds)
+        images, probabilities, presence = annotate(prompts, words, seeds)
         batch["image"] = images
         batch["generate_seconds"] = np.full(len(prompts), (time.perf_counter() - start) / len(prompts))
         # labelling happens inside the generation call: its time is counted there
-        labels = [self.label(probabilities[i, :len(names)], names) for i, names in enumerate(batch["classes"])]
+        labels = [annotation_labels(probabilities[i, :len(names)], self.indices(names), self.annotator,
+                                    None if presence is None else presence[i, :len(names)])
+                  for i, names in enumerate(batch["classes"])]
         return attach_labels(batch, labels, time.perf_counter())
 
     def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
@@ -100,28 +106,32 @@ class AnnotateStage:
                         height=g.height, width=g.width)
 
     def with_module(self, prompts: list[str], words: list[list[str]],
-                    seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Images and (B, O, H, W) class probabilities from the module."""
+                    seeds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Images, (B, O, H, W) class probabilities and (B, O) presence scores from the module."""
         call = capture_call_index(self.generator.steps, self.module.remaining, self.generator.scheduler)
         with FeatureCapture(self.pipe.unet, call, batch=len(prompts)) as hooks:
             images = self.generate(prompts, seeds)
-        return images, self.module.probabilities(self.pipe, hooks.features, prompts, words, images.shape[1:3])
+        return images, *self.module.probabilities(self.pipe, hooks.features, prompts, words, images.shape[1:3])
 
     def with_daam(self, prompts: list[str], words: list[list[str]],
-                  seeds: list[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Images and (B, O, H, W) normalised DAAM heat maps, the scores its threshold reads."""
+                  seeds: list[int]) -> tuple[np.ndarray, np.ndarray, None]:
+        """Images and (B, O, H, W) normalised DAAM heat maps, the scores its threshold reads; DAAM
+        judges no presence."""
         with CrossAttentionRecorder(self.pipe) as recorder:  # every step, as the reference records
             images = self.generate(prompts, seeds)
         positions = [class_token_positions(self.pipe.tokenizer, p, w) for p, w in zip(prompts, words)]
-        return images, daam_scores(recorder.heatmaps(positions), size=images.shape[1:3])
+        return images, daam_scores(recorder.heatmaps(positions), size=images.shape[1:3]), None
 
-    def label(self, probabilities: np.ndarray, names: list[str]) -> SampleLabels:
-        return annotation_labels(probabilities, [self.vocabulary.lookup(name).index for name in names],
-                                 self.annotator)
+    def indices(self, names: list[str]) -> list[int]:
+        return [self.vocabulary.lookup(name).index for name in names]
 
 
-def annotation_labels(p: np.ndarray, indices: list[int], config: AnnotatorConfig) -> SampleLabels:
-    """One image's labels from its (O, H, W) class probabilities; `indices`: each class's label index."""
+def annotation_labels(p: np.ndarray, indices: list[int], config: AnnotatorConfig,
+                      presence: np.ndarray | None = None) -> SampleLabels:
+    """One image's labels from its (O, H, W) class probabilities; `indices`: each class's label index;
+    `presence`: (O,) presence scores, a class below ``config.presence_threshold`` judged absent (no pixels)."""
+    if presence is not None:
+        p = np.where((presence < config.presence_threshold)[:, None, None], 0.0, p)
     label = annotation_label_map(p, indices, threshold=config.threshold, ignore_below=config.ignore_below)
     masks = p > config.threshold
     found = masks.reshape(len(indices), -1).any(axis=1)
@@ -132,4 +142,5 @@ def annotation_labels(p: np.ndarray, indices: list[int], config: AnnotatorConfig
         # score: mean probability inside the class's mask, a confidence for later filtering
         scores=np.array([p[k][masks[k]].mean() if found[k] else 0.0 for k in range(len(indices))], np.float32),
         instances=found.astype(np.int16),
-        drop_reason="" if found.all() or config.on_missing != "drop" else CLASS_NOT_FOUND)
+        drop_reason="" if found.all() or config.on_missing != "drop" else CLASS_NOT_FOUND,
+        presence=None if presence is None else presence.astype(np.float32))

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import ray
 
-from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, plan_batch, plan_digest
+from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, open_followed, plan_batch, plan_digest
 from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig, Recipe
 from factory.core.cluster import actor_resources, cluster_gpus
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
@@ -60,6 +60,7 @@ class Prepared:
     plan: list[Sample]
     location: Location
     notes: list[str] = field(default_factory=list)  # what the user should know before the run
+    follows: dict | None = None  # the followed dataset (recipe.follow), as the manifest records it
 
 
 @dataclass
@@ -110,8 +111,11 @@ def prepare_build(recipe: Recipe) -> Prepared:
     Writing build.json last proves write access before any GPU time is spent.
     """
     plan = build_plan(recipe)
-    notes = []
-    if recipe.num_samples is not None and recipe.num_samples > len(plan):
+    notes, follows = [], None
+    if recipe.follow is not None:  # its plan is the followed set's samples, never more than num_samples
+        followed = open_followed(recipe.follow).manifest
+        follows = {"dataset": recipe.follow, "name": followed["name"], "content_key": followed["content_key"]}
+    elif recipe.num_samples is not None and recipe.num_samples > len(plan):
         notes.append(f"num_samples {recipe.num_samples} is more than the recipe plans: building all {len(plan)}")
     location = check_reachable(recipe.output)
     check_model_source(recipe.generator.model, "model_index.json")
@@ -131,6 +135,9 @@ def prepare_build(recipe: Recipe) -> Prepared:
                 raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
                                  f"({previous['recipe']['name']}, key {previous['content_key']}); "
                                  f"use another --out or the same recipe")
+            if previous["recipe"].get("follow") != recipe.follow:  # another set of samples with the same key
+                raise BuildError(f"{recipe.output} holds a build with follow {previous['recipe'].get('follow')}; "
+                                 f"use another --out or the same follow")
             build = previous  # keep the first run's record; num_samples etc. may differ now
             planned = {s.sample_id for s in all_attempts(plan, recipe)}
             outside = sum(1 for c in read_commits(location) for i in (*c.written, *c.dropped) if i not in planned)
@@ -141,7 +148,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     except OSError as exc:
         what = "no permission to write to" if access_refused(exc) else "cannot write to"
         raise StorageError(f"{what} {recipe.output}: {first_line(exc)}") from None
-    return Prepared(recipe, plan, location, notes)
+    return Prepared(recipe, plan, location, notes, follows)
 
 
 def _check_annotator(recipe: Recipe) -> list[str]:
@@ -523,7 +530,9 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recipe": recipe.model_dump(mode="json"),
         "content_key": recipe.content_key(),
-        "plan": {"samples": len(plan), "digest": plan_digest(plan)},
+        "plan": {"samples": len(plan), "digest": plan_digest(plan),
+                 "prompted_classes": prompted_classes(plan, vocabulary.names)},
+        **({"follows": prepared.follows} if prepared.follows else {}),
         "vocabulary": {**vocabulary.definition(), "background": BACKGROUND, "ignore": IGNORE},
         "models": models,
         "versions": _versions(),
@@ -535,6 +544,7 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         "capture": _capture_info(recipe, commits),
         "labels": label_provenance(recipe, models["labeler"]),
         **({"agreement": agreement_summary(recipe, commits, models["agreement"])} if recipe.agreement.enabled else {}),
+        **({"presence": presence_summary(recipe, commits)} if any(c.presence for c in commits) else {}),
         "files": files,
     }
 
@@ -553,6 +563,22 @@ def agreement_summary(recipe: Recipe, commits: list[Commit], checker: str) -> di
         for name, values in sorted(ious.items(), key=lambda item: vocabulary.lookup(item[0]).index)}}
 
 
+def presence_summary(recipe: Recipe, commits: list[Commit]) -> dict:
+    """Per class, how often the annotator judged it present and absent over every sample made
+    (dropped ones too), and the spread of its presence scores: the manifest's "presence", which
+    the card shows, so that a user sees the module's own signal without a judge."""
+    scores: dict[str, list[float]] = {}
+    for commit in commits:
+        for name, values in commit.presence.items():
+            scores.setdefault(name, []).extend(values)
+    threshold, vocabulary = recipe.annotator.presence_threshold, get_vocabulary(recipe.vocabulary)
+    return {"threshold": threshold, "classes": {
+        name: {"samples": len(values), "present": int(np.sum(np.array(values) >= threshold)),
+               "absent": int(np.sum(np.array(values) < threshold)),
+               **dict(zip(("p10", "median", "p90"), np.percentile(values, [10, 50, 90]).round(4).tolist()))}
+        for name, values in sorted(scores.items(), key=lambda item: vocabulary.lookup(item[0]).index)}}
+
+
 def label_provenance(recipe: Recipe, labeler: str) -> dict:
     """Which classes' labels came from a labeler trained on that class (manifest "labels").
 
@@ -562,7 +588,8 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     and trains nothing, none. A second labeler that acts on the labels (``agreement.min_iou`` > 0)
     chose which labels were kept with its knowledge of every class (a Mask R-CNN oracle, or an
     open-vocabulary model trained on the web), so it counts as trained on all of them. Protocol-II
-    reads this to refuse a "zero-shot" segmenter trained on labels of its unseen classes.
+    reads this, and where each image's class list came from (``class_lists``), to refuse a
+    "zero-shot" segmenter trained on labels of its unseen classes.
     """
     names = get_vocabulary(recipe.vocabulary).names
     if recipe.annotator.checkpoint:
@@ -580,8 +607,26 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     if recipe.agreement.enabled and recipe.agreement.min_iou > 0:
         trained, split, chosen_by = set(names), None, _detector_id(recipe.agreement.labeler)
     return {"labeler": labeler, "kind": kind, "trained_split": split,
-            "trained": {name: name in trained for name in names},
+            "trained": {name: name in trained for name in names}, "class_lists": class_lists(recipe),
             **({"chosen_by": chosen_by} if chosen_by else {})}
+
+
+def class_lists(recipe: Recipe) -> str:
+    """Where each image's class list (the classes it is labelled for) came from: "prompt", the
+    plan's; "user", a folder source's ``classes`` or ``classes_file``; "ground_truth", the masks or
+    tags of a voc, voc_aug, coco or dataset source, which say which images show a class even when
+    its labels come from a zero-shot annotator."""
+    if not recipe.source.enabled:
+        return "prompt"
+    return "user" if recipe.source.format == "folder" else "ground_truth"
+
+
+def prompted_classes(plan: list[Sample], names: tuple[str, ...]) -> list[str]:
+    """The classes any prompt of the plan names, in vocabulary order (`names`): a prompt names
+    exactly its entry's classes (templates must hold their placeholders, a prompt file's classes
+    are in braces). The inductive setting refuses a set whose prompts named an unseen class."""
+    named = {name for sample in plan for name in sample.classes}
+    return [name for name in names if name in named]
 
 
 def _capture_info(recipe: Recipe, commits: list[Commit]) -> dict | None:

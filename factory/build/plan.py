@@ -10,6 +10,10 @@ found), the entry's next attempt, the same prompt with its next seed, is made, u
 kept or the attempts are spent ("given up"). Which attempts are made is decided by the
 commit records alone (``next_attempts``), so an interrupted build resumes to the same set.
 
+A follower (``recipe.follow``) plans exactly the samples a finished dataset of the same plan
+wrote, each at the followed set's attempt, made once (``followed_plan``): the same prompts and
+seeds, so the same images, with this recipe's labels.
+
 A build from real images (``recipe.source``) plans one sample per image instead, in the
 source's order (``image_plan``); a dropped image is not replaced.
 """
@@ -17,6 +21,7 @@ source's order (``image_plan``); a dropped image is not replaced.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,17 +29,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from pydantic import ValidationError
 
 from factory.build.images import ImageListing, open_images
-from factory.build.recipe import Recipe, RecipeError, find_file
+from factory.build.recipe import MAX_ATTEMPTS, Recipe, RecipeError, find_file
 from factory.core.options import fill_template
 from factory.core.pairs import all_pairs, load_pairs
-from factory.core.storage import first_line
+from factory.core.storage import StorageError, first_line
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.batch import MAX_CLASSES, PLAN_COLUMNS
 from factory.dataset.codec import objects
-from factory.dataset.source import DatasetError
+from factory.dataset.source import DatasetError, DatasetSource
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +175,7 @@ def build_plan(recipe: Recipe) -> list[Sample]:
                            _sample_seed(recipe.seed, index)))
     if recipe.num_samples is not None:
         plan = plan[: recipe.num_samples]
-    return plan
+    return followed_plan(recipe, plan) if recipe.follow is not None else plan
 
 
 def image_plan(recipe: Recipe, listing: ImageListing) -> list[Sample]:
@@ -194,10 +200,16 @@ def _attempt(sample: Sample, k: int, content_key: str, plan_seed: int) -> Sample
                    seed=_sample_seed(plan_seed, sample.index, k), attempt=k)
 
 
+def _attempts(sample: Sample, recipe: Recipe) -> range:
+    # A plan entry starts at its sample's attempt: 0, or the followed set's for a follower (tries 1).
+    return range(sample.attempt, sample.attempt + recipe.tries)
+
+
 def all_attempts(plan: list[Sample], recipe: Recipe) -> list[Sample]:
-    """Every sample the plan may make: each entry's attempts 0 .. recipe.attempts - 1."""
+    """Every sample the plan may make: each entry's attempts 0 .. recipe.attempts - 1 (a
+    follower's: its one sample)."""
     key = recipe.content_key()
-    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in range(recipe.tries)]
+    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in _attempts(sample, recipe)]
 
 
 def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) -> list[Sample]:
@@ -206,7 +218,7 @@ def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) 
     made, its next one when the last made was dropped and attempts are left."""
     key, due = recipe.content_key(), []
     for sample in plan:
-        for k in range(recipe.tries):
+        for k in _attempts(sample, recipe):
             made = _attempt(sample, k, key, recipe.seed)
             outcome = outcomes.get(made.sample_id)
             if outcome is None:
@@ -214,6 +226,69 @@ def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) 
             if not outcome:  # not made yet, or kept
                 break
     return due
+
+
+# What decides a generated sample's prompt, seed and image: a follower's plan must equal its followed set's.
+_PLAN_FIELDS = {"vocabulary", "per_class", "per_pair", "pairs", "num_samples", "seed", "prompts", "generator", "source"}
+
+
+def plan_fields(recipe: Recipe) -> dict:
+    """The recipe's fields that decide its samples' images, dotted: {"seed": 12, "generator.steps": 25, ...}
+    (classes as the selected class names; not the generator's batch size)."""
+    dump = recipe.model_dump(mode="json", include=_PLAN_FIELDS, exclude={"generator": {"batch_size"}})
+    fields = {"classes": recipe.selected_classes}
+    for name, value in dump.items():
+        if name in ("prompts", "generator", "source"):
+            fields.update({f"{name}.{field}": inner for field, inner in value.items()})
+        else:
+            fields[name] = value
+    return fields
+
+
+def _shown(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
+
+
+def open_followed(uri: str) -> DatasetSource:
+    """The finished dataset a recipe follows; RecipeError naming it when there is none."""
+    try:
+        return DatasetSource.open(uri)
+    except DatasetError as exc:
+        raise RecipeError(f"follow: {exc}") from None
+
+
+def followed_plan(recipe: Recipe, plan: list[Sample]) -> list[Sample]:
+    """The samples that the dataset ``recipe.follow`` wrote, as samples of `plan` (this recipe's, the
+    same as the followed set's): found by index and seed, checked by prompt and classes, each at
+    its attempt with this recipe's id. RecipeError, one line naming the followed set, when its
+    plan is not this recipe's."""
+    uri = recipe.follow
+    followed = open_followed(uri)
+    try:
+        theirs = Recipe.model_validate(followed.recipe)
+    except ValidationError as exc:
+        raise RecipeError(f"follow: cannot read the recipe of {uri}: {first_line(exc)}") from None
+    mine, other = plan_fields(recipe), plan_fields(theirs)
+    for name in [*mine, *(name for name in other if name not in mine)]:
+        if mine.get(name) != other.get(name):
+            raise RecipeError(f"follow: {uri} has another plan: {name} {_shown(other.get(name))} there, "
+                              f"{_shown(mine.get(name))} here")
+    try:
+        rows = followed.read(["sample_id", "index", "seed", "prompt", "classes"]).to_pylist()
+    except (OSError, StorageError, pa.ArrowException) as exc:
+        raise RecipeError(f"follow: cannot read the samples of {uri}: {first_line(exc)}") from None
+    entries, key, samples = {entry.index: entry for entry in plan}, recipe.content_key(), []
+    for row in rows:
+        entry = entries.get(row["index"])
+        # any attempt: a followed follower made its own followed set's, whatever its `attempts` says
+        attempt = None if entry is None else next(
+            (k for k in range(MAX_ATTEMPTS) if _sample_seed(recipe.seed, entry.index, k) == row["seed"]), None)
+        if attempt is None or (entry.prompt, list(entry.classes)) != (row["prompt"], row["classes"]):
+            raise RecipeError(f"follow: sample {row['sample_id']} of {uri} ({row['prompt']!r}, seed {row['seed']}) "
+                              f"is not in this recipe's plan")
+        samples.append(_attempt(entry, attempt, key, recipe.seed))
+    return sorted(samples, key=lambda sample: (sample.index, sample.attempt))
 
 
 def plan_digest(plan: list[Sample]) -> str:

@@ -60,8 +60,11 @@ class ImageStage:
         start = time.perf_counter()
         indices = [[self.vocabulary.lookup(name).index for name in names] for names in batch["classes"]]
         if self.module is not None:
-            probabilities = self.module.probabilities(self.pipe, got.features, prompts, words, images.shape[1:3])
-            labels = [annotation_labels(probabilities[i, :len(k)], k, self.annotator) for i, k in enumerate(indices)]
+            probabilities, presence = self.module.probabilities(self.pipe, got.features, prompts, words,
+                                                                images.shape[1:3])
+            labels = [annotation_labels(probabilities[i, :len(k)], k, self.annotator,
+                                        None if presence is None else presence[i, :len(k)])
+                      for i, k in enumerate(indices)]
             return attach_labels(batch, labels, start)
         batch["timestep"] = np.full(n, got.timestep, np.int64)
         if self.capture.features == "latent":

@@ -39,6 +39,7 @@ RECIPE_DIR = Path(__file__).resolve().parents[2] / "jobs" / "recipes"
 DEFAULT_RECIPE = "shapes"
 TORCHVISION_WEIGHTS = "torchvision"  # labeler.weights: torchvision's own COCO checkpoint
 SMALL = "maskrcnn_small"  # labeler.model: a slim Mask R-CNN over the vocabulary's own labels (the mini world's)
+MAX_ATTEMPTS = 64  # most samples tried per plan entry (recipe.attempts)
 
 
 RecipeError = ConfigError  # a recipe or command line that cannot be built; the message is one line
@@ -185,10 +186,14 @@ class AnnotatorConfig(_Section):
     threshold: float = Field(0.5, ge=0.0, le=1.0, description="a pixel belongs to a class above this probability")
     ignore_below: float | None = Field(
         None, ge=0.0, le=1.0, description="pixels whose best probability is in [ignore_below, threshold] become 255")
+    presence_threshold: float = Field(
+        0.5, ge=0.0, le=1.0, description="a grounding module with a presence head judges a class absent below this "
+        "presence score and gives it no pixels (then on_missing applies); docs/label-truth.md has the "
+        "measurements behind the default")
     on_missing: Literal["drop", "ignore", "absent"] = Field(
-        "drop", description="a class with an empty predicted mask: drop the sample, keep it with unclaimed pixels "
-        "255 ('ignore'), or keep it as is ('absent': the class is not in the image; for a class list asked of "
-        "every real image)")
+        "drop", description="a class with an empty predicted mask (or judged absent): drop the sample, keep it "
+        "with unclaimed pixels 255 ('ignore'), or keep it as is ('absent': the class is not in the image; for a "
+        "class list asked of every real image)")
 
     @property
     def enabled(self) -> bool:
@@ -293,8 +298,16 @@ class Recipe(_Section):
     num_samples: int | None = Field(None, ge=1, description="keep only the first N samples of the "
                                     "shuffled plan (a prefix: a larger N extends the same dataset)")
     seed: int = Field(0, ge=0, lt=2**63, description="plan seed: sample order and per-sample noise seeds")
-    attempts: int = Field(4, ge=1, le=64, description="samples tried per plan entry: a dropped sample (a class "
-                          "not found) is replaced by the entry's next seed, up to this many; 1: never replaced")
+    attempts: int = Field(4, ge=1, le=MAX_ATTEMPTS, description="samples tried per plan entry: a dropped sample "
+                          "(a class not found) is replaced by the entry's next seed, up to this many; 1: never "
+                          "replaced")
+    follow: str | None = Field(
+        None, min_length=1, description="a finished dataset (folder or s3://) of this recipe's plan (vocabulary, "
+        "classes, per_class, per_pair, pairs, num_samples, seed, prompts, generator; checked before any model "
+        "loads): make exactly the samples it wrote, each with its attempt's seed, once and never replaced, so the "
+        "images are its images and only the labels differ (an oracle or DAAM set beside a module-labelled one). "
+        "A class this build's labeler misses keeps its sample with every unclaimed pixel 255, so on_missing "
+        "must say so (ignore; the annotator's absent too), not drop; attempts is not used")
     out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "
                             "(default: outputs/<name>)")
     prompts: PromptConfig = PromptConfig()
@@ -376,6 +389,8 @@ class Recipe(_Section):
                              "batch, which a compiled graph does not see; compile off, or no attention maps")
         if self.annotator.enabled and (self.capture.features != "none" or self.capture.attention):
             raise ValueError("an annotator makes a segmentation set; capture is for oracle triplet sets")
+        if self.follow is not None:
+            self._check_follower()
         if self.source.enabled:
             self._check_source()
         elif not self.annotator.enabled and self.labeler.model != "open_vocabulary":
@@ -401,6 +416,19 @@ class Recipe(_Section):
             raise ValueError(f"real images are inverted or noised on DDIM's schedule, not {self.generator.scheduler}: "
                              f"generator.scheduler ddim")
 
+    def _check_follower(self) -> None:
+        # Dropping a sample would leave a hole where the followed set has an image: refused, not overridden,
+        # so that the recipe (and the card made from it) says what the build does.
+        if self.source.enabled:
+            raise ValueError("follow is for generated sets; a build from real images plans each image once already")
+        on_missing, section = ((self.annotator.on_missing, "annotator") if self.annotator.enabled
+                               else (self.labeler.on_missing, "labeler"))
+        if on_missing == "drop":
+            raise ValueError(f"follow keeps every sample it follows: {section}.on_missing ignore (a missed class "
+                             f"leaves every unclaimed pixel 255), not drop")
+        if self.agreement.min_iou > 0 and self.agreement.action == "drop":
+            raise ValueError("follow keeps every sample it follows: agreement.action ignore, not drop")
+
     def _check_detectable(self) -> None:
         vocabulary = get_vocabulary(self.vocabulary)
         blind = [name for name in self.selected_classes if not vocabulary.lookup(name).coco_id]
@@ -425,8 +453,8 @@ class Recipe(_Section):
     @property
     def tries(self) -> int:
         """Samples per plan entry: `attempts`, or one for a real image (another try would be the
-        same image again)."""
-        return 1 if self.source.enabled else self.attempts
+        same image again) and for a follower (the followed set decided each entry's attempt)."""
+        return 1 if self.source.enabled or self.follow is not None else self.attempts
 
     @property
     def output(self) -> str:
@@ -437,10 +465,11 @@ class Recipe(_Section):
 
         Resuming into an existing output requires the same key. Left out, and free to
         change between runs: name, output, sample count, attempts (a larger number replaces
-        what was given up), batch and pool sizes, speed switches (`fast`), file sizes.
+        what was given up), the followed set (which samples are made, not what each holds), batch
+        and pool sizes, speed switches (`fast`), file sizes.
         """
         data = self.model_dump(mode="json", exclude={
-            "name": True, "out": True, "num_samples": True, "attempts": True,
+            "name": True, "out": True, "num_samples": True, "attempts": True, "follow": True,
             "writer": {"rows_per_file", "preview_samples"},
             "pool": True, "fast": True, "generator": {"batch_size"}, "labeler": {"batch_size"},
             "agreement": {"labeler": {"batch_size"}}})
@@ -455,7 +484,8 @@ class Recipe(_Section):
 
 # Fields added after datasets were first built with this key: left out of it while at their
 # default, so that those datasets keep their key and resume after an upgrade.
-ADDED_FIELDS = {"annotator": {"daam": False}, "prompts": {"per_class": {}}, "generator": {"scheduler": "ddim"},
+ADDED_FIELDS = {"annotator": {"daam": False, "presence_threshold": 0.5}, "prompts": {"per_class": {}},
+                "generator": {"scheduler": "ddim"},
                 "agreement": AgreementConfig().model_dump(mode="json"),
                 "source": SourceConfig().model_dump(mode="json")}
 

@@ -54,11 +54,13 @@ OPTIONAL_COLUMNS = {
     "daam": "(N,) object: (O, h, w) float16 DAAM heat map per class, latent grid, min-max normalised",
     "quality": "(N,) float32: CLIP image-quality score",
     "agreement": "(N,) object: (O,) float32 IoU of the second labeler's mask with the label's, per class",
+    "presence": "(N,) object: (O,) float32 the grounding module's presence score per class (a class below the "
+                "annotator's presence_threshold was judged absent and got no pixels)",
 }
 
 
 SCALAR_COLUMNS = ("timestep", "quality", "source_image", "psnr")  # optional columns of one value per row
-LIST_COLUMNS = ("agreement",)  # optional columns of one float per class
+LIST_COLUMNS = ("agreement", "presence")  # optional columns of one float per class
 
 
 class BatchError(FactoryError, ValueError):
@@ -88,6 +90,7 @@ class SampleLabels:
     scores: np.ndarray  # (O,) float32
     instances: np.ndarray  # (O,) int16; a class with none is not found
     drop_reason: str = ""
+    presence: np.ndarray | None = None  # (O,) float32 presence scores, from a labeler that judges presence
 
     @property
     def found(self) -> np.ndarray:
@@ -120,5 +123,9 @@ def attach_labels(batch: dict[str, np.ndarray], labels: Sequence[SampleLabels],
     batch["instances"] = objects([np.asarray(s.instances, np.int16) for s in labels])
     batch["found"] = objects([s.found for s in labels])
     batch["drop_reason"] = objects([s.drop_reason for s in labels])
+    if any(s.presence is not None for s in labels):
+        if any(s.presence is None for s in labels):
+            raise BatchError("presence scores for some samples of a batch but not all")
+        batch["presence"] = objects([np.asarray(s.presence, np.float32) for s in labels])
     batch["label_seconds"] = np.full(n, (time.perf_counter() - started) / n)
     return batch

@@ -44,6 +44,8 @@ COLUMNS = {
     "daam": "DAAM cross-attention heat map per class (latent grid, min-max normalised), fp16 bytes",
     "quality": "CLIP image-quality score",
     "agreement": "IoU of the second labeler's mask with this labeler's, per class",
+    "presence": "the grounding module's presence score per class; below the card's threshold the class was judged "
+                "absent",
 }
 
 
@@ -119,6 +121,32 @@ def _agreement(agreement: dict | None) -> list[str]:
             *_table([(name, c["samples"], f"{c['mean']:.3f}", f"{c['median']:.3f}", c["below"])
                      for name, c in agreement["classes"].items()],
                     ("class", "samples", "mean IoU", "median IoU", f"below {min_iou}")), ""]
+
+
+def _presence(presence: dict | None) -> list[str]:
+    """How often the grounding module judged each class present (manifest "presence")."""
+    if not presence:
+        return []
+    threshold = presence["threshold"]
+    return ["### Presence", "",
+            f"The grounding module's presence head scored every class it was asked about; below {threshold} the "
+            f"class was judged absent and got no pixels. Per class, over every sample made (dropped ones too), "
+            f"how often it was judged present and absent, and the spread of its scores (10th, 50th and 90th "
+            f"percentile). No judge was asked: a class judged present in nearly every image it was named for, "
+            f"or a spread near the threshold, is worth a look.", "",
+            *_table([(name, c["samples"], c["present"], c["absent"], f"{c['p10']:.2f}", f"{c['median']:.2f}",
+                      f"{c['p90']:.2f}") for name, c in presence["classes"].items()],
+                    ("class", "samples", "judged present", "judged absent", "p10", "median", "p90")), ""]
+
+
+def _follows(follows: dict | None) -> list[str]:
+    """Which set this one shares its images with (manifest "follows", recipe ``follow``)."""
+    if not follows:
+        return []
+    return [f"Same images as `{follows['dataset']}`: only the labels differ. That set (`{follows['name']}`, recipe "
+            f"key `{follows['content_key']}`) has this plan, and each sample it wrote was made here once, with its "
+            "prompt, attempt and seed, never dropped or replaced: rows match by `index` and `seed` (the ids' hash "
+            "is each recipe's). A class this labeler missed is handled as `on_missing` says below.", ""]
 
 
 def _vocabulary_name(recipe: dict) -> str:
@@ -230,7 +258,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
              f"# {name}", "",
              f"A {'' if source else 'synthetic '}semantic-segmentation dataset made by dataset-factory: {written} "
              f"{made}, of the `{manifest['vocabulary']['name']}` classes, labelled by `{models['labeler']}`, "
-             f"built {manifest.get('created', 'at an unknown time')}.", ""]
+             f"built {manifest.get('created', 'at an unknown time')}.", "", *_follows(manifest.get("follows"))]
     if preview:
         lines += [f"![Samples beside their label maps]({PREVIEW_FILE})", ""]
     lines += ["## Counts", "",
@@ -238,6 +266,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
                         len(manifest["files"]))],
                       ("planned", "attempted", "written", "dropped", "given up", "Parquet files")), "",
               ("Each image of the source was planned once, never replaced. " if source else
+               "Each sample of the followed set was made once, never replaced. " if manifest.get("follows") else
                f"Each planned prompt was tried with up to {recipe['attempts']} seeds until one sample was kept; "
                "a prompt whose every attempt was dropped is given up. ") +
               "Per class (a two-class sample counts for both):", "",
@@ -246,6 +275,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
                       ("class", "planned", "attempted", "kept", "given up")), "",
               *_provenance(manifest["labels"]), "",
               *_agreement(manifest.get("agreement")),
+              *_presence(manifest.get("presence")),
               "## Loading", "",
               "```python",
               "from datasets import load_dataset",
@@ -275,31 +305,41 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
     return "\n".join(lines)
 
 
+_CLASS_LISTS = {
+    "prompt": "Each image's class list (the classes it is labelled for) is its prompt's classes.",
+    "user": "Each image's class list (the classes it is labelled for) was given by the user: the source's "
+            "`classes_file`, or the recipe's classes for every image.",
+    "ground_truth": "Each image's class list (the classes it is labelled for) comes from the source's ground truth, "
+                    "its masks or tags, which say which images show each class: not for zero-shot training on the "
+                    "classes it lists, whoever labelled the pixels.",
+}
+
+
 def _provenance(labels: dict) -> list[str]:
-    """Whether the labels may train a zero-shot model: which classes the labeler was trained on."""
+    """Whether the labels may train a zero-shot model: which classes the labeler was trained on,
+    and where each image's class list came from."""
+    return ["## Label provenance", "", _labelled_by(labels), "", _CLASS_LISTS[labels["class_lists"]]]
+
+
+def _labelled_by(labels: dict) -> str:
     if labels.get("chosen_by"):
-        return ["## Label provenance", "",
-                f"Labelled by `{labels['labeler']}`, and which labels were kept was decided by their agreement with "
+        return (f"Labelled by `{labels['labeler']}`, and which labels were kept was decided by their agreement with "
                 f"`{labels['chosen_by']}`, a labeler that knows every class: not for zero-shot training on any of "
-                f"them."]
+                f"them.")
     trained = [name for name, known in labels["trained"].items() if known]
     untrained = [name for name, known in labels["trained"].items() if not known]
     if labels["kind"] == "oracle":
-        return ["## Label provenance", "",
-                f"Labelled by an oracle (`{labels['labeler']}`) that was trained on every class it labels: "
-                "not for zero-shot training on any of them (an upper bound only)."]
+        return (f"Labelled by an oracle (`{labels['labeler']}`) that was trained on every class it labels: "
+                "not for zero-shot training on any of them (an upper bound only).")
     if labels["kind"] == "masks":
-        return ["## Label provenance", "",
-                f"Labelled by the source's own masks (`{labels['labeler']}`), annotations of every class: "
-                "not for zero-shot training on any of them."]
+        return (f"Labelled by the source's own masks (`{labels['labeler']}`), annotations of every class: "
+                "not for zero-shot training on any of them.")
     if labels["kind"] == "daam":
-        return ["## Label provenance", "",
-                "Labelled by DAAM, which trains on no class: zero-shot for every class (a baseline)."]
+        return "Labelled by DAAM, which trains on no class: zero-shot for every class (a baseline)."
     split = "" if labels["trained_split"] is None else f" (the seen classes of split {labels['trained_split']})"
-    return ["## Label provenance", "",
-            f"Labelled by the grounding module `{labels['labeler']}`, trained on {len(trained)} classes{split}: "
+    return (f"Labelled by the grounding module `{labels['labeler']}`, trained on {len(trained)} classes{split}: "
             f"{', '.join(trained)}. Labels of the other classes ({', '.join(untrained) or 'none'}) come from a "
-            "model that never saw them: zero-shot for a segmenter whose unseen classes are among them."]
+            "model that never saw them: zero-shot for a segmenter whose unseen classes are among them.")
 
 
 def write_card(location: Location, manifest: dict) -> str:

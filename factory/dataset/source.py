@@ -100,11 +100,12 @@ class DatasetSource:
         return self.manifest.get("capture")
 
     def has_column(self, name: str) -> bool:
-        """Whether the rows hold an optional column (quality scores, label agreement, capture columns)."""
+        """Whether the rows hold an optional column (quality scores, label agreement, presence scores,
+        capture columns)."""
         if name == "quality":
             return bool((self.recipe.get("quality") or {}).get("model"))
-        if name == "agreement":
-            return "agreement" in self.manifest
+        if name in ("agreement", "presence"):  # written with their per-class summary in the manifest
+            return name in self.manifest
         return name in ((self.capture or {}).get("shapes") or {}) or (name == "timestep" and self.capture is not None)
 
     def read_file(self, position: int, columns: Sequence[str] | None = None) -> pa.Table:

@@ -95,6 +95,7 @@ class Commit:
     seconds: dict[str, float] = field(default_factory=dict)  # busy time per stage
     capture_shapes: dict[str, list[int]] = field(default_factory=dict)  # per-row array shapes of capture columns
     agreement: dict[str, list[float]] = field(default_factory=dict)  # class -> IoU of each sample, dropped ones too
+    presence: dict[str, list[float]] = field(default_factory=dict)  # class -> presence score per sample, dropped too
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -132,10 +133,11 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
                       for stage in ("generate", "label", "encode")}
     commit.seconds["write"] = time.perf_counter() - start
     commit.capture_shapes = json.loads(batch.column("capture_shapes")[0].as_py())
-    if "agreement" in batch.column_names:
-        for names, ious in zip(batch.column("classes").to_pylist(), batch.column("agreement").to_pylist()):
-            for name, iou in zip(names, ious):
-                commit.agreement.setdefault(name, []).append(round(iou, 4))
+    for column, per_class in (("agreement", commit.agreement), ("presence", commit.presence)):
+        if column in batch.column_names:
+            for names, values in zip(batch.column("classes").to_pylist(), batch.column(column).to_pylist()):
+                for name, value in zip(names, values):
+                    per_class.setdefault(name, []).append(round(value, 4))
     _write(location, f"{COMMIT_DIR}/{name}.json", commit.to_json())
     return pa.table({"commit": [commit.to_json().decode()]})
 

@@ -5,7 +5,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.annotate import AnnotateStage, annotation_label_map
+from factory.build.annotate import AnnotateStage, annotation_label_map, annotation_labels
 from factory.build.generate import GenerateStage
 from factory.build.pipeline import prepare_build
 from factory.build.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig, load_recipe
@@ -31,6 +31,26 @@ def test_label_map_takes_the_most_probable_class_above_threshold():
     assert banded.tolist() == [[12, 8, 0], [0, IGNORE, 0]]  # 0.45: unsure, neither class nor background
 
 
+def test_a_class_judged_absent_gets_no_pixels():
+    """Presence: a class scored below presence_threshold gets no pixels, however probable its mask; its
+    pixels go to the class that is there, and on_missing decides the sample as for any class not found."""
+    p = np.zeros((2, 2, 2), np.float32)
+    p[0] = [[0.9, 0.9], [0.1, 0.1]]  # dog: a confident mask over the top row
+    p[1] = [[0.95, 0.1], [0.1, 0.1]]  # cat: more confident still at (0, 0)
+    presence = np.array([0.8, 0.3], np.float32)  # cat judged absent
+    kept = annotation_labels(p, [12, 8], AnnotatorConfig(on_missing="absent", presence_threshold=0.5), presence)
+    assert kept.label.tolist() == [[12, 12], [0, 0]]  # (0, 0) is dog's once cat is out
+    assert kept.found.tolist() == [True, False] and not kept.masks[1].any()
+    assert kept.presence.tolist() == pytest.approx([0.8, 0.3])
+    dropped = annotation_labels(p, [12, 8], AnnotatorConfig(on_missing="drop", presence_threshold=0.5), presence)
+    assert dropped.drop_reason == "class_not_found"
+    # At a threshold below both scores, the presence scores change nothing.
+    loose = annotation_labels(p, [12, 8], AnnotatorConfig(on_missing="drop", presence_threshold=0.2), presence)
+    assert loose.label.tolist() == [[8, 12], [0, 0]] and loose.drop_reason == ""
+    # DAAM (no presence scores): every class keeps its mask.
+    assert annotation_labels(p, [12, 8], AnnotatorConfig(on_missing="drop")).found.tolist() == [True, True]
+
+
 # How the checkpoint's training images were made: the tiny recipe's, with 4 steps, captured at step 2.
 GENERATION = {"model": "tiny", "steps": 4, "capture_step": 2, "guidance_scale": 5.0,
               "prompts": PromptConfig().model_dump(mode="json")}
@@ -38,10 +58,11 @@ GENERATION = {"model": "tiny", "steps": 4, "capture_step": 2, "guidance_scale": 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """An untrained tiny module in the training code's checkpoint format, trained on dog and cat
-    (dog is unseen in split 1, cat in split 3; both are seen in split 2)."""
+    """An untrained tiny module with a presence head in the training code's checkpoint format, trained on
+    dog and cat (dog is unseen in split 1, cat in split 3; both are seen in split 2)."""
     path = tmp_path_factory.mktemp("grounding") / "best"
-    module = GroundingModule(GroundingModelConfig.tiny(feature_channels=TINY_CHANNELS, mask_resolution=64))
+    module = GroundingModule(GroundingModelConfig.tiny(feature_channels=TINY_CHANNELS, mask_resolution=64,
+                                                       presence="region"))
     save_grounding_checkpoint(str(path), module, None, {
         "epoch": 0, "text": TextConfig().model_dump(), "generation": GENERATION,
         "capture": {"features": "latent", "steps_remaining": 2}, "vocabulary": {"name": "voc"},
@@ -167,3 +188,15 @@ def test_annotated_build(ray_cluster, checkpoint, tmp_path):
         label = decode_png(row["label"]["bytes"])
         assert set(np.unique(label)) <= {0, IGNORE, *row["class_indices"]}
         assert row["labeler"] == f"grounding:{checkpoint}"
+        # Every row records a presence score per class; a class judged absent has no pixels.
+        assert len(row["presence"]) == len(row["classes"])
+        for index, score in zip(row["class_indices"], row["presence"]):
+            if score < 0.5:
+                assert not (label == index).any()
+    # The manifest and card count, per class, the images judged present and absent.
+    presence = manifest["presence"]
+    assert presence["threshold"] == 0.5
+    named = [name for row in rows for name in row["classes"]]
+    assert {name: c["samples"] for name, c in presence["classes"].items()} == {n: named.count(n) for n in set(named)}
+    assert all(c["present"] + c["absent"] == c["samples"] for c in presence["classes"].values())
+    assert "### Presence" in (out / "README.md").read_text()

@@ -4,6 +4,7 @@ line `<job>: error: ...` that names the problem, before any model loads, with no
 from __future__ import annotations
 
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ import ray
 from PIL import Image
 
 from factory.build import detect, generate, pipeline, quality
+from factory.build.recipe import load_recipe
 from factory.core import storage
-from factory.dataset.layout import COMMIT_DIR
+from factory.core.vocab import VOC
+from factory.dataset.layout import COMMIT_DIR, FORMAT
 from factory.dataset.write import Commit, part_name
 from factory.diffusion import clip, pipelines
 from jobs import annotate_images, build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
@@ -47,6 +50,34 @@ PAIRS_HEADER = "# vocabulary: voc\n"
 PNG = _png()
 IMAGES = {"images/a.png": PNG, "images/b.png": b"\x89PNG but truncated"}
 ANNOTATE = ["--images", "{tmp}/images", "--out", OUT]
+
+
+def annotated_set(class_lists: str, prompted: list[str]) -> dict:
+    """{tmp}/data as a finished VOC set labelled by a grounding module trained on split 1's seen
+    classes, a cat and a dog (unseen in split 1) in every image: its manifest alone, which
+    train_segmenter checks before it reads a row."""
+    seen = VOC.seen(1)
+    manifest = {"format": FORMAT, "name": "annotated", "recipe": {"vocabulary": "voc", "split": 1},
+                "plan": {"samples": 4, "digest": "d", "prompted_classes": prompted},
+                "vocabulary": VOC.definition(),
+                "per_class": dict.fromkeys(("cat", "dog"), {"planned": 4, "attempted": 4, "kept": 4, "given_up": 0}),
+                "labels": {"labeler": "grounding", "kind": "annotator", "trained_split": 1, "class_lists": class_lists,
+                           "trained": {name: name in seen for name in VOC.names}},
+                "files": [{"path": "data/part-0.parquet", "rows": 4}]}
+    return {"data/manifest.json": json.dumps(manifest)}
+
+
+def followed_set(**changes) -> dict:
+    """{tmp}/lead as a finished build of the tiny recipe with `changes`: its manifest alone, which a
+    follower checks before it reads a row."""
+    recipe = load_recipe("tiny", changes)
+    manifest = {"format": FORMAT, "name": "lead", "recipe": recipe.model_dump(mode="json"),
+                "content_key": recipe.content_key(), "files": [{"path": "data/part-0.parquet", "rows": 4}]}
+    return {"lead/manifest.json": json.dumps(manifest)}
+
+
+SEGMENTER = ["--data", "{tmp}/data", "--out", OUT]
+INDUCTIVE = ["--setting", "inductive", "--model.head", "text", "--model.text-encoder", "tiny"]
 CASES = [
     # --- classes, vocabulary, counts, splits
     case("unknown-class", ["--classes", "dog,unicorn"], "--classes: unknown class 'unicorn' in vocabulary voc"),
@@ -96,6 +127,17 @@ CASES = [
          "holds a dataset of a different recipe", before=["--seed", "2"]),
     case("smaller-num-samples-than-the-output-holds", ["--num-samples", "3"], "holds 2 samples outside this plan",
          before=["--num-samples", "5"]),
+    # --- following another set's samples (recipe follow)
+    case("follow-a-set-of-another-seed", ["--follow", "{tmp}/lead"],
+         "follow: {tmp}/lead has another plan: seed 1 there, 0 here", files=followed_set(seed=1)),
+    case("follow-a-set-of-other-images", ["--follow", "{tmp}/lead"],
+         "follow: {tmp}/lead has another plan: generator.steps 3 there, 10 here",
+         files=followed_set(**{"generator.steps": 3, "labeler.score_threshold": 0.3})),
+    case("follow-no-dataset", ["--follow", "{tmp}/none"],
+         "follow: no dataset at {tmp}/none: manifest.json not found"),
+    case("follow-and-drop", ["--follow", "{tmp}/lead", "--labeler.on-missing", "drop"],
+         "follow keeps every sample it follows: labeler.on_missing ignore (a missed class leaves every unclaimed "
+         "pixel 255), not drop", files=followed_set()),
     # --- recipe files and fields
     case("unknown-recipe-name", ["--recipe", "no-such-recipe"], "unknown recipe 'no-such-recipe' (known: "),
     case("missing-recipe-file", ["--recipe", "{tmp}/nope.yaml"], "recipe file not found"),
@@ -229,6 +271,14 @@ CASES = [
          "model.backbone: unknown field", recipe="model: {backbone: resnet}\n", job="train_segmenter"),
     case("train-segmenter-unknown-flag", ["--iteratons", "3"],
          "unrecognized arguments: --iteratons 3 (did you mean --iterations?)", job="train_segmenter"),
+    case("train-segmenter-zero-shot-on-class-lists-from-ground-truth", [*SEGMENTER, "--setting", "transductive"],
+         "annotated: which images show unseen classes dog (split 1) comes from the source's ground truth (its masks "
+         "or tags); this is not zero-shot. Train on generated images or your own class lists, or pass --setting "
+         "supervised", files=annotated_set("ground_truth", ["cat", "dog"]), job="train_segmenter"),
+    case("train-segmenter-inductive-on-prompts-naming-unseen-classes", [*SEGMENTER, *INDUCTIVE],
+         "annotated: its prompts name unseen classes dog (split 1); the inductive setting sees no unseen class name "
+         "in training. Build the set from the seen classes (classes: seen), or pass --setting transductive",
+         files=annotated_set("prompt", ["cat", "dog"]), job="train_segmenter"),
     case("eval-grounding-missing-checkpoint",
          ["--checkpoints", "{1: {tmp}/ck}", "--data", "{tmp}/data", "--out", "{tmp}/out/r.json"],
          "no readable checkpoint at {tmp}/ck", job="eval_grounding"),

@@ -13,12 +13,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from factory.build.pipeline import (
+    BuildError,
     ModelActor,
     StageSpec,
     _in_batches,
+    build_manifest,
+    class_lists,
     label_provenance,
     model_stages,
     prepare_build,
+    prompted_classes,
     resolve_stage,
     run_build,
 )
@@ -79,6 +83,29 @@ def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):
     assert filtered["trained"] == {name: True for name in voc} and filtered["chosen_by"] == "tiny"
 
 
+@pytest.mark.parametrize("source, lists", [
+    (None, "prompt"),
+    ({"images": "/photos"}, "user"),  # every image asked for the recipe's classes
+    ({"images": "/photos", "classes_file": "/photos.json"}, "user"),
+    *(({"images": "/real", "format": name}, "ground_truth") for name in ("voc", "voc_aug", "coco", "dataset")),
+])
+def test_labels_record_where_each_images_class_list_came_from(source, lists):
+    # an annotator of real images is zero-shot on its unseen classes, but masks or tags chose which images name them
+    recipe = load_recipe("tiny", {"annotator": {"checkpoint": "ck"}, **({"source": source} if source else {})})
+    assert class_lists(recipe) == lists
+
+
+def test_manifest_records_the_classes_prompts_named(tmp_path):
+    recipe = load_recipe("tiny", {"classes": ["dog", "cat"], "per_pair": 0, "out": str(tmp_path / "ds")})
+    manifest = build_manifest(prepare_build(recipe), [], {"generator": "g", "labeler": "l"})
+    assert manifest["plan"]["prompted_classes"] == ["cat", "dog"]  # vocabulary order
+    assert manifest["labels"]["class_lists"] == "prompt"
+    names = get_vocabulary("voc").names
+    plan = build_plan(load_recipe("tiny", {"num_samples": 3}))  # a prefix of the plan: its prompts' classes only
+    named = prompted_classes(plan, names)
+    assert set(named) == {name for sample in plan for name in sample.classes} and len(named) < len(names)
+
+
 def test_more_samples_than_planned_is_said(tmp_path):
     prepared = prepare_build(load_recipe("tiny", {"num_samples": 1000, "out": str(tmp_path / "ds")}))
     assert prepared.notes == ["num_samples 1000 is more than the recipe plans: building all 210"]
@@ -109,13 +136,20 @@ class KeepsEveryThirdSeed:
     """A stand-in generator and labeler with a known verdict: a sample is kept when its seed is
     a multiple of three, dropped as "class_not_found" otherwise."""
 
+    draws = True  # False: labels the images of a generator stage before it
+
+    def keeps(self, seed: int) -> bool:
+        return seed % 3 == 0
+
     def __call__(self, batch):
         n, start = len(batch["seed"]), 0.0
-        batch["image"] = np.zeros((n, 8, 8, 3), np.uint8)
-        batch["generate_seconds"] = np.zeros(n)
-        labels = [SampleLabels(np.zeros((8, 8), np.uint8), np.ones((len(classes), 8, 8), bool),
+        if self.draws:
+            batch["image"] = np.zeros((n, 8, 8, 3), np.uint8)
+            batch["generate_seconds"] = np.zeros(n)
+        size = batch["image"].shape[1:3]
+        labels = [SampleLabels(np.zeros(size, np.uint8), np.ones((len(classes), *size), bool),
                                np.ones(len(classes), np.float32), np.ones(len(classes), np.int16),
-                               "" if seed % 3 == 0 else "class_not_found")
+                               "" if self.keeps(seed) else "class_not_found")
                   for classes, seed in zip(batch["classes"], batch["seed"])]
         return attach_labels(batch, labels, start)
 
@@ -168,6 +202,96 @@ def test_more_attempts_extend_a_build_to_what_a_fresh_build_makes(tmp_path):
     assert grown == fresh and set(first) < set(grown)
     with pytest.raises(Exception, match="outside this plan"):  # fewer attempts than made: refused
         build_with_replacements(tmp_path / "grown", attempts=1)
+
+
+class KeepsEverySeed(KeepsEveryThirdSeed):
+    """A follower's stand-in: keeps every sample; raises at call `fails_after` (a killed run)."""
+
+    def __init__(self, fails_after: int | None = None):
+        self.calls, self.fails_after = 0, fails_after
+
+    def keeps(self, seed: int) -> bool:
+        return True
+
+    def __call__(self, batch):
+        if self.calls == self.fails_after:
+            raise RuntimeError("the run is killed")
+        self.calls += 1
+        return super().__call__(batch)
+
+
+def follow(lead, out, fails_after: int | None = None):
+    """A differently labelled build (score threshold 0.3) that follows the dataset at `lead`."""
+    recipe = load_recipe("tiny", {"num_samples": 12, "follow": str(lead), "labeler.score_threshold": 0.3,
+                                  "out": str(out), "writer": {"rows_per_file": 4, "preview_samples": 0}})
+    stage = StageSpec(KeepsEverySeed, {"fails_after": fails_after}, 4, reads=tuple(PLAN_COLUMNS), adds=())
+    return run_build(prepare_build(recipe), stages=[stage], models={"generator": "g", "labeler": "l2"},
+                     in_process=True)
+
+
+def plan_part(sample_id: str) -> str:
+    """The id's plan entry and attempt ("0000012.1"), without the recipe's hash."""
+    return sample_id.split("-")[0]
+
+
+def test_a_follower_makes_exactly_the_samples_its_followed_set_wrote_and_resumes_to_them(tmp_path):
+    """The followed set dropped samples and kept replacements; its follower makes what it wrote, at
+    the same attempts and seeds, once each, also when killed mid-build and run again."""
+    build_with_replacements(tmp_path / "lead", attempts=4)
+    lead = pq.read_table(tmp_path / "lead" / "data").to_pylist()
+    assert any(plan_part(row["sample_id"]).count(".") for row in lead)  # replacements were kept
+    with pytest.raises(RuntimeError, match="killed"):
+        follow(tmp_path / "lead", tmp_path / "oracle", fails_after=1)
+    made_before = pq.read_table(tmp_path / "oracle" / "data").num_rows
+    assert 0 < made_before < len(lead)
+
+    summary = follow(tmp_path / "lead", tmp_path / "oracle")
+    rows = pq.read_table(tmp_path / "oracle" / "data").to_pylist()
+    assert summary.resumed_from == made_before
+    assert sorted((r["index"], plan_part(r["sample_id"]), r["seed"], r["prompt"]) for r in rows) == sorted(
+        (r["index"], plan_part(r["sample_id"]), r["seed"], r["prompt"]) for r in lead)
+    assert not {r["sample_id"] for r in rows} & {r["sample_id"] for r in lead}  # each recipe's hash
+    manifest = json.loads((tmp_path / "oracle" / "manifest.json").read_text())
+    n = len(lead)
+    assert manifest["counts"] == {"planned": n, "attempted": n, "written": n, "dropped": {}, "given_up": 0}
+    lead_key = json.loads((tmp_path / "lead" / "manifest.json").read_text())["content_key"]
+    assert manifest["follows"] == {"dataset": str(tmp_path / "lead"), "name": "tiny", "content_key": lead_key}
+    assert f"Same images as `{tmp_path / 'lead'}`: only the labels differ." in (tmp_path / "oracle" / "README.md"
+                                                                                ).read_text()
+    verifier = Verifier(str(tmp_path / "oracle"), replan)  # its plan is rebuilt with the followed set's samples
+    assert verifier.run(), verifier.report()
+    with pytest.raises(BuildError, match=f"holds a build with follow {tmp_path / 'lead'}; use another --out"):
+        prepare_build(load_recipe("tiny", {"num_samples": 12, "labeler.score_threshold": 0.3,
+                                           "out": str(tmp_path / "oracle")}))
+
+
+class LabelsEveryThirdSeed(KeepsEveryThirdSeed):
+    """KeepsEveryThirdSeed's verdicts on the images of the generator stage before it."""
+
+    draws = False
+
+
+@pytest.mark.slow  # the tiny generator in four rounds, one sample at a time
+def test_a_follower_labels_the_very_images_its_followed_set_wrote(tmp_path):
+    """An image depends on its prompt and seed alone: a DAAM-labelled follower of a set with drops
+    and a kept replacement holds that set's images, byte for byte. One sample per generator call:
+    batch mates would change float sums in the last bit (test_in_process_and_ray_builds_...)."""
+    common = {"num_samples": 3, "attempts": 3, "generator.steps": 2, "generator.batch_size": 1,
+              "writer.preview_samples": 0}
+    lead = load_recipe("tiny", {**common, "out": str(tmp_path / "lead")})
+    labels = StageSpec(LabelsEveryThirdSeed, {}, 4, reads=("image", "classes", "seed"), adds=tuple(LABEL_COLUMNS))
+    run_build(prepare_build(lead), stages=[model_stages(lead)[0], labels],
+              models={"generator": "tiny", "labeler": "every third seed"}, in_process=True)
+    daam = load_recipe("tiny", {**common, "follow": str(tmp_path / "lead"), "annotator.daam": True,
+                                "annotator.on_missing": "ignore", "out": str(tmp_path / "daam")})
+    run_build(prepare_build(daam), in_process=True)
+    lead_rows, rows = ({plan_part(r["sample_id"]): r for r in pq.read_table(tmp_path / name / "data").to_pylist()}
+                       for name in ("lead", "daam"))
+    assert sorted(rows) == sorted(lead_rows) == ["0000000", "0000001.2"]  # entry 2 was given up
+    for part, row in rows.items():
+        assert (row["seed"], row["prompt"], row["labeler"]) == (lead_rows[part]["seed"], lead_rows[part]["prompt"],
+                                                                "daam")
+        assert row["image"] == lead_rows[part]["image"]
 
 
 class TwoPhases(KeepsEveryThirdSeed):

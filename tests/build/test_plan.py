@@ -1,5 +1,8 @@
+import json
 from collections import Counter
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from factory.build.plan import all_attempts, build_plan, load_prompt_file, next_attempts, plan_digest
@@ -87,6 +90,59 @@ def test_next_attempts_replace_dropped_samples_until_kept_or_spent():
     made |= {ids[1, 1]: "", ids[2, 2]: ""}
     assert next_attempts(plan, r, made) == []
     assert next_attempts(plan, mixture(attempts=1), {ids[1, 0]: "class_not_found"}) == [plan[0], *plan[2:]]
+
+
+# -------------------------------------------------------------------- follow
+
+def write_followed(folder, r: Recipe, samples) -> str:
+    """A finished dataset of recipe `r` that wrote `samples`: its manifest and the plan columns a
+    follower reads."""
+    (folder / "data").mkdir(parents=True)
+    rows = [{"sample_id": s.sample_id, "index": s.index, "seed": s.seed, "prompt": s.prompt,
+             "classes": list(s.classes)} for s in samples]
+    pq.write_table(pa.Table.from_pylist(rows), folder / "data" / "part-0.parquet")
+    manifest = {"name": "lead", "recipe": r.model_dump(mode="json"), "content_key": r.content_key(),
+                "files": [{"path": "data/part-0.parquet", "rows": len(rows)}]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return str(folder)
+
+
+def following(uri: str, **fields) -> Recipe:
+    """A mixture that follows `uri`, keeping what its labeler misses (a follower drops nothing)."""
+    return mixture(follow=uri, labeler={"on_missing": "ignore"}, **fields)
+
+
+def test_a_follower_plans_the_samples_its_followed_set_wrote_at_their_attempts(tmp_path):
+    lead = mixture(attempts=3, annotator={"daam": True})
+    every = all_attempts(build_plan(lead), lead)
+    wrote = [s for s in every if (s.index, s.attempt) in {(0, 0), (1, 2), (4, 1), (7, 0)}]
+    follower = following(write_followed(tmp_path / "lead", lead, wrote[::-1]))
+    plan = build_plan(follower)
+    assert [(s.index, s.attempt, s.seed, s.prompt, s.classes) for s in plan] == [
+        (s.index, s.attempt, s.seed, s.prompt, s.classes) for s in wrote]
+    # the id's plan part is the followed sample's, its hash this recipe's
+    assert [s.sample_id.split("-")[0] for s in plan] == [s.sample_id.split("-")[0] for s in wrote]
+    assert not {s.sample_id for s in plan} & {s.sample_id for s in wrote}
+    assert follower.tries == 1 and all_attempts(plan, follower) == plan  # made once, never replaced
+    assert next_attempts(plan, follower, {plan[0].sample_id: "", plan[1].sample_id: "class_not_found"}) == plan[2:]
+
+
+def test_a_follower_refuses_a_followed_set_of_another_plan(tmp_path):
+    lead = mixture()
+    uri = write_followed(tmp_path / "lead", lead, build_plan(lead)[:2])
+    with pytest.raises(RecipeError) as info:
+        build_plan(following(uri, generator={"steps": 20}))
+    assert str(info.value) == f"follow: {uri} has another plan: generator.steps 50 there, 20 here"
+    with pytest.raises(RecipeError, match=f"follow: {uri} has another plan: classes "):
+        build_plan(recipe(classes=FOUR[:3], per_class=3, per_pair=2, pairs="all", follow=uri,
+                          labeler={"on_missing": "ignore"}))
+    moved = mixture(seed=5)  # its rows' seeds are no attempt of this plan's entries
+    other = write_followed(tmp_path / "moved", mixture(), build_plan(moved)[:1])
+    with pytest.raises(RecipeError, match=f"follow: sample {build_plan(moved)[0].sample_id} of {other} .* is not "
+                                          "in this recipe's plan"):
+        build_plan(following(other))
+    with pytest.raises(RecipeError, match=f"follow: no dataset at {tmp_path}/none"):
+        build_plan(following(str(tmp_path / "none")))
 
 
 # ----------------------------------------------------------------------- counts

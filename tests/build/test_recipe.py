@@ -179,6 +179,7 @@ BASE = {"seed": 1}
     {"writer.preview_samples": 0},
     {"fast.attention": "math", "fast.channels_last": True, "fast.compile": "max-autotune"},
     {"fast.static_batch": True, "fast.overlap": True},
+    {"follow": "outputs/mixture"},  # which samples are made, not what each holds
 ], ids=lambda o: ",".join(o))
 def test_content_key_ignores_run_settings(overrides):
     assert load_recipe("tiny", {**BASE, **overrides}).content_key() == load_recipe("tiny", BASE).content_key()
@@ -277,6 +278,30 @@ def test_bad_vocabulary_or_prompts(overrides, message):
     ({"generator.scheduler": "euler"}, "--generator.scheduler: Input should be 'ddim', 'dpm++' or 'lcm'"),
 ])
 def test_bad_fast_paths_or_samplers(overrides, message):
+    assert recipe_error(overrides) == message
+
+
+# ------------------------------------------------------------------ follow
+
+def test_a_follower_makes_each_followed_sample_once():
+    follower = load_recipe("tiny", {"follow": "s3://b/mixture", "attempts": 4})
+    assert follower.tries == 1 and load_recipe("tiny", {"attempts": 4}).tries == 4
+    assert load_recipe("tiny", {"follow": "m", "annotator.daam": True, "annotator.on_missing": "absent"}).tries == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"follow": "m", "labeler.on_missing": "drop"},
+     "tiny.yaml: follow keeps every sample it follows: labeler.on_missing ignore (a missed class leaves every "
+     "unclaimed pixel 255), not drop"),
+    ({"follow": "m", "annotator.daam": True, "annotator.on_missing": "drop"},
+     "tiny.yaml: follow keeps every sample it follows: annotator.on_missing ignore (a missed class leaves every "
+     "unclaimed pixel 255), not drop"),
+    ({"follow": "m", "agreement.labeler": {"model": "tiny"}, "agreement.min_iou": 0.5},
+     "tiny.yaml: follow keeps every sample it follows: agreement.action ignore, not drop"),
+    ({"follow": "m", "source.images": "/voc", "source.format": "voc", "capture.features": "latent"},
+     "tiny.yaml: follow is for generated sets; a build from real images plans each image once already"),
+], ids=["labeler drops", "annotator drops", "agreement drops", "real images"])
+def test_a_follower_that_would_drop_or_reads_real_images_is_refused(overrides, message):
     assert recipe_error(overrides) == message
 
 

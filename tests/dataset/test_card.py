@@ -93,7 +93,7 @@ def fake_manifest(**recipe_changes) -> dict:
                        "given_up": 100},
             "per_class": {"cow": {"planned": 75, "attempted": 90, "kept": 70, "given_up": 5}},
             "labels": {"labeler": "grounding:s3://b/g/best", "kind": "annotator", "trained_split": 1,
-                       "trained": {c.name: c.name != "cow" for c in VOC.classes}},
+                       "trained": {c.name: c.name != "cow" for c in VOC.classes}, "class_lists": "prompt"},
             "files": [{"path": "data/part-a.parquet", "rows": 700, "bytes": 1000},
                       {"path": "data/part-b.parquet", "rows": 700, "bytes": 2000}]}
 
@@ -114,10 +114,35 @@ def test_card_of_an_annotated_build():
 def test_card_of_a_daam_labelled_build():
     manifest = fake_manifest(annotator={"daam": True, "threshold": 0.4})
     manifest["labels"] = {"labeler": "daam", "kind": "daam", "trained_split": None,
-                          "trained": {name: False for name in manifest["labels"]["trained"]}}
+                          "trained": {name: False for name in manifest["labels"]["trained"]}, "class_lists": "prompt"}
     _, body = header_and_body(dataset_card(manifest))
     assert "**Annotator** (DAAM" in body and "score 0.4" in body and "**Labeler**" not in body
     assert "Labelled by DAAM, which trains on no class: zero-shot for every class" in body
+    assert "Each image's class list (the classes it is labelled for) is its prompt's classes." in body
+
+
+def test_card_of_a_follower_names_the_set_whose_images_it_shares():
+    manifest = fake_manifest(labeler={"on_missing": "ignore"})
+    manifest["recipe"]["follow"] = "outputs/mini-mission/synthetic-mixture"
+    manifest["follows"] = {"dataset": "outputs/mini-mission/synthetic-mixture", "name": "shapes-synthetic-mixture",
+                           "content_key": "0123abcd"}
+    manifest["counts"] = {"planned": 1400, "attempted": 1400, "written": 1400, "dropped": {}, "given_up": 0}
+    _, body = header_and_body(dataset_card(manifest))
+    assert "Same images as `outputs/mini-mission/synthetic-mixture`: only the labels differ." in body
+    assert "(`shapes-synthetic-mixture`, recipe key `0123abcd`)" in body and "rows match by `index` and `seed`" in body
+    assert "Each sample of the followed set was made once, never replaced." in body and "up to 4 seeds" not in body
+    assert "with every unclaimed pixel 255 (`on_missing: ignore`)" in body
+    assert "Same images as" not in dataset_card(fake_manifest())
+
+
+def test_card_says_where_the_class_lists_came_from():
+    manifest = fake_manifest(annotator={"checkpoint": "s3://b/g/best"}, source={"images": "/voc", "format": "voc"})
+    manifest["labels"]["class_lists"] = "ground_truth"
+    _, body = header_and_body(dataset_card(manifest))
+    assert ("Each image's class list (the classes it is labelled for) comes from the source's ground truth, its masks "
+            "or tags, which say which images show each class: not for zero-shot training") in body
+    manifest["labels"]["class_lists"] = "user"
+    assert "was given by the user: the source's `classes_file`" in dataset_card(manifest)
 
 
 def test_card_without_preview_or_with_capture_columns():

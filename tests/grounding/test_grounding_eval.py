@@ -7,6 +7,7 @@ person, pottedplant, sheep; split 3 bus, cat, chair, cow, diningtable.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from grounding.evaluate import (
     EvalStage,
     GroundingEvalOptions,
     ProtocolIAccumulator,
+    derangement,
+    format_presence_table,
     format_table,
     group_of,
     prepare_evaluation,
@@ -232,20 +235,21 @@ def test_table_text():
                                 "Two/Unseen"]
     assert set(lines[1]) == {"-"}
     cells = [line.split() for line in lines[2:]]
-    assert cells[0] == ["grounding", "module", "1", "75.00", "25.00", "-", "-", "-"]
-    assert cells[1] == ["2", "50.00", "-", "-", "-", "-"]  # (75 + 25) / 2
-    assert cells[2] == ["3", "25.00", "75.00", "-", "-", "-"]
+    # Each cell: the mIoU and, in parentheses, the images it was scored on.
+    assert cells[0] == ["grounding", "module", "1", "75.00", "(1)", "25.00", "(1)", "-", "-", "-"]
+    assert cells[1] == ["2", "50.00", "(2)", "-", "-", "-", "-"]  # (75 + 25) / 2
+    assert cells[2] == ["3", "25.00", "(1)", "75.00", "(1)", "-", "-", "-"]
     assert cells[3] == ["Average", "50.00", "-", "-", "-", "-"]  # (75 + 50 + 25) / 3; one/unseen lacks split 2
     assert cells[4] == ["DAAM", "1", "-", "-", "-", "-", "-"]
     assert len(cells) == 8
     # Numbers are right-aligned under their column titles.
-    assert lines[2].index("75.00") + len("75.00") == lines[0].index("One/Seen") + len("One/Seen")
+    assert lines[2].index("75.00 (1)") + len("75.00 (1)") == lines[0].index("One/Seen") + len("One/Seen")
 
     # Splits 1 and 2 only: their rows, and no Average row.
     partial = ProtocolIAccumulator(VOC, splits=(1, 2))
     partial.add(["cat"], masks(range(3)), masks(range(4)), [True])
     cells = [line.split() for line in format_table({"grounding module": partial.result()}).splitlines()[2:]]
-    assert [row[-6] for row in cells] == ["1", "2"]
+    assert [row[-7] for row in cells] == ["1", "2"]
 
 
 # ---------------------------------------------------------------- end to end
@@ -328,20 +332,28 @@ def test_eval_job_end_to_end(test_set, checkpoints, tmp_path, bucket, capsys):
     assert one["plan_digest"] == manifest["plan"]["digest"] and one["samples"] == manifest["counts"]["written"] == 10
     assert one["checkpoints"] == {str(k): str(path) for k, path in checkpoints.items()} and one["data"] == str(test_set)
     assert one["trained_classes"] == {str(k): list(VOC.seen(k)) for k in (1, 2, 3)}
-    assert one["thresholds"] == {"grounding module": 0.5, "DAAM": 0.4}
-    assert set(one["results"]) == {"grounding module", "DAAM"}
+    assert one["thresholds"] == {"grounding module": 0.5, "presence": 0.5, "DAAM": 0.4}
+    # The modules have presence heads: the papers' row, the annotator's (gated) and the text-blind control.
+    assert set(one["results"]) == {"grounding module", "grounding module, presence-gated",
+                                   "grounding module, text permuted", "DAAM"}
+    gated, plain = one["results"]["grounding module, presence-gated"], one["results"]["grounding module"]
+    for k in ("1", "2", "3"):  # gating only takes masks away: never more named classes masked
+        for size in ("one", "two"):
+            for kind in ("seen", "unseen"):
+                ours, theirs = gated["splits"][k]["presence"][size][kind], plain["splits"][k]["presence"][size][kind]
+                assert ours["found"] == theirs["found"] and (ours["recall"] or 0) <= (theirs["recall"] or 0)
     numbers = 0
     for result in one["results"].values():
         assert set(result["splits"]) == {"1", "2", "3"} and set(result["average"]) == set(GROUPS)
         for groups in result["splits"].values():
-            for group in groups.values():
+            for group in (groups[g] for g in GROUPS):
                 values = [v for v in (group["miou"], *group["iou"].values()) if v is not None]
                 assert all(0.0 <= v <= 100.0 for v in values)
                 numbers += bool(values)
     assert numbers > 0  # the oracle found something to score
     assert one["results"]["DAAM"] == daam_by_hand(test_set, 0.4)
     assert one["notes"] == []  # every split has its zero-shot module: nothing to warn about
-    assert "grounding module  1" in printed and "DAAM" in printed and "Average" in printed
+    assert re.search(r"^grounding module +1 ", printed, re.M) and "DAAM" in printed and "Average" in printed
 
 
 @pytest.mark.slow
@@ -355,8 +367,9 @@ def test_each_split_is_scored_by_its_own_module(test_set, checkpoints):
     assert plan.report["notes"] == [no_average]
     stage = EvalStage({k: str(p) for k, p in two.items()}, plan.data, "tiny", None)
     positions = list(range(10))
-    counts = ProtocolIAccumulator.from_dict(json.loads(stage({"positions": np.array([positions])})["module"][0]))
-    assert counts.splits == (1, 2)
+    out = stage({"positions": np.array([positions])})
+    counts = {key: ProtocolIAccumulator.from_dict(json.loads(out[key][0])) for key in ("module", "gated")}
+    assert counts["module"].splits == (1, 2)
 
     source = TripletSource.open(str(test_set))
     rows = source.take(positions, source.columns)
@@ -364,14 +377,17 @@ def test_each_split_is_scored_by_its_own_module(test_set, checkpoints):
     predictions = {}
     for k, path in two.items():
         module, _ = load_grounding_checkpoint(str(path))
-        predictions[k] = module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask).numpy()
-        alone = ProtocolIAccumulator(VOC, [k])
-        for i, classes in enumerate(rows.column("classes").to_pylist()):
-            n = len(classes)
-            alone.add(classes, predictions[k][i, :n], inputs.targets[i, :n].bool().numpy(),
-                      inputs.valid[i, :n].numpy(), inputs.ignore[i].numpy())
-        assert counts.to_dict()["groups"][str(k)] == alone.to_dict()["groups"][str(k)]
-    assert (predictions[1] != predictions[2]).any()  # two modules: the test could tell them apart
+        # The papers' row asks for every class's mask; the gated row drops those judged absent.
+        for key, gate in (("module", None), ("gated", 0.5)):
+            predicted = module.predict(inputs.features, inputs.class_embeddings, inputs.class_mask, gate).numpy()
+            predictions[k, key] = predicted
+            alone = ProtocolIAccumulator(VOC, [k])
+            for i, classes in enumerate(rows.column("classes").to_pylist()):
+                n = len(classes)
+                alone.add(classes, predicted[i, :n], inputs.targets[i, :n].bool().numpy(),
+                          inputs.valid[i, :n].numpy(), inputs.ignore[i].numpy())
+            assert counts[key].to_dict()["groups"][str(k)] == alone.to_dict()["groups"][str(k)]
+    assert (predictions[1, "module"] != predictions[2, "module"]).any()  # the test could tell the modules apart
 
 
 @pytest.mark.slow
@@ -502,3 +518,37 @@ def test_automatic_test_set_filter(test_set):
     best_half = select_test_rows(source, None, 0.5)
     assert len(best_half) == -(-n // 2)
     assert min(quality[best_half]) >= max(np.delete(quality, best_half))  # the best ones, not any
+
+
+def test_presence_counts_judge_every_named_class_against_found():
+    """Label truth: a mask on a class the oracle did not find is a false positive, an empty mask on a
+    found one a false negative; an image with an absent class counts once, masked or not."""
+    acc = ProtocolIAccumulator(VOC, splits=(1,))
+    unseen = VOC.unseen(1)[0]
+    seen = next(name for name in VOC.names if name not in VOC.unseen(1))
+    empty = np.zeros((1, 4, 4), bool)
+    full = np.ones((1, 4, 4), bool)
+    # One object, seen, found and masked; another seen one not found but masked (painted over nothing).
+    acc.add([seen], full, full, [True])
+    acc.add([seen], full, empty, [False], present=[False])
+    # Two objects: the unseen class absent and given no mask, the seen one found and missed.
+    acc.add([seen, unseen], np.zeros((2, 4, 4), bool), np.stack([full[0], empty[0]]), [True, False],
+            present=[True, False])
+    result = acc.result()["splits"]["1"]
+    assert result["presence"]["one"]["seen"] == {"precision": 50.0, "recall": 100.0, "found": 1, "not_found": 1}
+    assert result["presence"]["two"]["seen"] == {"precision": None, "recall": 0.0, "found": 1, "not_found": 0}
+    assert result["presence"]["two"]["unseen"] == {"precision": None, "recall": None, "found": 0, "not_found": 1}
+    assert result["absent"]["one"] == {"images": 1, "masked": 1, "rate": 100.0}
+    assert result["absent"]["two"] == {"images": 1, "masked": 0, "rate": 0.0}
+    # The counts survive the trip through JSON and a merge.
+    merged = ProtocolIAccumulator(VOC, splits=(1,)).merge(ProtocolIAccumulator.from_dict(acc.to_dict()))
+    assert merged.result()["splits"]["1"]["presence"] == result["presence"]
+    table = format_presence_table({"grounding module": acc.result()})
+    assert "50.00/100.00" in table and "100.0% of 1" in table and "0.0% of 1" in table
+
+
+def test_derangement_moves_every_class():
+    swap = derangement(VOC.names)
+    assert sorted(swap.values()) == sorted(VOC.names)
+    assert all(swap[name] != name for name in VOC.names)
+    assert derangement(VOC.names) == swap  # fixed: the control is the same on every run

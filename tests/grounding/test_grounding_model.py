@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from grounding.config import REAL_SD15_CHANNELS, GroundingModelConfig
-from grounding.losses import grounding_loss
+from grounding.losses import grounding_loss, presence_loss
 from grounding.model import GroundingModule
 
 
@@ -177,3 +177,44 @@ def test_learns_synthetic_task(one_thread):
     intersection = (predicted & truth).flatten(2).sum(-1)[class_mask]
     union = (predicted | truth).flatten(2).sum(-1)[class_mask]
     assert (intersection / union).mean() > 0.8
+
+
+def test_the_presence_loss_does_not_move_the_masks():
+    """The region head reads the masks' probabilities detached: presence trains the decoder and the
+    visual encoder it shares, never the mask embeddings' own head."""
+    cfg = GroundingModelConfig.tiny(presence="region")
+    module = _module(cfg, train=True)
+    features, embeddings = _inputs(cfg, batch=2, slots=2)
+    class_mask = torch.ones(2, 2, dtype=torch.bool)
+    _, presence = module(features, embeddings, class_mask, with_presence=True)
+    presence_loss(presence, torch.tensor([[True, False], [False, True]]), class_mask).backward()
+    assert all(p.grad is None for p in module.mask_mlp.parameters())
+    for head in (module.presence_mlp, module.region_proj, module.decoder):
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+
+
+@pytest.mark.parametrize("head", ["query", "region"])
+def test_learns_presence_on_synthetic_task(one_thread, head):
+    """Both slots are named, the second object is drawn in half the samples: the head learns which
+    named classes are there, and predict gives an absent one no mask."""
+    cfg = GroundingModelConfig.tiny(presence=head)
+    module = _module(cfg, train=True)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(200):
+        features, embeddings, present, masks = _task_batch(cfg, 8, g)
+        named = torch.ones_like(present)
+        logits, presence = module(features, embeddings, named, with_presence=True)
+        loss = grounding_loss(logits, masks, present, "bce+logcosh_dice") + presence_loss(presence, present, named)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    module.eval()
+    features, embeddings, present, masks = _task_batch(cfg, 64, torch.Generator().manual_seed(2))
+    named = torch.ones_like(present)
+    with torch.no_grad():
+        _, presence = module(features, embeddings, named, with_presence=True)
+    assert ((presence > 0) == present).float().mean() > 0.9
+    predicted = module.predict(features, embeddings, named)
+    assert not predicted[~present].any()  # an absent class judged absent gets no pixels

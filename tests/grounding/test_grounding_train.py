@@ -119,6 +119,29 @@ def test_featurizer_latent_mode_equals_direct_unet_pass(latent_set):
     assert torch.equal(batch.valid, batch.class_mask)  # all found, none empty, no class restriction
 
 
+def test_hard_negatives_name_a_class_the_sample_lacks(latent_set):
+    """with_negatives: a sample asked about one more trained class, in its prompt and class list, with
+    an empty mask, not found; the Featurizer makes it a presence negative the mask loss skips."""
+    source = TripletSource.open(str(latent_set))
+    rows = source.take([0, 1, 2, 3], source.columns)
+    trained = ["dog", "cat", "bus", "sheep"]
+    assert grounding_data.with_negatives(rows, trained, VOC, source.recipe["prompts"], 0.0,
+                                         np.random.default_rng(0)) is rows
+    more = grounding_data.with_negatives(rows, trained, VOC, source.recipe["prompts"], 1.0, np.random.default_rng(0))
+    again = grounding_data.with_negatives(rows, trained, VOC, source.recipe["prompts"], 1.0, np.random.default_rng(0))
+    assert more.equals(again)  # seeded: the same negatives on every run
+    for before, after in zip(rows.to_pylist(), more.to_pylist()):
+        added = [name for name in after["classes"] if name not in before["classes"]]
+        assert len(added) == 1 and added[0] in trained and len(after["classes"]) == len(before["classes"]) + 1
+        k = after["classes"].index(added[0])
+        assert after["found"][k] is False and after["class_indices"][k] == VOC.lookup(added[0]).index
+        assert VOC.lookup(added[0]).natural in after["prompt"] and after["class_words"][k] in after["prompt"]
+        assert [name for name in after["classes"] if name != added[0]] == before["classes"]  # order kept
+    batch = Featurizer(source, TextConfig())(more)
+    negative = ~batch.present & batch.class_mask
+    assert negative.sum() == 4 and not batch.valid[negative].any() and not batch.targets[negative].any()
+
+
 def test_featurizer_tensors_mode_decodes_manifest_shapes(tensors_set):
     source = TripletSource.open(str(tensors_set))
     shapes = source.manifest["capture"]["shapes"]
@@ -232,7 +255,8 @@ def test_iou_totals_over_pixels_of_valid_slots():
     batch = grounding_data.Batch(
         features={}, class_embeddings=torch.zeros(2, 2, 1), class_mask=torch.ones(2, 2, dtype=torch.bool),
         class_indices=torch.tensor([[1, 2], [1, 3]]), targets=torch.zeros(2, 2, 2, 2),
-        valid=torch.tensor([[True, True], [True, False]]), ignore=torch.zeros(2, 2, 2, dtype=torch.bool))
+        valid=torch.tensor([[True, True], [True, False]]), ignore=torch.zeros(2, 2, 2, dtype=torch.bool),
+        present=torch.tensor([[True, True], [True, False]]), named=torch.ones(2, 2, dtype=torch.bool))
     batch.targets[0, 0, 0] = 1  # class 1: 2 target pixels in sample 0, 1 in sample 1
     batch.targets[1, 0, 0, 0] = 1
     predicted = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
@@ -243,6 +267,8 @@ def test_iou_totals_over_pixels_of_valid_slots():
     totals.update(predicted, batch)
     assert totals.per_class() == {"aeroplane": 2 / 4, "bicycle": 0.0}
     assert totals.miou() == pytest.approx(0.25)
+    # Every named slot got a mask; three of the four were found: precision 3/4, recall 1.
+    assert totals.presence_scores() == {"precision": 0.75, "recall": 1.0}
 
     # Pixel (1, 1) of sample 1 is 255 in its label map: class 1's prediction there is no longer
     # a false positive (I = 2, U = 3), and sample 0's ignored row takes class 2's union to 2.

@@ -1,22 +1,33 @@
 """Protocol-II (ZS3) evaluation job end to end: tiny random segmenters on tiny VOC and COCO folders;
-how results say the model was trained, and unseen names added to a text head at test time."""
+how results say the model was trained, unseen names added to a text head at test time, and the
+scores under both background conventions."""
 
 from __future__ import annotations
 
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from bench.mini_mission import protocol_ii_table
 from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
 from factory.dataset.real import real_dataset
 from jobs import eval_zs3
-from segmenter.evaluate import ZS3EvalOptions, format_table, predict, prepare_evaluation, short_side_size
+from segmenter.evaluate import (
+    BACKGROUND_KEYS,
+    ZS3EvalOptions,
+    format_table,
+    predict,
+    prepare_evaluation,
+    score,
+    short_side_size,
+)
 from segmenter.metrics import ConfusionMatrix
 from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
 from segmenter.text import TEMPLATE, encode_class_names
@@ -100,6 +111,7 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, v
     assert one["checkpoint"] == str(voc_checkpoint) and one["setting"] == "transductive" and one["zero_shot"]
     assert one["head"] == "closed" and one["added_at_test"] == []
     assert one["trained_split"] == 1 and one["background"] == "ignore"
+    assert set(one["background_conventions"]) == {"background_ignored", "background_counted"}
     assert one["dataset"] == {"format": "voc", "root": str(voc_eval_root), "split_set": "val", "images": 5}
     assert one["inference"] == {"mode": "resize", "short_side": SIZE, "label_resize": "nearest"}
     assert set(one["results"]) == {"1", "2", "3"}
@@ -108,6 +120,10 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, v
         values = [v for v in (result["seen"], result["unseen"], *result["per_class"].values()) if v is not None]
         assert all(0.0 <= v <= 100.0 for v in values)
         assert "background" not in result["per_class"]  # ignored by default
+        # The top-level scores are the default convention's; both conventions are kept by name.
+        ignored, counted = result["background_ignored"], result["background_counted"]
+        assert {m: result[m] for m in ("seen", "unseen", "harmonic", "per_class")} == ignored
+        assert counted["per_class"]["background"] is not None and "background" not in ignored["per_class"]
     assert [n.split(":")[0] for n in one["notes"]] == ["split 2", "split 3"]
 
     # Panels: image | ground truth | prediction, spread over the dataset (first, middle, last).
@@ -123,8 +139,8 @@ def test_voc_one_worker_equals_two_and_one_process(ray_cluster, voc_eval_root, v
     lines = printed.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("Split"))
     assert lines[header - 1] == "mIoU, transductive zero-shot"
-    assert lines[header].split() == ["Split", "Seen", "Unseen", "Harmonic"]
-    assert [line.split()[0] for line in lines[header + 2:header + 5]] == ["1", "2", "3"]
+    assert lines[header].split() == ["Split", "Background", "Seen", "Unseen", "Harmonic"]
+    assert [line.split()[0] for line in lines[header + 2:header + 8]] == ["1", "1", "2", "2", "3", "3"]
     assert "images/s" in printed and "note: split 2" in printed
 
 
@@ -148,6 +164,7 @@ def test_coco_inductive_background_seen(ray_cluster, coco_eval_root, coco_checkp
     assert counts.sum() == sum(int((label != 255).sum()) for label in labels) < 3 * 44 * 52
 
     per_class = report["results"]["2"]["per_class"]
+    assert per_class == report["results"]["2"]["background_counted"]["per_class"]  # --background seen
     assert list(per_class)[0] == "background" and len(per_class) == 80 and "mouse" not in per_class
     # Classes neither in the truth nor predicted have no IoU.
     present = np.flatnonzero(counts.sum(0) + counts.sum(1))
@@ -164,16 +181,65 @@ def test_short_side_resize():
 
 
 def test_table_layout():
-    results = {"1": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64}, "2": {"seen": 50.0, "unseen": None,
-                                                                            "harmonic": None}}
+    results = {"1": {"background_ignored": {"seen": 83.4, "unseen": 74.4, "harmonic": 78.64},
+                     "background_counted": {"seen": 80.0, "unseen": 60.0, "harmonic": 68.57}},
+               "2": {"background_ignored": {"seen": 50.0, "unseen": None, "harmonic": None},
+                     "background_counted": {"seen": 55.0, "unseen": None, "harmonic": None}}}
     caption, *lines = format_table(results, "inductive").splitlines()
     assert caption == "mIoU, inductive zero-shot"
-    assert lines[0].split() == ["Split", "Seen", "Unseen", "Harmonic"] and set(lines[1]) == {"-"}
-    assert lines[2].split() == ["1", "83.40", "74.40", "78.64"]
-    assert lines[3].split() == ["2", "50.00", "-", "-"]
+    assert lines[0].split() == ["Split", "Background", "Seen", "Unseen", "Harmonic"] and set(lines[1]) == {"-"}
+    # Every row names its background convention.
+    assert lines[2].split() == ["1", "ignored", "(ZegFormer)", "83.40", "74.40", "78.64"]
+    assert lines[3].split() == ["1", "a", "seen", "class", "(ZS3Net)", "80.00", "60.00", "68.57"]
+    assert lines[4].split() == ["2", "ignored", "(ZegFormer)", "50.00", "-", "-"]
+    assert lines[5].split() == ["2", "a", "seen", "class", "(ZS3Net)", "55.00", "-", "-"]
     assert lines[2].index("78.64") + 5 == len(lines[0])  # right-aligned under "Harmonic"
     supervised = format_table(results, "supervised").splitlines()
     assert supervised[0] == "mIoU, supervised (oracle upper bound), not zero-shot" and supervised[1:] == lines
+
+
+def painted_voc_confusion() -> ConfusionMatrix:
+    """6 background, 2 aeroplane (seen in split 1) and 2 car (unseen) pixels, every class found,
+    and 3 of the background pixels painted as car."""
+    car, aeroplane = VOC.lookup("car").index, VOC.lookup("aeroplane").index
+    label = np.array([[0, 0, 0, 0, 0, 0, aeroplane, aeroplane, car, car]], np.uint8)
+    prediction = label.copy()
+    prediction[0, :3] = car
+    return ConfusionMatrix(len(VOC) + 1).update(prediction, label)
+
+
+@pytest.mark.parametrize("background", ["ignore", "seen"])
+def test_results_hold_both_background_conventions(background):
+    plan = SimpleNamespace(vocabulary=VOC, splits=[1], background=background)
+    result = score(plan, painted_voc_confusion())["1"]
+
+    def present(scores: dict) -> dict:
+        return {**scores, "per_class": {n: v for n, v in scores["per_class"].items() if v is not None}}
+
+    # Ignored: the paint on background costs nothing. Counted: background IoU 3/6, car 2/5, seen
+    # (50 + 100) / 2, harmonic 2 * 75 * 40 / 115 = 1200/23.
+    assert present(result["background_ignored"]) == {
+        "seen": 100.0, "unseen": 100.0, "harmonic": 100.0, "per_class": {"aeroplane": 100.0, "car": 100.0}}
+    counted = present(result["background_counted"])
+    assert counted["per_class"] == {"background": 50.0, "aeroplane": 100.0, "car": 40.0}
+    assert (counted["seen"], counted["unseen"]) == (75.0, 40.0)
+    assert counted["harmonic"] == pytest.approx(1200 / 23)
+    # The split's own keys keep their old meaning: the chosen convention's scores.
+    chosen = result[BACKGROUND_KEYS[background]]
+    assert {m: result[m] for m in ("seen", "unseen", "harmonic", "per_class")} == chosen
+    assert result["unseen_classes"] == list(VOC.unseen(1))
+
+
+def test_mini_mission_table_names_each_columns_background_convention():
+    result = score(SimpleNamespace(vocabulary=VOC, splits=[1], background="ignore"), painted_voc_confusion())["1"]
+    caption, blank, header, rule, row = protocol_ii_table({"Model-A": result}).splitlines()
+    assert caption.startswith("bg ignored: background pixels left out (ZegFormer, Ding et al. 2022)")
+    assert "bg counted: background a seen class (ZS3Net, Bucher et al. 2019)" in caption and blank == ""
+    assert [c.strip() for c in header.strip("|").split("|")][3:] == [
+        "Seen, bg ignored", "Unseen, bg ignored", "Harmonic, bg ignored",
+        "Seen, bg counted", "Unseen, bg counted", "Harmonic, bg counted"]
+    assert rule == "|---|---|---|" + "---:|" * 6
+    assert [c.strip() for c in row.strip("|").split("|")][3:] == ["100.0", "100.0", "100.0", "75.0", "40.0", "52.2"]
 
 
 def test_results_say_how_the_model_was_trained(voc_eval_root, tmp_path):

@@ -6,7 +6,9 @@ The fixture datasets are written with pyarrow in the factory's format (the colum
 segmenter reads, a manifest) rather than by running the factory: every sample shows a cat
 (label 8, seen in split 1) in the top-left quarter, a dog (12, unseen in split 1) in the
 bottom-right one, and an unsure band of 255 in the first row. Their manifest says who
-labelled them: by default a grounding annotator trained on split 1's seen classes.
+labelled them: by default a grounding annotator trained on split 1's seen classes, on class
+lists from prompts that named the cat only (the dog stands for unseen pixels, which the
+inductive setting ignores).
 """
 
 from __future__ import annotations
@@ -72,11 +74,14 @@ def labels_record(labeler: str | None, split: int | None = 1) -> dict | None:
         return None
     trained = set(VOC.seen(split)) if labeler == "annotator" else set(VOC.names)
     return {"labeler": labeler, "kind": labeler, "trained_split": split if labeler == "annotator" else None,
-            "trained": {name: name in trained for name in VOC.names}}
+            "trained": {name: name in trained for name in VOC.names}, "class_lists": "prompt"}
 
 
-def make_synthetic(uri: str, split: int | None = 1, samples: int = 12, labeler: str | None = "annotator") -> str:
-    """A factory-format dataset at a local folder or s3:// prefix, in two Parquet parts."""
+def make_synthetic(uri: str, split: int | None = 1, samples: int = 12, labeler: str | None = "annotator",
+                   prompted: tuple[str, ...] | None = ("cat",), **records) -> str:
+    """A factory-format dataset at a local folder or s3:// prefix, in two Parquet parts.
+    `prompted`: the classes its plan's prompts named (None: no record); `records`: more manifest
+    records, or ones that replace the fixture's."""
     location = open_location(uri)
     rng = np.random.default_rng(0)
     columns = ("sample_id", "classes", "class_indices", "image", "label")
@@ -95,7 +100,9 @@ def make_synthetic(uri: str, split: int | None = 1, samples: int = 12, labeler: 
                 "vocabulary": VOC.definition(), "files": files}
     if labeler is not None:
         manifest["labels"] = labels_record(labeler, split)
-    location.write_bytes("manifest.json", json.dumps(manifest).encode())
+    if prompted is not None:
+        manifest["plan"] = {"prompted_classes": list(prompted)}
+    location.write_bytes("manifest.json", json.dumps({**manifest, **records}).encode())
     return uri
 
 
@@ -264,6 +271,63 @@ def test_zero_shot_refuses_labels_from_a_labeler_trained_on_unseen_classes(tmp_p
     older = make_synthetic(str(tmp_path / "older"), labeler=None, samples=4)
     with pytest.raises(DatasetError, match="does not record which labeler was trained on which class"):
         prepare_training(SegmenterTrainConfig(data=older, out=str(tmp_path / "o"), batch_size=2))
+
+
+def kept(**counts: int) -> dict:
+    """The manifest's "per_class": each class's plan entries, all kept (0: every one given up)."""
+    return {name: {"planned": max(n, 1), "attempted": max(n, 1), "kept": n, "given_up": int(not n)}
+            for name, n in counts.items()}
+
+
+def _prepare(tmp_path: Path, name: str, setting: str = "transductive", **records) -> None:
+    """prepare_training on a 4-sample fixture set with these manifest records (see make_synthetic)."""
+    data = make_synthetic(str(tmp_path / name), samples=4, **records)
+    model = TEXT_HEAD if setting == "inductive" else {}
+    prepare_training(SegmenterTrainConfig(data=data, out=str(tmp_path / f"{name}-ck"), batch_size=2, setting=setting,
+                                          model=model))
+
+
+def test_zero_shot_refuses_class_lists_from_ground_truth(tmp_path):
+    """Annotated VOC images: the annotator never saw the dog, but VOC's masks chose the images named for it."""
+    ground_truth = {"labels": {**labels_record("annotator"), "class_lists": "ground_truth"}}
+    expected = ("fixture: which images show unseen classes dog (split 1) comes from the source's ground truth (its "
+                "masks or tags); this is not zero-shot. Train on generated images or your own class lists, or pass "
+                "--setting supervised")
+    with pytest.raises(DatasetError) as refused:
+        _prepare(tmp_path, "voc", **ground_truth, per_class=kept(cat=2, dog=2))
+    assert str(refused.value) == expected
+    with pytest.raises(DatasetError, match="comes from the source's ground truth"):
+        _prepare(tmp_path, "voc-i", "inductive", **ground_truth, per_class=kept(cat=2, dog=2))
+    _prepare(tmp_path, "voc-s", "supervised", **ground_truth, per_class=kept(cat=2, dog=2))
+    _prepare(tmp_path, "seen-only", **ground_truth, per_class=kept(cat=4, dog=0))  # no dog image kept
+    user = {"labels": {**labels_record("annotator"), "class_lists": "user"}}
+    _prepare(tmp_path, "folder", **user, per_class=kept(cat=2, dog=2))  # the user named the dog, as a prompt does
+
+    # A manifest from before the record: its recipe's source says where the lists came from.
+    older = {"labels": labels_record("annotator")}
+    del older["labels"]["class_lists"]
+    with pytest.raises(DatasetError, match="comes from the source's ground truth"):
+        _prepare(tmp_path, "old-voc", **older, per_class=kept(cat=2, dog=2),
+                 recipe={"vocabulary": "voc", "split": 1, "source": {"images": "/voc", "format": "voc"}})
+    _prepare(tmp_path, "old-folder", **older, per_class=kept(cat=2, dog=2),
+             recipe={"vocabulary": "voc", "split": 1, "source": {"images": "/photos", "format": "folder"}})
+
+
+def test_inductive_refuses_a_set_whose_prompts_named_unseen_classes(tmp_path):
+    expected = ("fixture: its prompts name unseen classes dog (split 1); the inductive setting sees no unseen class "
+                "name in training. Build the set from the seen classes (classes: seen), or pass --setting "
+                "transductive")
+    with pytest.raises(DatasetError) as refused:
+        _prepare(tmp_path, "named", "inductive", prompted=("cat", "dog"))
+    assert str(refused.value) == expected
+    _prepare(tmp_path, "named-t", prompted=("cat", "dog"))  # transductive: unseen names are the paper's input
+
+    # A manifest from before the record: the per-class counts name the prompts' classes.
+    with pytest.raises(DatasetError, match="its prompts name unseen classes dog"):
+        _prepare(tmp_path, "old", "inductive", prompted=None, per_class=kept(cat=2, dog=2))
+    _prepare(tmp_path, "old-seen", "inductive", prompted=None, per_class=kept(cat=4))
+    with pytest.raises(DatasetError, match="does not record which classes its prompts named"):
+        _prepare(tmp_path, "older", "inductive", prompted=None)
 
 
 def _save_init(uri: Path, setting: str, split: int | None, head: str = "closed") -> str:

@@ -95,6 +95,30 @@ def test_scores_by_hand_with_background_ignored_or_seen():
     assert counted["harmonic"] == pytest.approx(2 * s * u / (s + u))
 
 
+def test_painting_background_as_a_class_costs_only_when_background_is_counted():
+    # Truth: 6 background pixels, 2 of seen class 1, 2 of unseen class 2; every class found exactly.
+    label = np.array([[0, 0, 0, 0, 0, 0, 1, 1, 2, 2]], np.uint8)
+    exact = ConfusionMatrix(3).update(label, label)
+    painted = label.copy()
+    painted[0, :3] = 2  # half of the background painted as the unseen class
+    matrix = ConfusionMatrix(3).update(painted, label)
+    assert matrix.counts.tolist() == [[3, 0, 3], [0, 2, 0], [0, 0, 2]]
+
+    # (a) background ignored: the background row is dropped, so the paint costs nothing.
+    for m in (exact, matrix):
+        assert zs3_scores(m, [1], [2]) == {"seen": 100.0, "unseen": 100.0, "harmonic": 100.0,
+                                           "per_class": {1: 100.0, 2: 100.0}}
+
+    # (b) background counted: background keeps 3 of its 6 pixels, IoU 3 / (6 + 0 + 3 - 3) = 1/2;
+    # class 2 gains 3 false positives, IoU 2 / (2 + 3) = 2/5; seen = (50 + 100) / 2 = 75,
+    # harmonic = 2 * 75 * 40 / (75 + 40) = 1200/23.
+    assert zs3_scores(exact, [1], [2], background="seen")["harmonic"] == 100.0
+    counted = zs3_scores(matrix, [1], [2], background="seen")
+    assert counted["per_class"] == {0: 50.0, 1: 100.0, 2: 40.0}
+    assert counted["seen"] == 75.0 and counted["unseen"] == 40.0
+    assert counted["harmonic"] == pytest.approx(1200 / 23)
+
+
 def test_absent_classes_are_left_out_of_the_means():
     prediction, label = random_maps(9, num_classes=4)  # labels 0..3 only
     matrix = ConfusionMatrix(NUM_CLASSES).update(prediction, label)

@@ -12,8 +12,9 @@ from bench import learnability
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_image
 from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.evaluate import MODULE
 from world.draw import draw
-from world.procedural import SEEN, UNSEEN, build_procedural, procedural_recipe
+from world.procedural import SEEN, SPLIT, UNSEEN, build_procedural, procedural_recipe
 
 
 def test_split_is_the_shapes_split_one():
@@ -47,6 +48,23 @@ def test_latent_and_tensors_sets_featurize_alike(tmp_path):
     assert latent.features.keys() == tensors.features.keys() == {4, 8, 16}
     for r in latent.features:  # fp16 storage of the latent or of the features is the only difference
         torch.testing.assert_close(latent.features[r].float(), tensors.features[r].float(), atol=1e-2, rtol=1e-2)
+
+
+def test_unseen_miou_averages_unseen_class_groups_only(monkeypatch):
+    monkeypatch.setattr(learnability, "format_table", lambda results: "")  # Protocol-I's table: not tested here
+    groups = {"one/seen": 90.0, "two/seen": 70.0, "one/unseen": 80.0, "two/seen+unseen": 10.0, "two/unseen": 60.0}
+    split = {**{g: {"miou": v} for g, v in groups.items()}, "presence": {}}  # not a group: skipped
+    results = {MODULE: {"splits": {str(SPLIT): split}}}
+    report = learnability.Report(train=1, val=1, test=1, epochs=1, best_epoch=1, val_miou=0.0, results=results,
+                                 seconds={})
+    assert report.seen_miou == 80.0  # (90 + 70) / 2
+    assert report.unseen_miou == 70.0  # (80 + 60) / 2: the mixed group's 10 is in neither mean
+    assert report.passed is False  # unseen 70 < 75
+    lines = report.text().splitlines()
+    assert lines[3].endswith("seen mIoU 80.0 (one/seen 90.0, two/seen 70.0)")
+    assert lines[4].endswith("unseen mIoU 70.0 (one/unseen 80.0, two/unseen 60.0)")
+    assert lines[5].endswith("seen+unseen images: two/seen+unseen 10.0 (a seen and an unseen class per image; "
+                             "in neither mean)")
 
 
 @pytest.mark.slow

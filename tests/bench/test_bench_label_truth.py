@@ -1,0 +1,59 @@
+"""bench/label_truth.py: the class lists it hands the annotator, and how it scores what comes back."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.label_truth import KINDS, _module, _sweep, absent_class, annotate, class_lists, score_annotation
+from bench.mini_mission import publish_report
+from factory.core.vocab import SHAPES
+from world.benchmark import write_benchmark
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def test_the_absent_class_is_not_shown_and_the_same_on_every_run():
+    shown = ("red_disc", "blue_cross")
+    drawn = {absent_class(f"shapes_val_{k:06d}.jpg", shown) for k in range(200)}
+    assert not drawn & set(shown) and drawn <= set(SHAPES.names)
+    assert drawn & KINDS["seen"] and drawn & KINDS["unseen"]  # both kinds are asked about
+    assert absent_class("a.jpg", shown) == absent_class("a.jpg", shown)
+
+
+def test_sweep_counts_each_decision_against_the_truth():
+    scored = [(0.9, True), (0.4, True), (0.6, False), (0.2, False)]
+    sweep = _sweep(scored)
+    assert sweep["0.5"] == {"absent_judged_present": 50.0, "present_judged_absent": 50.0}
+    assert sweep["0.1"] == {"absent_judged_present": 100.0, "present_judged_absent": 0.0}
+    assert sweep["0.9"] == {"absent_judged_present": 0.0, "present_judged_absent": 50.0}
+    assert _sweep([]) is None
+
+
+def test_module_arguments_and_the_published_page(tmp_path):
+    assert _module("new=models/x") == ("new", "models/x")
+    with pytest.raises(Exception, match="NAME=CHECKPOINT"):
+        _module("models/x")
+    page = tmp_path / "docs" / "page.md"
+    publish_report(page, "# Report\n", "python -m bench.label_truth --images 4")
+    text = page.read_text()
+    assert "    python -m bench.label_truth --images 4\n" in text and "at commit `" in text
+    assert text.endswith("# Report\n")
+
+
+@pytest.mark.slow  # annotates through the world's generator and the shipped module
+def test_annotated_benchmark_images_are_scored_per_listed_class(tmp_path):
+    root = write_benchmark(tmp_path / "voc", val=6, train=0)
+    classes = class_lists(root, 6, tmp_path / "images")
+    lists = json.loads(classes.read_text())
+    assert len(lists) == 6 and all(len(names) == len(set(names)) for names in lists.values())
+    out = annotate(tmp_path / "annotated", tmp_path / "images", classes, str(MODELS / "shapes-grounding"))
+    scores = score_annotation(out, root, lists)
+    assert scores["images"] == 6
+    # Each image was asked about exactly one class it does not show, and about each class it shows.
+    assert sum(scores[kind]["absent_images"] for kind in KINDS) == 6
+    assert sum(scores[kind]["present"] for kind in KINDS) == sum(len(names) - 1 for names in lists.values())
+    for kind in KINDS:
+        c = scores[kind]
+        assert 0 <= c["absent_masked"] <= c["absent_images"] and 0 <= c["found"] <= c["present"]
+        assert c["tp"] + c["fn"] == c["present"] and c["fp"] == c["absent_masked"]
