@@ -77,7 +77,7 @@ class GroundingTrainConfig(BaseModel):
     ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count in the mask loss "
                                "(Li et al. 2023, Table 3); the presence loss counts them, as absent")
     presence_weight: float = Field(1.0, ge=0.0, description="weight of the presence loss beside the mask loss")
-    negatives: float = Field(0.5, ge=0.0, le=1.0, description="share of training samples also asked about one "
+    negatives: float = Field(1.0, ge=0.0, le=1.0, description="share of training samples also asked about one "
                              "trained class they do not name (prompt and text name it; an empty target, presence "
                              "0): the hard negatives of an annotated image's class list")
     classes: Literal["seen", "all"] | list[str] = Field(
