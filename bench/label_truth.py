@@ -22,6 +22,10 @@ one run. Two measurements:
    present classes found (IoU >= 0.5), presence precision and recall, and the mIoU of the present
    classes (per class over the images that show it), seen and unseen classes apart; and how the
    presence scores alone would decide at other thresholds (the sweep behind the recipe's default).
+3. **The same images given only their true classes** (the recipe shapes-annotate reads them from the
+   masks, as ``bench/real_images.py`` does): what the presence gate costs where every listed class
+   is there. Label maps scored against the exact ones, background errors counted
+   (``bench.real_images.annotation_scores``).
 
 Every stage resumes. Results: <work>/report.md and <work>/report.json; ``--publish docs/label-truth.md``
 writes the report as that page, with the date, commit and command.
@@ -40,6 +44,8 @@ import numpy as np
 import ray
 
 from bench.mini_mission import StageClock, build, publish_report, save_report
+from bench.real_images import annotate as annotate_true_lists
+from bench.real_images import annotation_scores
 from factory.build.pipeline import prepare_build, run_build
 from factory.build.recipe import load_recipe
 from factory.core.vocab import SHAPES
@@ -173,7 +179,11 @@ def run(work: Path, modules: dict[str, str], images: int, presence_threshold: fl
                                              classes, checkpoint, presence_threshold), root, lists)
              for name, checkpoint in modules.items()}
     stage("drawn")
-    return {"modules": modules, "presence_threshold": presence_threshold, "test_set": test, "generated": generated,
+    true_lists = {name: annotation_scores(annotate_true_lists(
+        work / f"true-lists-{name}-{presence_threshold}", root, checkpoint, "noised", images,
+        {"annotator.presence_threshold": presence_threshold}).out, root) for name, checkpoint in modules.items()}
+    stage("true lists")
+    return {"true_lists": true_lists, "modules": modules, "presence_threshold": presence_threshold, "test_set": test, "generated": generated,
             "drawn": drawn,
             "given": "each drawn image's true classes (from its exact masks) plus one class it does not show",
             "seconds": stage.report()}
@@ -217,6 +227,12 @@ def markdown(report: dict) -> str:
         *drawn, "",
         "How the presence scores alone decide at other thresholds (the same images):", "",
         *sweep, "",
+        "## The same images, given only their true classes", "",
+        "Label maps against the exact ones (IoU per class, background errors counted), means over split 1's "
+        "seen and unseen classes: what the presence gate costs where every listed class is in the image.", "",
+        "| Module | Images | Seen mIoU | Unseen mIoU | Harmonic |", "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {r['images']} | {r['seen']:.1f} | {r['unseen']:.1f} | {r['harmonic']:.1f} |"
+          for name, r in report["true_lists"].items()), "",
         "## Time (s, this machine)", "", "```json", json.dumps(report["seconds"], indent=2), "```", ""])
 
 

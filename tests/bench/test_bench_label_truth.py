@@ -42,18 +42,23 @@ def test_module_arguments_and_the_published_page(tmp_path):
 
 
 @pytest.mark.slow  # annotates through the world's generator and the shipped module
-def test_annotated_benchmark_images_are_scored_per_listed_class(tmp_path):
-    root = write_benchmark(tmp_path / "voc", val=6, train=0)
-    classes = class_lists(root, 6, tmp_path / "images")
+def test_the_shipped_module_gives_an_absent_class_no_mask(tmp_path):
+    """64 drawn val images, each asked about its own classes and one it does not show, as the bench asks
+    500 (docs/label-truth.md). Measured here: the absent class got pixels in 8 of 64 images (before the
+    presence head: about 55%), and 83 of the 96 present classes were found."""
+    root = write_benchmark(tmp_path / "voc", val=64, train=0)
+    classes = class_lists(root, 64, tmp_path / "images")
     lists = json.loads(classes.read_text())
-    assert len(lists) == 6 and all(len(names) == len(set(names)) for names in lists.values())
+    assert len(lists) == 64 and all(len(names) == len(set(names)) for names in lists.values())
     out = annotate(tmp_path / "annotated", tmp_path / "images", classes, str(MODELS / "shapes-grounding"))
     scores = score_annotation(out, root, lists)
-    assert scores["images"] == 6
+    assert scores["images"] == 64
     # Each image was asked about exactly one class it does not show, and about each class it shows.
-    assert sum(scores[kind]["absent_images"] for kind in KINDS) == 6
+    assert sum(scores[kind]["absent_images"] for kind in KINDS) == 64
     assert sum(scores[kind]["present"] for kind in KINDS) == sum(len(names) - 1 for names in lists.values())
     for kind in KINDS:
         c = scores[kind]
-        assert 0 <= c["absent_masked"] <= c["absent_images"] and 0 <= c["found"] <= c["present"]
         assert c["tp"] + c["fn"] == c["present"] and c["fp"] == c["absent_masked"]
+    masked = sum(scores[kind]["absent_masked"] for kind in KINDS)
+    found = sum(scores[kind]["found"] for kind in KINDS) / sum(scores[kind]["present"] for kind in KINDS)
+    assert masked <= 13 and found >= 0.8, scores
