@@ -183,8 +183,8 @@ def run(work: Path, modules: dict[str, str], images: int, presence_threshold: fl
         work / f"true-lists-{name}-{presence_threshold}", root, checkpoint, "noised", images,
         {"annotator.presence_threshold": presence_threshold}).out, root) for name, checkpoint in modules.items()}
     stage("true lists")
-    return {"true_lists": true_lists, "modules": modules, "presence_threshold": presence_threshold, "test_set": test, "generated": generated,
-            "drawn": drawn,
+    return {"modules": modules, "presence_threshold": presence_threshold, "test_set": test, "generated": generated,
+            "drawn": drawn, "true_lists": true_lists,
             "given": "each drawn image's true classes (from its exact masks) plus one class it does not show",
             "seconds": stage.report()}
 
