@@ -135,10 +135,10 @@ def write_part(batch: pa.Table, *, out: str, metadata: dict[bytes, bytes] | None
     commit.capture_shapes = json.loads(batch.column("capture_shapes")[0].as_py())
     for column, per_class in (("agreement", commit.agreement), ("presence", commit.presence)):
         if column in batch.column_names:
-            for names, values in zip(batch.column("classes").to_pylist(), batch.column(column).to_pylist()):
-                for name, value in zip(names, values):
-                    per_class.setdefault(name, []).append(round(value, 4))
-    _write(location, f"{COMMIT_DIR}/{name}.json", commit.to_json())
+            for classes, values in zip(batch.column("classes").to_pylist(), batch.column(column).to_pylist()):
+                for class_name, value in zip(classes, values):
+                    per_class.setdefault(class_name, []).append(round(value, 4))
+    _write(location, f"{COMMIT_DIR}/{commit.name}.json", commit.to_json())
     return pa.table({"commit": [commit.to_json().decode()]})
 
 

@@ -210,6 +210,21 @@ def test_write_part(tmp_path):
     assert np.array_equal(decode_png(row["image"]["bytes"]), batch["image"][2])
 
 
+def test_per_class_columns_are_summed_into_the_commit_under_its_own_name(tmp_path):
+    """Presence scores and label agreement, one value per class, go into the commit record per class,
+    dropped samples too; the record keeps the part's name (a class's name would hide it from a resume)."""
+    batch = make_batch(3, drop=["", "class_not_found", ""])
+    batch["presence"] = object_array([np.full(len(c), 0.25 * (i + 1), np.float32)
+                                      for i, c in enumerate(batch["classes"])])
+    batch["agreement"] = object_array([np.full(len(c), 0.5, np.float32) for c in batch["classes"]])
+    write_part(encode(batch), out=str(tmp_path))
+    name = part_name(list(batch["sample_id"]))
+    assert [p.name for p in (tmp_path / COMMIT_DIR).iterdir()] == [f"{name}.json"]
+    (commit,) = commits_in(tmp_path)
+    assert commit.presence == {"dog": [0.25, 0.5], "cat": [0.5], "bus": [0.75]}
+    assert commit.agreement == {"dog": [0.5, 0.5], "cat": [0.5], "bus": [0.5]}
+
+
 def test_write_part_without_metadata(tmp_path):
     write_part(encode(make_batch(2)), out=str(tmp_path))
     (parquet,) = (tmp_path / DATA_DIR).iterdir()

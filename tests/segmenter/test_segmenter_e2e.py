@@ -54,8 +54,11 @@ def check_report(report: dict, printed: list[str], vocabulary, split: int, image
         assert harmonic == pytest.approx(2 * seen * unseen / (seen + unseen))
     header = next(i for i, line in enumerate(printed) if line.startswith("Split"))
     assert printed[header - 1] == "mIoU, supervised (oracle upper bound), not zero-shot"
-    assert printed[header].split() == ["Split", "Seen", "Unseen", "Harmonic"]
-    assert printed[header + 2].split()[0] == str(split)
+    assert printed[header].split() == ["Split", "Background", "Seen", "Unseen", "Harmonic"]
+    # A row per background convention: ignored (the JSON's top-level keys, by default), then counted.
+    assert printed[header + 2].split()[:2] == [str(split), "ignored"]
+    assert printed[header + 3].split()[:3] == [str(split), "a", "seen"]
+    assert result["background_ignored"]["seen"] == seen and "background_counted" in result
     assert len(report["qualitative"]) == 1
 
 
