@@ -376,9 +376,10 @@ def train_loop_per_worker(worker_config: dict) -> None:
         order = np.resize(order, per_worker)  # equal step counts on every worker
         total, steps = 0.0, 0
         negatives = np.random.default_rng([config.seed, epoch, rank, 1])
+        share = config.negatives if config.model.presence != "none" else 0.0  # only a presence head learns from them
         for i in range(0, per_worker, local_batch):
             rows = with_negatives(train_rows.take(order[i:i + local_batch]), classes, source.vocabulary,
-                                  source.recipe["prompts"], config.negatives, negatives)
+                                  source.recipe["prompts"], share, negatives)
             batch = featurizer(rows)
             logits, presence = model(batch.features, batch.class_embeddings, batch.class_mask, with_presence=True)
             loss = grounding_loss(logits, batch.targets, batch.valid, config.loss, batch.ignore)
