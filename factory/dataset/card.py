@@ -318,7 +318,9 @@ _CLASS_LISTS = {
 def _provenance(labels: dict) -> list[str]:
     """Whether the labels may train a zero-shot model: which classes the labeler was trained on,
     and where each image's class list came from."""
-    return ["## Label provenance", "", _labelled_by(labels), "", _CLASS_LISTS[labels["class_lists"]]]
+    # A manifest written before the record has no class_lists: its card says nothing of them.
+    lists = [_CLASS_LISTS[labels["class_lists"]]] if "class_lists" in labels else []
+    return ["## Label provenance", "", _labelled_by(labels), *([""] + lists if lists else [])]
 
 
 def _labelled_by(labels: dict) -> str:
