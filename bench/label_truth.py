@@ -43,11 +43,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from bench import real_images
 from bench.mini_mission import StageClock, build, publish_report, save_report
-from bench.real_images import annotate as annotate_true_lists
-from bench.real_images import annotation_scores
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
 from factory.dataset.real import real_dataset
@@ -89,11 +86,9 @@ def class_lists(root: Path, images: int, folder: Path) -> Path:
 
 def annotate(out: Path, images: Path, classes: Path, checkpoint: str, presence_threshold: float = 0.5) -> str:
     """jobs/annotate_images.py --images images --classes-file classes --route noised --checkpoint checkpoint."""
-    recipe = load_recipe("shapes-annotate", {"out": str(out), "source.images": str(images),
-                                             "source.format": "folder", "source.classes_file": str(classes),
-                                             "source.route": "noised", "annotator.checkpoint": checkpoint,
-                                             "annotator.presence_threshold": presence_threshold})
-    return run_build(prepare_build(recipe), in_process=True).out
+    return real_images.annotate(out, images, checkpoint, "noised", overrides={
+        "source.format": "folder", "source.classes_file": str(classes),
+        "annotator.presence_threshold": presence_threshold}).out
 
 
 def score_annotation(dataset: str, root: Path, lists: dict[str, list[str]]) -> dict:
@@ -179,7 +174,7 @@ def run(work: Path, modules: dict[str, str], images: int, presence_threshold: fl
                                              classes, checkpoint, presence_threshold), root, lists)
              for name, checkpoint in modules.items()}
     stage("drawn")
-    true_lists = {name: annotation_scores(annotate_true_lists(
+    true_lists = {name: real_images.annotation_scores(real_images.annotate(
         work / f"true-lists-{name}-{presence_threshold}", root, checkpoint, "noised", images,
         {"annotator.presence_threshold": presence_threshold}).out, root) for name, checkpoint in modules.items()}
     stage("true lists")

@@ -239,11 +239,21 @@ def _cell(value: float | None, samples: int | None = None) -> str:
     return f"{value:.2f}" if samples is None else f"{value:.2f} ({samples})"
 
 
+def _text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Plain-text rows under a header and a rule: names (the first two columns) left-aligned, numbers
+    right-aligned, as in the paper's tables."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
+
+
 def format_table(results_by_method: dict[str, dict]) -> str:
     """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
     their Average when every split was evaluated), one column per group, each cell the mIoU and, in
     parentheses, the images it was scored on; empty groups print as "-"."""
-    header = ["Method", "Split", *COLUMN_TITLES]
     rows = []
     for method, result in results_by_method.items():
         lines = [(k, groups) for k, groups in result["splits"].items()]
@@ -252,14 +262,17 @@ def format_table(results_by_method: dict[str, dict]) -> str:
         for n, (split, groups) in enumerate(lines):
             rows.append([method if n == 0 else "", split,
                          *(_cell(groups[g]["miou"], groups[g]["samples"]) for g in GROUPS)])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return _text_table(["Method", "Split", *COLUMN_TITLES], rows)
 
-    def line(cells: list[str]) -> str:
-        # Names left-aligned, numbers right-aligned, as in the paper's tables.
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
-    rule = "-" * len(line(header))
-    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+def _precision_recall(cell: dict) -> str:
+    if cell["recall"] is None and cell["precision"] is None:
+        return "-"
+    return f"{_cell(cell['precision'])}/{_cell(cell['recall'])}"
+
+
+def _masked(cell: dict) -> str:
+    return "-" if cell["rate"] is None else f"{cell['rate']:.1f}% of {cell['images']}"
 
 
 def format_presence_table(results_by_method: dict[str, dict]) -> str:
@@ -268,24 +281,12 @@ def format_presence_table(results_by_method: dict[str, dict]) -> str:
     absent class in which it got a mask; "-" where the test set has no such case."""
     header = ["Method", "Split", *(f"{n}/{c} P/R" for n in SIZES for c in KINDS), "Absent masked one",
               "Absent masked two"]
-    rows = []
-    for method, result in results_by_method.items():
-        for n, (split, groups) in enumerate(result["splits"].items()):
-            def pr(cell: dict) -> str:
-                return "-" if cell["recall"] is None and cell["precision"] is None else (
-                    f"{_cell(cell['precision'])}/{_cell(cell['recall'])}")
-
-            def masked(cell: dict) -> str:
-                return "-" if cell["rate"] is None else f"{cell['rate']:.1f}% of {cell['images']}"
-            rows.append([method if n == 0 else "", split,
-                         *(pr(groups["presence"][size][kind]) for size in SIZES for kind in KINDS),
-                         *(masked(groups["absent"][size]) for size in SIZES)])
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
+    rows = [[method if n == 0 else "", split,
+             *(_precision_recall(groups["presence"][size][kind]) for size in SIZES for kind in KINDS),
+             *(_masked(groups["absent"][size]) for size in SIZES)]
+            for method, result in results_by_method.items()
+            for n, (split, groups) in enumerate(result["splits"].items())]
+    return _text_table(header, rows)
 
 
 MODULE = "grounding module"
