@@ -11,8 +11,9 @@ kept or the attempts are spent ("given up"). Which attempts are made is decided 
 commit records alone (``next_attempts``), so an interrupted build resumes to the same set.
 
 A follower (``recipe.follow``) plans exactly the samples a finished dataset of the same plan
-wrote, each at the followed set's attempt, made once (``followed_plan``): the same prompts and
-seeds, so the same images, with this recipe's labels.
+wrote, each at the followed set's attempt and with its sample id, made once (``followed_plan``):
+the same prompts and seeds, so the same images, with this recipe's labels; a join on
+``sample_id`` pairs each image's labels of both sets.
 
 A build from real images (``recipe.source``) plans one sample per image instead, in the
 source's order (``image_plan``); a dropped image is not replaced.
@@ -132,7 +133,8 @@ def _sample_seed(plan_seed: int, index: int, attempt: int = 0) -> int:
 
 def _sample_id(content_key: str, index: int, attempt: int = 0) -> str:
     # Sorts in plan order, a replacement ("0000012.1-...") after its entry's first sample; the
-    # hash keeps ids of different recipes apart when datasets are merged.
+    # hash keeps ids of different recipes apart when datasets are merged (a follower takes its
+    # followed set's ids: the same images).
     if not attempt:
         return f"{index:07d}-{hashlib.sha256(f'{content_key}:{index}'.encode()).hexdigest()[:8]}"
     return f"{index:07d}.{attempt}-{hashlib.sha256(f'{content_key}:{index}:{attempt}'.encode()).hexdigest()[:8]}"
@@ -200,16 +202,19 @@ def _attempt(sample: Sample, k: int, content_key: str, plan_seed: int) -> Sample
                    seed=_sample_seed(plan_seed, sample.index, k), attempt=k)
 
 
-def _attempts(sample: Sample, recipe: Recipe) -> range:
-    # A plan entry starts at its sample's attempt: 0, or the followed set's for a follower (tries 1).
-    return range(sample.attempt, sample.attempt + recipe.tries)
+def _attempts(sample: Sample, recipe: Recipe, content_key: str) -> list[Sample]:
+    """The samples a plan entry may make, in order: attempts 0 .. recipe.attempts - 1, or a
+    follower's one sample as the followed set made it (its attempt and id)."""
+    if recipe.follow is not None:
+        return [sample]
+    return [_attempt(sample, k, content_key, recipe.seed) for k in range(recipe.tries)]
 
 
 def all_attempts(plan: list[Sample], recipe: Recipe) -> list[Sample]:
     """Every sample the plan may make: each entry's attempts 0 .. recipe.attempts - 1 (a
     follower's: its one sample)."""
     key = recipe.content_key()
-    return [_attempt(sample, k, key, recipe.seed) for sample in plan for k in _attempts(sample, recipe)]
+    return [made for sample in plan for made in _attempts(sample, recipe, key)]
 
 
 def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) -> list[Sample]:
@@ -218,8 +223,7 @@ def next_attempts(plan: list[Sample], recipe: Recipe, outcomes: dict[str, str]) 
     made, its next one when the last made was dropped and attempts are left."""
     key, due = recipe.content_key(), []
     for sample in plan:
-        for k in _attempts(sample, recipe):
-            made = _attempt(sample, k, key, recipe.seed)
+        for made in _attempts(sample, recipe, key):
             outcome = outcomes.get(made.sample_id)
             if outcome is None:
                 due.append(made)
@@ -261,7 +265,7 @@ def open_followed(uri: str) -> DatasetSource:
 def followed_plan(recipe: Recipe, plan: list[Sample]) -> list[Sample]:
     """The samples that the dataset ``recipe.follow`` wrote, as samples of `plan` (this recipe's, the
     same as the followed set's): found by index and seed, checked by prompt and classes, each at
-    its attempt with this recipe's id. RecipeError, one line naming the followed set, when its
+    its attempt with its id there. RecipeError, one line naming the followed set, when its
     plan is not this recipe's."""
     uri = recipe.follow
     followed = open_followed(uri)
@@ -278,7 +282,7 @@ def followed_plan(recipe: Recipe, plan: list[Sample]) -> list[Sample]:
         rows = followed.read(["sample_id", "index", "seed", "prompt", "classes"]).to_pylist()
     except (OSError, StorageError, pa.ArrowException) as exc:
         raise RecipeError(f"follow: cannot read the samples of {uri}: {first_line(exc)}") from None
-    entries, key, samples = {entry.index: entry for entry in plan}, recipe.content_key(), []
+    entries, samples = {entry.index: entry for entry in plan}, []
     for row in rows:
         entry = entries.get(row["index"])
         # any attempt: a followed follower made its own followed set's, whatever its `attempts` says
@@ -287,7 +291,7 @@ def followed_plan(recipe: Recipe, plan: list[Sample]) -> list[Sample]:
         if attempt is None or (entry.prompt, list(entry.classes)) != (row["prompt"], row["classes"]):
             raise RecipeError(f"follow: sample {row['sample_id']} of {uri} ({row['prompt']!r}, seed {row['seed']}) "
                               f"is not in this recipe's plan")
-        samples.append(_attempt(entry, attempt, key, recipe.seed))
+        samples.append(replace(entry, sample_id=row["sample_id"], seed=row["seed"], attempt=attempt))
     return sorted(samples, key=lambda sample: (sample.index, sample.attempt))
 
 

@@ -145,8 +145,8 @@ def _follows(follows: dict | None) -> list[str]:
         return []
     return [f"Same images as `{follows['dataset']}`: only the labels differ. That set (`{follows['name']}`, recipe "
             f"key `{follows['content_key']}`) has this plan, and each sample it wrote was made here once, with its "
-            "prompt, attempt and seed, never dropped or replaced: rows match by `index` and `seed` (the ids' hash "
-            "is each recipe's). A class this labeler missed is handled as `on_missing` says below.", ""]
+            "prompt, attempt, seed and `sample_id`, never dropped or replaced: a join on `sample_id` pairs each "
+            "image's labels of the two sets. A class this labeler missed is handled as `on_missing` says below.", ""]
 
 
 def _vocabulary_name(recipe: dict) -> str:

@@ -129,7 +129,7 @@ def test_card_of_a_follower_names_the_set_whose_images_it_shares():
     manifest["counts"] = {"planned": 1400, "attempted": 1400, "written": 1400, "dropped": {}, "given_up": 0}
     _, body = header_and_body(dataset_card(manifest))
     assert "Same images as `outputs/mini-mission/synthetic-mixture`: only the labels differ." in body
-    assert "(`shapes-synthetic-mixture`, recipe key `0123abcd`)" in body and "rows match by `index` and `seed`" in body
+    assert "(`shapes-synthetic-mixture`, recipe key `0123abcd`)" in body and "a join on `sample_id` pairs" in body
     assert "Each sample of the followed set was made once, never replaced." in body and "up to 4 seeds" not in body
     assert "with every unclaimed pixel 255 (`on_missing: ignore`)" in body
     assert "Same images as" not in dataset_card(fake_manifest())
