@@ -29,7 +29,7 @@ class GroundingModelConfig(BaseModel):
         None, description="side of F; None = the largest feature resolution (the reference code's 64; "
         "the paper states 512)")
     mask_resolution: int = Field(512, ge=1, description="side of the output masks")
-    presence: Literal["none", "query", "region"] = Field(
+    presence: Literal["none", "query", "region", "match"] = Field(
         "none", description="a presence head, one logit per class, whether it is in the image (grounding.model): "
         "'query' reads the decoded class query, 'region' also what the class's mask covers; 'none': the papers' "
         "module, and checkpoints written before the head existed")

@@ -82,9 +82,12 @@ class GroundingModule(nn.Module):
                                            dropout=config.dropout, batch_first=True, norm_first=True)
         self.decoder = nn.TransformerDecoder(layer, config.decoder_layers, norm=nn.LayerNorm(d_e))
         self.mask_mlp = _mlp(d_e, d_e, d_e, config.fused_dim)
-        self.presence_mlp = {"none": None, "query": _mlp(d_e, d_e, 1),
-                             "region": _mlp(3 * d_e, d_e, 1)}[config.presence]
-        self.region_proj = nn.Linear(config.fused_dim, d_e) if config.presence == "region" else None
+        self.presence_mlp = {"query": _mlp(d_e, d_e, 1), "region": _mlp(3 * d_e, d_e, 1)}.get(config.presence)
+        self.region_proj = nn.Linear(config.fused_dim, d_e) if config.presence in ("region", "match") else None
+        if config.presence == "match":
+            self.text_key = nn.Linear(config.text_dim, d_e)
+            self.match_scale = nn.Parameter(torch.tensor(10.0))
+            self.match_bias = nn.Parameter(torch.tensor(-5.0))
 
     def encode_visual(self, features: dict[int, Tensor]) -> Tensor:
         """Fuse {resolution: (B, C_r, r, r)} into F: (B, D, fuse_resolution, fuse_resolution)."""
@@ -124,18 +127,21 @@ class GroundingModule(nn.Module):
         logits = F.interpolate(coarse, size=self.config.mask_resolution, mode="bilinear", align_corners=False)
         if not with_presence:
             return logits
-        return logits, self._presence(decoded, coarse, fused)
+        return logits, self._presence(decoded, coarse, fused, class_embeddings)
 
-    def _presence(self, decoded: Tensor, coarse: Tensor, fused: Tensor) -> Tensor | None:
+    def _presence(self, decoded: Tensor, coarse: Tensor, fused: Tensor, class_embeddings: Tensor) -> Tensor | None:
         """(B, O) presence logits from the decoded queries (B, O, d_e) and, for the region head, F
         (B, D, h, w) averaged under each class's mask probabilities (coarse logits (B, O, h, w))."""
-        if self.presence_mlp is None:
+        if self.config.presence == "none":
             return None
         if self.region_proj is None:
             return self.presence_mlp(decoded).squeeze(-1)
         weights = torch.sigmoid(coarse.detach())
         pooled = torch.einsum("bohw,bdhw->bod", weights, fused) / weights.sum(dim=(2, 3))[..., None].clamp(min=1e-6)
         region = self.region_proj(pooled)
+        if self.config.presence == "match":
+            key = F.normalize(self.text_key(class_embeddings.to(region.dtype)), dim=-1)
+            return self.match_scale * (F.normalize(region, dim=-1) * key).sum(-1) + self.match_bias
         return self.presence_mlp(torch.cat([decoded, region, decoded * region], dim=-1)).squeeze(-1)
 
     @torch.no_grad()

@@ -54,7 +54,7 @@ class ModelSection(BaseModel):
         "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
         "come from the dataset")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
-    presence: Literal["none", "query", "region"] = Field(
+    presence: Literal["none", "query", "region", "match"] = Field(
         "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "
         "so that a class the image lacks gets no mask: 'region' reads the class query and what its mask covers, "
         "'query' the query alone; 'none': the papers' module")

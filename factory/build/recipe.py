@@ -304,8 +304,8 @@ class Recipe(_Section):
     follow: str | None = Field(
         None, min_length=1, description="a finished dataset (folder or s3://) of this recipe's plan (vocabulary, "
         "classes, per_class, per_pair, pairs, num_samples, seed, prompts, generator; checked before any model "
-        "loads): make exactly the samples it wrote, each with its attempt's seed, once and never replaced, so the "
-        "images are its images and only the labels differ (an oracle or DAAM set beside a module-labelled one). "
+        "loads): make exactly the samples it wrote, each with its attempt's seed and its sample id, once and never "
+        "replaced, so the images are its images and only the labels differ (an oracle or DAAM set beside a module-labelled one). "
         "A class this build's labeler misses keeps its sample with every unclaimed pixel 255, so on_missing "
         "must say so (ignore; the annotator's absent too), not drop; attempts is not used")
     out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "
