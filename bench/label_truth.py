@@ -27,6 +27,9 @@ one run. Two measurements:
    is there. Label maps scored against the exact ones, background errors counted
    (``bench.real_images.annotation_scores``).
 
+Modules named NAME#k are NAME's training again with seed k: the report gives each such group's mean
+and range, so that a difference between modules can be set against what a seed alone changes.
+
 Every stage resumes. Results: <work>/report.md and <work>/report.json; ``--publish docs/label-truth.md``
 writes the report as that page, with the date, commit and command.
 """
@@ -170,12 +173,12 @@ def run(work: Path, modules: dict[str, str], images: int, presence_threshold: fl
     stage("generated")
     classes = class_lists(root, images, work / "images")
     lists = json.loads(classes.read_text())
-    drawn = {name: score_annotation(annotate(work / f"annotated-{name}-{presence_threshold}", work / "images",
+    drawn = {name: score_annotation(annotate(work / f"annotated-{_slug(name)}-{presence_threshold}", work / "images",
                                              classes, checkpoint, presence_threshold), root, lists)
              for name, checkpoint in modules.items()}
     stage("drawn")
     true_lists = {name: real_images.annotation_scores(real_images.annotate(
-        work / f"true-lists-{name}-{presence_threshold}", root, checkpoint, "noised", images,
+        work / f"true-lists-{_slug(name)}-{presence_threshold}", root, checkpoint, "noised", images,
         {"annotator.presence_threshold": presence_threshold}).out, root) for name, checkpoint in modules.items()}
     stage("true lists")
     return {"modules": modules, "presence_threshold": presence_threshold, "test_set": test, "generated": generated,
@@ -184,8 +187,43 @@ def run(work: Path, modules: dict[str, str], images: int, presence_threshold: fl
             "seconds": stage.report()}
 
 
+def _slug(name: str) -> str:
+    return name.replace("#", "-seed")  # a folder name no URI parser reads as a fragment
+
+
 def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+# What the seeds table summarises: (label, the value in a module's report).
+SEED_METRICS = {
+    **{f"absent class given a mask, {kind} (%)": (lambda r, kind=kind: r["drawn"][kind]["absent_masked_rate"])
+       for kind in KINDS},
+    **{f"present classes found, {kind} (%)": (lambda r, kind=kind: r["drawn"][kind]["found_rate"]) for kind in KINDS},
+    **{f"true lists, {kind} mIoU": (lambda r, kind=kind: r["true_lists"][kind]) for kind in KINDS},
+}
+
+
+def seed_groups(modules: dict[str, str]) -> dict[str, list[str]]:
+    """Modules named NAME#k are NAME trained again with seed k: {NAME: [NAME, NAME#1, ...]}, groups of two or more."""
+    groups: dict[str, list[str]] = {}
+    for name in modules:
+        groups.setdefault(name.split("#")[0], []).append(name)
+    return {group: names for group, names in groups.items() if len(names) > 1}
+
+
+def seeds_table(report: dict) -> list[str]:
+    """Mean and range over each group's seeds of the drawn-image measurements: how much of a difference
+    between modules one training's luck could make."""
+    lines = []
+    for group, names in seed_groups(report["modules"]).items():
+        lines += [f"`{group}` over {len(names)} trainings ({', '.join(names)}), the same data and settings, "
+                  "other seeds:", "", "| Measurement | Mean | Min | Max |", "|---|---:|---:|---:|"]
+        for label, value in SEED_METRICS.items():
+            values = [value({"drawn": report["drawn"][n], "true_lists": report["true_lists"][n]}) for n in names]
+            lines.append(f"| {label} | {np.mean(values):.1f} | {min(values):.1f} | {max(values):.1f} |")
+        lines.append("")
+    return ["## Seeds", "", *lines] if lines else []
 
 
 def markdown(report: dict) -> str:
@@ -228,6 +266,7 @@ def markdown(report: dict) -> str:
         "| Module | Images | Seen mIoU | Unseen mIoU | Harmonic |", "|---|---:|---:|---:|---:|",
         *(f"| {name} | {r['images']} | {r['seen']:.1f} | {r['unseen']:.1f} | {r['harmonic']:.1f} |"
           for name, r in report["true_lists"].items()), "",
+        *seeds_table(report),
         "## Time (s, this machine)", "", "```json", json.dumps(report["seconds"], indent=2), "```", ""])
 
 
@@ -244,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="folder of every set and result; a rerun resumes (default: %(default)s)")
     parser.add_argument("--modules", type=_module, nargs="+", default=[("shipped", "models/shapes-grounding")],
                         metavar="NAME=CHECKPOINT", help="grounding modules trained on split 1's seen classes, "
-                        "each measured on the same images (default: shipped=models/shapes-grounding)")
+                        "each measured on the same images; NAME#k names NAME trained again with seed k, and the "
+                        "report gives each such group's mean and range (default: shipped=models/shapes-grounding)")
     parser.add_argument("--images", type=int, default=500, help="drawn val images to annotate (default: %(default)s)")
     parser.add_argument("--presence-threshold", type=float, default=0.5,
                         help="annotator.presence_threshold and Protocol-I's (default: %(default)s)")

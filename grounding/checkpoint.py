@@ -22,6 +22,7 @@ from factory.core.checkpoints import (
     save_checkpoint,
 )
 from factory.core.storage import Location
+from factory.core.vocab import ClassInfo, Vocabulary, get_vocabulary
 from grounding.config import GroundingModelConfig
 from grounding.model import GroundingModule
 
@@ -83,13 +84,28 @@ def check_generation(trained: dict, used: dict) -> tuple[list[str], list[str]]:
         for key, name in fields.items():
             ours, theirs = (record.get(key, RECORD_DEFAULTS.get(key)) for record in (trained, used))
             if isinstance(ours, dict):  # the prompt templates, each by its own name
+                # a field a record predates was at its default, empty (per_class: {}): no difference
                 out += [f"{name} {k} {ours.get(k)!r} vs {theirs.get(k)!r}"
-                        for k in sorted({*ours, *theirs}) if ours.get(k) != theirs.get(k)]
+                        for k in sorted({*ours, *theirs}) if (ours.get(k) or None) != (theirs.get(k) or None)]
             elif ours != theirs:
                 out.append(f"{name} {ours!r} vs {theirs!r}")
         return out
 
     return changed(FEATURE_FIELDS), changed(OTHER_FIELDS)
+
+
+def classes_seen(metadata: dict, vocabulary: Vocabulary) -> list[str]:
+    """The classes of `vocabulary` the module was trained on, matched by the words that name them
+    (name, natural words, detector class, synonyms) against the trained classes of its training
+    data's vocabulary, not by the names alone: a user's class drawn as a trained class is seen,
+    whatever the user calls it, so a renamed class cannot pass for an unseen one."""
+    trained = get_vocabulary(metadata["vocabulary"]) if "vocabulary" in metadata else vocabulary
+    words = set().union(*(_words(trained.lookup(name)) for name in metadata["classes"]))
+    return [info.name for info in vocabulary.classes if _words(info) & words]
+
+
+def _words(info: ClassInfo) -> set[str]:
+    return {w.replace("_", " ").strip().lower() for w in (info.name, info.natural, info.detector, *info.synonyms) if w}
 
 
 def resume_point(location: Location) -> tuple[str, dict] | None:

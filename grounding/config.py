@@ -31,8 +31,9 @@ class GroundingModelConfig(BaseModel):
     mask_resolution: int = Field(512, ge=1, description="side of the output masks")
     presence: Literal["none", "query", "region", "match"] = Field(
         "none", description="a presence head, one logit per class, whether it is in the image (grounding.model): "
-        "'query' reads the decoded class query, 'region' also what the class's mask covers; 'none': the papers' "
-        "module, and checkpoints written before the head existed")
+        "'query' reads the decoded class query, 'region' also what the class's mask covers, 'match' the cosine "
+        "of that region with the class's text embedding; 'none': the papers' module, and checkpoints written "
+        "before the head existed")
 
     @model_validator(mode="after")
     def _consistent(self) -> "GroundingModelConfig":

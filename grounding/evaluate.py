@@ -344,7 +344,7 @@ class EvalStage:
         # The papers' Protocol-I asks for a mask of every class (their test images show them all);
         # gated, a class the presence head judges absent gets none, as the annotator labels.
         predicted = {"module": self._predict(inputs, prompts, words, swapped=False, gate=None)}
-        if any(module.presence_mlp is not None for module, _ in self.modules.values()):
+        if any(module.config.presence != "none" for module, _ in self.modules.values()):
             predicted["gated"] = self._predict(inputs, prompts, words, swapped=False, gate=self.presence_threshold)
         if self.swap is not None:  # each class asked for under another class's name, scored as itself
             swapped = [[self.swap.get(w, w) for w in row] for row in words]

@@ -12,8 +12,10 @@ negatives, is SAM 3's (Carion et al. 2025). Trained on classes the prompt named 
 did not draw, it lets the annotator give an absent class no pixels. Two heads: "query" reads the
 decoded class query alone; "region" also reads what the class's own mask covers (F averaged under
 the mask's probabilities), so it asks whether the region the mask found is that class, as
-MaskFormer classifies a mask (Cheng et al. 2021). The region's weights are detached: the presence
-loss does not move the masks.
+MaskFormer classifies a mask (Cheng et al. 2021); "match" scores the cosine similarity of that
+region with the class's text embedding, as ZegFormer classifies a segment (Ding et al. 2022), so
+its only class-specific input is the text. The region's weights are detached: the presence loss
+does not move the masks.
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class GroundingModule(nn.Module):
         self.region_proj = nn.Linear(config.fused_dim, d_e) if config.presence in ("region", "match") else None
         if config.presence == "match":
             self.text_key = nn.Linear(config.text_dim, d_e)
+            # a learned temperature and offset turn a cosine in [-1, 1] into a logit
             self.match_scale = nn.Parameter(torch.tensor(10.0))
             self.match_bias = nn.Parameter(torch.tensor(-5.0))
 
@@ -130,8 +133,9 @@ class GroundingModule(nn.Module):
         return logits, self._presence(decoded, coarse, fused, class_embeddings)
 
     def _presence(self, decoded: Tensor, coarse: Tensor, fused: Tensor, class_embeddings: Tensor) -> Tensor | None:
-        """(B, O) presence logits from the decoded queries (B, O, d_e) and, for the region head, F
-        (B, D, h, w) averaged under each class's mask probabilities (coarse logits (B, O, h, w))."""
+        """(B, O) presence logits from the decoded queries (B, O, d_e) and, for the region and match
+        heads, F (B, D, h, w) averaged under each class's mask probabilities (coarse logits (B, O, h, w));
+        the match head compares that region with the class embeddings (B, O, text_dim)."""
         if self.config.presence == "none":
             return None
         if self.region_proj is None:

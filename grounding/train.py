@@ -57,7 +57,8 @@ class ModelSection(BaseModel):
     presence: Literal["none", "query", "region", "match"] = Field(
         "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "
         "so that a class the image lacks gets no mask: 'region' reads the class query and what its mask covers, "
-        "'query' the query alone; 'none': the papers' module")
+        "'match' that region's cosine with the class's text embedding, 'query' the query alone; 'none': the "
+        "papers' module")
     text: TextConfig = TextConfig()
 
 

@@ -10,7 +10,11 @@ U-Net calls) or by one pass on its noised latent (--route noised: fast), and the
 from those features. The output is a factory dataset (label maps, masks, scores, card, preview,
 manifest), resumed by running the same command again. Every --section.field of the recipe applies.
 With --images and a class list (--classes), every image is asked about every class, and a class
-the module does not find is taken as absent (--annotator.on-missing absent).
+the module does not find is taken as absent (--annotator.on-missing absent); --classes-file names each
+image's classes instead. An image is known by its file name and content: adding images to the folder
+and running again annotates just the new ones. Images of another shape than the generator's are
+squashed to it (--source.resize squash, the default), or centre-cropped (crop) or padded (pad); each
+row records the original size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import sys
 
 from factory.build.pipeline import prepare_build, run_build
 from factory.build.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
-from factory.core.cli import run_job
+from factory.core.cli import add_verbose_argument, run_job, setup_output
 from factory.core.options import job_parser, overrides_from_args
 
 DEFAULT_RECIPE = "shapes-annotate"
@@ -31,6 +35,7 @@ SHORTCUTS = {"images": "source.images", "classes_file": "source.classes_file", "
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(__doc__)
     add_recipe_arguments(parser)
+    add_verbose_argument(parser)
     parser.set_defaults(recipe=DEFAULT_RECIPE)
     shortcuts = parser.add_argument_group("shortcuts")
     shortcuts.add_argument("--images", help="a folder or s3:// prefix of image files (--source.images with "
@@ -43,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def annotate(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    setup_output(args.verbose)
     overrides = overrides_from_args(args, Recipe)
     overrides.update({field: getattr(args, name) for name, field in SHORTCUTS.items() if getattr(args, name)})
     if args.images:
@@ -50,6 +56,9 @@ def annotate(argv: list[str] | None) -> int:
         if not args.classes_file:
             overrides.setdefault("annotator.on_missing", "absent")
     recipe = load_recipe(args.recipe, overrides)
+    if recipe.source.classes_file and "classes" in overrides:
+        raise RecipeError(f"--classes and --classes-file {recipe.source.classes_file} both name the images' "
+                          f"classes: give one")
     if not recipe.source.enabled or not recipe.annotator.checkpoint:
         raise RecipeError("annotating needs images (--images) and a grounding module (--checkpoint)")
     prepared = prepare_build(recipe)

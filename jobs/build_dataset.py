@@ -16,7 +16,7 @@ from factory.build.cost import add_estimate_arguments, estimate, format_estimate
 from factory.build.pipeline import prepare_build, run_build
 from factory.build.plan import build_plan
 from factory.build.recipe import add_recipe_arguments, recipe_from_args
-from factory.core.cli import run_job
+from factory.core.cli import add_verbose_argument, run_job, setup_output
 from factory.core.options import job_parser
 
 
@@ -24,11 +24,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = job_parser(__doc__)
     add_recipe_arguments(parser)
     add_estimate_arguments(parser)
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
 def build(argv: list[str] | None) -> int:
     args = parse_args(argv)
+    setup_output(args.verbose)
     recipe = recipe_from_args(args)
     if args.estimate:  # the recipe is validated and planned, then only the cost model runs
         samples = len(build_plan(recipe))

@@ -27,6 +27,7 @@ class OracleQuality:
     found: float           # fraction of objects whose class mask (score >= threshold) has IoU >= 0.5
     mean_iou: float        # mean IoU of the class mask over all objects (a missed object counts 0)
     false_classes: float   # fraction of images where a class that is not drawn is detected
+    offset: tuple[float, float] = (0.0, 0.0)  # mean (dy, dx) px from a drawn object's centroid to its mask's
 
     def as_dict(self) -> dict:
         return {"objects": self.objects, "found": round(self.found, 4), "mean_iou": round(self.mean_iou, 4),
@@ -37,7 +38,7 @@ def oracle_quality(detector: Detector, items: list[tuple[tuple[str, ...], int]],
                    batch: int = 32) -> OracleQuality:
     """How well `detector` labels drawn benchmark images: per object, the merged mask of every
     instance of its class at or above `score_threshold` (what the labeler keeps), against the exact mask."""
-    ious, false = [], 0
+    ious, offsets, false = [], [], 0
     for start in range(0, len(items), batch):
         chunk = items[start:start + batch]
         drawn = [draw(classes, seed, "benchmark") for classes, seed in chunk]
@@ -51,9 +52,12 @@ def oracle_quality(detector: Detector, items: list[tuple[tuple[str, ...], int]],
                 predicted = (found.masks[mine] >= 0.5).any(axis=0) if mine.any() else np.zeros_like(mask)
                 union = (predicted | mask).sum()
                 ious.append((predicted & mask).sum() / union if union else 0.0)
+                if predicted.any():
+                    offsets.append(np.mean(np.nonzero(predicted), axis=1) - np.mean(np.nonzero(mask), axis=1))
     ious_a = np.array(ious)
     return OracleQuality(objects=len(ious), found=float((ious_a >= 0.5).mean()), mean_iou=float(ious_a.mean()),
-                         false_classes=false / len(items))
+                         false_classes=false / len(items),
+                         offset=tuple(np.mean(offsets, axis=0).tolist()) if offsets else (0.0, 0.0))
 
 
 @dataclass

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import (
     MaskRCNN,
@@ -27,12 +28,14 @@ from torchvision.models.detection import (
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from factory.build.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
-from factory.core.vocab import ClassInfo, Vocabulary
+from factory.core.vocab import ClassInfo, Vocabulary, get_vocabulary
 
 COCO_LABELS = 91  # torchvision's COCO heads: background + category ids 1..90 (with gaps)
 
@@ -108,6 +111,15 @@ def load_weights(model: nn.Module, weights: str, architecture: str) -> None:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
         state = state.get("model", state)  # torchvision reference scripts nest it
+    own = model.state_dict()
+    differ = [k for k in own if k in state and own[k].shape != state[k].shape] + sorted(set(own) ^ set(state))
+    if differ:  # torch's message is a line per tensor; this one says what to change
+        first = differ[0]
+        shapes = f": {list(state[first].shape)} in the file, {list(own[first].shape)} in the model" \
+            if first in own and first in state else (" is missing from the file" if first in own else " is extra")
+        raise ValueError(f"the weights do not fit {architecture}: {len(differ)} tensors differ ({first}{shapes}); "
+                         f"give weights trained as {architecture} on this vocabulary's detector classes, or the "
+                         f"model they were trained as")
     model.load_state_dict(state)
 
 
@@ -120,9 +132,11 @@ def coco_to_vocabulary(vocabulary: Vocabulary) -> np.ndarray:
 
 
 def label_count(vocabulary: Vocabulary) -> int:
-    """Outputs of a detector trained on the vocabulary's own label space (``small``): background
-    and every detector label (``coco_id``) of its classes."""
-    return 1 + max(info.coco_id for info in vocabulary.classes)
+    """Outputs of a detector trained on the label space the vocabulary's classes name (``small``: the
+    mini world's shapes): background and every label of that space, however few of them a user's
+    vocabulary maps onto; the checkpoint's head is that size."""
+    space = get_vocabulary(vocabulary.detector_space)
+    return 1 + max(info.coco_id for info in space.classes)
 
 
 def candidate_threshold(config: LabelerConfig) -> float:
@@ -147,7 +161,42 @@ def build_maskrcnn(config: LabelerConfig, image_size: int, num_labels: int = COC
         load_weights(model, config.weights, config.model)
     model.roi_heads.score_thresh = candidate_threshold(config)
     model.roi_heads.nms_thresh = config.nms_threshold
+    t = model.transform
+    model.transform = ExactPasteTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible,
+                                          t.fixed_size)
     return model.eval()
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, M, M) mask probabilities into (N, 1, H, W) images, each over its box: torchvision's
+    ``paste_masks_in_image`` (the padded mask's cells over the box's pixels x0 .. x1), at the box's
+    exact position. torchvision truncates the padded box to whole pixels, which moves every mask
+    up and left by half a pixel on average and shrinks it by up to one."""
+    masks, scale = expand_masks(masks, padding=1)
+    boxes = expand_boxes(boxes, scale)
+    ys, xs = (torch.arange(n, dtype=masks.dtype, device=masks.device) for n in size)
+    out = [masks.new_zeros((0, 1, *size))]
+    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+        # grid_sample's -1 and 1 are the mask's outer edges: those of pixels x0 and x1 (y0 and y1)
+        gx = (xs - x0 + 0.5) / (x1 - x0 + 1) * 2 - 1
+        gy = (ys - y0 + 0.5) / (y1 - y0 + 1) * 2 - 1
+        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)
+        out.append(F.grid_sample(mask[None], grid[None], align_corners=False))
+    return torch.cat(out)
+
+
+class ExactPasteTransform(GeneralizedRCNNTransform):
+    """torchvision's detection transform, its masks pasted at their boxes' exact positions (``paste_masks``)."""
+
+    def postprocess(self, result: list[dict], image_shapes: list[tuple[int, int]],
+                    original_image_sizes: list[tuple[int, int]]) -> list[dict]:
+        if self.training:
+            return result
+        for pred, shape, original in zip(result, image_shapes, original_image_sizes):
+            pred["boxes"] = resize_boxes(pred["boxes"], shape, original)
+            if "masks" in pred:
+                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
+        return result
 
 
 class MaskRCNNDetector:

@@ -6,7 +6,8 @@ and ``ImageReader.load`` is what the model actor calls. Formats:
 
 - ``folder``: .png/.jpg/.jpeg files directly in a local folder or an s3:// prefix, no masks; the
   classes are the recipe's, or per image from ``source.classes_file`` (local or s3://). Every file is decoded
-  while planning, so an unreadable one is a one-line error before any model loads.
+  and hashed while planning, so an unreadable one is a one-line error before any model loads, and an image
+  is known by its name and content (``SourceImage.identity``), never by its place in the listing.
 - ``voc``, ``voc_aug``, ``coco``: the readers of ``factory.dataset.real``; each image's classes
   are those its masks show.
 - ``dataset``: a finished factory dataset; each row's classes and label map.
@@ -14,11 +15,17 @@ and ``ImageReader.load`` is what the model actor calls. Formats:
 With masks, an image showing a class outside the recipe's selection, no class at all, or more
 than a sample may hold is left out of the plan (and counted in ``skipped``), as grounding
 training leaves out samples that name a class it does not train on.
+
+An output folder equal to or inside ``source.images`` is refused (a folder's dataset would read its own
+preview as an image on the next run), unless it already holds a build of this recipe.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,7 +39,9 @@ from factory.build.recipe import Recipe, RecipeError, SourceConfig
 from factory.core.storage import StorageError, first_line, open_location, split_file_uri
 from factory.core.vocab import UnknownClassError, Vocabulary
 from factory.dataset.batch import MAX_CLASSES
+from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_image, decode_label
+from factory.dataset.layout import BUILD_FILE, PREVIEW_FILE
 from factory.dataset.real import real_dataset
 from factory.dataset.source import DatasetError, DatasetSource
 
@@ -43,6 +52,12 @@ SUFFIXES = (".png", ".jpg", ".jpeg")
 class SourceImage:
     ref: str  # the image within its source: file name, VOC/COCO image id, or dataset sample id
     classes: tuple[str, ...]  # canonical names, in vocabulary order
+    content: str = ""  # a folder file's sha256; a VOC/COCO image or a dataset's sample is fixed by its ref
+
+    @property
+    def identity(self) -> str:
+        """What the image is, wherever it sorts: its ref, and a folder file's content."""
+        return f"{self.ref}:{self.content}" if self.content else self.ref
 
 
 @dataclass
@@ -50,6 +65,17 @@ class ImageListing:
     """A recipe's real images, sorted by ref: the plan's entries."""
     images: list[SourceImage]
     skipped: dict[str, int] = field(default_factory=dict)  # images left out of the plan, by reason
+    ignored: list[str] = field(default_factory=list)  # a folder's files that are not .png/.jpg/.jpeg
+
+    def warnings(self, images: str) -> list[str]:
+        """One line per kind of thing left out of the plan."""
+        lines = []
+        if self.skipped:
+            lines.append(f"{images}: left out of the plan: "
+                         f"{', '.join(f'{n} images with {why}' for why, n in self.skipped.items())}")
+        if self.ignored:
+            lines.append(f"{images}: skipped {_ignored(self.ignored)}")
+        return lines
 
 
 @dataclass
@@ -62,12 +88,14 @@ class ImageReader:
     def has_masks(self) -> bool:
         return self.config.format != "folder"
 
-    def load(self, refs: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """(N, H, W, 3) uint8 images resized to `size` (bilinear) and, with masks, (N, H, W) uint8
-        label maps (nearest)."""
-        pairs = [_resized(image, label, size) for image, label in self._read(refs)]
+    def load(self, refs: Sequence[str], size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """(N, H, W, 3) uint8 images fitted to `size` by ``source.resize`` (bilinear), with masks
+        (N, H, W) uint8 label maps (nearest), and (N, 2) the images' original (height, width)."""
+        read = self._read(refs)
+        original = np.array([image.shape[:2] for image, _ in read], np.int64)
+        pairs = [fit_image(image, label, size, self.config.resize) for image, label in read]
         images = np.stack([image for image, _ in pairs])
-        return images, (np.stack([label for _, label in pairs]) if self.has_masks else None)
+        return images, (np.stack([label for _, label in pairs]) if self.has_masks else None), original
 
     def _read(self, refs: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray | None]]:
         if self.config.format == "folder":
@@ -100,8 +128,9 @@ def open_images(recipe: Recipe, selected: list[str], vocabulary: Vocabulary) -> 
     RecipeError (one line) when the source cannot be read, holds no image, or names an unknown class."""
     c = recipe.source
     try:
+        into_source = _check_output(recipe)
         if c.format == "folder":
-            return ImageListing(_folder_images(c, selected, vocabulary))
+            return _folder_images(c, selected, vocabulary, skip={PREVIEW_FILE} if into_source else set())
         if c.format == "dataset":
             source = DatasetSource.open(c.images)
             if source.vocabulary != vocabulary:
@@ -134,59 +163,137 @@ def open_images(recipe: Recipe, selected: list[str], vocabulary: Vocabulary) -> 
     return ImageListing(images, skipped)
 
 
-def _folder_images(c: SourceConfig, selected: list[str], vocabulary: Vocabulary) -> list[SourceImage]:
+def _check_output(recipe: Recipe) -> bool:
+    """Whether the output is the source folder itself (allowed only for a build of this recipe there
+    already); RecipeError when it is that folder or inside it otherwise."""
+    images, out = open_location(recipe.source.images), open_location(recipe.output)
+    if type(images.fs) is not type(out.fs) or not (out.root + "/").startswith(images.root + "/"):
+        return False
+    if out.exists(BUILD_FILE) and json.loads(out.read_bytes(BUILD_FILE)).get("content_key") == recipe.content_key():
+        return out.root == images.root
+    where = "is" if out.root == images.root else "is inside"
+    raise RecipeError(f"output {recipe.output} {where} source.images {recipe.source.images}: write the dataset "
+                      f"to another folder (--out)")
+
+
+def _folder_images(c: SourceConfig, selected: list[str], vocabulary: Vocabulary, skip: set[str]) -> ImageListing:
     location = open_location(c.images)
-    infos = location.fs.get_file_info(pafs.FileSelector(location.root, allow_not_found=True))
-    files = sorted(info.base_name for info in infos if info.type == pafs.FileType.File
-                   and info.base_name.lower().endswith(SUFFIXES) and not info.base_name.startswith("."))
+    kind = location.fs.get_file_info(location.root).type
+    if kind == pafs.FileType.NotFound:
+        raise RecipeError(f"source.images {c.images} not found")
+    if kind != pafs.FileType.Directory:
+        raise RecipeError(f"source.images {c.images} is a file; name the folder that holds the images")
+    infos = location.fs.get_file_info(pafs.FileSelector(location.root))
+    names = sorted(info.base_name for info in infos if info.type == pafs.FileType.File
+                   and not info.base_name.startswith(".") and info.base_name not in skip)
+    files = [name for name in names if name.lower().endswith(SUFFIXES)]
+    ignored = [name for name in names if not name.lower().endswith(SUFFIXES)]
     if not files:
-        raise RecipeError(f"no images in {c.images} ({', '.join(SUFFIXES)} files directly inside it)")
+        raise RecipeError(f"no images in {c.images} ({', '.join(SUFFIXES)} files directly inside it"
+                          + (f"; skipped {_ignored(ignored)})" if ignored else ")"))
     if c.classes_file:
-        folder, file_name = split_file_uri(c.classes_file)
-        named = json.loads(open_location(folder).read_bytes(file_name))
-        if not isinstance(named, dict):
-            raise ValueError(f"{c.classes_file}: expected a JSON object {{image file name: [class names]}}")
-        missing = [name for name in files if name not in named]
+        classes, lines = _classes_file(c.classes_file)
+        missing = [name for name in files if name not in classes]
         if missing:
             raise RecipeError(f"{len(missing)} images have no entry in {c.classes_file} (first: {missing[0]})")
-        classes = {name: named[name] for name in files}
     else:
         if len(selected) > MAX_CLASSES:
             raise RecipeError(f"{len(selected)} classes for every image; a sample holds at most {MAX_CLASSES}: "
                               f"narrow classes, or name each image's in source.classes_file")
-        classes = dict.fromkeys(files, selected)
+        classes, lines = dict.fromkeys(files, selected), {}
     with ThreadPoolExecutor(16) as pool:  # decode every file now, not halfway through the build
-        failures = [f for f in pool.map(lambda name: _unreadable(location, name), files) if f]
+        read = list(pool.map(lambda name: _content(location, name), files))
+    failures = [failure for _, failure in read if failure]
     if failures:
         raise RecipeError(f"{len(failures)} of {len(files)} images cannot be read; first: {failures[0]}")
     images = []
-    for name in files:
+    for name, (content, _) in zip(files, read):
+        where = f"{c.classes_file}:{lines[name]}: {name}" if name in lines else f"{c.classes_file}: {name}"
         if not classes[name]:
-            raise RecipeError(f"{c.classes_file}: {name} names no class")
+            raise RecipeError(f"{where} names no class")
         try:
             indices = sorted({vocabulary.lookup(word).index for word in classes[name]})
         except UnknownClassError as exc:
-            raise RecipeError(f"{c.classes_file}: {name}: {exc}") from None
+            raise RecipeError(f"{where}: {exc}") from None
         if len(indices) > MAX_CLASSES:
-            raise RecipeError(f"{c.classes_file}: {name} names {len(indices)} classes; at most {MAX_CLASSES}")
-        images.append(SourceImage(name, tuple(vocabulary.classes[i - 1].name for i in indices)))
-    return images
+            raise RecipeError(f"{where} names {len(indices)} classes; at most {MAX_CLASSES}")
+        images.append(SourceImage(name, tuple(vocabulary.classes[i - 1].name for i in indices), content))
+    return ImageListing(images, ignored=ignored)
 
 
-def _unreadable(location, name: str) -> str | None:
+def _ignored(names: list[str]) -> str:
+    """'3 files not read as images (2 .gif, 1 .webp): a.gif, b.gif, c.webp'; at most 5 named."""
+    extensions = Counter(name.rpartition(".")[2].lower() if "." in name else "(none)" for name in names)
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return (f"{len(names)} files not read as images ({', '.join(f'{n} .{ext}' for ext, n in extensions.items())}; "
+            f"only {', '.join(SUFFIXES)} are): {shown}")
+
+
+def _classes_file(uri: str) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """{image file name: [class names]} from a JSON classes file, and the line of each entry;
+    RecipeError naming the file (and line) otherwise."""
     try:
-        decode_image({"bytes": location.read_bytes(name)})
+        folder, name = split_file_uri(uri)
+        location = open_location(folder)
+        if not location.exists(name):
+            raise RecipeError(f"classes file {uri} not found")
+        text = location.read_bytes(name).decode()
+    except (OSError, StorageError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"cannot read classes file {uri}: {first_line(exc)}") from None
+    try:
+        named = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{uri}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if not isinstance(named, dict):
+        raise RecipeError(f"{uri}: expected a JSON object {{image file name: [class names]}}, "
+                          f"found a {type(named).__name__}")
+    lines = {}
+    for image, value in named.items():
+        # The entry's line: where its key first stands before a colon (a duplicate key's last value wins).
+        found = re.search(re.escape(json.dumps(image, ensure_ascii=False)) + r"\s*:", text)
+        if found:
+            lines[image] = text.count("\n", 0, found.start()) + 1
+        if not isinstance(value, list) or not all(isinstance(word, str) for word in value):
+            where = f"{uri}:{lines[image]}" if image in lines else uri
+            raise RecipeError(f"{where}: {image}: expected a list of class names, found {json.dumps(value)[:60]}")
+    return named, lines
+
+
+def _content(location, name: str) -> tuple[str, str | None]:
+    """(sha256 of the file, "") or ("", why it cannot be read as an image)."""
+    try:
+        data = location.read_bytes(name)
+        decode_image({"bytes": data})
     except (OSError, ValueError, StorageError) as exc:
-        return f"{location.url(name)}: {first_line(exc)}"
-    return None
+        return "", f"{location.url(name)}: {first_line(exc)}"
+    return hashlib.sha256(data).hexdigest(), None
 
 
-def _resized(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int]):
+def fit_image(image: np.ndarray, label: np.ndarray | None, size: tuple[int, int], resize: str = "squash"):
+    """`image` (bilinear) and its `label` (nearest) at `size` (height, width): 'squash' resizes them
+    whole, 'crop' cuts the centre at the target's aspect ratio first, 'pad' fits them whole inside
+    and fills the rest with black (label 255, ignore)."""
     height, width = size
-    if image.shape[:2] != (height, width):
-        image = np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image, label
+    box, inner = None, (width, height)
+    if resize == "crop":
+        scale = max(height / h, width / w)
+        dh, dw = (h - height / scale) / 2, (w - width / scale) / 2
+        box = (dw, dh, w - dw, h - dh)
+    elif resize == "pad":
+        scale = min(height / h, width / w)
+        inner = (max(1, round(w * scale)), max(1, round(h * scale)))
+    image = np.array(Image.fromarray(image).resize(inner, Image.Resampling.BILINEAR, box=box))
+    if label is not None:
+        label = np.array(Image.fromarray(label).resize(inner, Image.Resampling.NEAREST, box=box))
+    if resize == "pad":
+        top, left = (height - inner[1]) // 2, (width - inner[0]) // 2
+        image = np.pad(image, ((top, height - inner[1] - top), (left, width - inner[0] - left), (0, 0)))
         if label is not None:
-            label = np.array(Image.fromarray(label).resize((width, height), Image.Resampling.NEAREST))
+            label = np.pad(label, ((top, height - inner[1] - top), (left, width - inner[0] - left)),
+                           constant_values=IGNORE)
     return image, label
 
 

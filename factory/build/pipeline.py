@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
@@ -21,13 +22,14 @@ from importlib import metadata
 import numpy as np
 import pyarrow.parquet as pq
 import ray
+from tqdm import tqdm
 
 from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, open_followed, plan_batch, plan_digest
 from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig, Recipe
-from factory.core.cluster import actor_resources, cluster_gpus
+from factory.core.cluster import actor_resources, cluster_gpus, init_ray
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
 from factory.core.errors import FactoryError
-from factory.core.loading import pipeline_failure
+from factory.core.loading import ModelLoadError, pipeline_failure
 from factory.core.storage import (
     Location,
     StorageError,
@@ -61,6 +63,7 @@ class Prepared:
     location: Location
     notes: list[str] = field(default_factory=list)  # what the user should know before the run
     follows: dict | None = None  # the followed dataset (recipe.follow), as the manifest records it
+    claimed: bool = False  # build.json is this run's: a model-load failure before any commit takes it back
 
 
 @dataclass
@@ -111,7 +114,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     Writing build.json last proves write access before any GPU time is spent.
     """
     plan = build_plan(recipe)
-    notes, follows = [], None
+    notes, follows = recipe.notes, None
     if recipe.follow is not None:  # its plan is the followed set's samples, never more than num_samples
         followed = open_followed(recipe.follow).manifest
         follows = {"dataset": recipe.follow, "name": followed["name"], "content_key": followed["content_key"]}
@@ -129,7 +132,8 @@ def prepare_build(recipe: Recipe) -> Prepared:
         _check_labeler(recipe.agreement.labeler)
     build = {"content_key": recipe.content_key(), "recipe": recipe.model_dump(mode="json")}
     try:
-        if location.exists(BUILD_FILE):
+        claimed = not location.exists(BUILD_FILE)
+        if not claimed:
             previous = json.loads(location.read_bytes(BUILD_FILE))
             if previous["content_key"] != build["content_key"]:
                 raise BuildError(f"{recipe.output} holds a dataset of a different recipe "
@@ -141,6 +145,10 @@ def prepare_build(recipe: Recipe) -> Prepared:
             build = previous  # keep the first run's record; num_samples etc. may differ now
             planned = {s.sample_id for s in all_attempts(plan, recipe)}
             outside = sum(1 for c in read_commits(location) for i in (*c.written, *c.dropped) if i not in planned)
+            if outside and recipe.source.enabled:  # an image's id is its name and content
+                raise BuildError(f"{recipe.output} holds {outside} samples of images no longer in "
+                                 f"{recipe.source.images} (removed, renamed or changed since); restore them, or "
+                                 f"write to another --out")
             if outside:
                 raise BuildError(f"{recipe.output} holds {outside} samples outside this plan (were num_samples "
                                  f"or attempts larger before?); use the same or larger --num-samples and --attempts")
@@ -148,7 +156,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     except OSError as exc:
         what = "no permission to write to" if access_refused(exc) else "cannot write to"
         raise StorageError(f"{what} {recipe.output}: {first_line(exc)}") from None
-    return Prepared(recipe, plan, location, notes, follows)
+    return Prepared(recipe, plan, location, notes, follows, claimed)
 
 
 def _check_annotator(recipe: Recipe) -> list[str]:
@@ -160,6 +168,7 @@ def _check_annotator(recipe: Recipe) -> list[str]:
     from factory.core.checkpoints import CheckpointError
     from grounding.checkpoint import (
         check_generation,
+        classes_seen,
         generation_record,
         read_grounding_metadata,
         training_generation,
@@ -178,7 +187,8 @@ def _check_annotator(recipe: Recipe) -> list[str]:
         raise BuildError(f"grounding checkpoint {uri} reads features this build does not make: "
                          f"{'; '.join(features)} (its training data vs this recipe)")
     if recipe.split is not None:
-        shown = sorted(set(metadata["classes"]) & set(get_vocabulary(recipe.vocabulary).unseen(recipe.split)))
+        vocabulary = get_vocabulary(recipe.vocabulary)
+        shown = sorted(set(classes_seen(metadata, vocabulary)) & set(vocabulary.unseen(recipe.split)))
         if shown:
             raise BuildError(f"grounding checkpoint {uri} was trained on {', '.join(shown)}, unseen classes of "
                              f"split {recipe.split}, which this dataset is declared for; annotate with a module "
@@ -385,12 +395,13 @@ def write_concurrency(gpus: int) -> int:
 
 def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
                    stages: list[StageSpec] | None = None, models: dict[str, str] | None = None,
-                   actor: type = ModelActor) -> list[Commit]:
+                   actor: type = ModelActor, on_commit: Callable[[Commit], None] | None = None) -> list[Commit]:
     """The Ray Data pipeline over the samples still to make; returns their commits.
 
     One pool of model actors (``stages``, default ``model_stages(recipe)``, then encoding),
     then write tasks. ``models`` names the models in the rows (default ``model_ids(recipe)``);
     ``actor``: a ModelActor subclass (bench/scaling.py's holds its encoding as time).
+    ``on_commit``: called with each commit as its part is written (the progress bar).
     """
     gen, writer, pool = recipe.generator, recipe.writer, recipe.pool
     rows = [s.row() for s in todo]
@@ -405,14 +416,21 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
                         **_accelerator_resources(recipe))
     # A part's write takes a fraction of the time its batches took to make, so a few writes in flight
     # keep up with many GPUs; unbounded, Ray Data runs one per free CPU and each starts a worker process.
+    parts = -(-len(rows) // writer.rows_per_file)  # more writers than parts would have nothing to do
     ds = ds.map_batches(write_part, fn_kwargs={"out": out, "metadata": metadata},
                         batch_size=writer.rows_per_file, batch_format="pyarrow", num_cpus=0.5,
-                        compute=ray.data.TaskPoolStrategy(size=write_concurrency(pool.max_size)))
-    return [Commit.from_json(row["commit"].encode()) for row in ds.iter_rows()]
+                        compute=ray.data.TaskPoolStrategy(size=min(parts, write_concurrency(pool.max_size))))
+    commits = []
+    for row in ds.iter_rows():
+        commits.append(Commit.from_json(row["commit"].encode()))
+        if on_commit:
+            on_commit(commits[-1])
+    return commits
 
 
 def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes], *,
-                      stages: list[StageSpec] | None = None, models: dict[str, str] | None = None) -> list[Commit]:
+                      stages: list[StageSpec] | None = None, models: dict[str, str] | None = None,
+                      on_commit: Callable[[Commit], None] | None = None) -> list[Commit]:
     """What ``stream_samples`` does, in this process and one part at a time, without Ray: for
     small sets made on one machine (the procedural source), where a Ray actor's one CPU would
     halve the torch threads. The same model actor, encoding and part writer."""
@@ -423,22 +441,43 @@ def make_samples_here(recipe: Recipe, todo: list[Sample], out: str, metadata: di
         batch = plan_batch(todo[start:start + recipe.writer.rows_per_file])
         commit = write_part(actor(batch), out=out, metadata=metadata).column("commit")[0].as_py()
         commits.append(Commit.from_json(commit.encode()))
+        if on_commit:
+            on_commit(commits[-1])
     return commits
 
 
-def _make(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[bytes, bytes],
-          stages: list[StageSpec] | None, models: dict[str, str], in_process: bool) -> list[Commit]:
+def _make(prepared: Prepared, todo: list[Sample], metadata: dict[bytes, bytes],
+          stages: list[StageSpec] | None, models: dict[str, str], in_process: bool,
+          on_commit: Callable[[Commit], None]) -> list[Commit]:
     """One round of samples, here or through Ray; their commits."""
-    if in_process:
-        return make_samples_here(recipe, todo, out, metadata, stages=stages, models=models)
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    recipe, out = prepared.recipe, prepared.location.uri
     try:
-        return stream_samples(recipe, todo, out, metadata, stages=stages, models=models)
+        if in_process:
+            return make_samples_here(recipe, todo, out, metadata, stages=stages, models=models, on_commit=on_commit)
+        init_ray()
+        return stream_samples(recipe, todo, out, metadata, stages=stages, models=models, on_commit=on_commit)
     except Exception as exc:  # a model that would not load, or storage that failed beyond its retries
-        cause = pipeline_failure(exc)
+        cause = exc if isinstance(exc, ModelLoadError) else pipeline_failure(exc)
         if cause is None:
             raise
+        if isinstance(cause, ModelLoadError):  # the same command would fail again: the fix is the recipe's
+            _release(prepared)
+            raise cause from None
         raise BuildError(f"{cause} (committed parts are kept; the same command resumes)") from None
+
+
+def _release(prepared: Prepared) -> None:
+    """Takes back the build.json this run wrote while nothing is committed, so that a corrected
+    recipe (another content key) may build into the same output."""
+    if prepared.claimed and not read_commits(prepared.location):
+        prepared.location.delete(BUILD_FILE)
+
+
+def _settles(bar: tqdm, todo: list[Sample], tries: int) -> Callable[[Commit], None]:
+    """Advances `bar` by the plan entries a commit of this round settles: each sample kept, and
+    each dropped on its entry's last attempt."""
+    last = {sample.sample_id for sample in todo if sample.attempt + 1 >= tries}
+    return lambda commit: bar.update(len(commit.written) + sum(i in last for i in commit.dropped))
 
 
 def _labeler_id(recipe: Recipe) -> str:
@@ -584,8 +623,8 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
 
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
     every class it labels, and a real image's own masks annotate every class; the grounding
-    annotator knows only its checkpoint's classes; DAAM, which reads the generator's attention
-    and trains nothing, none. A second labeler that acts on the labels (``agreement.min_iou`` > 0)
+    annotator knows only its checkpoint's classes (matched by their words, ``classes_seen``);
+    DAAM, which reads the generator's attention and trains nothing, none. A second labeler that acts on the labels (``agreement.min_iou`` > 0)
     chose which labels were kept with its knowledge of every class (a Mask R-CNN oracle, or an
     open-vocabulary model trained on the web), so it counts as trained on all of them. Protocol-II
     reads this, and where each image's class list came from (``class_lists``), to refuse a
@@ -593,10 +632,13 @@ def label_provenance(recipe: Recipe, labeler: str) -> dict:
     """
     names = get_vocabulary(recipe.vocabulary).names
     if recipe.annotator.checkpoint:
-        from grounding.checkpoint import read_grounding_metadata  # only annotating builds need it
+        from grounding.checkpoint import classes_seen, read_grounding_metadata  # only annotating builds need it
 
         metadata = read_grounding_metadata(recipe.annotator.checkpoint)
-        trained, kind, split = set(metadata["classes"]), "annotator", metadata["split"]
+        vocabulary = get_vocabulary(recipe.vocabulary)
+        trained, kind = set(classes_seen(metadata, vocabulary)), "annotator"
+        # a split of another vocabulary (a user's classes drawn as the module's) says nothing of this one's
+        split = metadata["split"] if metadata.get("vocabulary", {}).get("name", vocabulary.name) == vocabulary.name else None
     elif recipe.annotator.daam:
         trained, kind, split = set(), "daam", None
     elif recipe.source.enabled:
@@ -673,13 +715,23 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
     resumed = len(made)
     metadata = {b"dataset-factory": json.dumps({"recipe": recipe.name, "content_key": recipe.content_key()}).encode()}
     new: list[Commit] = []
-    # Rounds: the entries' first samples, then replacements of those dropped, until none is due.
-    while todo := next_attempts(plan, recipe, made):
-        if todo[0].attempt or new:
-            logger.info(f"replacing {len(todo)} dropped samples with their entries' next attempts")
-        made_now = _make(recipe, todo, location.uri, metadata, stages, models, in_process)
-        made |= outcomes(made_now)
-        new += made_now
+    # One bar over every round: plan entries settled (a sample kept, or every attempt dropped).
+    with tqdm(total=len(plan), initial=len(plan) - len(next_attempts(plan, recipe, made)), desc="samples",
+              unit="sample", dynamic_ncols=True) as bar:
+        try:
+            # Rounds: the entries' first samples, then replacements of those dropped, until none is due.
+            while todo := next_attempts(plan, recipe, made):
+                if todo[0].attempt or new:
+                    logger.info(f"replacing {len(todo)} dropped samples with their entries' next attempts")
+                made_now = _make(prepared, todo, metadata, stages, models, in_process,
+                                 on_commit=_settles(bar, todo, recipe.tries))
+                made |= outcomes(made_now)
+                new += made_now
+        except KeyboardInterrupt:
+            ray.shutdown()  # now: the errors of actors stopped mid-call would print after the job's last line
+            written = sum(len(commit.written) for commit in read_commits(location))
+            raise KeyboardInterrupt(f"{written} of {len(plan)} planned samples are committed to {location.uri}; "
+                                    f"the same command resumes") from None
     commits += new
     _check_complete(prepared, outcomes(commits))
     manifest = build_manifest(prepared, commits, models)

@@ -47,8 +47,10 @@ class ImageStage:
         start = time.perf_counter()
         g, n = self.generator, len(batch["sample_id"])
         prompts, words = list(batch["prompt"]), [list(w) for w in batch["class_words"]]
-        # 1. Read: the images at the generator's size, and their label maps where the source has them.
-        images, label_maps = self.reader.load(list(batch["source_image"]), (g.height, g.width))
+        # 1. Read: the images fitted to the generator's size (source.resize), their label maps where the
+        # source has them, and their sizes before, which the rows record.
+        images, label_maps, original = self.reader.load(list(batch["source_image"]), (g.height, g.width))
+        batch["source_height"], batch["source_width"] = original[:, 0], original[:, 1]
         # 2. Into the U-Net: the features at the capture step, by the recipe's route.
         got = image_features(self.pipe, images, prompts, list(batch["seed"]), route=self.source.route,
                              steps=g.steps, remaining=self.remaining)

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator, model_validator
 
 from factory.core.conventions import TINY
 from factory.core.options import (
@@ -262,6 +262,10 @@ class SourceConfig(_Section):
         "inversion", description="'inversion': DDIM-invert the image under its prompt (guidance 1, generator.steps), "
         "regenerate, capture (000, C.3; 2 x steps U-Net calls); 'noised': one U-Net call on the VAE latent noised "
         "to the capture step (fast, as ODISE, 004)")
+    resize: Literal["squash", "crop", "pad"] = Field(
+        "squash", description="how an image of another shape meets the generator's size: 'squash' (default) resizes "
+        "it whole, stretching it; 'crop' keeps its centre at its own aspect ratio; 'pad' fits it whole and fills the "
+        "rest with black (255, ignore, in its masks); each row records the original size")
 
     @property
     def enabled(self) -> bool:
@@ -321,6 +325,7 @@ class Recipe(_Section):
     pool: PoolConfig = PoolConfig()
     fast: FastConfig = FastConfig()
     writer: WriterConfig = WriterConfig()
+    _notes: list[str] = PrivateAttr(default_factory=list)  # see `notes`
 
     @field_validator("classes", mode="before")
     @classmethod
@@ -368,11 +373,23 @@ class Recipe(_Section):
     @classmethod
     def _known_split(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is not None and "vocabulary" in info.data:
-            get_vocabulary(info.data["vocabulary"]).unseen(value)  # one line naming the valid splits
+            vocabulary = get_vocabulary(info.data["vocabulary"])
+            if vocabulary.unseen_splits:  # a vocabulary without splits: `_consistent` drops it
+                vocabulary.unseen(value)  # one line naming the valid splits
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":
+        vocabulary = get_vocabulary(self.vocabulary)
+        if self.classes in ("seen", "unseen") and not vocabulary.unseen_splits:
+            raise ValueError(f"classes: {self.classes} needs seen/unseen splits, and vocabulary {vocabulary.name} "
+                             f"has none (its file's unseen)")
+        if self.split is not None and not vocabulary.unseen_splits:
+            # A recipe's split (the default's is 1) applies where the vocabulary has splits: your own
+            # classes build under any recipe, and the dataset declares no split.
+            self._notes.append(f"split {self.split} does not apply: vocabulary {vocabulary.name} has no seen/unseen "
+                               f"splits, so this dataset is declared for none")
+            self.split = None  # validated again, now without it
         if self.classes in ("seen", "unseen") and self.split is None:
             raise ValueError(f"classes: {self.classes} needs split (1-3)")
         if self.per_class == 0 and self.per_pair == 0:
@@ -431,11 +448,22 @@ class Recipe(_Section):
 
     def _check_detectable(self) -> None:
         vocabulary = get_vocabulary(self.vocabulary)
+        knows = "shapes" if self.labeler.model == SMALL else "coco"  # the tiny model's random head fits either
+        if self.labeler.model != TINY and vocabulary.detector_space != knows:
+            raise ValueError(f"labeler {self.labeler.model} detects {knows} classes, and vocabulary {vocabulary.name}'s "
+                             f"detector names {vocabulary.detector_space} classes: set the vocabulary's detector to "
+                             f"{knows} and name its classes, or use an oracle of {vocabulary.detector_space} "
+                             f"({'maskrcnn_small, the mini world' if knows == 'coco' else 'a COCO Mask R-CNN'})")
         blind = [name for name in self.selected_classes if not vocabulary.lookup(name).coco_id]
         if blind:
             raise ValueError(f"the {self.labeler.model} oracle has no class for {', '.join(blind)} (vocabulary "
                              f"{vocabulary.name} names no detector class): label them with labeler.model "
                              f"open_vocabulary or annotator.checkpoint")
+
+    @property
+    def notes(self) -> list[str]:
+        """What validation changed that the user should know (the build prints each)."""
+        return list(self._notes)
 
     @property
     def selected_classes(self) -> list[str]:

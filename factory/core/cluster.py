@@ -1,11 +1,35 @@
-"""Ray plumbing the jobs share: what a model actor asks for, and actor pools over fixed batches."""
+"""Ray plumbing the jobs share: joining a cluster quietly, what a model actor asks for, and actor pools
+over fixed batches."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import ray
+
+_verbose = False  # set by a job's --verbose (show_library_output); read where Ray starts
+
+
+def show_library_output(verbose: bool) -> None:
+    """Ray's and Ray Data's own output on (``--verbose``) or off: their start-up lines, per-operator
+    progress lines, execution logs and warnings, and what workers print. Off, a build shows its own
+    progress bar, and errors still arrive as exceptions."""
+    global _verbose
+    _verbose = verbose
+    if not verbose:  # e.g. Ray Data's "the operator only received 1 input(s)" advice
+        warnings.filterwarnings("ignore", module=r"ray\.")
+
+
+def init_ray() -> None:
+    """Join the cluster (RAY_ADDRESS, or a running local one) or start a local one, once per process."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.ERROR)
+    ray.data.DataContext.get_current().enable_progress_bars = _verbose
+    # After Ray Data's import (the line above), which sets its loggers' levels as it configures them.
+    logging.getLogger("ray.data").setLevel(logging.INFO if _verbose else logging.ERROR)
 
 
 def cluster_gpus() -> int:
@@ -32,7 +56,7 @@ def map_positions(stage: type, kwargs: dict, batches: list[list[int]], num_worke
     The batches are fixed by the caller, so a result made of exact counts per batch does not
     depend on the worker count or the order the batches finish in.
     """
-    ray.init(ignore_reinit_error=True, log_to_driver=False)
+    init_ray()
     gpus = cluster_gpus()
     workers = min(num_workers or max(1, gpus), len(batches))
     ds = ray.data.from_items([{"positions": p} for p in batches], override_num_blocks=len(batches))

@@ -20,12 +20,12 @@ import json
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from factory.core.conventions import IGNORE
-from factory.core.storage import open_location, split_file_uri
+from factory.core.storage import first_line, open_location, split_file_uri
 
 # Official COCO category ids and names (80 classes; the ids have gaps up to 90).
 # torchvision's COCO detectors predict these ids as labels.
@@ -82,6 +82,18 @@ _COCO_NATURAL = {"tv": "tv monitor"}
 
 class UnknownClassError(ValueError):
     """A class name that the vocabulary does not know."""
+
+
+class VocabularyError(ValueError):
+    """A vocabulary definition that cannot be used; the message is one line. ``at`` is where in the
+    definition (("classes", 0, "natural"), ("unseen", 1), ...), so that a file's reader names the line."""
+
+    def __init__(self, message: str, at: tuple = ()):
+        super().__init__(message)
+        self.at = at
+
+
+RESERVED = ("background", "ignore")  # label 0 and 255: every label map's, never a class's
 
 
 @dataclass(frozen=True)
@@ -151,6 +163,8 @@ class Vocabulary:
         return self.classes[index - 1]
 
     def unseen(self, split: int) -> tuple[str, ...]:
+        if not self.unseen_splits:
+            raise ValueError(f"vocabulary {self.name} has no seen/unseen splits (its file names no unseen classes)")
         if split not in range(1, len(self.unseen_splits) + 1):
             valid = ", ".join(str(k) for k in range(1, len(self.unseen_splits) + 1))
             raise ValueError(f"unknown split {split!r} for vocabulary {self.name} "
@@ -264,36 +278,87 @@ def read_vocabulary(name_or_file: str) -> Vocabulary:
 
 
 def read_vocabulary_file(name: str, data: bytes) -> dict[str, Any]:
-    """A vocabulary file's definition: YAML (the layout of ``Vocabulary.definition``, most keys
-    optional) or TSV (a header naming the columns name, natural, synonyms, index, detector,
-    unseen; list cells comma-separated; the vocabulary is named after the file)."""
+    """A vocabulary file's definition, checked: YAML (the layout of ``Vocabulary.definition``, most
+    keys optional) or TSV (a header naming the columns name, natural, synonyms, index, detector,
+    unseen; list cells comma-separated; the vocabulary is named after the file; lines before the
+    header that start with # are comments, and `# detector: shapes` names the detector's classes).
+    An error is one line naming the file, and the line where it has one."""
     text = data.decode()
-    if name.endswith(".tsv"):
-        rows = list(csv.DictReader(io.StringIO(text), delimiter="\t"))
-        unknown = sorted(set(rows[0] if rows else []) - {"name", "natural", "synonyms", "index", "detector", "unseen"})
-        if unknown:
-            raise ValueError(f"{name}: unknown columns {unknown} (name, natural, synonyms, index, detector, unseen)")
-        classes, unseen = [], {}
-        for row in rows:
-            entry = {key: value.strip() for key, value in row.items() if value and value.strip()}
-            for field in ("synonyms", "unseen"):
-                entry[field] = [v.strip() for v in entry.get(field, "").split(",") if v.strip()]
-            for split in entry.pop("unseen"):
-                if not split.isdigit() or int(split) < 1:
-                    raise ValueError(f"{name}: unseen split {split!r} of class {entry.get('name')} is not 1, 2, ...")
-                unseen.setdefault(int(split), []).append(entry.get("name"))
-            if "index" in entry:
-                entry["index"] = int(entry["index"]) if entry["index"].isdigit() else entry["index"]
-            classes.append(entry)
-        return {"name": Path(name).stem, "classes": classes,
-                "unseen": [unseen.get(k, []) for k in range(1, max(unseen, default=0) + 1)]}
+    definition, line_of = _read_tsv(name, text) if name.endswith(".tsv") else _read_yaml(name, text)
+    try:
+        define_vocabulary(definition)
+    except VocabularyError as exc:
+        line = line_of(exc.at)
+        raise VocabularyError(f"{name}:{line}: {exc}" if line else f"{name}: {exc}") from None
+    return definition
+
+
+def _read_tsv(name: str, text: str) -> tuple[dict[str, Any], Callable[[tuple], int | None]]:
+    lines = text.splitlines()
+    definition: dict[str, Any] = {"name": Path(name).stem}
+    comments = 0
+    while comments < len(lines) and lines[comments].startswith("#"):
+        key, colon, value = lines[comments].lstrip("# ").partition(":")
+        if colon and key.strip() == "detector":
+            definition["detector"] = value.strip()
+        comments += 1
+    reader = csv.DictReader(io.StringIO("\n".join(lines[comments:])), delimiter="\t")
+    unknown = sorted(set(reader.fieldnames or []) - {"name", "natural", "synonyms", "index", "detector", "unseen"})
+    if unknown:
+        raise VocabularyError(f"{name}:{comments + 1}: unknown columns {unknown} (name, natural, synonyms, index, "
+                              f"detector, unseen)")
+    classes, rows, unseen = [], [], {}
+    for row in reader:
+        line = comments + reader.line_num
+        if None in row:
+            raise VocabularyError(f"{name}:{line}: more cells than the header's {len(reader.fieldnames)} columns "
+                                  f"(cells are separated by tabs)")
+        entry = {key: value.strip() for key, value in row.items() if value and value.strip()}
+        for field in ("synonyms", "unseen"):
+            entry[field] = [v.strip() for v in entry.get(field, "").split(",") if v.strip()]
+        for split in entry.pop("unseen"):
+            if not split.isdigit() or int(split) < 1:
+                raise VocabularyError(f"{name}:{line}: unseen split {split!r} of class {entry.get('name')} is not "
+                                      f"1, 2, ...")
+            unseen.setdefault(int(split), []).append(entry.get("name"))
+        if "index" in entry:
+            entry["index"] = int(entry["index"]) if entry["index"].isdigit() else entry["index"]
+        classes.append(entry)
+        rows.append(line)
+    definition.update(classes=classes, unseen=[unseen.get(k, []) for k in range(1, max(unseen, default=0) + 1)])
+
+    def line_of(at: tuple) -> int | None:  # a class's row; the splits are the rows' unseen cells
+        return rows[at[1]] if at[:1] == ("classes",) and len(at) > 1 and at[1] < len(rows) else None
+
+    return definition, line_of
+
+
+def _read_yaml(name: str, text: str) -> tuple[dict[str, Any], Callable[[tuple], int | None]]:
     try:
         definition = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{name}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{name}:{mark.line + 1}" if mark else name
+        raise VocabularyError(f"{where}: not valid YAML: {getattr(exc, 'problem', None) or first_line(exc)}") from None
     if not isinstance(definition, dict):
-        raise ValueError(f"{name}: a vocabulary file is a mapping with name and classes")
-    return definition
+        raise VocabularyError(f"{name}: a vocabulary file is a mapping with name and classes")
+
+    def line_of(at: tuple) -> int | None:
+        """The line of the deepest node on the path ``at`` (keys and list positions)."""
+        node, line = yaml.compose(text), None
+        for step in at:
+            if isinstance(node, yaml.MappingNode):
+                found = [(key, value) for key, value in node.value if key.value == step]
+                node = found[0][1] if found else None
+                line = found[0][0].start_mark.line + 1 if found else line
+            elif isinstance(node, yaml.SequenceNode) and isinstance(step, int) and step < len(node.value):
+                node = node.value[step]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return line
+
+    return definition, line_of
 
 
 def define_vocabulary(definition: dict[str, Any]) -> Vocabulary:
@@ -306,70 +371,118 @@ def _from_definition(text: str) -> Vocabulary:
     d = json.loads(text)
     name = d.get("name")
     if not isinstance(name, str) or not name.strip():
-        raise ValueError("a vocabulary needs a name")
+        raise VocabularyError("a vocabulary needs a name", ("name",))
     if name.lower() in VOCABULARIES:
-        raise ValueError(f"vocabulary name {name!r} is a built-in vocabulary's; name yours otherwise")
+        raise VocabularyError(f"vocabulary name {name!r} is a built-in vocabulary's; name yours otherwise", ("name",))
     unknown = sorted(set(d) - {"name", "detector", "classes", "unseen", "pairs"})
     if unknown:
-        raise ValueError(f"vocabulary {name}: unknown keys {unknown} (name, detector, classes, unseen, pairs)")
+        raise VocabularyError(f"vocabulary {name}: unknown keys {unknown} (name, detector, classes, unseen, pairs)",
+                              (unknown[0],))
     space = d.get("detector") or "coco"
     if space not in ("coco", "shapes"):
-        raise ValueError(f"vocabulary {name}: detector {space!r} is not coco or shapes")
+        raise VocabularyError(f"vocabulary {name}: detector {space!r} is not coco or shapes", ("detector",))
     entries = d.get("classes") or []
     if not isinstance(entries, list) or not entries:
-        raise ValueError(f"vocabulary {name} has no classes")
+        raise VocabularyError(f"vocabulary {name} has no classes" if not entries else
+                              f"vocabulary {name}: classes is a list of classes, not {entries!r}", ("classes",))
     classes = [_class_info(name, position, entry, get_vocabulary(space))
                for position, entry in enumerate(entries, start=1)]
     _check_unique(name, "name", [c.name for c in classes])
     _check_unique(name, "index", [c.index for c in classes])
+    _check_synonyms(name, classes)
     indices = sorted(c.index for c in classes)
     if indices != list(range(1, len(classes) + 1)):
-        raise ValueError(f"vocabulary {name}: indices {indices} must be 1..{len(classes)}, each once (label maps "
-                         f"and the segmenter's outputs are dense)")
+        raise VocabularyError(f"vocabulary {name}: indices {indices} must be 1..{len(classes)}, each once (label maps "
+                              f"and the segmenter's outputs are dense)", ("classes",))
     classes.sort(key=lambda c: c.index)
-    by_name = Vocabulary(name, tuple(classes), ())
     try:
-        unseen = tuple(tuple(by_name.lookup(n).name for n in split) for split in d.get("unseen") or [])
-        pairs = tuple(tuple(by_name.lookup(n).name for n in pair) for pair in d.get("pairs") or [])
-    except (UnknownClassError, TypeError) as exc:
-        raise ValueError(f"vocabulary {name}: {exc}") from None
-    for k, split in enumerate(unseen, start=1):
+        by_name = Vocabulary(name, tuple(classes), ())
+    except ValueError as exc:  # a word that names two classes
+        raise VocabularyError(str(exc), ("classes",)) from None
+    unseen = tuple(_names(by_name, "unseen", k, split) for k, split in enumerate(_lists(name, d, "unseen")))
+    pairs = tuple(_names(by_name, "pairs", k, pair) for k, pair in enumerate(_lists(name, d, "pairs")))
+    for k, split in enumerate(unseen):
         if not split or len(set(split)) == len(classes):
-            raise ValueError(f"vocabulary {name}: unseen split {k} must name at least one class and leave one seen")
-    if any(len(pair) != 2 or pair[0] == pair[1] for pair in pairs):
-        raise ValueError(f"vocabulary {name}: a pair is two different classes")
+            raise VocabularyError(f"vocabulary {name}: unseen split {k + 1} must name at least one class and leave "
+                                  f"one seen", ("unseen", k))
+    for k, pair in enumerate(pairs):
+        if len(pair) != 2 or pair[0] == pair[1]:
+            raise VocabularyError(f"vocabulary {name}: a pair is two different classes", ("pairs", k))
     return Vocabulary(name, tuple(classes), unseen, pairs, space)
 
 
+def _lists(vocabulary: str, d: dict[str, Any], key: str) -> list[list]:
+    """``unseen`` or ``pairs``: a list of lists of class names (a bare string would be read letter by letter)."""
+    value = d.get(key) or []
+    example = "[[a, b]]" if key == "pairs" else "[[a], [b, c]]"
+    if not isinstance(value, list):
+        raise VocabularyError(f"vocabulary {vocabulary}: {key} is a list of lists of classes, {example}, "
+                              f"not {value!r}", (key,))
+    for k, item in enumerate(value):
+        if not isinstance(item, list):
+            raise VocabularyError(f"vocabulary {vocabulary}: {key} is a list of lists of classes, {example}; "
+                                  f"item {k + 1} is {item!r}", (key, k))
+    return value
+
+
+def _names(vocabulary: Vocabulary, key: str, k: int, names: list) -> tuple[str, ...]:
+    try:
+        return tuple(vocabulary.lookup(str(n)).name for n in names)
+    except UnknownClassError as exc:
+        raise VocabularyError(f"vocabulary {vocabulary.name}: {exc}", (key, k)) from None
+
+
 def _class_info(vocabulary: str, position: int, entry: Any, space: Vocabulary) -> ClassInfo:
+    at = ("classes", position - 1)
     if isinstance(entry, str):
         entry = {"name": entry}
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"].strip():
-        raise ValueError(f"vocabulary {vocabulary}: class {position} needs a name")
+        raise VocabularyError(f"vocabulary {vocabulary}: class {position} needs a name", at)
     name = entry["name"].strip()
+    if _key(name) in RESERVED:
+        raise VocabularyError(f"vocabulary {vocabulary}: class name {name!r} is reserved (every label map has "
+                              f"background, 0, and ignore, 255); name the class otherwise", (*at, "name"))
     unknown = sorted(set(entry) - {"name", "natural", "synonyms", "index", "detector"})
     if unknown:
-        raise ValueError(f"vocabulary {vocabulary}: class {name} has unknown keys {unknown} "
-                         f"(name, natural, synonyms, index, detector)")
+        raise VocabularyError(f"vocabulary {vocabulary}: class {name} has unknown keys {unknown} "
+                              f"(name, natural, synonyms, index, detector)", (*at, unknown[0]))
     index = entry.get("index", position)
     if not isinstance(index, int) or isinstance(index, bool) or index in (0, IGNORE) or not 0 < index < IGNORE:
-        raise ValueError(f"vocabulary {vocabulary}: class {name} has index {index!r}; indices are 1..254 "
-                         f"(0 is background, 255 ignore)")
+        raise VocabularyError(f"vocabulary {vocabulary}: class {name} has index {index!r}; indices are 1..254 "
+                              f"(0 is background, 255 ignore)", (*at, "index"))
+    natural = entry.get("natural", name.replace("_", " "))
+    if not isinstance(natural, str) or not natural.strip():  # a prompt would lose the class's words
+        raise VocabularyError(f"vocabulary {vocabulary}: class {name}'s natural is empty; give the words that prompt "
+                              f"it, or leave natural out (the name, _ as spaces)", (*at, "natural"))
     synonyms = entry.get("synonyms") or []
-    if isinstance(synonyms, str) or not all(isinstance(s, str) and s.strip() for s in synonyms):
-        raise ValueError(f"vocabulary {vocabulary}: class {name}'s synonyms are a list of names")
+    if not isinstance(synonyms, list) or not all(isinstance(s, str) and s.strip() for s in synonyms):
+        instead = f", [{synonyms}], not {synonyms!r}" if isinstance(synonyms, str) else ""  # not letter by letter
+        raise VocabularyError(f"vocabulary {vocabulary}: class {name}'s synonyms are a list of names{instead}",
+                              (*at, "synonyms"))
     detector, coco_id = "", 0
     if entry.get("detector"):
         try:
             target = space.lookup(str(entry["detector"]))
         except UnknownClassError as exc:
-            raise ValueError(f"vocabulary {vocabulary}: class {name}'s detector: {exc}") from None
+            raise VocabularyError(f"vocabulary {vocabulary}: class {name}'s detector: {exc}", (*at, "detector")) from None
         detector, coco_id = target.detector, target.coco_id
-    return ClassInfo(name=name, natural=str(entry.get("natural") or name.replace("_", " ")).strip(), index=index,
-                     coco_id=coco_id, detector=detector, synonyms=tuple(s.strip() for s in synonyms))
+    return ClassInfo(name=name, natural=natural.strip(), index=index, coco_id=coco_id, detector=detector,
+                     synonyms=tuple(s.strip() for s in synonyms))
+
+
+def _check_synonyms(vocabulary: str, classes: list[ClassInfo]) -> None:
+    """A synonym names its class only: an open-vocabulary labeler's masks for it join that class."""
+    owner = {_key(word): c.name for c in classes for word in (c.name, c.natural)}
+    for position, c in enumerate(classes):
+        for synonym in c.synonyms:
+            other = owner.setdefault(_key(synonym), c.name)
+            if other != c.name:
+                raise VocabularyError(f"vocabulary {vocabulary}: class {c.name}'s synonym {synonym!r} also names "
+                                      f"class {other}; a word names one class", ("classes", position, "synonyms"))
 
 
 def _check_unique(vocabulary: str, what: str, values: list) -> None:
     repeated = sorted({v for v in values if values.count(v) > 1}, key=str)
     if repeated:
-        raise ValueError(f"vocabulary {vocabulary}: {what} {', '.join(map(str, repeated))} given twice")
+        raise VocabularyError(f"vocabulary {vocabulary}: {what} {', '.join(map(str, repeated))} given twice",
+                              ("classes", len(values) - 1 - values[::-1].index(repeated[0])))

@@ -47,6 +47,8 @@ REQUIRED_COLUMNS = {**PLAN_COLUMNS, **IMAGE_COLUMNS, **LABEL_COLUMNS, **TIMING_C
 OPTIONAL_COLUMNS = {
     "source_image": "(N,) str: a real image's ref in the recipe's source (file name, image id, sample id)",
     "psnr": "(N,) float32: inversion route, dB of the image regenerated from its inversion against the image",
+    "source_height": "(N,) int64: a real image's height before it was fitted to the generator's size",
+    "source_width": "(N,) int64: a real image's width before it was fitted to the generator's size",
     "timestep": "(N,) int64: diffusion timestep of the captured U-Net call",
     "latent": "(N, 4, h, w) float16: the captured call's latent",
     "features_<r>": "(N, C_r, r, r) float16: U-Net features at resolution r, conditional branch",
@@ -59,7 +61,7 @@ OPTIONAL_COLUMNS = {
 }
 
 
-SCALAR_COLUMNS = ("timestep", "quality", "source_image", "psnr")  # optional columns of one value per row
+SCALAR_COLUMNS = ("timestep", "quality", "source_image", "psnr", "source_height", "source_width")  # optional columns of one value per row
 LIST_COLUMNS = ("agreement", "presence")  # optional columns of one float per class
 
 

@@ -3,8 +3,9 @@
 Made from the manifest alone (and the Parquet schema, for the optional capture columns):
 a YAML header that `datasets` and the Hub read (features, one `train` split with its
 size, the `data/*.parquet` files), then how the data was made (generator, labeler or
-annotator, their thresholds, prompts, seeds, versions), the counts, how to load it, and
-the limits of synthetic labels. `preview.png` is shown by a relative link.
+annotator, their thresholds, prompts, seeds, versions; for real images: their source, the
+class lists asked, the prompt, the route into the U-Net and how they were resized), the counts,
+how to load it, and its limits. `preview.png` is shown by a relative link.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from factory.core.conventions import TINY
+from factory.core.options import fill_template
 from factory.core.storage import Location
 from factory.core.vocab import VOCABULARIES
 from factory.dataset.layout import CARD_FILE, DATA_DIR, PREVIEW_FILE
@@ -46,13 +48,26 @@ COLUMNS = {
     "agreement": "IoU of the second labeler's mask with this labeler's, per class",
     "presence": "the grounding module's presence score per class; below the card's threshold the class was judged "
                 "absent",
+    "source_image": "the image's name in the source (file name, image id, or sample id)",
+    "psnr": "dB of the image regenerated from its DDIM inversion against the image",
+    "source_height": "the image's height in the source, before it was resized",
+    "source_width": "the image's width in the source, before it was resized",
+}
+REAL_COLUMNS = {  # what the columns mean in a set of real images
+    "sample_id": "deterministic id: the image's index and a hash of the recipe",
+    "index": "a number of the image's own: a hash of its file name and content (or of its id in the source)",
+    "prompt": "the text naming the image's classes, under which it went into the U-Net",
+    "classes": "canonical names of the classes the image was asked about",
+    "seed": "the noise seed of the noised route",
+    "image": "the source image, resized to the generator's size (PNG or JPEG)",
+    "generator": "the model whose U-Net featurized the image",
 }
 
 
-def _meaning(column: str) -> str:
+def _meaning(column: str, real: bool = False) -> str:
     if column.startswith(("features_", "ufeatures_")):
         return "captured U-Net features (conditional / unconditional), fp16 bytes"
-    return COLUMNS.get(column, "")
+    return (real and REAL_COLUMNS.get(column)) or COLUMNS.get(column, "")
 
 
 def yaml_features(schema: pa.Schema) -> list[dict]:
@@ -173,12 +188,7 @@ def _making(recipe: dict, models: dict) -> list[str]:
     source = recipe.get("source") or {}
     lines = ["## How it was made", ""]
     if source.get("images"):
-        route = ("DDIM-inverted under its prompt and regenerated, features captured on the way (000, C.3)"
-                 if source["route"] == "inversion" else "its VAE latent noised to the capture step, one U-Net pass")
-        lines.append(f"- **Images**: real, from `{source['images']}` ({source['format']}"
-                     + (f", {source['split']}" if source.get("split") else "") + f"), resized to "
-                     f"{gen['width']}x{gen['height']}; each {route}, through `{gen['model']}` with DDIM "
-                     f"{gen['steps']} steps, without guidance.")
+        lines += _real_images(recipe)
     else:
         lines.append(f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
                      f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.")
@@ -201,19 +211,18 @@ def _making(recipe: dict, models: dict) -> list[str]:
                                         if ignore is not None else "") +
                      f"; soft masks binarised at {lab['mask_threshold']}, NMS IoU {lab['nms_threshold']}. "
                      + _ON_MISSING[lab["on_missing"]])
-    lines += [f"- **Prompts**: one class `{prompts['one']}`, two classes `{prompts['two']}`"
+    if not source.get("images"):
+        lines += [f"- **Prompts**: one class `{prompts['one']}`, two classes `{prompts['two']}`"
               + (f", scene prompts from `{prompts['file']}`" if prompts.get("file") else "")
-              + (f", more templates for {', '.join(f'`{n}`' for n in prompts['per_class'])}"
-                 if prompts.get("per_class") else "") + ".",
-              f"- **Plan**: vocabulary {_vocabulary_name(recipe)}, classes `{recipe['classes']}`"
-              + (f" of split {recipe['split']}" if recipe.get("split") else "")
-              + (", one sample per image of the source (`source_image`), in its order" if source.get("images") else
-                 f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
-                 f"`{recipe['pairs']}`)")
-              + f", plan seed {recipe['seed']}"
-              + (f", first {recipe['num_samples']} samples kept" if recipe.get("num_samples") else "")
-              + ". Each row's `seed` column is its noise seed: a sample is reproducible from its prompt and seed.",
-              f"- **Encoding**: images as {writer['image_format'].upper()}, label maps as palette PNGs "
+                  + (f", more templates for {', '.join(f'`{n}`' for n in prompts['per_class'])}"
+                     if prompts.get("per_class") else "") + ".",
+                  f"- **Plan**: vocabulary {_vocabulary_name(recipe)}, classes `{recipe['classes']}`"
+                  + (f" of split {recipe['split']}" if recipe.get("split") else "")
+                  + f", {recipe['per_class']} per class and {recipe['per_pair']} per co-appearing pair (pairs: "
+                  f"`{recipe['pairs']}`), plan seed {recipe['seed']}"
+                  + (f", first {recipe['num_samples']} samples kept" if recipe.get("num_samples") else "")
+                  + ". Each row's `seed` column is its noise seed: a sample is reproducible from its prompt and seed."]
+    lines += [f"- **Encoding**: images as {writer['image_format'].upper()}, label maps as palette PNGs "
               f"(VOC colours), {writer['rows_per_file']} rows per Parquet file."]
     capture, quality = recipe.get("capture") or {}, recipe.get("quality") or {}
     if capture.get("features", "none") != "none" or capture.get("attention"):
@@ -222,6 +231,46 @@ def _making(recipe: dict, models: dict) -> list[str]:
     if quality.get("model"):
         lines.append(f"- **Quality**: CLIP score by `{quality['model']}`.")
     return lines
+
+
+_RESIZE = {
+    "squash": "resized whole to {size}, stretched where its aspect ratio is not the generator's (`source.resize: "
+              "squash`, the default)",
+    "crop": "scaled to cover {size} and cut to it around its centre, losing the ends of its longer side "
+            "(`source.resize: crop`)",
+    "pad": "scaled to fit inside {size} whole, the rest filled with black (`source.resize: pad`; 255, ignore, "
+           "in label maps from masks)",
+}
+_ROUTE = {"inversion": "DDIM-inverted under its prompt and regenerated, the U-Net features captured on the way "
+                       "(Li et al. 2023, supplementary C.3)",
+          "noised": "its VAE latent noised to the capture step and passed once through the U-Net (as ODISE, "
+                    "Xu et al. 2023)"}
+
+
+def _real_images(recipe: dict) -> list[str]:
+    """How real images were made into a dataset: where from, which classes each was asked about,
+    the prompt, the route into the U-Net, and how each was resized."""
+    gen, prompts, source = recipe["generator"], recipe["prompts"], recipe["source"]
+    size = f"{gen['width']}x{gen['height']}"
+    resize = _RESIZE[source.get("resize", "squash")].format(size=size)  # older manifests: squash, the only way then
+    if source["format"] != "folder":
+        lists = "each image's own list: the classes its masks (or tags) in the source show"
+    elif source.get("classes_file"):
+        lists = f"each image's own list, from `{source['classes_file']}`"
+    else:
+        lists = f"one list for every image, `{recipe['classes']}`"
+    many = fill_template(prompts["one"], prompts["two"], ["{0}", "{1}", "{2}"])
+    return [f"- **Images**: real, from `{source['images']}` ({source['format']}"
+            + (f", {source['split']}" if source.get("split") else "") + f"), one sample each (`source_image`); "
+            f"each {resize}; `source_height` and `source_width` hold its size before.",
+            f"- **Classes asked**: {lists}; vocabulary {_vocabulary_name(recipe)}"
+            + (f", split {recipe['split']}" if recipe.get("split") else "") + ". An image's `index`, `sample_id` "
+            "and `seed` come from its file name and content (or its id in the source), not from its place in the "
+            "listing: adding images and running the same command again annotates just the new ones.",
+            f"- **Prompt**: each image's classes named in one prompt: `{prompts['one']}` for one class, "
+            f"`{prompts['two']}` for two, `{many}` and so on for more.",
+            f"- **Route**: each image {_ROUTE[source['route']]}, through `{gen['model']}` with DDIM {gen['steps']} "
+            f"steps, without guidance; the `seed` column is the noised route's noise."]
 
 
 LIMITATIONS = """## Limitations and biases
@@ -240,6 +289,33 @@ LIMITATIONS = """## Limitations and biases
 """
 TINY_MODELS = """- **Tiny models.** This build used a `tiny` generator or labeler (random weights, for tests):
   its images are noise, not photographs."""
+TINY_FEATURES = """- **Tiny models.** This build used a `tiny` generator or annotator (random weights, for tests):
+  its labels are noise."""
+
+
+def _real_limitations(recipe: dict) -> str:
+    """The limits of a set of real images: its labels, the classes asked, the route, the resizing."""
+    gen, source, annotator = recipe["generator"], recipe["source"], recipe.get("annotator") or {}
+    resize = _RESIZE[source.get("resize", "squash")].format(size=f"{gen['width']}x{gen['height']}")
+    route = "DDIM inversion" if source["route"] == "inversion" else "a noised latent"
+    if annotator.get("checkpoint") or annotator.get("daam"):
+        labels = [
+            "- **Machine labels.** Label maps come from a model, not from people: missed objects, loose\n"
+            "  boundaries and wrong classes occur. Pixels the annotator was unsure of are 255 (ignore),\n"
+            "  never background; use `ignore_index=255`.",
+            "- **Only the classes asked.** Each image was labelled for the classes of its list alone: an\n"
+            "  object of any other class is background, and a class of the list that was not found is\n"
+            "  handled as `on_missing` says above.",
+            f"- **Real images through a generator's U-Net.** The annotator reads the features the generator\n"
+            f"  gives these images ({route}), not those of images it drew itself, which a grounding module is\n"
+            "  trained on: expect lower label quality than on generated images, most on images unlike the\n"
+            "  generator's own. Check a sample against ground truth where some exists."]
+    else:
+        labels = ["- **The source's labels.** Label maps are the source's own masks, resized with the image\n"
+                  "  (nearest): as right as the source's annotations, and coarser at this size."]
+    return "\n".join(["## Limitations and biases", "", *labels,
+                      f"- **Resized.** Each image was {resize}; images and labels are at that size, not the image's "
+                      "own.", ""])
 
 
 def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | None = None) -> str:
@@ -252,6 +328,11 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
     models = manifest["models"]
     dropped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts["dropped"].items())) or "none"
     source = (recipe.get("source") or {}).get("images")
+    tiny = TINY in (models["generator"], models["labeler"])
+    if source:
+        limitations = _real_limitations(recipe) + (TINY_FEATURES if tiny else "")
+    else:
+        limitations = LIMITATIONS + (TINY_MODELS if tiny else "")
     made = (f"real images of `{source}`, featurized as `{models['generator']}`" if source
             else f"images drawn by `{models['generator']}`")
     lines = ["---", yaml.safe_dump(card_header(manifest, schema), sort_keys=False).rstrip(), "---", "",
@@ -286,7 +367,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               "```", "",
               "`pandas.read_parquet`, DuckDB and `factory.reader` (PyTorch, Ray Data) read the same files.", "",
               "## Columns", "",
-              *_table([(f"`{f['name']}`", f.get("dtype") or f"list of {f['list']}", _meaning(f["name"]))
+              *_table([(f"`{f['name']}`", f.get("dtype") or f"list of {f['list']}", _meaning(f["name"], bool(source)))
                        for f in yaml_features(schema)], ("column", "type", "meaning")), "",
               "## Classes", "",
               "Label-map values: 0 background, 255 ignore, and:", "",
@@ -296,7 +377,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               *_table(sorted(manifest["versions"].items()), ("package", "version")), "",
               f"Recipe content key `{manifest.get('content_key')}`, plan digest `{manifest['plan']['digest']}`; "
               "the full recipe is in `manifest.json`.", "",
-              LIMITATIONS + (TINY_MODELS if TINY in (models["generator"], models["labeler"]) else ""), "",
+              limitations, "",
               "## Licence", "",
               (f"Images are the source's (`{source}`): its licence applies to their use, and the labeler's to "
                "the labels." if source else
@@ -339,8 +420,9 @@ def _labelled_by(labels: dict) -> str:
     if labels["kind"] == "daam":
         return "Labelled by DAAM, which trains on no class: zero-shot for every class (a baseline)."
     split = "" if labels["trained_split"] is None else f" (the seen classes of split {labels['trained_split']})"
-    return (f"Labelled by the grounding module `{labels['labeler']}`, trained on {len(trained)} classes{split}: "
-            f"{', '.join(trained)}. Labels of the other classes ({', '.join(untrained) or 'none'}) come from a "
+    return (f"Labelled by the grounding module `{labels['labeler']}`, which was trained on {len(trained)} of this "
+            f"dataset's classes{split}, matched by the words that name them, not by their names: "
+            f"{', '.join(trained) or 'none'}. Labels of the other classes ({', '.join(untrained) or 'none'}) come from a "
             "model that never saw them: zero-shot for a segmenter whose unseen classes are among them.")
 
 

@@ -5,8 +5,9 @@ sha256 and row count, and no other; that each file holds the ids of its commit r
 that sample ids are unique across files; that each plan entry (the plan rebuilt from the
 manifest's recipe) has exactly the attempts its outcomes call for: its first samples up to
 the first one written, each before it recorded as dropped, or all its attempts dropped
-("given up"); that the counts add up; that every image, label map and class mask decodes at the recorded size; and
-that the dataset card (README.md) is there.
+("given up"); that the counts add up; that every image, label map and class mask decodes at the recorded size;
+that a set of real images holds each source image once, in the row its plan gives it; and that the dataset card
+(README.md) is there.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Verifier:
         self.checked: list[str] = []
         self.problems: list[str] = []
         self.decoded: Counter[str] = Counter()
+        self.sources: dict[str, str] = {}  # sample id -> source image, of a set of real images
 
     def report(self) -> str:
         lines = [f"verify_dataset: {self.uri}", *(f"  {line}" for line in self.checked)]
@@ -95,6 +97,8 @@ class Verifier:
         duplicated = [i for i, n in ids.items() if n > 1]
         if duplicated:
             self.problems.append(some(duplicated, "sample ids in more than one row"))
+        if self.sources:
+            self.source_images(planned)
         dropped = {i: reason for c in commits for i, reason in c.dropped.items()}
         written = set(ids)
         plan_entries, given_up = manifest["counts"]["planned"], manifest["counts"]["given_up"]
@@ -117,6 +121,7 @@ class Verifier:
             f"given up: {found['given_up']}",
             f"files     {len(present)} Parquet files, {len(entries)} in the manifest, {len(commits)} commit records",
             f"samples   {sum(ids.values())} rows, {len(written)} distinct ids",
+            *([f"sources   {len(set(self.sources.values()))} distinct source images"] if self.sources else []),
             f"decoded   {self.decoded['image']} images, {self.decoded['label']} label maps, "
             f"{self.decoded['mask']} masks",
         ]
@@ -129,6 +134,19 @@ class Verifier:
         except FactoryError as exc:
             self.problems.append(str(exc))
             return None
+
+    def source_images(self, planned: Sequence | None) -> None:
+        """Each source image in one row, the row its plan gives it (a real image's sample id comes
+        from the image, so an image planned anew under another id would be labelled twice)."""
+        shown = Counter(self.sources.values())
+        twice = [ref for ref, n in shown.items() if n > 1]
+        if twice:
+            self.problems.append(some(twice, "source images in more than one row"))
+        if planned is not None:
+            meant = {sample.sample_id: sample.source_image for sample in planned}
+            other = [i for i, ref in self.sources.items() if i in meant and meant[i] != ref]
+            if other:
+                self.problems.append(some(other, "ids whose row holds another source image than the plan's"))
 
     def attempts(self, planned: Sequence, written: set[str], dropped: dict[str, str]) -> tuple[int, int]:
         """Checks each plan entry's samples against its outcomes; returns (entries, given up)."""
@@ -167,13 +185,16 @@ class Verifier:
             self.problems.append(f"{path}: sha256 {digest[:12]}... differs from the manifest's "
                                  f"{entry['sha256'][:12]}...")
         try:
-            table = pq.read_table(pa.BufferReader(data), columns=COLUMNS)
+            parquet = pq.ParquetFile(pa.BufferReader(data))
+            table = parquet.read(columns=COLUMNS + [c for c in ("source_image",) if c in parquet.schema_arrow.names])
         except (pa.ArrowException, OSError) as exc:
             self.problems.append(f"{path}: not a readable Parquet file of samples: {first_line(exc)}")
             return []
         if table.num_rows != entry["rows"]:
             self.problems.append(f"{path}: {table.num_rows} rows, the manifest says {entry['rows']}")
         ids = table.column("sample_id").to_pylist()
+        if "source_image" in table.column_names:
+            self.sources.update(zip(ids, table.column("source_image").to_pylist()))
         if commit is not None and sorted(ids) != sorted(commit.written):
             self.problems.append(f"{path}: its ids differ from its commit record's "
                                  f"({len(ids)} rows, {len(commit.written)} ids recorded)")

@@ -5,7 +5,17 @@ from pathlib import Path
 
 import pytest
 
-from bench.label_truth import KINDS, _module, _sweep, absent_class, annotate, class_lists, score_annotation
+from bench.label_truth import (
+    KINDS,
+    _module,
+    _sweep,
+    absent_class,
+    annotate,
+    class_lists,
+    score_annotation,
+    seed_groups,
+    seeds_table,
+)
 from bench.mini_mission import publish_report
 from factory.core.vocab import SHAPES
 from world.benchmark import write_benchmark
@@ -39,6 +49,20 @@ def test_module_arguments_and_the_published_page(tmp_path):
     text = page.read_text()
     assert "    python -m bench.label_truth --images 4\n" in text and "at commit `" in text
     assert text.endswith("# Report\n")
+
+
+def test_seed_repeats_are_summarised_by_mean_and_range():
+    modules = {"before": "b", "after": "a", "after#1": "a1", "after#2": "a2"}
+    assert seed_groups(modules) == {"after": ["after", "after#1", "after#2"]}
+
+    def drawn(absent: float) -> dict:
+        return {kind: {"absent_masked_rate": absent, "found_rate": 90.0} for kind in KINDS}
+    report = {"modules": modules, "drawn": {name: drawn(x) for name, x in zip(modules, (50.0, 8.0, 10.0, 15.0))},
+              "true_lists": {name: {"seen": 80.0, "unseen": 70.0} for name in modules}}
+    lines = seeds_table(report)
+    assert "| absent class given a mask, seen (%) | 11.0 | 8.0 | 15.0 |" in lines  # before is not a seed of after
+    assert "| true lists, unseen mIoU | 70.0 | 70.0 | 70.0 |" in lines
+    assert seeds_table({**report, "modules": {"before": "b", "after": "a"}}) == []
 
 
 @pytest.mark.slow  # annotates through the world's generator and the shipped module

@@ -146,6 +146,20 @@ def test_checkpoint_that_saw_the_splits_unseen_classes_is_refused(checkpoint, tm
     assert not (tmp_path / "o").exists()
 
 
+def test_a_renamed_class_is_the_class_the_module_saw(checkpoint, tmp_path, capsys):
+    """The module saw dog and cat, whatever a user's vocabulary calls them: a class prompted as
+    "dog" is not unseen under another name, so the split guard refuses it as it refuses dog."""
+    pets = tmp_path / "pets.yaml"
+    pets.write_text("name: pets\nclasses:\n  - name: puppy\n    natural: dog\n  - name: kitty\n"
+                    "    synonyms: [cat]\n  - name: goldfish\nunseen:\n  - [puppy]\n")
+    out = ["--out", str(tmp_path / "o"), "--annotator.checkpoint", checkpoint, "--generator.steps", "4",
+           "--vocabulary", str(pets), "--classes", "all"]
+    assert refused(capsys, *out, "--split", "1") == (
+        f"grounding checkpoint {checkpoint} was trained on puppy, unseen classes of split 1, which this dataset is "
+        f"declared for; annotate with a module trained on split 1's seen classes")
+    assert not (tmp_path / "o").exists()
+
+
 def test_other_guidance_or_prompts_are_a_note(checkpoint, tmp_path):
     """Same features, other images: the build goes on, and says so."""
     recipe = load_recipe("tiny", {"generator.steps": 4, "generator.guidance_scale": 7.5, "split": 2,

@@ -215,3 +215,50 @@ def test_real_models_ask_for_a_gpu_and_say_so_when_there_is_none(ray_cluster, ca
     real = load_recipe("voc-oracle-one")
     assert _accelerator_resources(real) == {"num_gpus": 1, "num_cpus": 1}  # the request an autoscaler answers
     assert "the cluster has no GPU now" in caplog.text
+
+
+FRUIT = "# detector: shapes\nname\tnatural\tdetector\napple\tred disc\tred disc\npear\tgreen triangle\tgreen triangle\n"
+
+
+@pytest.mark.parametrize("args, names", [
+    # README, "Your own classes": signs.yaml on the mini world, its classes mapped onto the oracle's shapes
+    (["--vocabulary", "vocabularies/signs.yaml", "--num-samples", "4"], ("stop_sign", "warning_sign", "info_sign")),
+    (["--recipe", "tiny", "--vocabulary", "vocabularies/street.yaml", "--classes", "all", "--num-samples", "4",
+      "--generator.steps", "2"], ("vehicle", "pedestrian", "cyclist")),
+    # a TSV file of your own, without seen/unseen splits, under the default recipe (split: 1)
+    (["--vocabulary", "{tmp}/fruit.tsv", "--num-samples", "4"], ("apple", "pear")),
+], ids=["signs.yaml", "street.yaml", "fruit.tsv"])
+def test_your_own_vocabularies_build(ray_cluster, tmp_path, capsys, args, names):
+    """(warehouse.tsv, labelled by an open-vocabulary model: tests/build/test_openvocab.py.)"""
+    (tmp_path / "fruit.tsv").write_text(FRUIT)
+    out = tmp_path / "ds"
+    argv = ["--out", str(out), "--writer.preview-samples", "0", *(a.replace("{tmp}", str(tmp_path)) for a in args)]
+    assert build_dataset.main(argv) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert tuple(c["name"] for c in manifest["vocabulary"]["classes"]) == names
+    if names[0] == "apple":
+        assert manifest["recipe"]["split"] is None and "note: split 1 does not apply: vocabulary fruit has no seen" in printed
+    rows = read_rows(out)
+    assert rows and all(set(row["classes"]) <= set(names) for row in rows)
+    if "--recipe" not in args:  # the mini world's oracle found each prompted class
+        assert manifest["counts"]["written"] >= 3, manifest["counts"]
+        for row in rows:
+            label = decode_png(row["label"]["bytes"])
+            assert all((label == index).sum() >= 20 for index in row["class_indices"]), row["prompt"]
+
+
+def test_a_model_that_cannot_load_fails_at_once_and_the_corrected_command_builds(ray_cluster, tmp_path, capsys):
+    """Weights of another model fail the same way on every try: one line saying what to change, no
+    retries, and nothing left that would make the corrected command refuse the output."""
+    out = tmp_path / "ds"
+    args = ["--out", str(out), "--recipe", "tiny", "--num-samples", "2", "--generator.steps", "2",
+            "--writer.preview-samples", "0"]
+    assert build_dataset.main([*args, "--labeler.weights", str(REPO / "models/shapes-oracle/model.safetensors")]) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("build_dataset:")]
+    assert line.startswith("build_dataset: error: cannot load labeler tiny weights ") and "attempt" not in line
+    assert "the weights do not fit tiny" in line and "give weights trained as tiny" in line
+    assert "resumes" not in line  # the same command would fail again
+    assert not (out / "build.json").exists() and not list(out.rglob("*.parquet"))
+    assert build_dataset.main(args) == 0
+    assert json.loads((out / "manifest.json").read_text())["counts"]["written"] == 2

@@ -10,6 +10,7 @@ from factory.build.detect import (
     build_maskrcnn,
     coco_to_vocabulary,
     load_detector,
+    paste_masks,
     tiny_maskrcnn,
 )
 from factory.build.recipe import LabelerConfig
@@ -95,6 +96,7 @@ def test_tiny_weights_by_path_safetensors(tmp_path):
     reference = tiny_maskrcnn(64)
     reference.load_state_dict(state)
     reference.roi_heads.score_thresh = 0.0
+    reference.transform = model.transform  # masks pasted at their boxes' exact positions
     reference.eval()
     with torch.inference_mode():
         expected = reference([torch.from_numpy(i).permute(2, 0, 1).float() / 255 for i in batch])
@@ -131,11 +133,32 @@ def test_pth_is_read_without_pickle(tmp_path):
         build_maskrcnn(LabelerConfig(weights=str(path)), 64)
 
 
+def test_masks_are_pasted_as_torchvision_pastes_them_at_the_exact_box():
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    masks = torch.rand(2, 1, 28, 28)
+    # Padded by a cell (28 -> 30 cells), these boxes span whole pixels, where torchvision's paste is exact.
+    whole = torch.tensor([[1.0, 1.0, 29.0, 29.0], [15.0, 29.0, 43.0, 57.0]])
+    assert torch.allclose(paste_masks(masks, whole, (64, 64)), paste_masks_in_image(masks, whole, (64, 64)), atol=1e-5)
+    # A box half a pixel right and down moves its mask as far (torchvision's paste truncates the box: none).
+    ys, xs = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    for shift in (0.25, 0.5, 0.75):
+        pasted = paste_masks(masks[:1], whole[:1] + shift, (64, 64))[0, 0]
+        centroid = torch.stack([(pasted * ys).sum(), (pasted * xs).sum()]) / pasted.sum()
+        still = paste_masks(masks[:1], whole[:1], (64, 64))[0, 0]
+        assert torch.allclose(centroid - torch.stack([(still * ys).sum(), (still * xs).sum()]) / still.sum(),
+                              torch.tensor([shift, shift]), atol=0.02)
+
+
 def test_weights_of_another_architecture_are_refused(tmp_path):
     path = tmp_path / "wrong.safetensors"
     save_file({"backbone.0.weight": torch.zeros(3, 3)}, str(path))
-    with pytest.raises(RuntimeError, match="state_dict"):
+    with pytest.raises(ValueError) as info:  # torch's own message: a line per tensor
         build_maskrcnn(LabelerConfig(weights=str(path)), 64)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("the weights do not fit tiny: ")
+    assert "(backbone.0.weight: [3, 3] in the file, [16, 3, 3, 3] in the model); give weights trained as tiny" \
+        in message
 
 
 def test_real_architecture_loads_weights_by_path(tmp_path):
@@ -184,3 +207,21 @@ def test_ignore_threshold_lets_weaker_candidates_through():
     (wide,) = detect(LabelerConfig(score_threshold=0.5, ignore_threshold=0.0), batch)
     assert len(strict.scores) == 0
     assert len(wide.scores) > 0 and (wide.scores < 0.5).all()
+
+
+ORACLE = "models/shapes-oracle/model.safetensors"
+
+
+def test_the_mini_worlds_oracle_keeps_its_head_for_your_own_classes(tmp_path):
+    """signs.yaml names 3 of the 20 shapes classes: the shipped 21-way oracle loads as trained, and
+    its labels of those shapes become the vocabulary's indices; every other shape is none (0)."""
+    from factory.core.vocab import SHAPES, read_vocabulary
+
+    signs = read_vocabulary("jobs/recipes/vocabularies/signs.yaml")
+    detector = MaskRCNNDetector(LabelerConfig(model="maskrcnn_small", weights=ORACLE), signs, 64, CPU)
+    assert detector.model.roi_heads.box_predictor.cls_score.out_features == 1 + len(SHAPES)
+    mapped = {int(label): int(detector.classes[label]) for label in range(1, len(SHAPES) + 1)}
+    assert {SHAPES.by_index(label).name: index for label, index in mapped.items() if index} == {
+        "red_disc": signs.lookup("stop_sign").index, "yellow_triangle": signs.lookup("warning_sign").index,
+        "blue_square": signs.lookup("info_sign").index}
+

@@ -2,11 +2,14 @@
 drawn benchmark's images turned into triplets with their exact masks, and folders of images (local
 and on S3) annotated by a grounding module, resumed after an interruption."""
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import boto3
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,7 +25,8 @@ from grounding.checkpoint import generation_record, save_grounding_checkpoint
 from grounding.data import TextConfig, TripletSource
 from grounding.model import GroundingModule
 from grounding.train import ModelSection, grounding_model_config
-from jobs import annotate_images
+from PIL import Image
+from jobs import annotate_images, verify_dataset
 from world.benchmark import write_benchmark
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,3 +136,71 @@ def test_annotate_a_folder_on_s3_and_resume_after_an_interruption(ray_cluster, v
     assert sorted(row["sample_id"] for row in again) == sorted(row["sample_id"] for row in rows)
     for a, b in zip(sorted(rows, key=lambda r: r["sample_id"]), sorted(again, key=lambda r: r["sample_id"])):
         np.testing.assert_array_equal(decode_label(a["label"]), decode_label(b["label"]))  # deterministic
+
+
+def give_two_rows_one_source_image(root: Path) -> None:
+    """A part whose second row names its first row's image, recorded as the build would have
+    (sizes and checksums agree): what a resume keyed by position wrote."""
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = next(entry for entry in manifest["files"] if entry["rows"] > 1)
+    path = root / entry["path"]
+    table = pq.read_table(path)
+    refs = table.column("source_image").to_pylist()
+    column = table.schema.get_field_index("source_image")
+    table = table.set_column(column, "source_image", pa.array([refs[0], refs[0], *refs[2:]]))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    path.write_bytes(data)
+    entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    commit_path = root / COMMIT_DIR / f"{path.stem}.json"
+    commit_path.write_text(json.dumps({**json.loads(commit_path.read_text()), "bytes": len(data),
+                                       "sha256": entry["sha256"]}))
+
+
+@pytest.mark.slow
+def test_an_image_added_to_the_folder_is_the_only_one_annotated_on_the_rerun(ray_cluster, voc, checkpoint, tmp_path,
+                                                                            capsys):
+    """Samples are keyed by each image's name and content: an image that sorts first, added after
+    a run, is annotated alone on the next, and no image is annotated twice; verify_dataset checks it."""
+    photos, out = tmp_path / "photos", tmp_path / "annotated"
+    photos.mkdir()
+    for path in sorted((voc / "JPEGImages").iterdir())[:3]:
+        shutil.copy(path, photos / path.name)
+    args = ["--images", str(photos), "--classes", "red_disc,blue_cross", "--checkpoint", checkpoint,
+            "--out", str(out), "--generator.model", GENERATOR, "--generator.steps", str(STEPS),
+            "--generator.batch-size", "2", "--writer.rows-per-file", "2", "--source.route", "noised"]
+    assert annotate_images.main(args) == 0
+    assert "3 written of 3 planned" in capsys.readouterr().out
+    before = {row["source_image"]: row["sample_id"] for row in rows_of(out)}
+
+    wide = np.zeros((48, 80, 3), np.uint8)
+    wide[10:30, 20:50] = (220, 30, 30)
+    Image.fromarray(wide).save(photos / "0-added.png")  # sorts before every image annotated
+    assert annotate_images.main(args) == 0
+    assert "resumed   3 samples were already done; 1 made now" in capsys.readouterr().out
+    rows = rows_of(out)
+    assert sorted(row["source_image"] for row in rows) == sorted(path.name for path in photos.iterdir())
+    assert {row["source_image"]: row["sample_id"] for row in rows if row["source_image"] in before} == before
+    sizes = {row["source_image"]: (row["source_height"], row["source_width"]) for row in rows}
+    assert sizes["0-added.png"] == (48, 80) and {sizes[name] for name in before} == {(64, 64)}
+    card = (out / "README.md").read_text()
+    assert "one list for every image, `['red_disc', 'blue_cross']`" in card and "(`source.resize: squash`" in card
+    assert "Synthetic images" not in card
+
+    assert verify_dataset.main([str(out)]) == 0
+    assert "sources   4 distinct source images" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    give_two_rows_one_source_image(broken)
+    assert verify_dataset.main([str(broken)]) == 1
+    report = capsys.readouterr().out
+    assert "1 source images in more than one row" in report
+    assert "1 ids whose row holds another source image than the plan's" in report
+
+    (photos / "0-added.png").rename(photos / "0-renamed.png")  # another image: its row is not in the plan
+    assert annotate_images.main(args) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"annotate_images: error: {out} holds 1 samples of images no longer in {photos} (removed, renamed or "
+        f"changed since); restore them, or write to another --out")

@@ -334,3 +334,23 @@ def test_open_vocabulary_labeler():
 def test_bad_open_vocabulary_labeler(overrides, message):
     # Whether weights is SAM 3 (then sam is refused) is known when it loads: tests/build/test_openvocab.py.
     assert recipe_error(overrides) == message
+
+
+def test_the_recipes_split_applies_only_where_the_vocabulary_has_splits(tmp_path):
+    fruit = tmp_path / "fruit.tsv"
+    fruit.write_text("# detector: shapes\nname\tnatural\tdetector\napple\tred disc\tred disc\n")
+    recipe = parse(["--vocabulary", str(fruit)], recipe=None)  # the default recipe says split: 1
+    assert recipe.split is None and recipe.model_dump()["split"] is None  # the dataset is declared for no split
+    assert recipe.notes == ["split 1 does not apply: vocabulary fruit has no seen/unseen splits, so this dataset "
+                            "is declared for none"]
+    assert parse([]).notes == [] and parse(["--vocabulary", "vocabularies/signs.yaml"], recipe=None).split == 1
+    assert "classes: unseen needs seen/unseen splits, and vocabulary fruit has none" in recipe_error(
+        {"vocabulary": str(fruit), "classes": "unseen"}, recipe="shapes")
+
+
+def test_an_oracle_labels_only_the_detector_classes_it_was_trained_on():
+    assert "labeler maskrcnn_small detects shapes classes, and vocabulary street's detector names coco classes" in \
+        recipe_error({"vocabulary": "vocabularies/street.yaml"}, recipe="shapes")
+    assert "labeler maskrcnn_resnet50_fpn_v2 detects coco classes, and vocabulary signs's detector names shapes" in \
+        recipe_error({"vocabulary": "vocabularies/signs.yaml"}, recipe="voc-oracle")
+    assert parse(["--vocabulary", "vocabularies/signs.yaml"]).vocabulary["detector"] == "shapes"  # tiny: random

@@ -28,3 +28,12 @@ def test_storage_failing_midway(capsys):
 
 def test_success_passes_the_exit_code_and_the_arguments():
     assert run_job("job", lambda argv: len(argv), ["a", "b", "c"]) == 3
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    assert run_job("build", failing(KeyboardInterrupt("3 of 8 planned samples are committed to out; the same "
+                                                      "command resumes"))) == 130
+    assert capsys.readouterr().err == ("build: interrupted: 3 of 8 planned samples are committed to out; the same "
+                                       "command resumes\n")
+    assert run_job("export", failing(KeyboardInterrupt())) == 130  # before the job had anything to say
+    assert capsys.readouterr().err == "export: interrupted\n"

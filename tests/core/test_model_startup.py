@@ -45,11 +45,26 @@ def test_a_transient_failure_is_retried_and_a_permanent_one_named_in_one_line():
     assert len(calls) == 2
 
 
+def test_a_failure_that_would_fail_again_is_not_retried():
+    calls = []
+
+    def wrong_shape():
+        calls.append(1)
+        raise ValueError("the weights do not fit tiny: 26 tensors differ\n...")
+
+    with pytest.raises(ModelLoadError) as raised:
+        load_with_retries("labeler tiny weights /w", wrong_shape, attempts=3, backoff=60)
+    assert str(raised.value) == "cannot load labeler tiny weights /w: ValueError: the weights do not fit tiny: 26 " \
+                                "tensors differ"
+    assert len(calls) == 1
+
+
 def test_the_driver_finds_the_line_in_rays_error_text():
     text = ("The actor died because of an error raised in its creation task, ray::MapWorker(...)\n"
             '  File "factory/generate.py", line 136, in __init__\n'
             "factory.loading.ModelLoadError: cannot load generator /m (3 attempt(s)): OSError: bad header")
-    assert pipeline_failure(RuntimeError(text)) == "cannot load generator /m (3 attempt(s)): OSError: bad header"
+    found = pipeline_failure(RuntimeError(text))
+    assert isinstance(found, ModelLoadError) and str(found) == "cannot load generator /m (3 attempt(s)): OSError: bad header"
     assert pipeline_failure(RuntimeError("ValueError: a bug")) is None  # others keep their traceback
 
 
@@ -77,7 +92,7 @@ def test_a_model_that_never_loads_fails_the_build_in_one_line(ray_cluster, fault
                            tmp_path / "cache", ray.get_runtime_context().gcs_address, timeout=240)
     assert failed.returncode == 2, failed.stderr[-3000:]
     (line,) = our_lines(failed.stderr)
-    assert line.startswith(f"build_dataset: error: cannot load labeler tiny weights {weights} (2 attempt(s)): "), line
+    assert line.startswith(f"build_dataset: error: cannot load labeler tiny weights {weights}: "), line  # not retried
     assert failed.stderr.strip().splitlines()[-1] == line  # the last thing printed (Ray logs its trace above)
     assert not list(out.glob("data/*.parquet")) and not (out / "manifest.json").exists()
 

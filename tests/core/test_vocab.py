@@ -264,7 +264,7 @@ def _classes(*entries):
     (_classes("a", {"name": "b", "natural": "a"}), "vocabulary mine: 'a' names two classes"),
     (_classes({"name": "a", "colour": "red"}),
      "vocabulary mine: class a has unknown keys ['colour'] (name, natural, synonyms, index, detector)"),
-    (_classes({"name": "a", "synonyms": "b"}), "vocabulary mine: class a's synonyms are a list of names"),
+    (_classes({"name": "a", "synonyms": "b"}), "vocabulary mine: class a's synonyms are a list of names, [b], not 'b'"),
     (_classes({"name": "a", "detector": "forklift"}),
      "vocabulary mine: class a's detector: unknown class 'forklift' in vocabulary coco (did you mean: fork?)"),
     ({**_classes("a", "b"), "unseen": [["c"]]}, "vocabulary mine: unknown class 'c' in vocabulary mine"),
@@ -283,3 +283,44 @@ def test_explicit_indices_order_the_classes():
     mine = define_vocabulary(_classes({"name": "a", "index": 2}, {"name": "b", "index": 1, "detector": "dog"}))
     assert mine.names == ("b", "a") and mine.by_index(1).name == "b"
     assert (mine.lookup("b").coco_id, mine.lookup("b").detector) == (18, "dog")
+
+
+def test_a_tsv_file_names_its_detector_and_may_have_no_splits(tmp_path):
+    fruit = tmp_path / "fruit.tsv"
+    fruit.write_text("# fruit drawn as shapes\n# detector: shapes\nname\tnatural\tdetector\n"
+                     "apple\tred disc\tred disc\npear\tgreen triangle\tgreen_triangle\n")
+    vocabulary = read_vocabulary(str(fruit))
+    assert vocabulary.detector_space == "shapes" and vocabulary.unseen_splits == ()
+    assert [c.coco_id for c in vocabulary.classes] == [SHAPES.lookup("red disc").coco_id,
+                                                       SHAPES.lookup("green triangle").coco_id]
+    with pytest.raises(ValueError, match="vocabulary fruit has no seen/unseen splits"):
+        vocabulary.unseen(1)
+
+
+@pytest.mark.parametrize("file, text, message", [
+    ("mine.yaml", "name: mine\nclasses:\n  - a\n  - name: background\n",
+     "mine.yaml:4: vocabulary mine: class name 'background' is reserved (every label map has background, 0, and "
+     "ignore, 255); name the class otherwise"),
+    ("mine.tsv", "name\nroad\nIgnore\n", "mine.tsv:3: vocabulary mine: class name 'Ignore' is reserved"),
+    ("mine.yaml", "name: mine\nclasses:\n  - name: go\n    natural: \"\"\n",
+     "mine.yaml:4: vocabulary mine: class go's natural is empty; give the words that prompt it, or leave natural "
+     "out (the name, _ as spaces)"),
+    ("mine.yaml", "name: mine\nclasses:\n  - {name: a, synonyms: [car]}\n  - {name: b, synonyms: [car]}\n",
+     "mine.yaml:4: vocabulary mine: class b's synonym 'car' also names class a; a word names one class"),
+    ("mine.tsv", "name\tsynonyms\nvehicle\tcar,truck\ncar\t\n",
+     "mine.tsv:2: vocabulary mine: class vehicle's synonym 'car' also names class car; a word names one class"),
+    ("mine.yaml", "name: mine\nclasses:\n  - name: street\n    synonyms: road\n",
+     "mine.yaml:4: vocabulary mine: class street's synonyms are a list of names, [road], not 'road'"),
+    ("mine.yaml", "name: mine\nclasses: [road, car]\nunseen: [road]\n",
+     "mine.yaml:3: vocabulary mine: unseen is a list of lists of classes, [[a], [b, c]]; item 1 is 'road'"),
+    ("mine.yaml", "name: mine\nclasses: [road, car]\npairs: road\n",
+     "mine.yaml:3: vocabulary mine: pairs is a list of lists of classes, [[a, b]], not 'road'"),
+    ("mine.yaml", "name: mine\nclasses:\n  - name: a\n   natural: b\n",
+     "mine.yaml:4: not valid YAML: expected <block end>, but found '<block mapping start>'"),
+    ("mine.tsv", "name\tnatural\na\tb\tc\n", "mine.tsv:2: more cells than the header's 2 columns"),
+])
+def test_a_vocabulary_files_mistake_is_one_line_naming_the_file_and_line(tmp_path, file, text, message):
+    (tmp_path / file).write_text(text)
+    with pytest.raises(ValueError) as info:
+        read_vocabulary(str(tmp_path / file))
+    assert str(info.value).startswith(f"{tmp_path / file}:") and message in str(info.value), str(info.value)

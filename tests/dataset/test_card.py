@@ -107,7 +107,7 @@ def test_card_of_an_annotated_build():
     assert "**Labeler**" not in body and "Tiny models" not in body
     assert "| 1500 | 1600 | 1400 | 200 class_not_found | 100 | 2 |" in body
     assert "| cow | 75 | 90 | 70 | 5 |" in body and "up to 4 seeds" in body
-    assert "trained on 19 classes (the seen classes of split 1)" in body and "other classes (cow)" in body
+    assert "trained on 19 of this dataset's classes (the seen classes of split 1)" in body and "other classes (cow)" in body
     assert "](preview.png)" in body  # the recipe asked for a preview
 
 
@@ -143,6 +143,32 @@ def test_card_says_where_the_class_lists_came_from():
             "or tags, which say which images show each class: not for zero-shot training") in body
     manifest["labels"]["class_lists"] = "user"
     assert "was given by the user: the source's `classes_file`" in dataset_card(manifest)
+
+
+def test_card_of_annotated_real_images_says_what_was_done():
+    """Source, the class lists as given, the prompt, the route and the resizing, and limits of its own."""
+    manifest = fake_manifest(annotator={"checkpoint": "s3://b/g/best", "on_missing": "absent"},
+                             source={"images": "/photos", "classes_file": "/photos.json", "route": "noised",
+                                     "resize": "crop"})
+    manifest["labels"]["class_lists"] = "user"
+    _, body = header_and_body(dataset_card(manifest))
+    assert "- **Images**: real, from `/photos` (folder)" in body
+    assert "scaled to cover 64x64 and cut to it around its centre" in body and "`source_height`" in body
+    assert "**Classes asked**: each image's own list, from `/photos.json`" in body
+    assert "classes `all`" not in body  # the recipe's classes did not apply
+    assert ("`a photograph of a {0}` for one class, `a photograph of a {0} and a {1}` for two, "
+            "`a photograph of a {0}, a {1} and a {2}` and so on for more") in body
+    assert "one U-Net" not in body and "noised to the capture step and passed once through the U-Net" in body
+    assert "- **Resized.** Each image was scaled to cover 64x64" in body and "**Only the classes asked.**" in body
+    # Nothing of generated images: no generator drew them, and an image is never replaced.
+    assert "Synthetic images" not in body and "another seed" not in body and "up to 4 seeds" not in body
+    assert "Each image of the source was planned once, never replaced." in body
+    one_list = fake_manifest(annotator={"checkpoint": "s3://b/g/best"}, source={"images": "/photos"})
+    one_list["recipe"]["classes"] = ["cow", "dog"]
+    _, body = header_and_body(dataset_card(one_list))
+    assert "**Classes asked**: one list for every image, `['cow', 'dog']`" in body
+    assert "resized whole to 64x64, stretched where its aspect ratio is not the generator's (`source.resize: " \
+           "squash`, the default)" in body
 
 
 def test_card_without_preview_or_with_capture_columns():

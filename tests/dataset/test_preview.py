@@ -94,3 +94,16 @@ def test_overlay_full_alpha_is_the_palette():
     assert tuple(out[0, 1]) == (64, 0, 128)  # dog
     assert tuple(out[0, 2]) == (64, 0, 0)  # cat
     assert tuple(out[0, 3]) == (224, 224, 192)  # ignore
+
+
+def test_a_long_legend_wraps_inside_its_cell():
+    names = ["pottedplant", "diningtable", "motorbike", "aeroplane", "tvmonitor", "sheep"]
+    row, _, _ = hand_made(3, names, [True] * 5 + [False], [0.91, 0.82, 0.73, 0.64, 0.55, 0.0], [16, 11])
+    sheet = np.array(render_preview([row]))
+    cell_w = 2 * TILE + 8
+    assert sheet.shape[0] > TILE + 34  # more legend lines than one
+    assert (sheet[TILE:, cell_w:] == 255).all()  # nothing spills into the next (empty) cell
+    legend = sheet[TILE + 17:, :2 * TILE]
+    for k in range(1, 3):  # every line of the legend holds something
+        band = legend[(k - 1) * 14:k * 14]
+        assert (band != 255).any(), k

@@ -193,7 +193,7 @@ def test_the_presence_loss_does_not_move_the_masks():
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
 
 
-@pytest.mark.parametrize("head", ["query", "region"])
+@pytest.mark.parametrize("head", ["query", "region", "match"])
 def test_learns_presence_on_synthetic_task(one_thread, head):
     """Both slots are named, the second object is drawn in half the samples: the head learns which
     named classes are there, and predict gives an absent one no mask."""
