@@ -157,7 +157,11 @@ def publish_report(path: Path, text: str, command: str) -> None:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # the page itself is the one change a rerun of a published command makes
+    root = Path(git("rev-parse", "--show-toplevel") or ".")
+    changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+               if (root / line[3:]).resolve() != path.resolve()]
+    dirty = " with uncommitted changes" if changed else ""
     header = ("<!-- Written by the bench command below: rerun it rather than edit this page. -->\n\n"
               f"Measured on {time.strftime('%Y-%m-%d')} at commit `{commit}`{dirty}, {os.cpu_count()} CPU cores, "
               "with:\n\n"
