@@ -160,7 +160,7 @@ def publish_report(path: Path, text: str, command: str) -> None:
     # the page itself is the one change a rerun of a published command makes
     root = Path(git("rev-parse", "--show-toplevel") or ".")
     changed = [line for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
-               if (root / line[3:]).resolve() != path.resolve()]
+               if (root / line.split(maxsplit=1)[1]).resolve() != path.resolve()]
     dirty = " with uncommitted changes" if changed else ""
     header = ("<!-- Written by the bench command below: rerun it rather than edit this page. -->\n\n"
               f"Measured on {time.strftime('%Y-%m-%d')} at commit `{commit}`{dirty}, {os.cpu_count()} CPU cores, "
