@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from bench.mini_mission import SPLIT, StageClock, build, grounding_config, protocol_i_table, save_report
-from factory.build.recipe import load_recipe
+from factory.pipeline.recipe import load_recipe
 from factory.diffusion.steps import (
     REFERENCE_STEPS,
     capture_call_index,

@@ -10,7 +10,7 @@ weights (the cost of a forward pass does not depend on the weights' values):
   (every candidate reaches the mask head: the most it can cost);
 - generate: the whole diffusers pipeline call (text encoder, N steps, decoder) with
   DDIM-50 and with DPM-Solver++-25, beside the rate the stage rates predict for it;
-- sam3, owlv2+sam: the open-vocabulary labeler (factory/build/openvocab.py, its own call:
+- sam3, owlv2+sam: the open-vocabulary labeler (factory/pipeline/openvocab.py, its own call:
   processors, models, post-processing) on B 512x512 images, each asked for two classes
   ("dog", "cat": a two-class prompt), score threshold 0, the 4 best instances kept. sam3:
   Sam3Config() defaults, which are facebook/sam3's sizes (ViT 1024 wide, 32 layers at 1008 px;
@@ -19,7 +19,7 @@ weights (the cost of a forward pass does not depend on the weights' values):
   960 px, then SAM at sam-vit-huge's sizes (ViT-H: 1280 wide, 32 layers at 1024 px; SamConfig()
   defaults are ViT-B) on the 4 boxes. Not compiled (Python between the models).
 
-- factory: the factory's own generator stage (factory/build/generate.py:GenerateStage, loaded
+- factory: the factory's own generator stage (factory/pipeline/generate.py:GenerateStage, loaded
   from a saved pipeline folder as a build loads it), DDIM, beside the bare pipeline call of the
   same configuration: what the factory's plumbing costs.
 
@@ -60,9 +60,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from factory.build.detect import COCO_LABELS, Detector, tiny_maskrcnn
-from factory.build.generate import GenerateStage
-from factory.build.recipe import CaptureConfig, FastConfig, GeneratorConfig, LabelerConfig
+from factory.pipeline.detect import COCO_LABELS, Detector, tiny_maskrcnn
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.recipe import CaptureConfig, FastConfig, GeneratorConfig, LabelerConfig
 from factory.core.vocab import VOC
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture
@@ -124,7 +124,7 @@ def open_vocabulary_labeler(route: str, small: bool, device: torch.device, dtype
         SamProcessor,
     )
 
-    from factory.build import openvocab
+    from factory.pipeline import openvocab
 
     config = LabelerConfig(model="open_vocabulary", weights="built here", score_threshold=0.0)
     if route == "sam3":

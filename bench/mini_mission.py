@@ -32,8 +32,8 @@ from pathlib import Path
 
 import ray
 
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from grounding.evaluate import GroundingEvalOptions
 from grounding.evaluate import format_table as protocol_i_table
 from grounding.evaluate import prepare_evaluation as prepare_protocol_i

@@ -32,11 +32,11 @@ from pathlib import Path
 import ray
 import torch
 
-from factory.build.generate import GenerateStage
-from factory.build.label import LabelStage
-from factory.build.pipeline import model_stages, stream_samples
-from factory.build.plan import Sample, build_plan, plan_batch
-from factory.build.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.label import LabelStage
+from factory.pipeline.pipeline import model_stages, stream_samples
+from factory.pipeline.plan import Sample, build_plan, plan_batch
+from factory.pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from factory.core.options import overrides_from_args
 
 

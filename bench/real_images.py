@@ -33,9 +33,9 @@ import numpy as np
 import ray
 
 from bench.mini_mission import StageClock, build, grounding_config, save_report, scaled
-from factory.build.cost import DEFAULT_RATES, seconds_per_sample
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.cost import DEFAULT_RATES, seconds_per_sample
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from factory.core.conventions import IGNORE
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label

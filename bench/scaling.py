@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from factory.build.pipeline import ModelActor
+from factory.pipeline.pipeline import ModelActor
 
 DISTINCT_IMAGES = 8  # stand-in images cycle through this many, so that held encodings find them again
 
@@ -159,7 +159,7 @@ def stand_in_stages(folder: Path, generate_seconds: float, label_seconds: float,
 
 
 def scaling_recipe(gpus: int, samples: int, size: int, batch_size: int, rows_per_file: int):
-    from factory.build.recipe import Recipe
+    from factory.pipeline.recipe import Recipe
 
     return Recipe.model_validate({
         "name": "scaling", "per_class": -(-samples // 20), "num_samples": samples, "seed": 0,
@@ -171,8 +171,8 @@ def scaling_recipe(gpus: int, samples: int, size: int, batch_size: int, rows_per
 
 def run_once(gpus: int, args: argparse.Namespace, workdir: Path) -> dict:
     """One build on the cluster as it is now; returns its figures."""
-    from factory.build.pipeline import model_stages, stream_samples
-    from factory.build.plan import build_plan
+    from factory.pipeline.pipeline import model_stages, stream_samples
+    from factory.pipeline.plan import build_plan
 
     samples = gpus * args.batches_per_gpu * args.batch_size
     recipe = scaling_recipe(gpus, samples, args.size, args.batch_size, args.rows_per_file)

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from factory.build.annotate import annotation_labels
-from factory.build.detect import Detections
-from factory.build.label import oracle_labels as label_detections
-from factory.build.recipe import AnnotatorConfig, LabelerConfig
+from factory.pipeline.annotate import annotation_labels
+from factory.pipeline.detect import Detections
+from factory.pipeline.label import oracle_labels as label_detections
+from factory.pipeline.recipe import AnnotatorConfig, LabelerConfig
 from factory.core.vocab import VOC
 from factory.dataset.batch import SampleLabels, attach_labels
 from factory.dataset.codec import objects
@@ -75,7 +75,7 @@ def blob(size: int, cx: float, cy: float, rx: float, ry: float) -> np.ndarray:
 
 
 def oracle_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabels:
-    """Labels by the oracle's rules (factory/build/label.py) from detector-like instances."""
+    """Labels by the oracle's rules (factory/pipeline/label.py) from detector-like instances."""
     rng = np.random.default_rng(seed)
     infos = [VOC.lookup(name) for name in classes]
     masks, ids, scores = [], [], []
@@ -89,7 +89,7 @@ def oracle_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabel
 
 
 def annotator_labels(classes: tuple[str, ...], size: int, seed: int) -> SampleLabels:
-    """Labels by the annotator's rules (factory/build/annotate.py) from smooth per-class probabilities."""
+    """Labels by the annotator's rules (factory/pipeline/annotate.py) from smooth per-class probabilities."""
     grid = torch.Generator().manual_seed(seed)
     coarse = torch.randn(1, len(classes), 8, 8, generator=grid) * 3  # object-sized regions
     probabilities = torch.sigmoid(F.interpolate(F.interpolate(coarse, size=64, mode="bicubic"), size=size,

@@ -10,7 +10,7 @@ Layers, each importing only those before it (tests/test_layers.py checks):
                        codecs, writing, reading, card, preview, export, inspection, verification
                                                            (imports core)
     grounding, segmenter                                   (import core, diffusion, dataset)
-    factory.build      recipe, plan, model stages, the Ray pipeline, cost (imports all above)
+    factory.pipeline      recipe, plan, model stages, the Ray pipeline, cost (imports all above)
     world              the mini world: drawings, its drawn benchmark, the training of its
                        generator and oracle               (imports all above)
     jobs, bench        entry points                        (import anything)

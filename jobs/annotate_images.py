@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from factory.core.cli import add_verbose_argument, run_job, setup_output
 from factory.core.options import job_parser, overrides_from_args
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from factory.build.cost import add_estimate_arguments, estimate, format_estimate, load_rates
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.plan import build_plan
-from factory.build.recipe import add_recipe_arguments, recipe_from_args
+from factory.pipeline.cost import add_estimate_arguments, estimate, format_estimate, load_rates
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import add_recipe_arguments, recipe_from_args
 from factory.core.cli import add_verbose_argument, run_job, setup_output
 from factory.core.options import job_parser
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from factory.build.plan import replan
+from factory.pipeline.plan import replan
 from factory.core.cli import run_job
 from factory.core.options import parse_options
 from factory.dataset.verify import Verifier, VerifyOptions

@@ -15,7 +15,7 @@ LAYERS = {  # package -> rank; a module imports only packages of a lower rank, o
     "factory.core": 0,
     "factory.diffusion": 1, "factory.dataset": 1,
     "grounding": 2, "segmenter": 2,
-    "factory.build": 3,
+    "factory.pipeline": 3,
     "world": 4,  # the mini world's drawings and the training of its models
     "jobs": 5, "bench": 5,
 }
@@ -34,7 +34,7 @@ def imports(path: Path) -> list[tuple[int, str]]:
         if isinstance(node, ast.Import):
             found += [(node.lineno, alias.name) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            # `from factory.build import detect` imports the module factory.build.detect
+            # `from factory.pipeline import detect` imports the module factory.pipeline.detect
             found += [(node.lineno, f"{node.module}.{alias.name}") for alias in node.names]
     return found
 
@@ -68,9 +68,9 @@ def test_imports_point_one_way():
 
 def test_the_checker_sees_a_wrong_edge(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("def f():\n    from factory.build import pipeline\n")
-    assert imports(bad) == [(2, "factory.build.pipeline")]
-    assert layer("factory.build.pipeline") == "factory.build" and LAYERS["factory.build"] > LAYERS["grounding"]
+    bad.write_text("def f():\n    from factory.pipeline import pipeline\n")
+    assert imports(bad) == [(2, "factory.pipeline.pipeline")]
+    assert layer("factory.pipeline.pipeline") == "factory.pipeline" and LAYERS["factory.pipeline"] > LAYERS["grounding"]
     assert layer("factory.dataset.source") == "factory.dataset" and layer("numpy") is None
 
 
@@ -89,7 +89,7 @@ def loaded_after(statement: str) -> set[str]:
     ("import jobs.export_dataset, jobs.inspect_dataset, jobs.verify_dataset, jobs.derive_pairs",
      {"torch", "ray.train"}),
     # annotating or evaluating never loads a trainer
-    ("import jobs.eval_grounding, jobs.eval_zs3, factory.build.annotate",
+    ("import jobs.eval_grounding, jobs.eval_zs3, factory.pipeline.annotate",
      {"ray.train", "grounding.train", "segmenter.train"}),
 ])
 def test_light_imports(statement, absent):

@@ -14,7 +14,7 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
-from factory.build.detect import Detector
+from factory.pipeline.detect import Detector
 from factory.core.vocab import SHAPES
 from factory.diffusion.pipelines import generate
 from world.draw import SIZE, draw

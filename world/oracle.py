@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
-from factory.build.detect import Detector, MaskRCNNDetector, label_count, small_maskrcnn
-from factory.build.recipe import SMALL, LabelerConfig
+from factory.pipeline.detect import Detector, MaskRCNNDetector, label_count, small_maskrcnn
+from factory.pipeline.recipe import SMALL, LabelerConfig
 from factory.core.checkpoints import (
     check_same_run,
     load_optimizer_state,

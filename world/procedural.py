@@ -8,7 +8,7 @@ prompt. With the world's trained generator (its text encoder knows that "red dis
 cross" share a word) a module trained on the seen classes can be checked on unseen ones.
 
 ``DrawStage`` is a model stage like the generator and the labeler together, and
-``build_procedural`` runs it through the build (``factory.build.pipeline.run_build``, in this
+``build_procedural`` runs it through the build (``factory.pipeline.pipeline.run_build``, in this
 process), so the output is a factory triplet dataset that training and evaluation read unchanged.
 """
 
@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from factory.build.pipeline import StageSpec, prepare_build, run_build
-from factory.build.recipe import CaptureConfig, GeneratorConfig, Recipe
+from factory.pipeline.pipeline import StageSpec, prepare_build, run_build
+from factory.pipeline.recipe import CaptureConfig, GeneratorConfig, Recipe
 from factory.core.conventions import TINY
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import SHAPES

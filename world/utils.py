@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from factory.build.recipe import PromptConfig
+from factory.pipeline.recipe import PromptConfig
 from factory.core.vocab import SHAPES
 
 

@@ -140,7 +140,7 @@ def drops_per_class(source: DatasetSource, replan: Replan) -> dict[str, int] | N
 
 
 def inspect(source: DatasetSource, replan: Replan, progress: bool = True) -> Inspection:
-    """Per-class statistics of a dataset; `replan` rebuilds its plan (``factory.build.plan.replan``)."""
+    """Per-class statistics of a dataset; `replan` rebuilds its plan (``factory.pipeline.plan.replan``)."""
     classes = {c.index: ClassStats(c.index, c.name) for c in source.vocabulary.classes}
     ignore, scores, quality = [], [], []
     rows = tqdm(source.iter_rows(STAT_COLUMNS), total=source.rows, desc="inspect", unit="sample",

@@ -30,7 +30,7 @@ class DatasetError(FactoryError, ValueError):
 
 
 # Rebuilds a finished dataset's plan (its samples, each with .sample_id and .classes) from its
-# manifest, raising DatasetError when it cannot: ``factory.build.plan.replan``, passed in by the
+# manifest, raising DatasetError when it cannot: ``factory.pipeline.plan.replan``, passed in by the
 # jobs, as the plan belongs to the build, a layer above the dataset format.
 Replan = Callable[[dict], Sequence]
 

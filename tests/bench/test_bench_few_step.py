@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from bench.few_step import capture_timestep, generation, parse_sampler
-from factory.build.recipe import load_recipe
+from factory.pipeline.recipe import load_recipe
 
 
 @pytest.mark.parametrize("scheduler,steps,step,timestep", [

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bench import gpu
-from factory.build.cost import load_rates
+from factory.pipeline.cost import load_rates
 
 REPO = Path(__file__).resolve().parents[2]
 

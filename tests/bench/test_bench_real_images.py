@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from bench.real_images import annotation_scores
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from factory.dataset.source import DatasetSource
 from world.benchmark import write_benchmark
 

@@ -18,9 +18,9 @@ from conftest import TINY_BUILD
 from s3_faults import build_through
 from safetensors.torch import save_file
 
-from factory.build.detect import build_maskrcnn
-from factory.build.plan import build_plan
-from factory.build.recipe import LabelerConfig, recipe_from_args
+from factory.pipeline.detect import build_maskrcnn
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import LabelerConfig, recipe_from_args
 from factory.core.loading import ModelLoadError, load_with_retries, pipeline_failure
 from jobs import build_dataset
 

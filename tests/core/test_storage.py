@@ -8,9 +8,9 @@ import ray
 import torch
 from safetensors.torch import save_file
 
-from factory.build import pipeline
-from factory.build.detect import build_maskrcnn
-from factory.build.recipe import LabelerConfig, load_recipe
+from factory.pipeline import pipeline
+from factory.pipeline.detect import build_maskrcnn
+from factory.pipeline.recipe import LabelerConfig, load_recipe
 from factory.core.storage import (
     StorageError,
     absolute_model_source,

@@ -304,7 +304,7 @@ def test_real_dataset_defaults_and_errors(voc_root, coco_root):
 
 
 def test_present_classes_agree_with_the_label_maps(voc_root, coco_root):
-    """What a build from real images plans with (factory/build/images.py), read without the images."""
+    """What a build from real images plans with (factory/pipeline/images.py), read without the images."""
     for reader in (VOCSegmentation(voc_root, "val"), COCOSemantic(coco_root)):
         for i in range(len(reader)):
             label = reader[i].label

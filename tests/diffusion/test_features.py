@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from factory.build.generate import GenerateStage
-from factory.build.recipe import CaptureConfig, GeneratorConfig
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.recipe import CaptureConfig, GeneratorConfig
 from factory.diffusion.features import (
     FeatureCapture,
     block_recorder,

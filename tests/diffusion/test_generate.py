@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from factory.build.generate import GenerateStage
-from factory.build.recipe import GeneratorConfig
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.recipe import GeneratorConfig
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import COCO, VOC
 from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline, tiny_tokenizer
@@ -142,8 +142,8 @@ def test_generate_stage(one):
 
 def test_tiny_builders_leave_the_global_random_state_alone():
     """Built from their own seed: a caller's torch.manual_seed stream goes on as if nothing was built."""
-    from factory.build.detect import build_maskrcnn
-    from factory.build.recipe import LabelerConfig
+    from factory.pipeline.detect import build_maskrcnn
+    from factory.pipeline.recipe import LabelerConfig
     from factory.diffusion.clip import tiny_clip
 
     torch.manual_seed(123)

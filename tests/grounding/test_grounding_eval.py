@@ -16,8 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from factory.core.checkpoints import CheckpointError
 from factory.core.conventions import IGNORE
 from factory.core.errors import EvalError

@@ -18,9 +18,9 @@ import pytest
 import safetensors.torch
 import torch
 
-from factory.build.generate import GenerateStage
-from factory.build.pipeline import build_manifest, prepare_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.pipeline import build_manifest, prepare_build
+from factory.pipeline.recipe import load_recipe
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
 from factory.core.conventions import IGNORE
 from factory.core.storage import open_location

@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.recipe import RECIPE_DIR
+from factory.pipeline.recipe import RECIPE_DIR
 from factory.core.vocab import COCO, VOC, read_vocabulary
 from jobs import build_dataset, eval_zs3, export_dataset, inspect_dataset, train_segmenter
 from segmenter.model import load_segmenter_checkpoint

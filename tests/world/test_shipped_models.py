@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from bench.real_images import annotation_scores
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from factory.diffusion.pipelines import load_pipeline
 from world.benchmark import benchmark_draws, write_benchmark
 from world.evaluate import generator_quality, oracle_quality

@@ -14,8 +14,8 @@ import time
 
 import numpy as np
 
-from factory.build.label import LabelStage
-from factory.build.recipe import AgreementConfig
+from factory.pipeline.label import LabelStage
+from factory.pipeline.recipe import AgreementConfig
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import objects
 

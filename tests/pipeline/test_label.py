@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from factory.build.detect import Detections, coco_to_vocabulary
-from factory.build.label import LabelStage, label_classes, semantic_label_map
-from factory.build.recipe import LabelerConfig
+from factory.pipeline.detect import Detections, coco_to_vocabulary
+from factory.pipeline.label import LabelStage, label_classes, semantic_label_map
+from factory.pipeline.recipe import LabelerConfig
 from factory.core.conventions import IGNORE
 from factory.core.vocab import COCO, VOC
 from factory.dataset.batch import CLASS_NOT_FOUND, pack_masks

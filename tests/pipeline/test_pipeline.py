@@ -1,4 +1,4 @@
-"""The build's wiring without Ray (factory/build/pipeline.py): the stages a recipe runs, what they
+"""The build's wiring without Ray (factory/pipeline/pipeline.py): the stages a recipe runs, what they
 read and add, and what prepare_build tells the user before any model loads."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.pipeline import (
+from factory.pipeline.pipeline import (
     BuildError,
     ModelActor,
     StageSpec,
@@ -26,8 +26,8 @@ from factory.build.pipeline import (
     resolve_stage,
     run_build,
 )
-from factory.build.plan import all_attempts, build_plan, plan_batch, replan
-from factory.build.recipe import load_recipe
+from factory.pipeline.plan import all_attempts, build_plan, plan_batch, replan
+from factory.pipeline.recipe import load_recipe
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import LABEL_COLUMNS, PLAN_COLUMNS, SampleLabels, attach_labels
 from factory.dataset.codec import decode_image
@@ -50,7 +50,7 @@ def test_stages_of_an_oracle_build_read_what_the_stages_before_them_add():
 @pytest.mark.parametrize("annotator", [{"checkpoint": "ck"}, {"daam": True}])
 def test_an_annotating_build_has_one_model_stage(annotator):
     (stage,) = model_stages(load_recipe("tiny", {"annotator": annotator}))
-    assert stage.stage == "factory.build.annotate:AnnotateStage" and set(LABEL_COLUMNS) <= set(stage.adds)
+    assert stage.stage == "factory.pipeline.annotate:AnnotateStage" and set(LABEL_COLUMNS) <= set(stage.adds)
 
 
 def test_labels_record_which_classes_the_labeler_was_trained_on(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.build.cost import (
+from factory.pipeline.cost import (
     DEFAULT_RATES,
     FEATURE_BYTES_512,
     LATENT_BYTES_512,
@@ -22,7 +22,7 @@ from factory.build.cost import (
     in_flight_bytes,
     load_rates,
 )
-from factory.build.recipe import load_recipe
+from factory.pipeline.recipe import load_recipe
 from factory.core.options import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

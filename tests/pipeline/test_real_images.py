@@ -1,4 +1,4 @@
-"""Builds from real images (factory/build/real.py, jobs/annotate_images.py) on the mini world: the
+"""Builds from real images (factory/pipeline/real.py, jobs/annotate_images.py) on the mini world: the
 drawn benchmark's images turned into triplets with their exact masks, and folders of images (local
 and on S3) annotated by a grounding module, resumed after an interruption."""
 
@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from factory.build.pipeline import prepare_build, run_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from factory.dataset.codec import decode_label, decode_masks
 from factory.dataset.layout import COMMIT_DIR
 from factory.dataset.real import real_dataset

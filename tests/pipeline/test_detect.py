@@ -3,7 +3,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from factory.build.detect import (
+from factory.pipeline.detect import (
     COCO_LABELS,
     Detections,
     MaskRCNNDetector,
@@ -13,7 +13,7 @@ from factory.build.detect import (
     paste_masks,
     tiny_maskrcnn,
 )
-from factory.build.recipe import LabelerConfig
+from factory.pipeline.recipe import LabelerConfig
 from factory.core.vocab import COCO, COCO_CATEGORIES, VOC
 
 CPU = torch.device("cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from factory.build.recipe import Recipe
+from factory.pipeline.recipe import Recipe
 from factory.core.options import ConfigError, one_line
 
 

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from factory.build.plan import Sample, all_attempts, build_plan, next_attempts, open_followed, plan_batch, plan_digest
-from factory.build.recipe import TORCHVISION_WEIGHTS, LabelerConfig, Recipe
+from factory.pipeline.plan import Sample, all_attempts, build_plan, next_attempts, open_followed, plan_batch, plan_digest
+from factory.pipeline.recipe import TORCHVISION_WEIGHTS, LabelerConfig, Recipe
 from factory.core.cluster import actor_resources, cluster_gpus, init_ray
 from factory.core.conventions import BACKGROUND, IGNORE, TINY
 from factory.core.errors import FactoryError
@@ -238,7 +238,7 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
     attempts = recipe.pool.load_attempts
     if recipe.source.enabled:  # real images: read, into the U-Net, labelled by their masks or the module
         source = recipe.source.model_copy(update={"images": absolute_model_source(recipe.source.images)})
-        stages = [StageSpec("factory.build.real:ImageStage",
+        stages = [StageSpec("factory.pipeline.real:ImageStage",
                             {"generator": gen, "source": source, "capture": recipe.capture, "annotator": annotator,
                              "vocabulary": recipe.vocabulary, "fast": recipe.fast, "load_attempts": attempts},
                             gen.batch_size,
@@ -246,31 +246,31 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
                             adds=("image", "psnr", "generate_seconds", "timestep", "latent", "features_<r>",
                                   *_LABELS))]
     elif annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
-        stages = [StageSpec("factory.build.annotate:AnnotateStage",
+        stages = [StageSpec("factory.pipeline.annotate:AnnotateStage",
                             {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
                              "fast": recipe.fast, "load_attempts": attempts}, gen.batch_size,
                             reads=("prompt", "seed", "classes", "class_words"),
                             adds=("image", "generate_seconds", *_LABELS))]
     else:
         capture = ("timestep", "latent", "features_<r>", "ufeatures_<r>", "daam")
-        stages = [StageSpec("factory.build.generate:GenerateStage",
+        stages = [StageSpec("factory.pipeline.generate:GenerateStage",
                             {"config": gen, "capture": recipe.capture, "fast": recipe.fast, "load_attempts": attempts},
                             gen.batch_size,
                             reads=("prompt", "seed", "class_words"), adds=("image", "generate_seconds", *capture)),
-                  StageSpec("factory.build.label:LabelStage",
+                  StageSpec("factory.pipeline.label:LabelStage",
                             {"config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width),
                              "load_attempts": attempts}, lab.batch_size,
                             reads=("image", "classes"), adds=_LABELS)]
     if recipe.agreement.enabled:
         check = recipe.agreement.model_copy(update={"labeler": _absolute_labeler(recipe.agreement.labeler)})
-        stages.append(StageSpec("factory.build.agreement:AgreementStage",
+        stages.append(StageSpec("factory.pipeline.agreement:AgreementStage",
                                 {"config": check, "vocabulary": recipe.vocabulary,
                                  "image_size": min(gen.height, gen.width), "load_attempts": attempts},
                                 check.labeler.batch_size,
                                 reads=("image", "classes", "class_bits", "label", "drop_reason"),
                                 adds=("agreement", "label", "drop_reason", "label_seconds")))
     if recipe.quality.model:
-        stages.append(StageSpec("factory.build.quality:QualityStage",
+        stages.append(StageSpec("factory.pipeline.quality:QualityStage",
                                 {"model": absolute_model_source(recipe.quality.model), "load_attempts": attempts},
                                 lab.batch_size,
                                 reads=("image",), adds=("quality",)))

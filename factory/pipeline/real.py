@@ -1,12 +1,12 @@
 """Real images through the model actor: into the U-Net by the recipe's route, then labelled.
 
 ``ImageStage`` is the build's model stage when the recipe reads real images (``source``): it
-reads each planned image (``factory.build.images``), gets the U-Net features a generated image
+reads each planned image (``factory.pipeline.images``), gets the U-Net features a generated image
 would have given at the capture step (``factory.diffusion.inversion.image_features``), and then
 - with masks and capture on, keeps the features (or their latent) with the image's own masks:
   a triplet set for grounding training, the "real" half of the papers' "sim+real";
 - with ``annotator.checkpoint``, lets the grounding module label the image, as it labels
-  generated ones (``factory.build.annotate``).
+  generated ones (``factory.pipeline.annotate``).
 The inversion route also records each image's reconstruction PSNR.
 """
 
@@ -17,10 +17,10 @@ import time
 import numpy as np
 import torch
 
-from factory.build.annotate import GroundingAnnotator, annotation_labels
-from factory.build.generate import load_generator
-from factory.build.images import ImageReader, class_masks
-from factory.build.recipe import AnnotatorConfig, CaptureConfig, FastConfig, GeneratorConfig, SourceConfig
+from factory.pipeline.annotate import GroundingAnnotator, annotation_labels
+from factory.pipeline.generate import load_generator
+from factory.pipeline.images import ImageReader, class_masks
+from factory.pipeline.recipe import AnnotatorConfig, CaptureConfig, FastConfig, GeneratorConfig, SourceConfig
 from factory.core.devices import pick_device
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import SampleLabels, attach_labels

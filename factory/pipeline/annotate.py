@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from factory.build.generate import load_generator
-from factory.build.recipe import AnnotatorConfig, FastConfig, GeneratorConfig
+from factory.pipeline.generate import load_generator
+from factory.pipeline.recipe import AnnotatorConfig, FastConfig, GeneratorConfig
 from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 from events import stop_process_group
 
-from factory.build.plan import build_plan
-from factory.build.recipe import recipe_from_args
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import recipe_from_args
 from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,8 +14,8 @@ import pytest
 import ray
 from PIL import Image
 
-from factory.build import detect, generate, pipeline, quality
-from factory.build.recipe import load_recipe
+from factory.pipeline import detect, generate, pipeline, quality
+from factory.pipeline.recipe import load_recipe
 from factory.core import storage
 from factory.core.vocab import VOC
 from factory.dataset.layout import COMMIT_DIR, FORMAT

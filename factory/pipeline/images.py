@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from factory.build.recipe import Recipe, RecipeError, SourceConfig
+from factory.pipeline.recipe import Recipe, RecipeError, SourceConfig
 from factory.core.storage import StorageError, first_line, open_location, split_file_uri
 from factory.core.vocab import UnknownClassError, Vocabulary
 from factory.dataset.batch import MAX_CLASSES

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from factory.build.recipe import RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_from_args
+from factory.pipeline.recipe import RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_from_args
 
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
@@ -92,7 +92,7 @@ def test_classes_comma_form():
     assert load_recipe("tiny", {"classes": "all"}).classes == "all"
 
 
-# ------------------------------------- validators (bad input: tests/build/test_bad_input.py)
+# ------------------------------------- validators (bad input: tests/pipeline/test_bad_input.py)
 
 def test_ignore_threshold_below_score_threshold():
     ok = load_recipe("tiny", {"labeler.score_threshold": 0.5, "labeler.ignore_threshold": 0.2})
@@ -332,7 +332,7 @@ def test_open_vocabulary_labeler():
      "tiny.yaml: labeler: sam is for labeler open_vocabulary with a detector, not tiny"),
 ], ids=["no weights", "torchvision", "sam without open_vocabulary"])
 def test_bad_open_vocabulary_labeler(overrides, message):
-    # Whether weights is SAM 3 (then sam is refused) is known when it loads: tests/build/test_openvocab.py.
+    # Whether weights is SAM 3 (then sam is refused) is known when it loads: tests/pipeline/test_openvocab.py.
     assert recipe_error(overrides) == message
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from factory.build.recipe import CaptureConfig, FastConfig, GeneratorConfig
+from factory.pipeline.recipe import CaptureConfig, FastConfig, GeneratorConfig
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.loading import load_with_retries
 from factory.dataset.codec import objects

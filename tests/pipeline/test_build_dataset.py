@@ -18,8 +18,8 @@ import pytest
 import ray
 from events import count, wait_until
 
-from factory.build.plan import build_plan
-from factory.build.recipe import recipe_from_args
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import recipe_from_args
 from factory.dataset.codec import decode_png
 from jobs import build_dataset
 
@@ -207,8 +207,8 @@ def test_agreement_of_a_labeler_with_itself_is_recorded_carded_and_inspected(ray
 
 
 def test_real_models_ask_for_a_gpu_and_say_so_when_there_is_none(ray_cluster, caplog):
-    from factory.build.pipeline import _accelerator_resources
-    from factory.build.recipe import load_recipe
+    from factory.pipeline.pipeline import _accelerator_resources
+    from factory.pipeline.recipe import load_recipe
 
     assert _accelerator_resources(load_recipe("tiny")) == {"num_cpus": 1}  # CPU-only cluster: tiny runs here
     assert not caplog.records
@@ -229,7 +229,7 @@ FRUIT = "# detector: shapes\nname\tnatural\tdetector\napple\tred disc\tred disc\
     (["--vocabulary", "{tmp}/fruit.tsv", "--num-samples", "4"], ("apple", "pear")),
 ], ids=["signs.yaml", "street.yaml", "fruit.tsv"])
 def test_your_own_vocabularies_build(ray_cluster, tmp_path, capsys, args, names):
-    """(warehouse.tsv, labelled by an open-vocabulary model: tests/build/test_openvocab.py.)"""
+    """(warehouse.tsv, labelled by an open-vocabulary model: tests/pipeline/test_openvocab.py.)"""
     (tmp_path / "fruit.tsv").write_text(FRUIT)
     out = tmp_path / "ds"
     argv = ["--out", str(out), "--writer.preview-samples", "0", *(a.replace("{tmp}", str(tmp_path)) for a in args)]

@@ -210,7 +210,7 @@ class AnnotatorConfig(_Section):
 
 
 class AgreementConfig(_Section):
-    """A second labeler that checks the labels (``factory.build.agreement``): every sample records
+    """A second labeler that checks the labels (``factory.pipeline.agreement``): every sample records
     the IoU of the two labelers' masks per class, and a threshold acts on disagreeing classes."""
     labeler: LabelerConfig | None = Field(
         None, description="the second labeler, a labeler section ({model: maskrcnn_small, weights: ...} or "

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.build.detect import Detections, load_detector
-from factory.build.recipe import LabelerConfig
+from factory.pipeline.detect import Detections, load_detector
+from factory.pipeline.recipe import LabelerConfig
 from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries

@@ -5,7 +5,7 @@ is asked for, into ``Detections`` labelled by the vocabulary's class indices; it
 own label space (COCO category ids here) at this boundary, so the labelling rules never see
 it. Adding one (a detector of another world) means one module like this and a branch in
 ``load_detector``; the open-vocabulary one (SAM 3, or a text-prompted detector and SAM) is
-factory/build/openvocab.py.
+factory/pipeline/openvocab.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
 from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
-from factory.build.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
+from factory.pipeline.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
 from factory.core.vocab import ClassInfo, Vocabulary, get_vocabulary
@@ -220,7 +220,7 @@ class MaskRCNNDetector:
 
 def load_detector(config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device) -> Detector:
     if config.model == "open_vocabulary":
-        from factory.build.openvocab import load_open_vocabulary  # transformers' models load only here
+        from factory.pipeline.openvocab import load_open_vocabulary  # transformers' models load only here
 
         return load_open_vocabulary(config, device)
     return MaskRCNNDetector(config, vocabulary, image_size, device)

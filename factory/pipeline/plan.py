@@ -35,8 +35,8 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
-from factory.build.images import ImageListing, open_images
-from factory.build.recipe import MAX_ATTEMPTS, Recipe, RecipeError, find_file
+from factory.pipeline.images import ImageListing, open_images
+from factory.pipeline.recipe import MAX_ATTEMPTS, Recipe, RecipeError, find_file
 from factory.core.options import fill_template
 from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import StorageError, first_line

@@ -1,4 +1,4 @@
-"""Real images as a build's source (factory/build/images.py) and their plan (factory/build/plan.py):
+"""Real images as a build's source (factory/pipeline/images.py) and their plan (factory/pipeline/plan.py):
 listings, each image's classes, what is left out, and the reader the model actor uses."""
 
 import hashlib
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from factory.build.images import ImageReader, class_masks, fit_image
-from factory.build.plan import all_attempts, build_plan, image_index
-from factory.build.recipe import Recipe, RecipeError
+from factory.pipeline.images import ImageReader, class_masks, fit_image
+from factory.pipeline.plan import all_attempts, build_plan, image_index
+from factory.pipeline.recipe import Recipe, RecipeError
 from factory.core.options import fill_template
 from factory.core.vocab import SHAPES
 from world.benchmark import write_benchmark
@@ -160,7 +160,7 @@ def test_files_that_are_not_read_are_named_in_one_warning(tmp_path, caplog):
     write_images(photos, ["a.png", "b.gif", "c.webp", "d.GIF"])
     (photos / ".hidden").write_text("")
     r = recipe({"images": str(photos)}, classes=["red disc"], annotator=ANNOTATOR)
-    with caplog.at_level(logging.WARNING, logger="factory.build.plan"):
+    with caplog.at_level(logging.WARNING, logger="factory.pipeline.plan"):
         assert [s.source_image for s in build_plan(r)] == ["a.png"]
     assert [record.getMessage() for record in caplog.records] == [
         f"{photos}: skipped 3 files not read as images (2 .gif, 1 .webp; only .png, .jpg, .jpeg are): "

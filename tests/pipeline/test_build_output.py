@@ -16,8 +16,8 @@ import pytest
 import ray
 from events import count, wait_until
 
-from factory.build.pipeline import prepare_build
-from factory.build.recipe import load_recipe
+from factory.pipeline.pipeline import prepare_build
+from factory.pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 BAR = re.compile(r"samples:\s+\d+%\|[^|]*\|[^\]]*\]")  # tqdm's "samples:  50%|█████     | 4/8 [...]"

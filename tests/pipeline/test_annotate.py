@@ -5,10 +5,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.build.annotate import AnnotateStage, annotation_label_map, annotation_labels
-from factory.build.generate import GenerateStage
-from factory.build.pipeline import prepare_build
-from factory.build.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig, load_recipe
+from factory.pipeline.annotate import AnnotateStage, annotation_label_map, annotation_labels
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.pipeline import prepare_build
+from factory.pipeline.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig, load_recipe
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_png
 from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
@@ -114,7 +114,7 @@ def refused(capsys, *args: str) -> str:
 
 
 def test_checkpoint_of_other_features_is_refused_before_models_load(checkpoint, tmp_path, capsys, monkeypatch):
-    from factory.build import pipeline
+    from factory.pipeline import pipeline
     monkeypatch.setattr(pipeline, "stream_samples", lambda *a, **k: pytest.fail("models loaded"))
     (tmp_path / "sd").mkdir()
     (tmp_path / "sd" / "model_index.json").write_text("{}")

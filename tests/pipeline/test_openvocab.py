@@ -1,4 +1,4 @@
-"""The open-vocabulary labeler (factory/build/openvocab.py) through its real loading path: tiny
+"""The open-vocabulary labeler (factory/pipeline/openvocab.py) through its real loading path: tiny
 random SAM 3, OWLv2 + SAM and Grounding DINO + SAM 2, saved with save_pretrained and loaded by
 folder or by s3:// prefix, then labelled by label.py's rules. Random weights find nothing in
 particular, so the thresholds are 0 here: what is checked is who is asked for what, and how
@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from factory.build.detect import Detections, load_detector
-from factory.build.label import LabelStage
-from factory.build.openvocab import (
+from factory.pipeline.detect import Detections, load_detector
+from factory.pipeline.label import LabelStage
+from factory.pipeline.openvocab import (
     MAX_INSTANCES,
     class_queries,
     save_tiny_detector_and_sam,
     save_tiny_sam3,
 )
-from factory.build.recipe import LabelerConfig
+from factory.pipeline.recipe import LabelerConfig
 from factory.core.conventions import IGNORE
 from factory.core.loading import ModelLoadError
 from factory.core.options import ConfigError

@@ -31,10 +31,10 @@ import ray
 from events import count, wait_until
 from ray.cluster_utils import Cluster
 
-from factory.build import pipeline
-from factory.build.pipeline import resolve_stage
-from factory.build.plan import build_plan
-from factory.build.recipe import recipe_from_args
+from factory.pipeline import pipeline
+from factory.pipeline.pipeline import resolve_stage
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import recipe_from_args
 from factory.core.storage import open_location
 from factory.dataset.write import read_commits
 from jobs import build_dataset

@@ -38,8 +38,8 @@ from transformers import (
 )
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from factory.build.detect import Detections, candidate_threshold
-from factory.build.recipe import LabelerConfig
+from factory.pipeline.detect import Detections, candidate_threshold
+from factory.pipeline.recipe import LabelerConfig
 from factory.core.devices import pick_dtype
 from factory.core.options import ConfigError
 from factory.core.storage import local_copy
