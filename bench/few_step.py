@@ -26,14 +26,15 @@ from pathlib import Path
 import ray
 
 from bench.mini_mission import SPLIT, StageClock, build, grounding_config, protocol_i_table, save_report
-from factory.pipeline.recipe import load_recipe
 from factory.diffusion.steps import (
     REFERENCE_STEPS,
     capture_call_index,
     reference_timestep,
     scheduler_timesteps,
 )
-from grounding.evaluate import GroundingEvalOptions, prepare_evaluation, run_evaluation
+from factory.pipeline.recipe import load_recipe
+from grounding.config import GroundingEvalOptions
+from grounding.evaluate import prepare_evaluation, run_evaluation
 from grounding.train import prepare_training, run_training
 
 

@@ -60,13 +60,14 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from factory.pipeline.detect import COCO_LABELS, Detector, tiny_maskrcnn
-from factory.pipeline.generate import GenerateStage
-from factory.pipeline.recipe import CaptureConfig, FastConfig, GeneratorConfig, LabelerConfig
 from factory.core.vocab import VOC
+from factory.detection.detections import Detector
+from factory.detection.maskrcnn import COCO_LABELS, tiny_maskrcnn
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture
 from factory.diffusion.pipelines import sd15_unet, sd_scheduler, tiny_pipeline, tiny_tokenizer
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.sections import CaptureConfig, FastConfig, GeneratorConfig, LabelerConfig
 
 LABELERS = ("sam3", "owlv2+sam")  # the open-vocabulary labeler's routes
 STAGES = ("unet", "vae", "maskrcnn", "generate", "factory", *LABELERS)

@@ -52,9 +52,11 @@ from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
 from factory.dataset.real import real_dataset
 from factory.dataset.source import DatasetSource
-from grounding.evaluate import GATED, MODULE, TEXT_PERMUTED, GroundingEvalOptions, format_presence_table, format_table
+from grounding.config import GroundingEvalOptions
+from grounding.evaluate import GATED, MODULE, TEXT_PERMUTED
 from grounding.evaluate import prepare_evaluation as prepare_protocol_i
 from grounding.evaluate import run_evaluation as run_protocol_i
+from grounding.metrics import format_presence_table, format_table
 from world.benchmark import write_benchmark
 
 SPLIT = 1

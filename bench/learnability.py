@@ -3,7 +3,7 @@
     python bench/learnability.py [--train 768 --val 64 --test 128 --epochs 12 --seed 0 --work DIR]
 
 The property the whole method rests on, checked in minutes on a CPU. The images are mini-world
-drawings with exact masks (world/procedural.py), featurized by the world's trained generator
+drawings with exact masks (bench/procedural.py), featurized by the world's trained generator
 as real images are annotated (VAE, noise to the paper's t=5 of 50, one U-Net pass). They go
 through the project's own code: training (grounding.train on Ray Train, on the 15 seen
 classes of shapes split 1 only, best epoch by validation mIoU) and Protocol-I evaluation
@@ -25,13 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.procedural import SEEN, SPLIT, build_procedural, procedural_recipe
 from factory.core.vocab import SHAPES
-from grounding.evaluate import GROUPS, MODULE, GroundingEvalOptions, format_table, prepare_evaluation, run_evaluation
-from grounding.train import GroundingTrainConfig, prepare_training, run_training
-from world.procedural import SEEN, SPLIT, build_procedural, procedural_recipe
+from grounding.config import GroundingEvalOptions, GroundingTrainConfig
+from grounding.evaluate import MODULE, prepare_evaluation, run_evaluation
+from grounding.metrics import GROUPS, format_table
+from grounding.train import prepare_training, run_training
 
 MIN_SEEN_MIOU = 80.0  # percent, as the evaluation reports it
-MIN_UNSEEN_MIOU = 75.0  # measured 86.9 at the test size (tests/world/test_procedural.py)
+MIN_UNSEEN_MIOU = 75.0  # measured 86.9 at the test size (tests/bench/test_bench_learnability.py)
 SEEN_GROUPS = ("one/seen", "two/seen")
 UNSEEN_GROUPS = ("one/unseen", "two/unseen")  # unseen-class IoUs only
 MIXED_GROUP = "two/seen+unseen"  # a seen and an unseen class per image: in neither mean

@@ -22,9 +22,10 @@ import torch
 
 from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
+from segmenter.config import SegmenterModelConfig, SegmenterTrainConfig
 from segmenter.evaluate import predict
-from segmenter.model import Segmenter, SegmenterModelConfig
-from segmenter.train import SegmenterTrainConfig, make_optimizer, train_step
+from segmenter.model import Segmenter
+from segmenter.train import make_optimizer, train_step
 
 VOC_LABELS = 21
 

@@ -34,17 +34,16 @@ import ray
 
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
-from grounding.evaluate import GroundingEvalOptions
-from grounding.evaluate import format_table as protocol_i_table
+from grounding.config import GroundingEvalOptions, GroundingTrainConfig
 from grounding.evaluate import prepare_evaluation as prepare_protocol_i
 from grounding.evaluate import run_evaluation as run_protocol_i
-from grounding.train import GroundingTrainConfig
+from grounding.metrics import format_table as protocol_i_table
 from grounding.train import prepare_training as prepare_grounding
 from grounding.train import run_training as run_grounding
-from segmenter.evaluate import BACKGROUND_KEYS, BACKGROUND_MEANINGS, ZS3EvalOptions
+from segmenter.config import SegmenterTrainConfig, ZS3EvalOptions
+from segmenter.evaluate import BACKGROUND_KEYS, BACKGROUND_MEANINGS
 from segmenter.evaluate import prepare_evaluation as prepare_protocol_ii
 from segmenter.evaluate import run_evaluation as run_protocol_ii
-from segmenter.train import SegmenterTrainConfig
 from segmenter.train import prepare_training as prepare_segmenter
 from segmenter.train import run_training as run_segmenter
 from world.benchmark import write_benchmark

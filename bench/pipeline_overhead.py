@@ -1,7 +1,7 @@
 """Pipeline overhead: the factory's pipeline against the same models in a bare loop.
 
 In one run, on the same planned samples:
-- factory: `factory.pipeline.stream_samples`, the production Ray Data pipeline (model
+- factory: `factory.pipeline.ray_executor.stream_samples`, the production Ray Data pipeline (model
   actors, encoding, Parquet parts and commit records in a temporary folder);
 - bare loop: the generator and labeler stages called one batch after the other in one
   process (same batch sizes; one torch thread and a Ray worker's CPU priority, as a
@@ -32,12 +32,15 @@ from pathlib import Path
 import ray
 import torch
 
+from factory.core.options import overrides_from_args
+from factory.core.vocab import get_vocabulary
+from factory.pipeline.actor import encode_options
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.label import LabelStage
-from factory.pipeline.pipeline import model_stages, stream_samples
 from factory.pipeline.plan import Sample, build_plan, plan_batch
+from factory.pipeline.ray_executor import stream_samples
 from factory.pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
-from factory.core.options import overrides_from_args
+from factory.pipeline.stages import model_ids, model_stages
 
 
 def bare_loop(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, int]:
@@ -76,7 +79,8 @@ def factory(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, dict]:
         stages = [dataclasses.replace(generate, stage=announcing(GenerateStage, Path(ready))),
                   dataclasses.replace(label, stage=announcing(LabelStage, Path(ready)))]
         start = time.time()
-        commits = stream_samples(recipe, plan, out, {}, stages=stages)
+        encode = encode_options(recipe, get_vocabulary(recipe.vocabulary), model_ids(recipe))
+        commits = stream_samples(recipe, plan, out, {}, stages=stages, encode=encode)
         seconds = time.time() - start
         startup = max(float(p.read_text()) for p in Path(ready).iterdir()) - start
         actors = len({p.name.rsplit("-", 1)[1] for p in Path(ready).iterdir()})  # model processes

@@ -1,4 +1,5 @@
-"""Real images on the mini world: sim+real grounding (000, C.3 and Table 3) and annotating them.
+"""Real images on the mini world: sim+real grounding (Li et al. 2023, supplementary C.3 and Table 3) and
+annotating them.
 
     python -m bench.real_images [--work outputs/real-images] [--scale 1.0]
 
@@ -33,17 +34,17 @@ import numpy as np
 import ray
 
 from bench.mini_mission import StageClock, build, grounding_config, save_report, scaled
-from factory.pipeline.cost import DEFAULT_RATES, seconds_per_sample
-from factory.pipeline.pipeline import prepare_build, run_build
-from factory.pipeline.recipe import load_recipe
 from factory.core.conventions import IGNORE
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
 from factory.dataset.real import real_dataset
 from factory.dataset.source import DatasetSource
+from factory.pipeline.cost import DEFAULT_RATES, seconds_per_sample
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
+from grounding.config import GroundingEvalOptions
 from grounding.evaluate import MODULE as PROTOCOL_I_MODULE
-from grounding.evaluate import GroundingEvalOptions
-from grounding.evaluate import format_table as protocol_i_table
+from grounding.metrics import format_table as protocol_i_table
 from grounding.evaluate import prepare_evaluation as prepare_protocol_i
 from grounding.evaluate import run_evaluation as run_protocol_i
 from grounding.train import prepare_training, run_training

@@ -9,7 +9,7 @@ distinct image, label or mask is encoded once for real (the bytes that cross Ray
 PNGs), and every later encoding of it sleeps the time the first one took. So the host's
 cores are left to what a real build shares: the driver (Ray Data's executor, commit
 collection), the object store, the write tasks (Parquet, real), and the Ray daemons.
-Everything else is production code: `factory.pipeline.stream_samples` builds the pipeline
+Everything else is production code: `factory.pipeline.ray_executor.stream_samples` builds the pipeline
 with the stand-in classes as its stage arguments and writes Parquet parts with commit records.
 
 Each run waits until every generator actor is up (start-up is paid once per build, not
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from factory.pipeline.pipeline import ModelActor
+from factory.pipeline.actor import ModelActor
 
 DISTINCT_IMAGES = 8  # stand-in images cycle through this many, so that held encodings find them again
 
@@ -171,8 +171,11 @@ def scaling_recipe(gpus: int, samples: int, size: int, batch_size: int, rows_per
 
 def run_once(gpus: int, args: argparse.Namespace, workdir: Path) -> dict:
     """One build on the cluster as it is now; returns its figures."""
-    from factory.pipeline.pipeline import model_stages, stream_samples
+    from factory.core.vocab import get_vocabulary
+    from factory.pipeline.actor import encode_options
     from factory.pipeline.plan import build_plan
+    from factory.pipeline.ray_executor import stream_samples
+    from factory.pipeline.stages import model_ids, model_stages
 
     samples = gpus * args.batches_per_gpu * args.batch_size
     recipe = scaling_recipe(gpus, samples, args.size, args.batch_size, args.rows_per_file)
@@ -183,7 +186,8 @@ def run_once(gpus: int, args: argparse.Namespace, workdir: Path) -> dict:
     generate, label = model_stages(recipe)  # the real stages' arguments, with stand-in classes
     stages = [dataclasses.replace(generate, stage=generator), dataclasses.replace(label, stage=labeler)]
     host_before, driver_before = host_busy(), time.process_time()
-    commits = stream_samples(recipe, plan, str(folder / "out"), {}, stages=stages, actor=HeldEncodingActor)
+    commits = stream_samples(recipe, plan, str(folder / "out"), {}, stages=stages, actor=HeldEncodingActor,
+                             encode=encode_options(recipe, get_vocabulary(recipe.vocabulary), model_ids(recipe)))
     end = time.time()
     host_after, driver_seconds = host_busy(), time.process_time() - driver_before
     start = max(float(p.read_text()) for p in (folder / "ready").glob("ready-*"))

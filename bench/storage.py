@@ -37,16 +37,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from factory.pipeline.annotate import annotation_labels
-from factory.pipeline.detect import Detections
-from factory.pipeline.label import oracle_labels as label_detections
-from factory.pipeline.recipe import AnnotatorConfig, LabelerConfig
 from factory.core.vocab import VOC
 from factory.dataset.batch import SampleLabels, attach_labels
 from factory.dataset.codec import objects
 from factory.dataset.write import encode_batch, write_part
+from factory.detection.detections import Detections
 from factory.diffusion.features import FeatureCapture, feature_channels
 from factory.diffusion.pipelines import sd15_unet, tiny_pipeline
+from factory.pipeline.annotate import annotation_labels
+from factory.pipeline.label import oracle_labels as label_detections
+from factory.pipeline.sections import AnnotatorConfig, LabelerConfig
 
 REFERENCE_MB = 54.0  # per triplet sample, the public follow-up implementation (Simoncini and Ankit)
 SAMPLES = (("dog",), ("cat",), ("dog", "sofa"), ("person", "horse"))

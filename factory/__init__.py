@@ -9,9 +9,12 @@ Layers, each importing only those before it (tests/test_layers.py checks):
     factory.dataset    the dataset format and its consumers: layout, schema, the stage batch,
                        codecs, writing, reading, card, preview, export, inspection, verification
                                                            (imports core)
-    grounding, segmenter                                   (import core, diffusion, dataset)
-    factory.pipeline      recipe, plan, model stages, the Ray pipeline, cost (imports all above)
-    world              the mini world: drawings, its drawn benchmark, the training of its
-                       generator and oracle               (imports all above)
+    factory.detection  detectors built in code: Mask R-CNN, its weights, exact mask pasting
+                                                           (imports core)
+    grounding, segmenter, world
+                       the two methods, and the mini world: drawings, its drawn benchmark, the
+                       training of its generator and oracle
+                                                           (import core, diffusion, dataset, detection)
+    factory.pipeline   recipe, plan, model stages, the Ray pipeline, cost (imports all above)
     jobs, bench        entry points                        (import anything)
 """

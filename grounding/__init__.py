@@ -6,9 +6,10 @@ from factory.core.exports import lazy_exports
 __all__, __getattr__ = lazy_exports(__name__, {
     "checkpoint": ("check_generation", "load_grounding_checkpoint", "read_grounding_metadata",
                    "save_grounding_checkpoint", "training_generation"),
-    "config": ("GroundingModelConfig",),
-    "data": ("Featurizer", "TextConfig", "TripletSource"),
-    "evaluate": ("GroundingEvalOptions", "ProtocolIAccumulator", "prepare_evaluation", "run_evaluation"),
+    "config": ("GroundingEvalOptions", "GroundingModelConfig", "GroundingTrainConfig", "TextConfig"),
+    "data": ("Featurizer", "TripletSource"),
+    "evaluate": ("prepare_evaluation", "run_evaluation"),
+    "metrics": ("IoUCounts", "PresenceCounts", "ProtocolIAccumulator"),
     "model": ("GroundingModule",),
-    "train": ("GroundingTrainConfig", "prepare_training", "run_training"),
+    "train": ("prepare_training", "run_training"),
 })

@@ -17,6 +17,7 @@ from factory.core.checkpoints import (
     METADATA_FILE,
     CheckpointError,
     is_intact,
+    load_optimizer_state,
     read_checkpoint_metadata,
     read_tensors,
     save_checkpoint,
@@ -55,6 +56,16 @@ def load_grounding_checkpoint(uri: str) -> tuple[GroundingModule, dict]:
     module = GroundingModule(GroundingModelConfig.model_validate(metadata["model"]))
     module.load_state_dict(read_tensors(uri, metadata, "model"))
     return module.eval(), metadata
+
+
+def restore_grounding_checkpoint(uri: str, module: GroundingModule, optimizer: torch.optim.Optimizer) -> dict:
+    """Load a checkpoint's weights and optimizer state into a module of its sizes; its checkpoint.json."""
+    metadata = read_grounding_metadata(uri)
+    if GroundingModelConfig.model_validate(metadata["model"]) != module.config:
+        raise CheckpointError(f"{uri} holds a module of other sizes than this dataset and preset give")
+    module.load_state_dict(read_tensors(uri, metadata, "model"))
+    load_optimizer_state(uri, optimizer, metadata)
+    return metadata
 
 
 def generation_record(recipe: dict, capture_step: int) -> dict:

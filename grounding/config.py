@@ -1,10 +1,15 @@
-"""Sizes of the grounding module (Li et al., ICCV 2023, supplementary A)."""
+"""Every option of the grounding module: its sizes (Li et al., ICCV 2023, supplementary A), the text
+its class embeddings are read from, its training and its Protocol-I evaluation."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from factory.core.options import check_template, fill_template
+from factory.diffusion.daam import DAAM_THRESHOLD
 
 # Channels per spatial resolution of the Stable Diffusion 1.5 U-Net features for a
 # 64x64 latent (512x512 image): all blocks factory/features.py captures at one
@@ -82,3 +87,151 @@ class GroundingModelConfig(BaseModel):
                      fused_dim=16, patch_size=4, embed_dim=32, text_dim=32,
                      decoder_layers=1, decoder_heads=4, dropout=0.1, mask_resolution=32)
         return cls(**{**sizes, **overrides})
+
+
+class TextConfig(BaseModel):
+    """The text whose class-word tokens give the class embeddings.
+
+    Simoncini and Ankit (Table 3) found "{x} and {y}" the best text-encoder input of the grounding module,
+    while the images were generated with "a photograph of a {x} and a {y}".
+    """
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["template", "prompt"] = Field(
+        "template", description="'prompt': the generation prompt; 'template': one/two filled with the class words")
+    one: str = Field("{0}", description="template for one class")
+    two: str = Field("{0} and {1}", description="template for two classes")
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> "TextConfig":
+        check_template("one", self.one, 1)
+        check_template("two", self.two, 2)
+        return self
+
+    def render(self, prompt: str, class_words: Sequence[str]) -> str:
+        if self.source == "prompt":
+            return prompt
+        return fill_template(self.one, self.two, class_words)
+
+
+class ModelSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "world", "real"] = Field(
+        "tiny", description="module sizes: 'tiny' (tests, CPU), 'world' (the mini world's generator, CPU) or "
+        "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
+        "come from the dataset")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
+    presence: Literal["none", "query", "region", "match"] = Field(
+        "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "
+        "so that a class the image lacks gets no mask: 'region' reads the class query and what its mask covers, "
+        "'match' that region's cosine with the class's text embedding, 'query' the query alone; 'none': the "
+        "papers' module")
+    text: TextConfig = TextConfig()
+
+
+class GroundingTrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="triplet dataset: local folder or s3:// prefix")
+    mix: list[str] | None = Field(None, description="more triplet datasets trained on whole with data, made "
+                                  "alike (e.g. real images' triplets: the papers' sim+real); validation stays data's")
+    val: str | None = Field(None, description="validation triplet dataset; null: hold out val_fraction of data")
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of data held out for validation "
+                                "(by sample_id hash) when val is null")
+    out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from it")
+    model: ModelSection = ModelSection()
+    loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (Li et al. "
+                                                     "2023) or BCE + log-cosh Dice (Simoncini and Ankit)")
+    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count in the mask loss "
+                               "(Li et al. 2023, Table 3); the presence loss counts them, as absent")
+    presence_weight: float = Field(1.0, ge=0.0, description="weight of the presence loss beside the mask loss")
+    negatives: float = Field(1.0, ge=0.0, le=1.0, description="share of training samples also asked about one "
+                             "trained class they do not name (prompt and text name it; an empty target, presence "
+                             "0): the hard negatives of an annotated image's class list")
+    classes: Literal["seen", "all"] | list[str] = Field(
+        "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
+        "naming any other class are left out, so unseen classes are never shown")
+    split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's split")
+    epochs: int = Field(10, ge=1, description="epochs in all (a resumed run continues up to this)")
+    batch_size: int = Field(8, ge=1, description="samples per step over all workers")
+    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate")
+    weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
+    use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
+    seed: int = Field(0, ge=0, description="module initialisation and sample order")
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _comma_list(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in ("seen", "all"):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("mix", mode="before")
+    @classmethod
+    def _comma_uris(cls, value: Any) -> Any:
+        return [uri.strip() for uri in value.split(",") if uri.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "GroundingTrainConfig":
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        return self
+
+
+# Changing these makes a different experiment: such an output is not resumed.
+RUN_IDENTITY = ("data", "mix", "val", "val_fraction", "model", "classes", "split", "ignore_empty")
+
+
+def grounding_model_config(section: ModelSection, feature_channels: dict[int, int], text_dim: int,
+                           image_size: int) -> GroundingModelConfig:
+    """The preset's sizes on this dataset: its feature resolutions (the preset's reduce widths,
+    coarsest first), its text encoder's width, and masks at the image size (as the paper)."""
+    preset = getattr(GroundingModelConfig, section.preset)()
+    widths = [preset.reduce_channels[r] for r in sorted(preset.reduce_channels)]
+    if len(widths) != len(feature_channels):
+        raise ValueError(f"preset {section.preset} fuses {len(widths)} feature resolutions, the dataset "
+                         f"has {sorted(feature_channels)}")
+    sizes = dict(feature_channels=feature_channels, reduce_channels=dict(zip(sorted(feature_channels), widths)),
+                 text_dim=text_dim, mask_resolution=image_size, fuse_resolution=None)
+    if section.dropout is not None:
+        sizes["dropout"] = section.dropout
+    sizes["presence"] = section.presence
+    return GroundingModelConfig(**{**preset.model_dump(), **sizes})
+
+
+class GroundingEvalOptions(BaseModel):
+    """The options of a Protocol-I evaluation (``jobs/eval_grounding.py``)."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    checkpoints: dict[int, str] = Field(
+        min_length=1, strict=False, description="one grounding checkpoint folder (local or s3://) per seen/unseen "
+        "split, trained on that split's seen classes, as a YAML mapping: '{1: URI, 2: URI, 3: URI}'; each split "
+        "is scored with its own module, and the paper's Average needs all three")
+    data: str = Field(description="triplet test set (local or s3://)")
+    out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
+    daam_threshold: float = Field(DAAM_THRESHOLD, ge=0.0, le=1.0,
+                                  description="DAAM heat-map threshold (Tang et al.'s; heat maps are normalised)")
+    presence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="in the presence-gated rows (and the text "
+                                      "control), a module with a presence head gives a class scoring below this no "
+                                      "mask, as the annotator (its presence_threshold); the plain rows ask for a mask "
+                                      "of every class, as the papers' protocol")
+    text_control: bool = Field(True, description="also score the text-blind control: every class asked for under "
+                               "another class's name (a fixed derangement), its masks scored as the true class")
+    batch_size: int = Field(8, ge=1, description="rows per module call")
+    num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
+    min_score: float | None = Field(None, ge=0.0, le=1.0, description="automatic test-set filter, detector "
+                                    "agreement: keep samples whose every class the oracle found with this score")
+    keep_quality: float | None = Field(None, gt=0.0, le=1.0, description="automatic test-set filter, image "
+                                       "quality: keep this best fraction by the CLIP quality score (the follow-up "
+                                       "paper keeps 0.8; needs a build with quality.model)")
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _per_split(cls, value):
+        if isinstance(value, str):  # one checkpoint for every split: what the paper does not do
+            # pydantic turns a ValueError (not a TypeError) into the option's one-line error
+            raise ValueError(f"one checkpoint per split, as a mapping: '{{1: URI, 2: URI, 3: URI}}' "  # noqa: TRY004
+                             f"(got {value!r})")
+        return value

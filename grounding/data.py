@@ -20,12 +20,11 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from factory.core.conventions import IGNORE, is_held_out
 from factory.core.devices import pick_dtype
-from factory.core.options import check_template, fill_template
+from factory.core.options import fill_template
 from factory.core.vocab import Vocabulary
 from factory.dataset.batch import MAX_CLASSES
 from factory.dataset.codec import decode_label, decode_png, encode_mask
@@ -34,33 +33,9 @@ from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_f
 from factory.diffusion.pipelines import encode_texts, load_pipeline
 from factory.diffusion.tokens import class_embeddings, class_token_positions
 from grounding.checkpoint import generation_record
+from grounding.config import TextConfig
 
 ROW_COLUMNS = ["sample_id", "prompt", "classes", "class_words", "class_indices", "masks", "found", "label"]
-
-
-class TextConfig(BaseModel):
-    """The text whose class-word tokens give the class embeddings.
-
-    Simoncini and Ankit (Table 3) found "{x} and {y}" the best text-encoder input of the grounding module,
-    while the images were generated with "a photograph of a {x} and a {y}".
-    """
-    model_config = ConfigDict(extra="forbid")
-
-    source: Literal["template", "prompt"] = Field(
-        "template", description="'prompt': the generation prompt; 'template': one/two filled with the class words")
-    one: str = Field("{0}", description="template for one class")
-    two: str = Field("{0} and {1}", description="template for two classes")
-
-    @model_validator(mode="after")
-    def _placeholders(self) -> "TextConfig":
-        check_template("one", self.one, 1)
-        check_template("two", self.two, 2)
-        return self
-
-    def render(self, prompt: str, class_words: Sequence[str]) -> str:
-        if self.source == "prompt":
-            return prompt
-        return fill_template(self.one, self.two, class_words)
 
 
 def in_validation(sample_ids: Sequence[str], fraction: float) -> np.ndarray:

@@ -1,34 +1,20 @@
-"""Protocol-I metrics (Li et al., ICCV 2023, Table 1): mIoU over classes on synthetic test sets.
-
-Every sample is filed, per seen/unseen split, into one of five groups by how many objects
-its prompt names and whether they are seen in that split:
-
-    one/seen   one/unseen   two/seen   two/seen+unseen   two/unseen
+"""Protocol-I evaluation (Li et al., ICCV 2023, Table 1): mIoU over classes on synthetic test sets,
+counted by ``grounding.metrics``.
 
 As in the paper, each split has a module of its own, trained on that split's seen classes:
 a split is scored only with its module, a module that saw the split's unseen classes is
 refused, and the Average over the splits is reported only when all of them have a module.
-
-Per group and class the accumulator sums intersection and union pixel counts over all
-samples (exact integers, so accumulators of any partition of the test set merge into the
-same totals), leaving out pixels the label map marks 255; a class's IoU is its intersection
-over its union, and a group's mIoU is the mean IoU over its classes with a non-empty union.
-Values are reported in percent, as in the paper's tables.
 
 The papers' protocol asks the module for a mask of every class (their test images show them
 all); a module with a presence head is also scored as the annotator uses it ("presence-gated": a
 class it judges absent gets no mask). Beside the paper's mIoU, which scores only classes the
 oracle found, the accumulator counts label truth over every named class, found or not (a test
 set built with ``on_missing: ignore`` keeps the images the generator drew without a prompted
-class): per split, object count (one/two) and
-seen/unseen class, whether the class got a mask against whether the oracle found it (presence
-precision and recall), and how many images with an absent class gave it a mask. A text-blind
-control ("text permuted") asks the same module about each class under another class's name (a
-fixed derangement of the vocabulary) and scores the masks against the true class: what the
-module owes to the text rather than to finding a salient object.
+class). A text-blind control ("text permuted") asks the same module about each class under another
+class's name (a fixed derangement of the vocabulary) and scores the masks against the true class:
+what the module owes to the text rather than to finding a salient object.
 
-The metric code takes predictions and oracle masks as bool arrays;
-``EvalStage`` is the Ray actor that makes them with a module and with DAAM, and
+``EvalStage`` is the Ray actor that makes the masks with a module and with DAAM, and
 ``prepare_evaluation`` / ``run_evaluation`` drive it over a test set
 (``jobs/eval_grounding.py``): the batches are fixed by the driver and the counts are
 integers, so the result does not depend on the worker count.
@@ -42,15 +28,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
 from factory.core.errors import EvalError
 from factory.core.storage import absolute_model_source, absolute_uri, check_reachable, split_file_uri
-from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.diffusion.clip import select_top_fraction
-from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
+from factory.diffusion.daam import daam_masks
 from factory.diffusion.features import from_fp16_bytes
 from grounding.checkpoint import (
     check_generation,
@@ -58,236 +42,10 @@ from grounding.checkpoint import (
     read_grounding_metadata,
     training_generation,
 )
-from grounding.data import Batch, Featurizer, TextConfig, TripletSource, text_class_embeddings
+from grounding.config import GroundingEvalOptions, TextConfig
+from grounding.data import Batch, Featurizer, TripletSource, text_class_embeddings
+from grounding.metrics import ProtocolIAccumulator
 from grounding.model import GroundingModule
-
-GROUPS = ("one/seen", "one/unseen", "two/seen", "two/seen+unseen", "two/unseen")
-SIZES = ("one", "two")
-KINDS = ("seen", "unseen")
-COLUMN_TITLES = ("One/Seen", "One/Unseen", "Two/Seen", "Two/Seen+Unseen", "Two/Unseen")
-
-
-def group_of(classes: Sequence[str], unseen: frozenset[str]) -> str | None:
-    """The Protocol-I group of a sample's classes, given a split's unseen class names.
-
-    Samples with more than two classes belong to no group: the paper's test sets hold one
-    or two objects (its Table 1 has no column for more), so they are not counted at all.
-    """
-    n_unseen = sum(name in unseen for name in classes)
-    if len(classes) == 1:
-        return "one/unseen" if n_unseen else "one/seen"
-    if len(classes) == 2:
-        return ("two/seen", "two/seen+unseen", "two/unseen")[n_unseen]
-    return None
-
-
-class ProtocolIAccumulator:
-    """Intersection and union pixel counts per split, group and class.
-
-    `add` one sample at a time; `merge` accumulators of disjoint parts of the test set
-    (Ray workers each fill one, the driver merges); `result` gives the mIoU table.
-    """
-
-    def __init__(self, vocabulary: Vocabulary | str | dict, splits: Sequence[int] = (1, 2, 3)):
-        self.vocabulary = vocabulary if isinstance(vocabulary, Vocabulary) else get_vocabulary(vocabulary)
-        self.splits = tuple(splits)
-        if not self.splits or len(set(self.splits)) != len(self.splits):
-            raise ValueError(f"splits must be distinct and at least one, got {list(splits)}")
-        self._unseen = {k: frozenset(self.vocabulary.unseen(k)) for k in self.splits}  # rejects unknown splits
-        # (split, group) -> class name -> [intersection, union]; and samples per (split, group)
-        self.pixels: dict[tuple[int, str], dict[str, list[int]]] = {(k, g): {} for k in self.splits for g in GROUPS}
-        self.samples: dict[tuple[int, str], int] = {(k, g): 0 for k in self.splits for g in GROUPS}
-        # (split, one|two, seen|unseen) -> [masked & found, masked & not found, not masked & found, neither]
-        self.presence = {(k, n, c): [0, 0, 0, 0] for k in self.splits for n in SIZES for c in KINDS}
-        # (split, one|two) -> [images with a class the oracle did not find, those where it got a mask]
-        self.absent = {(k, n): [0, 0] for k in self.splits for n in SIZES}
-
-    def add(self, classes: Sequence[str], predicted: np.ndarray, truth: np.ndarray, valid: np.ndarray,
-            ignore: np.ndarray | None = None, *, splits: Sequence[int] | None = None,
-            present: np.ndarray | None = None) -> None:
-        """One sample: its class names, bool (O, H, W) predicted and oracle masks, (O,) valid
-        slots (only those count; the sample still files into the group all its classes make)
-        and (H, W) pixels to ignore (255 in the label map: counted in no intersection or union).
-        A sample counts in a group's `samples` when at least one of its classes is valid.
-        `splits`: the splits these predictions are scored for (default: all of this accumulator's),
-        when each split has a module of its own. `present`: (O,) whether the oracle found each
-        class (default: valid), which the presence counts judge against."""
-        predicted, truth, valid = np.asarray(predicted, bool), np.asarray(truth, bool), np.asarray(valid, bool)
-        counted = np.ones(truth.shape[1:], bool) if ignore is None else ~np.asarray(ignore, bool)
-        if not (predicted.shape == truth.shape and predicted.ndim == 3 and counted.shape == truth.shape[1:]
-                and predicted.shape[0] == len(classes) == valid.shape[0] and valid.ndim == 1):
-            raise ValueError(f"{len(classes)} classes need (O, H, W) masks, (O,) valid and (H, W) ignore with "
-                             f"O={len(classes)}; got predicted {predicted.shape}, truth {truth.shape}, "
-                             f"valid {valid.shape}, ignore {counted.shape}")
-        if splits is not None and not set(splits) <= set(self.splits):
-            raise ValueError(f"splits {list(splits)} are not all among this accumulator's {list(self.splits)}")
-        names = [self.vocabulary.lookup(name).name for name in classes]
-        if len(names) <= len(SIZES):
-            self._add_presence(names, predicted.any(axis=(1, 2)),
-                               valid if present is None else np.asarray(present, bool),
-                               self.splits if splits is None else splits)
-        if not valid.any():
-            return
-        intersection = np.count_nonzero(predicted & truth & counted, axis=(1, 2))
-        union = np.count_nonzero((predicted | truth) & counted, axis=(1, 2))
-        for split in self.splits if splits is None else splits:
-            group = group_of(names, self._unseen[split])
-            if group is None:
-                continue
-            self.samples[split, group] += 1
-            table = self.pixels[split, group]
-            for name, ok, i, u in zip(names, valid, intersection, union):
-                if ok:
-                    counts = table.setdefault(name, [0, 0])
-                    counts[0] += int(i)
-                    counts[1] += int(u)
-
-    def _add_presence(self, names: list[str], masked: np.ndarray, present: np.ndarray, splits) -> None:
-        size = SIZES[len(names) - 1]
-        for split in splits:
-            for name, got, there in zip(names, masked, present):
-                kind = "unseen" if name in self._unseen[split] else "seen"
-                self.presence[split, size, kind][(not got) * 2 + (not there)] += 1
-            if not present.all():
-                counts = self.absent[split, size]
-                counts[0] += 1
-                counts[1] += bool((masked & ~present).any())
-
-    def merge(self, other: ProtocolIAccumulator) -> ProtocolIAccumulator:
-        """Add another accumulator's counts to this one (same vocabulary and splits); returns self."""
-        if other.vocabulary.name != self.vocabulary.name or other.splits != self.splits:
-            raise ValueError(f"cannot merge an accumulator of {other.vocabulary.name} splits {list(other.splits)} "
-                             f"into one of {self.vocabulary.name} splits {list(self.splits)}")
-        for key, table in other.pixels.items():
-            self.samples[key] += other.samples[key]
-            mine = self.pixels[key]
-            for name, (i, u) in table.items():
-                counts = mine.setdefault(name, [0, 0])
-                counts[0] += i
-                counts[1] += u
-        for counts, theirs in ((self.presence, other.presence), (self.absent, other.absent)):
-            for key, values in theirs.items():
-                counts[key] = [a + b for a, b in zip(counts[key], values)]
-        return self
-
-    def to_dict(self) -> dict:
-        """JSON-ready counts (how Ray workers hand their accumulator to the driver)."""
-        return {"vocabulary": self.vocabulary.spec(), "splits": list(self.splits),
-                "groups": {str(k): {g: {"samples": self.samples[k, g], "pixels": dict(self.pixels[k, g])}
-                                    for g in GROUPS} for k in self.splits},
-                "presence": {f"{k}/{n}/{c}": v for (k, n, c), v in self.presence.items()},
-                "absent": {f"{k}/{n}": v for (k, n), v in self.absent.items()}}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ProtocolIAccumulator:
-        accumulator = cls(data["vocabulary"], data["splits"])
-        for k in accumulator.splits:
-            for g in GROUPS:
-                saved = data["groups"][str(k)][g]
-                accumulator.samples[k, g] = saved["samples"]
-                accumulator.pixels[k, g] = {name: [int(i), int(u)] for name, (i, u) in saved["pixels"].items()}
-        for key, values in data["presence"].items():
-            k, n, c = key.split("/")
-            accumulator.presence[int(k), n, c] = list(values)
-        for key, values in data["absent"].items():
-            k, n = key.split("/")
-            accumulator.absent[int(k), n] = list(values)
-        return accumulator
-
-    def result(self) -> dict:
-        """Per split and group: mIoU (percent, None when no class has a non-empty union), the
-        per-class IoUs (percent, classes in vocabulary order) and the sample count. "average" is
-        the paper's Average: each group's mIoU averaged over all the vocabulary's splits (None for
-        a group that some split has no mIoU for); None when this accumulator lacks a split."""
-        splits = {}
-        for k in self.splits:
-            groups = {}
-            for g in GROUPS:
-                table = self.pixels[k, g]
-                iou = {name: 100.0 * table[name][0] / table[name][1]
-                       for name in self.vocabulary.names if name in table and table[name][1] > 0}
-                groups[g] = {"miou": sum(iou.values()) / len(iou) if iou else None, "iou": iou,
-                             "samples": self.samples[k, g]}
-            splits[str(k)] = groups
-            splits[str(k)]["presence"] = {n: {c: _presence(self.presence[k, n, c]) for c in KINDS} for n in SIZES}
-            splits[str(k)]["absent"] = {n: _absent(self.absent[k, n]) for n in SIZES}
-        average = None
-        if set(self.splits) == set(range(1, len(self.vocabulary.unseen_splits) + 1)):
-            average = {}
-            for g in GROUPS:
-                values = [splits[str(k)][g]["miou"] for k in self.splits]
-                average[g] = None if None in values else sum(values) / len(values)
-        return {"vocabulary": self.vocabulary.name, "splits": splits, "average": average}
-
-
-def _presence(counts: list[int]) -> dict:
-    """Precision and recall (percent) of "got a mask" against "the oracle found it"."""
-    tp, fp, fn, tn = counts
-    return {"precision": 100.0 * tp / (tp + fp) if tp + fp else None,
-            "recall": 100.0 * tp / (tp + fn) if tp + fn else None,
-            "found": tp + fn, "not_found": fp + tn}
-
-
-def _absent(counts: list[int]) -> dict:
-    images, masked = counts
-    return {"images": images, "masked": masked, "rate": 100.0 * masked / images if images else None}
-
-
-def _cell(value: float | None, samples: int | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if samples is None else f"{value:.2f} ({samples})"
-
-
-def _text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain-text rows under a header and a rule: names (the first two columns) left-aligned, numbers
-    right-aligned, as in the paper's tables."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
-
-
-def format_table(results_by_method: dict[str, dict]) -> str:
-    """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
-    their Average when every split was evaluated), one column per group, each cell the mIoU and, in
-    parentheses, the images it was scored on; empty groups print as "-"."""
-    rows = []
-    for method, result in results_by_method.items():
-        lines = [(k, groups) for k, groups in result["splits"].items()]
-        if result["average"] is not None:
-            lines.append(("Average", {g: {"miou": result["average"][g], "samples": None} for g in GROUPS}))
-        for n, (split, groups) in enumerate(lines):
-            rows.append([method if n == 0 else "", split,
-                         *(_cell(groups[g]["miou"], groups[g]["samples"]) for g in GROUPS)])
-    return _text_table(["Method", "Split", *COLUMN_TITLES], rows)
-
-
-def _precision_recall(cell: dict) -> str:
-    if cell["recall"] is None and cell["precision"] is None:
-        return "-"
-    return f"{_cell(cell['precision'])}/{_cell(cell['recall'])}"
-
-
-def _masked(cell: dict) -> str:
-    return "-" if cell["rate"] is None else f"{cell['rate']:.1f}% of {cell['images']}"
-
-
-def format_presence_table(results_by_method: dict[str, dict]) -> str:
-    """Label truth per method and split: presence precision / recall (percent) of seen and unseen classes
-    in one- and two-object images, against the oracle's found flags, and the share of images with an
-    absent class in which it got a mask; "-" where the test set has no such case."""
-    header = ["Method", "Split", *(f"{n}/{c} P/R" for n in SIZES for c in KINDS), "Absent masked one",
-              "Absent masked two"]
-    rows = [[method if n == 0 else "", split,
-             *(_precision_recall(groups["presence"][size][kind]) for size in SIZES for kind in KINDS),
-             *(_masked(groups["absent"][size]) for size in SIZES)]
-            for method, result in results_by_method.items()
-            for n, (split, groups) in enumerate(result["splits"].items())]
-    return _text_table(header, rows)
-
 
 MODULE = "grounding module"
 GATED = "grounding module, presence-gated"
@@ -396,42 +154,6 @@ def _swap_words(prompt: str, words: Sequence[str], new: Sequence[str]) -> str:
 FORMAT = "protocol-i-results/2"
 MODULE_THRESHOLD = 0.5  # GroundingModule.predict: sigmoid(logits) > 0.5
 _CHECKPOINT_KEYS = ("model", "text", "capture", "vocabulary", "classes")
-
-
-class GroundingEvalOptions(BaseModel):
-    """The options of a Protocol-I evaluation (``jobs/eval_grounding.py``)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    checkpoints: dict[int, str] = Field(
-        min_length=1, strict=False, description="one grounding checkpoint folder (local or s3://) per seen/unseen "
-        "split, trained on that split's seen classes, as a YAML mapping: '{1: URI, 2: URI, 3: URI}'; each split "
-        "is scored with its own module, and the paper's Average needs all three")
-    data: str = Field(description="triplet test set (local or s3://)")
-    out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
-    daam_threshold: float = Field(DAAM_THRESHOLD, ge=0.0, le=1.0,
-                                  description="DAAM heat-map threshold (Tang et al.'s; heat maps are normalised)")
-    presence_threshold: float = Field(0.5, ge=0.0, le=1.0, description="in the presence-gated rows (and the text "
-                                      "control), a module with a presence head gives a class scoring below this no "
-                                      "mask, as the annotator (its presence_threshold); the plain rows ask for a mask "
-                                      "of every class, as the papers' protocol")
-    text_control: bool = Field(True, description="also score the text-blind control: every class asked for under "
-                               "another class's name (a fixed derangement), its masks scored as the true class")
-    batch_size: int = Field(8, ge=1, description="rows per module call")
-    num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
-    min_score: float | None = Field(None, ge=0.0, le=1.0, description="automatic test-set filter, detector "
-                                    "agreement: keep samples whose every class the oracle found with this score")
-    keep_quality: float | None = Field(None, gt=0.0, le=1.0, description="automatic test-set filter, image "
-                                       "quality: keep this best fraction by the CLIP quality score (the follow-up "
-                                       "paper keeps 0.8; needs a build with quality.model)")
-
-    @field_validator("checkpoints", mode="before")
-    @classmethod
-    def _per_split(cls, value):
-        if isinstance(value, str):  # one checkpoint for every split: what the paper does not do
-            # pydantic turns a ValueError (not a TypeError) into the option's one-line error
-            raise ValueError(f"one checkpoint per split, as a mapping: '{{1: URI, 2: URI, 3: URI}}' "  # noqa: TRY004
-                             f"(got {value!r})")
-        return value
 
 
 @dataclass

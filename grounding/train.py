@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -31,148 +29,23 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import Tensor
 
-from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state, read_tensors
+from factory.core.checkpoints import METADATA_FILE, check_same_run
 from factory.core.distributed import all_reduce_mean, fit
-from factory.core.storage import absolute_model_source, absolute_uri, check_reachable, open_location
-from grounding.checkpoint import read_grounding_metadata, resume_point, save_grounding_checkpoint
-from grounding.config import GroundingModelConfig
-from grounding.data import Batch, DatasetError, Featurizer, TextConfig, TripletSource, in_validation, with_negatives
+from factory.core.storage import Location, absolute_model_source, absolute_uri, check_reachable, open_location
+from grounding.checkpoint import (
+    read_grounding_metadata,
+    restore_grounding_checkpoint,
+    resume_point,
+    save_grounding_checkpoint,
+)
+from grounding.config import RUN_IDENTITY, GroundingTrainConfig, grounding_model_config
+from grounding.data import DatasetError, Featurizer, TripletSource, in_validation, with_negatives
 from grounding.losses import grounding_loss, presence_loss
+from grounding.metrics import IoUCounts, PresenceCounts, count_batch
 from grounding.model import GroundingModule
 
 logger = logging.getLogger(__name__)
-
-
-class ModelSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["tiny", "world", "real"] = Field(
-        "tiny", description="module sizes: 'tiny' (tests, CPU), 'world' (the mini world's generator, CPU) or "
-        "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
-        "come from the dataset")
-    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
-    presence: Literal["none", "query", "region", "match"] = Field(
-        "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "
-        "so that a class the image lacks gets no mask: 'region' reads the class query and what its mask covers, "
-        "'match' that region's cosine with the class's text embedding, 'query' the query alone; 'none': the "
-        "papers' module")
-    text: TextConfig = TextConfig()
-
-
-class GroundingTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: str = Field(description="triplet dataset: local folder or s3:// prefix")
-    mix: list[str] | None = Field(None, description="more triplet datasets trained on whole with data, made "
-                                  "alike (e.g. real images' triplets: the papers' sim+real); validation stays data's")
-    val: str | None = Field(None, description="validation triplet dataset; null: hold out val_fraction of data")
-    val_fraction: float = Field(0.1, gt=0.0, lt=1.0, description="share of data held out for validation "
-                                "(by sample_id hash) when val is null")
-    out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from it")
-    model: ModelSection = ModelSection()
-    loss: Literal["bce", "bce+logcosh_dice"] = Field("bce+logcosh_dice", description="BCE (Li et al. "
-                                                     "2023) or BCE + log-cosh Dice (Simoncini and Ankit)")
-    ignore_empty: bool = Field(True, description="classes with an empty oracle mask do not count in the mask loss "
-                               "(Li et al. 2023, Table 3); the presence loss counts them, as absent")
-    presence_weight: float = Field(1.0, ge=0.0, description="weight of the presence loss beside the mask loss")
-    negatives: float = Field(1.0, ge=0.0, le=1.0, description="share of training samples also asked about one "
-                             "trained class they do not name (prompt and text name it; an empty target, presence "
-                             "0): the hard negatives of an annotated image's class list")
-    classes: Literal["seen", "all"] | list[str] = Field(
-        "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
-        "naming any other class are left out, so unseen classes are never shown")
-    split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's split")
-    epochs: int = Field(10, ge=1, description="epochs in all (a resumed run continues up to this)")
-    batch_size: int = Field(8, ge=1, description="samples per step over all workers")
-    lr: float = Field(1e-4, gt=0.0, description="Adam learning rate")
-    weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
-    use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
-    seed: int = Field(0, ge=0, description="module initialisation and sample order")
-
-    @field_validator("classes", mode="before")
-    @classmethod
-    def _comma_list(cls, value: Any) -> Any:
-        if isinstance(value, str) and value not in ("seen", "all"):
-            return [name.strip() for name in value.split(",") if name.strip()]
-        return value
-
-    @field_validator("mix", mode="before")
-    @classmethod
-    def _comma_uris(cls, value: Any) -> Any:
-        return [uri.strip() for uri in value.split(",") if uri.strip()] if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _divisible(self) -> "GroundingTrainConfig":
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
-        return self
-
-
-# Changing these makes a different experiment: such an output is not resumed.
-_RUN_IDENTITY = ("data", "mix", "val", "val_fraction", "model", "classes", "split", "ignore_empty")
-
-
-def grounding_model_config(section: ModelSection, feature_channels: dict[int, int], text_dim: int,
-                           image_size: int) -> GroundingModelConfig:
-    """The preset's sizes on this dataset: its feature resolutions (the preset's reduce widths,
-    coarsest first), its text encoder's width, and masks at the image size (as the paper)."""
-    preset = getattr(GroundingModelConfig, section.preset)()
-    widths = [preset.reduce_channels[r] for r in sorted(preset.reduce_channels)]
-    if len(widths) != len(feature_channels):
-        raise ValueError(f"preset {section.preset} fuses {len(widths)} feature resolutions, the dataset "
-                         f"has {sorted(feature_channels)}")
-    sizes = dict(feature_channels=feature_channels, reduce_channels=dict(zip(sorted(feature_channels), widths)),
-                 text_dim=text_dim, mask_resolution=image_size, fuse_resolution=None)
-    if section.dropout is not None:
-        sizes["dropout"] = section.dropout
-    sizes["presence"] = section.presence
-    return GroundingModelConfig(**{**preset.model_dump(), **sizes})
-
-
-class IoUTotals:
-    """Protocol-I IoU: per class, intersection and union over the pixels of valid slots that the
-    label map does not mark 255; prediction = sigmoid > 0.5 (empty where the presence head judges
-    the class absent). mIoU is the mean over classes with a non-empty union. Beside it, how often a
-    named class got a mask when the oracle found it (true/false positives, false negatives)."""
-
-    def __init__(self, class_names: Sequence[str], device: torch.device | str = "cpu"):
-        self.names = list(class_names)  # label index i is names[i - 1]; 0 is background
-        self.intersection = torch.zeros(len(self.names) + 1, dtype=torch.float64, device=device)
-        self.union = torch.zeros_like(self.intersection)
-        self.presence = torch.zeros(3, dtype=torch.float64, device=device)  # tp, fp, fn
-
-    def update(self, predicted: Tensor, batch: Batch) -> None:
-        masked = predicted.flatten(2).any(dim=2)
-        truth = batch.present
-        self.presence += torch.stack([(masked & truth)[batch.named].sum(), (masked & ~truth)[batch.named].sum(),
-                                      (~masked & truth)[batch.named].sum()]).double()
-        counted = ~batch.ignore[:, None].expand_as(predicted)[batch.valid]
-        predicted, targets = predicted[batch.valid], batch.targets[batch.valid].bool()
-        index = batch.class_indices[batch.valid]
-        self.intersection.index_add_(0, index, (predicted & targets & counted).flatten(1).sum(1).double())
-        self.union.index_add_(0, index, ((predicted | targets) & counted).flatten(1).sum(1).double())
-
-    def all_reduce(self) -> None:
-        if dist.is_initialized():
-            for totals in (self.intersection, self.union, self.presence):
-                dist.all_reduce(totals)
-
-    def presence_scores(self) -> dict[str, float | None]:
-        """Precision and recall of "the class got a mask" against the oracle's found flags."""
-        tp, fp, fn = self.presence.tolist()
-        return {"precision": tp / (tp + fp) if tp + fp else None, "recall": tp / (tp + fn) if tp + fn else None}
-
-    def per_class(self) -> dict[str, float]:
-        return {self.names[i - 1]: float(self.intersection[i] / self.union[i])
-                for i in range(1, len(self.union)) if self.union[i] > 0}
-
-    def miou(self) -> float:
-        ious = list(self.per_class().values())
-        return sum(ious) / len(ious) if ious else float("nan")
 
 
 # ---------------------------------------------------------------- driver side
@@ -291,7 +164,7 @@ def prepare_training(config: GroundingTrainConfig) -> TrainingPlan:
     resume, done = resume_point(location), 0
     if resume is not None:
         name, metadata = resume
-        check_same_run(config.out, metadata["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
+        check_same_run(config.out, metadata["train"], config.model_dump(mode="json"), RUN_IDENTITY)
         done = metadata["epoch"]
     return TrainingPlan(config, classes, np.flatnonzero(train).tolist(), mix_rows, np.flatnonzero(val).tolist(),
                         resume and resume[0], done, absolute_model_source(source.generator))
@@ -319,17 +192,106 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
 
 # ---------------------------------------------------------------- worker side
 
+@dataclass
+class WorkerData:
+    """A worker's share of the rows, kept in memory, and the featurizer that makes its batches."""
+    source: TripletSource
+    featurizer: Featurizer
+    classes: list[str]  # trained on
+    train_rows: pa.Table
+    val_rows: pa.Table
+    steps_rows: int  # rows every worker trains on per epoch (a shorter share wraps: equal step counts)
+    batch_size: int  # this worker's part of a step
+
+
+def load_data(config: GroundingTrainConfig, worker_config: dict, rank: int, world: int,
+              device: torch.device) -> WorkerData:
+    source = TripletSource.open(config.data)
+    val_source = TripletSource.open(config.val) if config.val else source
+    featurizer = Featurizer(source, config.model.text, ignore_empty=config.ignore_empty,
+                            classes=worker_config["classes"], device=device, generator=worker_config["generator"])
+    shares = [source.take(worker_config["train_rows"][rank::world], source.columns)]
+    shares += [TripletSource.open(uri).take(rows[rank::world], source.columns)
+               for uri, rows in zip(config.mix or [], worker_config["mix_rows"])]
+    rows = len(worker_config["train_rows"]) + sum(map(len, worker_config["mix_rows"]))
+    return WorkerData(source, featurizer, worker_config["classes"], pa.concat_tables(shares),
+                      val_source.take(worker_config["val_rows"][rank::world], source.columns),
+                      math.ceil(rows / world), config.batch_size // world)
+
+
+def setup_module(config: GroundingTrainConfig, data: WorkerData, rank: int, device: torch.device,
+                 resume: str | None) -> tuple[GroundingModule, torch.optim.Optimizer, dict]:
+    """The module and its optimizer, fresh or as the checkpoint `resume` left them, and the run's
+    progress: {"start": first epoch to run, "best", "history"}."""
+    model_config = grounding_model_config(config.model, data.featurizer.feature_channels(),
+                                          data.featurizer.text_dim, data.source.image_size[0])
+    # DDP copies rank 0's initial weights to every worker; per-rank seeds only vary dropout.
+    torch.manual_seed(config.seed + rank)
+    module = GroundingModule(model_config).to(device)
+    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if resume is None:
+        return module, optimizer, {"start": 1, "best": {"epoch": None, "val_miou": None}, "history": []}
+    saved = restore_grounding_checkpoint(resume, module, optimizer)
+    for group in optimizer.param_groups:  # the command line may change them between runs
+        group.update(lr=config.lr, weight_decay=config.weight_decay)
+    return module, optimizer, {"start": saved["epoch"] + 1, "best": saved["best"], "history": saved["history"]}
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: WorkerData,
+                    config: GroundingTrainConfig, epoch: int, rank: int, device: torch.device) -> float:
+    """One pass over the worker's share, in an order of its own; the mean loss over all workers."""
+    model.train()
+    order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(data.train_rows))
+    order = np.resize(order, data.steps_rows)
+    total, steps = 0.0, 0
+    negatives = np.random.default_rng([config.seed, epoch, rank, 1])
+    share = config.negatives if config.model.presence != "none" else 0.0  # only a presence head learns from them
+    source = data.source
+    for i in range(0, data.steps_rows, data.batch_size):
+        rows = with_negatives(data.train_rows.take(order[i:i + data.batch_size]), data.classes, source.vocabulary,
+                              source.recipe["prompts"], share, negatives)
+        batch = data.featurizer(rows)
+        logits, presence = model(batch.features, batch.class_embeddings, batch.class_mask, with_presence=True)
+        loss = grounding_loss(logits, batch.targets, batch.valid, config.loss, batch.ignore)
+        if presence is not None:
+            loss = loss + config.presence_weight * presence_loss(presence, batch.present, batch.named)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        total, steps = total + loss.item(), steps + 1
+    return all_reduce_mean(total, steps, device)
+
+
 @torch.no_grad()
-def validate(module: GroundingModule, featurizer: Featurizer, rows, batch_size: int,
-             class_names: Sequence[str], device: torch.device) -> IoUTotals:
-    """IoU totals of `rows` (this worker's share), summed over all workers."""
+def validate(module: GroundingModule, data: WorkerData, device: torch.device) -> tuple[IoUCounts, PresenceCounts]:
+    """IoU and presence counts of the worker's validation rows, summed over all workers."""
+    if dist.is_initialized():  # validate exactly the module rank 0 saves (batch-norm statistics)
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
     module.eval()
-    totals = IoUTotals(class_names, device)
-    for start in range(0, len(rows), batch_size):
-        batch = featurizer(rows.slice(start, batch_size))
-        totals.update(module.predict(batch.features, batch.class_embeddings, batch.class_mask), batch)
-    totals.all_reduce()
-    return totals
+    iou, presence = IoUCounts(), PresenceCounts()
+    names = data.source.vocabulary.names
+    for start in range(0, len(data.val_rows), data.batch_size):
+        batch = data.featurizer(data.val_rows.slice(start, data.batch_size))
+        count_batch(iou, presence, module.predict(batch.features, batch.class_embeddings, batch.class_mask),
+                    batch, names)
+    if dist.is_initialized():
+        # exact integer counts in a fixed layout: a class per row, then the presence cells
+        totals = torch.tensor([iou.pixels.get(name, [0, 0]) for name in names]
+                              + [presence.counts[:2], presence.counts[2:]], dtype=torch.int64, device=device)
+        dist.all_reduce(totals)
+        *pixels, (tp, fp), (fn, tn) = totals.tolist()
+        iou = IoUCounts({name: counts for name, counts in zip(names, pixels) if counts[1]})
+        presence = PresenceCounts((tp, fp, fn, tn))
+    return iou, presence
+
+
+def save(out: Location, module: GroundingModule, optimizer: torch.optim.Optimizer, metadata: dict,
+         improved: bool) -> None:
+    """last/ every epoch, best/ when the validation mIoU rose."""
+    save_grounding_checkpoint(out.url("last"), module, optimizer, metadata)
+    if improved:
+        save_grounding_checkpoint(out.url("best"), module, optimizer, metadata)
 
 
 def train_loop_per_worker(worker_config: dict) -> None:
@@ -338,82 +300,34 @@ def train_loop_per_worker(worker_config: dict) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    source = TripletSource.open(config.data)
-    val_source = TripletSource.open(config.val) if config.val else source
-    classes = worker_config["classes"]
-    featurizer = Featurizer(source, config.model.text, ignore_empty=config.ignore_empty, classes=classes,
-                            device=device, generator=worker_config["generator"])
-    model_config = grounding_model_config(config.model, featurizer.feature_channels(), featurizer.text_dim,
-                                          source.image_size[0])
-    # DDP copies rank 0's initial weights to every worker; per-rank seeds only vary dropout.
-    torch.manual_seed(config.seed + rank)
-    module = GroundingModule(model_config).to(device)
-    optimizer = torch.optim.Adam(module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     out = open_location(config.out)
-    start, best, history = 1, {"epoch": None, "val_miou": None}, []
-    if worker_config["resume"]:
-        uri = out.url(worker_config["resume"])
-        saved = read_grounding_metadata(uri)
-        if GroundingModelConfig.model_validate(saved["model"]) != model_config:
-            raise CheckpointError(f"{uri} holds a module of other sizes than this dataset and preset give")
-        module.load_state_dict(read_tensors(uri, saved, "model"))
-        load_optimizer_state(uri, optimizer, saved)
-        for group in optimizer.param_groups:  # the command line may change them between runs
-            group.update(lr=config.lr, weight_decay=config.weight_decay)
-        start, best, history = saved["epoch"] + 1, saved["best"], saved["history"]
+    data = load_data(config, worker_config, rank, world, device)
+    resume = worker_config["resume"] and out.url(worker_config["resume"])
+    module, optimizer, progress = setup_module(config, data, rank, device, resume)
+    start, best, history = progress["start"], progress["best"], progress["history"]
     model = ray.train.torch.prepare_model(module)
-
-    shares = [source.take(worker_config["train_rows"][rank::world], source.columns)]
-    shares += [TripletSource.open(uri).take(rows[rank::world], source.columns)
-               for uri, rows in zip(config.mix or [], worker_config["mix_rows"])]
-    train_rows = pa.concat_tables(shares)
-    val_rows = val_source.take(worker_config["val_rows"][rank::world], source.columns)
-    per_worker = math.ceil((len(worker_config["train_rows"]) + sum(map(len, worker_config["mix_rows"]))) / world)
-    local_batch = config.batch_size // world
-    names = source.vocabulary.names
+    source = data.source
     for epoch in range(start, config.epochs + 1):
-        model.train()
-        order = np.random.default_rng([config.seed, epoch, rank]).permutation(len(train_rows))
-        order = np.resize(order, per_worker)  # equal step counts on every worker
-        total, steps = 0.0, 0
-        negatives = np.random.default_rng([config.seed, epoch, rank, 1])
-        share = config.negatives if config.model.presence != "none" else 0.0  # only a presence head learns from them
-        for i in range(0, per_worker, local_batch):
-            rows = with_negatives(train_rows.take(order[i:i + local_batch]), classes, source.vocabulary,
-                                  source.recipe["prompts"], share, negatives)
-            batch = featurizer(rows)
-            logits, presence = model(batch.features, batch.class_embeddings, batch.class_mask, with_presence=True)
-            loss = grounding_loss(logits, batch.targets, batch.valid, config.loss, batch.ignore)
-            if presence is not None:
-                loss = loss + config.presence_weight * presence_loss(presence, batch.present, batch.named)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-        train_loss = all_reduce_mean(total, steps, device)
-        if dist.is_initialized():  # validate exactly the module rank 0 saves (batch-norm statistics)
-            for buffer in module.buffers():
-                dist.broadcast(buffer, 0)
-        totals = validate(module, featurizer, val_rows, local_batch, names, device)
-        miou = totals.miou()
+        train_loss = train_one_epoch(model, optimizer, data, config, epoch, rank, device)
+        iou, presence = validate(module, data, device)
+        per_class = iou.iou(source.vocabulary.names)
+        miou = sum(per_class.values()) / len(per_class) if per_class else float("nan")
         improved = not math.isnan(miou) and (best["val_miou"] is None or miou > best["val_miou"])
         if improved:
             best = {"epoch": epoch, "val_miou": miou}
         history.append({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})
         if rank == 0:
             metadata = {
-                "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": totals.per_class(),
-                                            "val_presence": totals.presence_scores()},
+                "epoch": epoch, "metrics": {"train_loss": train_loss, "val_miou": miou, "val_iou": per_class,
+                                            "val_presence": presence.rates()},
                 "best": best, "history": history, "resumed_from": start - 1,
                 "text": config.model.text.model_dump(), "generation": source.generation,
                 "capture": source.manifest["capture"], "vocabulary": source.manifest["vocabulary"],
-                "classes": classes, "split": config.split or source.split, "train": config.model_dump(mode="json")}
-            save_grounding_checkpoint(out.url("last"), module, optimizer, metadata)
-            if improved:
-                save_grounding_checkpoint(out.url("best"), module, optimizer, metadata)
+                "classes": data.classes, "split": config.split or source.split, "train": config.model_dump(mode="json")}
+            save(out, module, optimizer, metadata, improved)
             best_text = "none" if best["epoch"] is None else f"{best['val_miou']:.4f} (epoch {best['epoch']})"
             # Ray Train shows worker logs on the driver (a print is echoed twice there).
-            found = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in totals.presence_scores().items())
+            found = "  ".join(f"{k} {'-' if v is None else f'{v:.3f}'}" for k, v in presence.rates().items())
             logger.info(f"epoch {epoch}/{config.epochs}  loss {train_loss:.4f}  val mIoU {miou:.4f}  "
                         f"masked named classes: {found}  best {best_text}")
         ray.train.report({"epoch": epoch, "train_loss": train_loss, "val_miou": miou})

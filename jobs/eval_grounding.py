@@ -33,13 +33,9 @@ import sys
 from factory.core.cli import run_job
 from factory.core.options import parse_options
 from factory.core.storage import write_file
-from grounding.evaluate import (
-    GroundingEvalOptions,
-    format_presence_table,
-    format_table,
-    prepare_evaluation,
-    run_evaluation,
-)
+from grounding.config import GroundingEvalOptions
+from grounding.evaluate import prepare_evaluation, run_evaluation
+from grounding.metrics import format_presence_table, format_table
 
 
 def evaluate(argv: list[str] | None) -> int:

@@ -43,7 +43,8 @@ import sys
 from factory.core.cli import run_job
 from factory.core.options import parse_options
 from factory.core.storage import write_file
-from segmenter.evaluate import ZS3EvalOptions, format_table, prepare_evaluation, run_evaluation
+from segmenter.config import ZS3EvalOptions
+from segmenter.evaluate import format_table, prepare_evaluation, run_evaluation
 
 
 def evaluate(argv: list[str] | None) -> int:

@@ -10,16 +10,17 @@ A rerun on the same --out resumes from its last checkpoint, up to --epochs.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from factory.core.cli import run_job
+from factory.core.conventions import RECIPE_DIR
 from factory.core.options import parse_config
-from grounding.train import GroundingTrainConfig, prepare_training, run_training
+from grounding.config import GroundingTrainConfig
+from grounding.train import prepare_training, run_training
 
 
 def train(argv: list[str] | None) -> int:
     config = parse_config(GroundingTrainConfig, argv, __doc__, default="tiny",
-                          folder=Path(__file__).resolve().parent / "recipes" / "grounding")
+                          folder=RECIPE_DIR / "grounding")
     print(run_training(prepare_training(config)).report())
     return 0
 

@@ -16,16 +16,16 @@ refuses a set whose prompts named an unseen class (Bucher et al. 2019; Li et al.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from factory.core.cli import run_job
+from factory.core.conventions import RECIPE_DIR
 from factory.core.options import parse_config
-from segmenter.train import SegmenterTrainConfig, prepare_training, run_training
+from segmenter.config import SegmenterTrainConfig
+from segmenter.train import prepare_training, run_training
 
 
 def train(argv: list[str] | None) -> int:
-    folder = Path(__file__).resolve().parent / "recipes" / "segmenter"
-    config = parse_config(SegmenterTrainConfig, argv, __doc__, folder=folder, default="tiny")
+    config = parse_config(SegmenterTrainConfig, argv, __doc__, folder=RECIPE_DIR / "segmenter", default="tiny")
     print(run_training(prepare_training(config)).report())
     return 0
 

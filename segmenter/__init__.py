@@ -4,9 +4,10 @@ COCO readers, and zero-shot evaluation (seen, unseen and harmonic mIoU)."""
 from factory.core.exports import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
-    "datasets": ("COCOSemantic", "VOCSegmentation", "real_dataset"),
-    "evaluate": ("ZS3EvalOptions", "prepare_evaluation", "run_evaluation"),
+    "checkpoint": ("load_segmenter_checkpoint", "save_segmenter_checkpoint"),
+    "config": ("SegmenterModelConfig", "SegmenterTrainConfig", "ZS3EvalOptions"),
+    "evaluate": ("prepare_evaluation", "run_evaluation"),
     "metrics": ("ConfusionMatrix", "zs3_scores"),
-    "model": ("Segmenter", "load_segmenter_checkpoint", "save_segmenter_checkpoint"),
-    "train": ("SegmenterTrainConfig", "prepare_training", "run_training"),
+    "model": ("Segmenter",),
+    "train": ("prepare_training", "run_training"),
 })

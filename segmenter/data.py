@@ -22,6 +22,7 @@ training: the inductive setting does it to synthetic labels, Model-D to real one
 from __future__ import annotations
 
 import math
+from collections.abc import Container, Iterator
 from typing import Any
 
 import numpy as np
@@ -31,10 +32,13 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from factory.core.storage import first_line
+from factory.core.vocab import Vocabulary
 from factory.dataset.codec import decode_image, decode_label
 from factory.dataset.reader import read_dataset
-from factory.dataset.real import ignore_classes, real_dataset
-from factory.dataset.source import DatasetSource
+from factory.dataset.real import ignore_classes, real_dataset, voc_val_overlap
+from factory.dataset.source import DatasetError, DatasetSource
+from segmenter.config import RealSection, SegmenterTrainConfig
 
 # The backbone's ImageNet pretraining statistics (torchvision's and transformers' ResNets alike).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,6 +46,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random resized crop, as torchvision's
 JITTER = 0.4  # brightness, contrast and saturation factors from [0.6, 1.4], as ColorJitter(0.4, 0.4, 0.4)
 ROWS_PER_CALL = 16
+SHUFFLE_BUFFER = 64  # rows each worker shuffles locally, on top of the per-pass file/sample order
 
 
 def random_resized_crop(image: np.ndarray, label: np.ndarray, size: int, scale: tuple[float, float],
@@ -146,3 +151,111 @@ def real_training_dataset(format: str, root: str, split: str, vocabulary: str | 
         fn_constructor_kwargs={"format": format, "root": root, "split": split, "vocabulary": vocabulary,
                                "crop_size": crop_size,
                                "crop_scale": crop_scale, "ignore": ignore})
+
+
+def real_set_size(real: RealSection) -> tuple[int, Vocabulary]:
+    """The number of a real training set's images and its vocabulary; refuses a list holding VOC val images."""
+    try:
+        reader = real_dataset(real.format, real.root, real.split, real.vocabulary)
+        leaked = voc_val_overlap(reader) if real.format != "coco" else []
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"real {real.format} images: {first_line(exc)}") from None
+    if leaked:
+        raise DatasetError(f"real {real.format} {real.split} lists {len(leaked)} images of VOC val, the evaluation "
+                           f"set (first: {leaked[0]}): train on a list without them")
+    return len(reader), reader.vocabulary
+
+
+def data_split(source: DatasetSource) -> int | None:
+    """The split a synthetic set was made for: its recipe's, else its annotator's training split."""
+    return source.split or source.manifest.get("labels", {}).get("trained_split")
+
+
+def _class_lists(manifest: dict) -> str:
+    """Where each image's class list came from (manifest "labels"). A manifest from before the
+    record says it through its recipe's source, from which the build decides it: no source,
+    the prompts; a folder, the user; any other format, its ground truth."""
+    if "class_lists" in manifest["labels"]:
+        return manifest["labels"]["class_lists"]
+    source = manifest["recipe"].get("source") or {}
+    if not source.get("images"):
+        return "prompt"
+    return "user" if source.get("format", "folder") == "folder" else "ground_truth"
+
+
+def _prompted_classes(source: DatasetSource) -> set[str]:
+    """The classes the plan's prompts named (manifest "plan"). A manifest from before the record
+    names the same classes in its per-class counts, as every prompt names exactly its plan
+    entry's classes."""
+    manifest = source.manifest
+    if "prompted_classes" in manifest.get("plan", {}):
+        return set(manifest["plan"]["prompted_classes"])
+    if "per_class" not in manifest:
+        raise DatasetError(f"{source.uri} does not record which classes its prompts named (built by an older "
+                           f"version): rebuild it")
+    return set(manifest["per_class"])
+
+
+def check_zero_shot(source: DatasetSource, setting: str, split: int | None) -> None:
+    """Refuse a zero-shot setting on a set that knew its unseen classes: their labels came from a
+    labeler trained on them, or which images show them (the class lists) from ground truth; and
+    the inductive setting on a set whose prompts named one (ZS3, Bucher et al. 2019; Li et al.
+    2023: no unseen class name at training time). With no split, evaluation may score any, so
+    every split's unseen classes count."""
+    if setting == "supervised":
+        return
+    vocabulary, manifest = source.vocabulary, source.manifest
+    splits = [split] if split is not None else range(1, len(vocabulary.unseen_splits) + 1)
+    unseen = {name for k in splits for name in vocabulary.unseen(k)}
+    which = f"split {split}" if split is not None else "the splits; no split is set"
+    name = manifest.get("name") or source.uri
+
+    def among(classes: Container[str]) -> str:  # the unseen ones, in vocabulary order
+        return ", ".join(n for n in vocabulary.names if n in unseen and n in classes)
+
+    if leaked := among(source.supervised_classes):
+        raise DatasetError(f"{name}: labels of unseen classes {leaked} ({which}) come from a labeler "
+                           f"trained on them; this is not zero-shot. Train on an annotated set, or pass --setting "
+                           f"supervised for an oracle upper bound")
+    if _class_lists(manifest) == "ground_truth":  # per_class is older than real-image sources
+        if shown := among({n for n, counts in manifest["per_class"].items() if counts["kept"]}):
+            raise DatasetError(f"{name}: which images show unseen classes {shown} ({which}) comes from the "
+                               f"source's ground truth (its masks or tags); this is not zero-shot. Train on "
+                               f"generated images or your own class lists, or pass --setting supervised")
+    if setting == "inductive" and (named := among(_prompted_classes(source))):
+        raise DatasetError(f"{name}: its prompts name unseen classes {named} ({which}); the inductive setting "
+                           f"sees no unseen class name in training. Build the set from the seen classes "
+                           f"(classes: seen), or pass --setting transductive")
+
+
+def batch_parts(config: SegmenterTrainConfig, world: int) -> dict[str, int]:
+    """Samples each of `world` workers takes per step from each training dataset."""
+    per_worker = config.batch_size // world
+    if not config.real:
+        return {"synthetic": per_worker}
+    if not config.data:
+        return {"real": per_worker}
+    real = round(per_worker * config.real_fraction)
+    return {"synthetic": per_worker - real, "real": real}
+
+
+def endless_batches(shard, batch_size: int, name: str, rank: int) -> Iterator[dict]:
+    """Batches of one dataset shard for ever: it is read again, newly shuffled and cropped,
+    whenever it runs out."""
+    while True:
+        empty = True
+        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER):
+            empty = False
+            yield batch
+        if empty:
+            raise DatasetError(f"worker {rank}'s {name} data shard holds fewer than {batch_size} rows")
+
+
+def mixed_batches(shards: dict, parts: dict[str, int], rank: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """A worker's (images, labels) of every step: `parts[name]` rows of each dataset's shard,
+    concatenated in the order of `parts` (the real rows last)."""
+    streams = [endless_batches(shards[name], rows, name, rank) for name, rows in parts.items()]
+    while True:
+        batches = [next(stream) for stream in streams]
+        yield tuple(torch.cat([batch[column] for batch in batches]) for column in ("image", "label"))

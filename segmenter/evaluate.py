@@ -34,12 +34,10 @@ import io
 import json
 import time
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
 from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
@@ -48,9 +46,11 @@ from factory.core.storage import absolute_uri, check_reachable, first_line, is_s
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.codec import COLORS
 from factory.dataset.real import DEFAULT_SPLITS, real_dataset
+from segmenter.checkpoint import load_segmenter_checkpoint, read_segmenter_metadata
+from segmenter.config import SegmenterModelConfig, ZS3EvalOptions
 from segmenter.data import normalize
 from segmenter.metrics import ConfusionMatrix, zs3_scores
-from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, read_segmenter_metadata
+from segmenter.model import Segmenter
 from segmenter.text import check_text_encoder, encode_class_names
 
 SETTING_LABELS = {"transductive": "transductive zero-shot", "inductive": "inductive zero-shot",
@@ -133,31 +133,6 @@ class ZS3Stage:
 
 FORMAT = "zs3-results/1"
 _CHECKPOINT_KEYS = ("model", "vocabulary", "setting", "split")
-
-
-class ZS3EvalOptions(BaseModel):
-    """The options of a Protocol-II evaluation (``jobs/eval_zs3.py``)."""
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    checkpoint: str = Field(description="segmenter checkpoint folder (local or s3://)")
-    format: Literal["voc", "coco"] = Field(description="real dataset format")
-    root: str = Field(description="real dataset folder (local, readable on every node)")
-    vocabulary: str | None = Field(
-        None, description="the classes of the label indices: voc, coco, shapes (the mini world's drawn benchmark) "
-        "or a vocabulary file (.yaml/.tsv); null: coco for coco, the checkpoint's for VOC's layout")
-    split_set: str | None = Field(None, description="image list: VOC ImageSets/Segmentation name or COCO image "
-                                  f"folder (null: voc {DEFAULT_SPLITS['voc']}, coco {DEFAULT_SPLITS['coco']})")
-    splits: list[int] | None = Field(None, min_length=1, description="seen/unseen splits to score (null: the "
-                                     "checkpoint's split, else 1 2 3)")
-    background: Literal["ignore", "seen"] = Field(
-        "ignore", description="the convention of each split's seen/unseen/harmonic keys: background pixels ignored "
-        "(ZegFormer) or a seen class (ZS3Net); both are reported, under background_ignored and background_counted")
-    out: str | None = Field(None, description="results JSON file, local or s3:// (null: print only)")
-    num_workers: int | None = Field(None, ge=1, description="actors (null: one per GPU in the cluster, else 1)")
-    qualitative: int = Field(8, ge=0, description="panels written next to out, of images spread over the dataset")
-    size: int = Field(512, ge=32, description="short side of the inference input (at least the backbone's "
-                      "stride, 32)")
-    batch_size: int = Field(8, ge=1, description="images per confusion matrix")
 
 
 @dataclass

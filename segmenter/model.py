@@ -26,31 +26,25 @@ Two classification heads (``SegmenterModelConfig.head``):
   ``IGNORED_LOGIT``, outside the prediction space, until ``add_class_embeddings`` encodes it
   at test time: that is what makes the inductive setting (no unseen name or pixel in
   training) able to predict unseen classes.
-
-Checkpoints are in the project's one format (``factory.core.checkpoints``); checkpoint.json
-holds the model config and the caller's metadata (iteration, vocabulary, setting, split, ...).
 """
 
 from __future__ import annotations
 
 import os
 import re
-from typing import Literal
 
 import safetensors.torch
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from transformers import MaskFormerConfig, MaskFormerForInstanceSegmentation, ResNetConfig
 from transformers.models.maskformer.configuration_maskformer import MaskFormerDetrConfig
 from transformers.models.maskformer.modeling_maskformer import MaskFormerLoss, dice_loss, sigmoid_focal_loss
 
-from factory.core.checkpoints import CheckpointError, read_checkpoint_metadata, read_tensors, save_checkpoint
+from factory.core.checkpoints import CheckpointError
 from factory.core.conventions import IGNORE
 from factory.core.storage import first_line, local_copy
-
-FORMAT = "segmenter-checkpoint/1"
+from segmenter.config import SegmenterModelConfig
 
 # sigmoid(-1e4) is exactly 0 in float32: such a pixel adds nothing to focal or Dice terms.
 IGNORED_LOGIT = -1e4
@@ -58,86 +52,16 @@ IGNORED_LOGIT = -1e4
 TEXT_TEMPERATURE = 0.01
 
 
-class SegmenterModelConfig(BaseModel):
-    """Sizes of the segmenter; stored in every checkpoint."""
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["tiny", "world", "real"]
-    num_labels: int = Field(ge=2, description="background + the vocabulary's classes")
-    backbone_layer_type: Literal["basic", "bottleneck"]
-    backbone_depths: list[int]
-    backbone_widths: list[int] = Field(description="output channels of the four ResNet stages")
-    stem_width: int
-    stem_pool: bool = Field(True, description="the stem's max-pool; without it every stride halves, so the "
-                            "decoder's input, the last stage, is 4x4 rather than 2x2 at 64 px")
-    fpn_size: int = Field(description="pixel decoder width; a multiple of 32 (GroupNorm groups)")
-    mask_size: int = Field(description="width of the per-pixel and mask embeddings")
-    queries: int
-    decoder_layers: int
-    decoder_width: int
-    decoder_heads: int
-    decoder_ffn: int
-    dropout: float
-    deep_supervision: bool = Field(description="the loss on every decoder layer's predictions")
-    frozen_backbone_norm: bool = Field(
-        False, description="keep the backbone's batch-norm statistics and affine weights fixed "
-        "(detectron2's FrozenBN, as MaskFormer's ResNet configs do with a pretrained backbone)")
-    head: Literal["closed", "text"] = Field(
-        "closed", description="'closed': a learned output per label (the paper's MaskFormer); 'text': logits "
-        "against frozen CLIP text embeddings of the class names (ZegFormer), names addable at test time")
-    text_encoder: str | None = Field(
-        None, description="text head: the CLIP that embedded the class names ('tiny' or a saved CLIPModel, "
-        "local or s3://); evaluation embeds names added at test time with it")
-    text_template: str | None = Field(None, description="text head: the prompt each class name is embedded in")
-    text_dim: int | None = Field(None, ge=1, description="text head: width of the text embeddings")
-
-    @model_validator(mode="after")
-    def _text_fields(self) -> SegmenterModelConfig:
-        text = (self.text_encoder, self.text_template, self.text_dim)
-        if self.head == "text" and None in text:
-            raise ValueError("head 'text' needs text_encoder, text_template and text_dim")
-        if self.head == "closed" and text != (None, None, None):
-            raise ValueError("text_encoder, text_template and text_dim belong to head 'text'")
-        return self
-
-    @classmethod
-    def real(cls, num_labels: int, frozen_backbone_norm: bool = False, **head) -> SegmenterModelConfig:
-        """MaskFormer R101 as in its paper: ResNet-101, FPN pixel decoder of 256, 100 queries,
-        6 decoder layers of width 256, deep supervision. `head`: the head fields (default closed)."""
-        return cls(preset="real", num_labels=num_labels, backbone_layer_type="bottleneck",
-                   backbone_depths=[3, 4, 23, 3], backbone_widths=[256, 512, 1024, 2048], stem_width=64,
-                   fpn_size=256, mask_size=256, queries=100, decoder_layers=6, decoder_width=256,
-                   decoder_heads=8, decoder_ffn=2048, dropout=0.1, deep_supervision=True,
-                   frozen_backbone_norm=frozen_backbone_norm, **head)
-
-    @classmethod
-    def tiny(cls, num_labels: int, **head) -> SegmenterModelConfig:
-        """About 170k weights: tests and CPU runs. `head`: the head fields (default closed)."""
-        return cls(preset="tiny", num_labels=num_labels, backbone_layer_type="basic",
-                   backbone_depths=[1, 1, 1, 1], backbone_widths=[8, 16, 32, 64], stem_width=8,
-                   fpn_size=32, mask_size=32, queries=8, decoder_layers=2, decoder_width=32,
-                   decoder_heads=4, decoder_ffn=64, dropout=0.0, deep_supervision=True, **head)
-
-    @classmethod
-    def world(cls, num_labels: int, **head) -> SegmenterModelConfig:
-        """The tiny backbone, sized for the mini world's 64 px images: no stem max-pool (see
-        stem_pool), 24 queries (more than the world's 21 labels: one can take each) and a decoder
-        of width 64: each of these made it learn faster from scratch (README, the mission in
-        miniature). `head`: the head fields (default closed)."""
-        tiny = cls.tiny(num_labels, **head).model_dump()
-        return cls(**{**tiny, "preset": "world", "stem_pool": False, "queries": 24, "decoder_width": 64,
-                      "decoder_ffn": 128})
-
-    def maskformer_config(self) -> MaskFormerConfig:
-        backbone = ResNetConfig(layer_type=self.backbone_layer_type, depths=self.backbone_depths,
-                                hidden_sizes=self.backbone_widths, embedding_size=self.stem_width,
-                                out_features=["stage1", "stage2", "stage3", "stage4"])
-        decoder = MaskFormerDetrConfig(num_queries=self.queries, decoder_layers=self.decoder_layers,
-                                       d_model=self.decoder_width, decoder_attention_heads=self.decoder_heads,
-                                       decoder_ffn_dim=self.decoder_ffn, dropout=self.dropout)
-        return MaskFormerConfig(backbone_config=backbone, decoder_config=decoder, num_labels=self.num_labels,
-                                fpn_feature_size=self.fpn_size, mask_feature_size=self.mask_size,
-                                use_auxiliary_loss=self.deep_supervision)
+def maskformer_config(config: SegmenterModelConfig) -> MaskFormerConfig:
+    backbone = ResNetConfig(layer_type=config.backbone_layer_type, depths=config.backbone_depths,
+                            hidden_sizes=config.backbone_widths, embedding_size=config.stem_width,
+                            out_features=["stage1", "stage2", "stage3", "stage4"])
+    decoder = MaskFormerDetrConfig(num_queries=config.queries, decoder_layers=config.decoder_layers,
+                                   d_model=config.decoder_width, decoder_attention_heads=config.decoder_heads,
+                                   decoder_ffn_dim=config.decoder_ffn, dropout=config.dropout)
+    return MaskFormerConfig(backbone_config=backbone, decoder_config=decoder, num_labels=config.num_labels,
+                            fpn_feature_size=config.fpn_size, mask_feature_size=config.mask_size,
+                            use_auxiliary_loss=config.deep_supervision)
 
 
 def _valid_pixels(mask_labels: list[Tensor], size: torch.Size) -> Tensor:
@@ -200,7 +124,7 @@ class Segmenter(nn.Module):
     def __init__(self, config: SegmenterModelConfig):
         super().__init__()
         self.config = config
-        self.maskformer = MaskFormerForInstanceSegmentation(config.maskformer_config())
+        self.maskformer = MaskFormerForInstanceSegmentation(maskformer_config(config))
         own = self.maskformer
         # The query embeddings as MaskFormer's reference draws them (nn.Embedding's N(0, 1)).
         # transformers draws them with std 0.02: a decoder trained from scratch then starts with
@@ -344,26 +268,3 @@ def load_backbone_weights(model: Segmenter, source: str) -> None:
                               f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} of "
                               f"another shape (first: {(missing + unexpected + reshaped)[0]})")
     model.backbone.load_state_dict(state)
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def save_segmenter_checkpoint(uri: str, model: Segmenter, optimizer: torch.optim.Optimizer | None,
-                              metadata: dict) -> None:
-    """`metadata` must hold "iteration" (it names the weight files); the rest (vocabulary,
-    setting, split, seen, unseen, ...) is stored as given."""
-    save_checkpoint(uri, FORMAT, metadata["iteration"], model, optimizer,
-                    {**metadata, "model": model.config.model_dump(mode="json")})
-
-
-def read_segmenter_metadata(uri: str) -> dict:
-    return read_checkpoint_metadata(uri, FORMAT)
-
-
-def load_segmenter_checkpoint(uri: str) -> tuple[Segmenter, dict]:
-    """The segmenter (eval mode, CPU) and its checkpoint.json: iteration, model config,
-    vocabulary {name, classes: [{index, name, natural}]}, setting, split, seen, unseen, train config."""
-    metadata = read_segmenter_metadata(uri)
-    model = Segmenter(SegmenterModelConfig.model_validate(metadata["model"]))
-    model.load_state_dict(read_tensors(uri, metadata, "model"))
-    return model.eval(), metadata

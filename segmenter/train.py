@@ -35,7 +35,7 @@ refuses a set whose prompts named one; both refuse an init checkpoint of another
 split. Real images (Model-D) always have their unseen pixels ignored, never trained as
 background.
 
-Rank 0 writes `<out>/last/` (segmenter.model's checkpoint format) every `checkpoint_every`
+Rank 0 writes `<out>/last/` (``segmenter.checkpoint``) every `checkpoint_every`
 iterations and at the end; a rerun of the same command resumes from it: weights, optimizer
 state, iteration.
 """
@@ -46,148 +46,35 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Container, Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import ray
 import ray.train
 import ray.train.torch
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from factory.core.checkpoints import METADATA_FILE, CheckpointError, check_same_run, load_optimizer_state
 from factory.core.distributed import all_reduce_mean, fit
-from factory.core.storage import absolute_uri, check_model_source, check_reachable, first_line, open_location
+from factory.core.storage import absolute_uri, check_model_source, check_reachable, open_location
 from factory.core.vocab import Vocabulary, get_vocabulary
-from factory.dataset.real import real_dataset, voc_val_overlap
 from factory.dataset.source import DatasetError, DatasetSource
-from segmenter.data import normalize, real_training_dataset, synthetic_dataset
-from segmenter.model import (
-    Segmenter,
-    SegmenterModelConfig,
-    batch_targets,
-    load_backbone_weights,
-    load_segmenter_checkpoint,
-    read_segmenter_metadata,
-    save_segmenter_checkpoint,
+from segmenter.checkpoint import load_segmenter_checkpoint, read_segmenter_metadata, save_segmenter_checkpoint
+from segmenter.config import RUN_IDENTITY, SegmenterModelConfig, SegmenterTrainConfig
+from segmenter.data import (
+    batch_parts,
+    check_zero_shot,
+    data_split,
+    mixed_batches,
+    normalize,
+    real_set_size,
+    real_training_dataset,
+    synthetic_dataset,
 )
+from segmenter.model import Segmenter, batch_targets, load_backbone_weights
 from segmenter.text import TEMPLATE, check_text_encoder, encode_class_names
 
 logger = logging.getLogger(__name__)
-
-SHUFFLE_BUFFER = 64  # rows each worker shuffles locally, on top of the per-pass file/sample order
-
-
-class RealSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    format: Literal["voc", "voc_aug", "coco"] = Field(
-        description="voc: SegmentationClass (1,464 train images); voc_aug: SBD's SegmentationClassAug "
-        "(10,582 train_aug images); coco: instances JSON")
-    root: str = Field(description="VOC: VOCdevkit/VOC2012; COCO: the folder holding <split>/ and annotations/; "
-                      "readable on every node")
-    split: str = Field(description="voc: train (ImageSets/Segmentation/train.txt); voc_aug: train_aug; "
-                       "coco: train2017")
-    vocabulary: str | None = Field(
-        None, description="the classes of the label indices: voc, coco, shapes (the mini world's drawn benchmark in "
-        "VOC's layout) or a vocabulary file (.yaml/.tsv) for your own classes in VOC's layout (null: the format's own)")
-
-
-class ModelSection(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    preset: Literal["tiny", "world", "real"] = Field(
-        "tiny", description="'tiny' (tests, CPU), 'world' (the mini world's 64 px images, CPU) or 'real' "
-        "(MaskFormer R101)")
-    backbone_weights: str | None = Field(
-        None, description="ImageNet ResNet weights for a fresh start (.safetensors file or folder with "
-        "model.safetensors, local or s3://; torchvision or transformers layout); null: random")
-    head: Literal["closed", "text"] = Field(
-        "closed", description="'closed': a learned output per class (the paper's MaskFormer; transductive, "
-        "supervised); 'text': logits against frozen CLIP embeddings of the class names (ZegFormer), so names "
-        "can be added at test time (needed by inductive)")
-    text_encoder: str | None = Field(
-        None, description="text head: the CLIP embedding the class names: 'tiny' (random, offline: tests) or a "
-        "saved CLIPModel folder, local or s3:// (e.g. openai/clip-vit-base-patch32 saved with save_pretrained)")
-
-    @model_validator(mode="after")
-    def _text_encoder(self) -> ModelSection:
-        if self.head == "text" and self.text_encoder is None:
-            raise ValueError("model.head text needs model.text_encoder (a saved CLIPModel, or tiny)")
-        if self.head == "closed" and self.text_encoder is not None:
-            raise ValueError("model.text_encoder is for model.head text")
-        return self
-
-
-class SegmenterTrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: str | None = Field(None, description="synthetic factory dataset: local folder or s3:// prefix")
-    real: RealSection | None = Field(None, description="real training images, e.g. {format: voc_aug, root: "
-                                     "VOCdevkit/VOC2012, split: train_aug} (Model-D); unseen-class pixels ignored")
-    real_fraction: float | None = Field(
-        None, gt=0.0, lt=1.0, description="with both data and real: the share of every batch that is real images "
-        "(the rest synthetic); a whole number of each worker's batch_size / num_workers samples")
-    readers: int = Field(2, ge=1, description="actors reading the real images")
-    init: str | None = Field(None, description="checkpoint folder to start from (its architecture and weights), "
-                             "e.g. Model-C's last/ for Model-D")
-    out: str = Field(description="checkpoint folder: local or s3://; a rerun resumes from its last/")
-    model: ModelSection = ModelSection()
-    setting: Literal["transductive", "inductive", "supervised"] = Field(
-        "transductive", description="zero-shot 'transductive' (every synthetic label as made) or 'inductive' "
-        "(unseen classes' synthetic pixels ignored, their names never embedded; text head), or 'supervised': "
-        "labels of unseen classes from a labeler trained on them (an oracle upper bound, not zero-shot)")
-    split: int | None = Field(None, description="seen/unseen split; null: the dataset recipe's (or init's)")
-    crop_size: int = Field(224, ge=16, description="side of the square training crops")
-    crop_scale: tuple[float, float] = Field((0.25, 1.0), description="area fraction range of the random resized crop")
-    iterations: int = Field(40000, ge=1, description="optimizer steps in all (a resumed run continues up to this)")
-    batch_size: int = Field(8, ge=1, description="samples per step over all workers")
-    lr: float = Field(1e-4, gt=0.0, description="AdamW learning rate")
-    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay")
-    poly_power: float = Field(0.9, ge=0.0, description="lr x (1 - iteration/iterations)^power; 0: constant")
-    backbone_lr_factor: float = Field(0.1, gt=0.0, description="the backbone's lr relative to lr")
-    clip_grad_norm: float | None = Field(0.01, gt=0.0, description="max gradient norm of the whole model; null: none")
-    num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs each worker holds; the rest read and crop data")
-    use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
-    mixed_precision: bool = Field(True, description="autocast on CUDA: bf16 where supported, else fp16")
-    checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints to <out>/last")
-    log_every: int = Field(50, ge=1, description="iterations between log lines (loss, it/s)")
-    seed: int = Field(0, ge=0, description="model initialisation")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SegmenterTrainConfig:
-        if self.data is None and self.real is None:
-            raise ValueError("nothing to train on: set data (a synthetic dataset) and/or real")
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
-        if self.setting == "inductive" and self.model.head != "text":
-            raise ValueError("setting inductive needs model.head text: a closed-set head trains no output for "
-                             "the unseen classes it ignores, so it could never predict them")
-        both = self.data is not None and self.real is not None
-        if both and self.real_fraction is None:
-            raise ValueError("data and real are both set: set real_fraction, the share of every batch that is "
-                             "real images (e.g. 0.5)")
-        if not both and self.real_fraction is not None:
-            raise ValueError("real_fraction mixes data and real: set both, or leave real_fraction null")
-        if both:
-            per_worker = self.batch_size // self.num_workers
-            real = self.real_fraction * per_worker
-            if abs(real - round(real)) > 1e-6 or not 0 < round(real) < per_worker:
-                raise ValueError(f"real_fraction {self.real_fraction:g} of the {per_worker} samples each worker "
-                                 f"takes per step is not a whole number from 1 to {per_worker - 1}")
-        low, high = self.crop_scale
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"crop_scale {list(self.crop_scale)} must satisfy 0 < min <= max <= 1")
-        if self.init and self.model.backbone_weights:
-            raise ValueError("model.backbone_weights is for a fresh start; init brings its own weights")
-        return self
-
-
-# Changing these makes a different experiment: such an output is not resumed.
-_RUN_IDENTITY = ("data", "real", "real_fraction", "init", "model", "setting", "split")
 
 
 @dataclass
@@ -241,17 +128,6 @@ class TrainingSummary:
         return "\n".join([*lines, f"  checkpoint {self.last}"])
 
 
-def batch_parts(config: SegmenterTrainConfig, world: int) -> dict[str, int]:
-    """Samples each of `world` workers takes per step from each training dataset."""
-    per_worker = config.batch_size // world
-    if not config.real:
-        return {"synthetic": per_worker}
-    if not config.data:
-        return {"real": per_worker}
-    real = round(per_worker * config.real_fraction)
-    return {"synthetic": per_worker - real, "real": real}
-
-
 def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
     update = {name: absolute_uri(getattr(config, name)) for name in ("data", "init", "out")}
     if config.real:
@@ -261,81 +137,6 @@ def _absolute_paths(config: SegmenterTrainConfig) -> SegmenterTrainConfig:
         model["text_encoder"] = absolute_uri(config.model.text_encoder)  # recorded for evaluation elsewhere
     update["model"] = config.model.model_copy(update=model)
     return config.model_copy(update=update)
-
-
-def _real_rows(config: SegmenterTrainConfig) -> tuple[int, Vocabulary]:
-    real = config.real
-    try:
-        reader = real_dataset(real.format, real.root, real.split, real.vocabulary)
-        leaked = voc_val_overlap(reader) if real.format != "coco" else []
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"real {real.format} images: {first_line(exc)}") from None
-    if leaked:
-        raise DatasetError(f"real {real.format} {real.split} lists {len(leaked)} images of VOC val, the evaluation "
-                           f"set (first: {leaked[0]}): train on a list without them")
-    return len(reader), reader.vocabulary
-
-
-def _data_split(source: DatasetSource) -> int | None:
-    """The split a synthetic set was made for: its recipe's, else its annotator's training split."""
-    return source.split or source.manifest.get("labels", {}).get("trained_split")
-
-
-def _class_lists(manifest: dict) -> str:
-    """Where each image's class list came from (manifest "labels"). A manifest from before the
-    record says it through its recipe's source, from which the build decides it: no source,
-    the prompts; a folder, the user; any other format, its ground truth."""
-    if "class_lists" in manifest["labels"]:
-        return manifest["labels"]["class_lists"]
-    source = manifest["recipe"].get("source") or {}
-    if not source.get("images"):
-        return "prompt"
-    return "user" if source.get("format", "folder") == "folder" else "ground_truth"
-
-
-def _prompted_classes(source: DatasetSource) -> set[str]:
-    """The classes the plan's prompts named (manifest "plan"). A manifest from before the record
-    names the same classes in its per-class counts, as every prompt names exactly its plan
-    entry's classes."""
-    manifest = source.manifest
-    if "prompted_classes" in manifest.get("plan", {}):
-        return set(manifest["plan"]["prompted_classes"])
-    if "per_class" not in manifest:
-        raise DatasetError(f"{source.uri} does not record which classes its prompts named (built by an older "
-                           f"version): rebuild it")
-    return set(manifest["per_class"])
-
-
-def check_zero_shot(source: DatasetSource, setting: str, split: int | None) -> None:
-    """Refuse a zero-shot setting on a set that knew its unseen classes: their labels came from a
-    labeler trained on them, or which images show them (the class lists) from ground truth; and
-    the inductive setting on a set whose prompts named one (ZS3, Bucher et al. 2019; Li et al.
-    2023: no unseen class name at training time). With no split, evaluation may score any, so
-    every split's unseen classes count."""
-    if setting == "supervised":
-        return
-    vocabulary, manifest = source.vocabulary, source.manifest
-    splits = [split] if split is not None else range(1, len(vocabulary.unseen_splits) + 1)
-    unseen = {name for k in splits for name in vocabulary.unseen(k)}
-    which = f"split {split}" if split is not None else "the splits; no split is set"
-    name = manifest.get("name") or source.uri
-
-    def among(classes: Container[str]) -> str:  # the unseen ones, in vocabulary order
-        return ", ".join(n for n in vocabulary.names if n in unseen and n in classes)
-
-    if leaked := among(source.supervised_classes):
-        raise DatasetError(f"{name}: labels of unseen classes {leaked} ({which}) come from a labeler "
-                           f"trained on them; this is not zero-shot. Train on an annotated set, or pass --setting "
-                           f"supervised for an oracle upper bound")
-    if _class_lists(manifest) == "ground_truth":  # per_class is older than real-image sources
-        if shown := among({n for n, counts in manifest["per_class"].items() if counts["kept"]}):
-            raise DatasetError(f"{name}: which images show unseen classes {shown} ({which}) comes from the "
-                               f"source's ground truth (its masks or tags); this is not zero-shot. Train on "
-                               f"generated images or your own class lists, or pass --setting supervised")
-    if setting == "inductive" and (named := among(_prompted_classes(source))):
-        raise DatasetError(f"{name}: its prompts name unseen classes {named} ({which}); the inductive setting "
-                           f"sees no unseen class name in training. Build the set from the seen classes "
-                           f"(classes: seen), or pass --setting transductive")
 
 
 def _init_model(config: SegmenterTrainConfig, vocabulary: Vocabulary, init: dict, split: int | None
@@ -381,7 +182,7 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
     """Every check that needs no model; raises DatasetError, StorageError or CheckpointError (one line)."""
     config = _absolute_paths(config)
     source = DatasetSource.open(config.data) if config.data else None
-    real_rows, real_vocabulary = _real_rows(config) if config.real else (0, None)
+    real_rows, real_vocabulary = real_set_size(config.real) if config.real else (0, None)
     init = read_segmenter_metadata(config.init) if config.init else None
     vocabularies = {name for name in (source and source.vocabulary.name, real_vocabulary and real_vocabulary.name,
                                       init and init["vocabulary"]["name"]) if name}
@@ -389,7 +190,7 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
         raise DatasetError(f"data, real images and init use different vocabularies: {', '.join(sorted(vocabularies))}")
     vocabulary = (source and source.vocabulary) or real_vocabulary
 
-    split = config.split or (source and _data_split(source)) or (init and init["split"])
+    split = config.split or (source and data_split(source)) or (init and init["split"])
     if split is None and (config.setting == "inductive" or config.real):
         why = "the inductive setting ignores" if config.setting == "inductive" else "real images ignore"
         raise DatasetError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
@@ -418,7 +219,7 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
     resume, done = location.exists(f"last/{METADATA_FILE}"), 0
     if resume:
         saved = read_segmenter_metadata(location.url("last"))
-        check_same_run(config.out, saved["train"], config.model_dump(mode="json"), _RUN_IDENTITY)
+        check_same_run(config.out, saved["train"], config.model_dump(mode="json"), RUN_IDENTITY)
         model, done = SegmenterModelConfig.model_validate(saved["model"]), saved["iteration"]
     embeddings = None
     if model is None:
@@ -517,40 +318,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tenso
     return loss.item()
 
 
-def endless_batches(shard, batch_size: int, name: str, rank: int) -> Iterator[dict]:
-    """Batches of one dataset shard for ever: it is read again, newly shuffled and cropped,
-    whenever it runs out."""
-    while True:
-        empty = True
-        for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=SHUFFLE_BUFFER):
-            empty = False
-            yield batch
-        if empty:
-            raise DatasetError(f"worker {rank}'s {name} data shard holds fewer than {batch_size} rows")
-
-
-def mixed_batches(shards: dict, parts: dict[str, int], rank: int) -> Iterator[tuple[Tensor, Tensor]]:
-    """A worker's (images, labels) of every step: `parts[name]` rows of each dataset's shard,
-    concatenated in the order of `parts` (the real rows last)."""
-    streams = [endless_batches(shards[name], rows, name, rank) for name, rows in parts.items()]
-    while True:
-        batches = [next(stream) for stream in streams]
-        yield tuple(torch.cat([batch[column] for batch in batches]) for column in ("image", "label"))
-
-
-def train_loop_per_worker(worker_config: dict) -> None:
-    """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
-    config = SegmenterTrainConfig.model_validate(worker_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    last = open_location(config.out).url("last")
-    vocabulary = get_vocabulary(worker_config["metadata"]["vocabulary"])
-    start, log = 0, []
+def setup_model(config: SegmenterTrainConfig, worker_config: dict, vocabulary: Vocabulary, last: str,
+                device: torch.device) -> tuple[Segmenter, torch.optim.Optimizer, dict]:
+    """The model and its optimizer: resumed from `last`, started from init, or fresh; and the run's
+    progress: {"start": iterations done, "log"}."""
+    progress = {"start": 0, "log": []}
     if worker_config["resume"]:
         model, saved = load_segmenter_checkpoint(last)
-        start, log = saved["iteration"], saved["log"]
+        progress = {"start": saved["iteration"], "log": saved["log"]}
     elif config.init:
         model, _ = load_segmenter_checkpoint(config.init)
     else:
@@ -565,6 +340,36 @@ def train_loop_per_worker(worker_config: dict) -> None:
     optimizer = make_optimizer(model, config)
     if worker_config["resume"]:
         load_optimizer_state(last, optimizer, saved)
+    return model, optimizer, progress
+
+
+class LossWindow:
+    """The loss and speed of the steps since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: float) -> None:
+        self.loss, self.steps = self.loss + loss, self.steps + 1
+
+    def close(self, iteration: int, device: torch.device) -> dict:
+        """The window's log entry (its loss averaged over all workers); starts the next window."""
+        entry = {"iteration": iteration, "loss": all_reduce_mean(self.loss, self.steps, device),
+                 "iterations_per_second": self.steps / (time.perf_counter() - self.start)}
+        self.__init__()
+        return entry
+
+
+def train_loop_per_worker(worker_config: dict) -> None:
+    """One Ray Train worker (TorchTrainer's train_loop_per_worker); see the module docstring."""
+    config = SegmenterTrainConfig.model_validate(worker_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    last = open_location(config.out).url("last")
+    vocabulary = get_vocabulary(worker_config["metadata"]["vocabulary"])
+    model, optimizer, progress = setup_model(config, worker_config, vocabulary, last, device)
+    start, log = progress["start"], progress["log"]
     trained = ray.train.torch.prepare_model(model)
     autocast, scaler = _mixed_precision(device, config.mixed_precision)
     parts = batch_parts(config, world)
@@ -572,22 +377,19 @@ def train_loop_per_worker(worker_config: dict) -> None:
     num_labels = model.config.num_labels
     text_classes = [vocabulary.by_index(i).name for i in model.known_classes] if model.config.head == "text" else None
 
-    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+    window = LossWindow()
     for iteration in range(start + 1, config.iterations + 1):
         images, labels = next(batches)
         set_learning_rates(optimizer, config, iteration - 1)
-        loss = train_step(trained, optimizer, images, labels, num_labels=num_labels, autocast=autocast,
-                          scaler=scaler, clip_grad_norm=config.clip_grad_norm)
-        window_loss, window_steps = window_loss + loss, window_steps + 1
+        window.add(train_step(trained, optimizer, images, labels, num_labels=num_labels, autocast=autocast,
+                              scaler=scaler, clip_grad_norm=config.clip_grad_norm))
         finished = iteration == config.iterations
         if iteration % config.log_every == 0 or finished:
-            mean = all_reduce_mean(window_loss, window_steps, device)
-            rate = window_steps / (time.perf_counter() - window_start)
-            log.append({"iteration": iteration, "loss": mean, "iterations_per_second": rate})
+            log.append(window.close(iteration, device))
             if rank == 0:
                 # Ray Train shows worker logs on the driver (a print is echoed twice there).
-                logger.info(f"iteration {iteration}/{config.iterations}  loss {mean:.4f}  {rate:.2f} it/s")
-            window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                logger.info(f"iteration {iteration}/{config.iterations}  loss {log[-1]['loss']:.4f}  "
+                            f"{log[-1]['iterations_per_second']:.2f} it/s")
         if rank == 0 and (iteration % config.checkpoint_every == 0 or finished):
             metadata = {**worker_config["metadata"], "iteration": iteration, "resumed_from": start, "log": log,
                         "text_classes": text_classes, "train": config.model_dump(mode="json")}

@@ -1,4 +1,4 @@
-"""The README's "Using a dataset" examples, run as written on a dataset the factory built.
+"""The docs' "Using a dataset" examples (docs/dataset-format.md), run as written on a dataset the factory built.
 
 Every fenced ```python block of that section runs in a folder where `outputs/tiny` is the
 tiny dataset; its S3 examples read a copy in a test bucket (`s3://my-bucket/datasets/tiny`
@@ -21,12 +21,12 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow  # the tiny dataset is built by the real job on the local Ray cluster
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-README_BUCKET = "s3://my-bucket/datasets/tiny"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "dataset-format.md"
+PAGE_BUCKET = "s3://my-bucket/datasets/tiny"
 
 
 def section_blocks(heading: str = "## Using a dataset") -> list[str]:
-    text = README.read_text()
+    text = PAGE.read_text()
     start = text.index(f"\n{heading}\n")
     end = text.find("\n## ", start + 1)
     return re.findall(r"```python\n(.*?)```", text[start:end if end >= 0 else None], flags=re.S)
@@ -74,17 +74,17 @@ CHECKS = {"import pandas": check_pandas, "import duckdb": check_duckdb, "from da
 
 def check_for(block: str):
     matches = [check for marker, check in CHECKS.items() if marker in block]
-    assert len(matches) == 1, f"README example without exactly one check in {__file__}:\n{block}"
+    assert len(matches) == 1, f"docs example without exactly one check in {__file__}:\n{block}"
     return matches[0]
 
 
 def test_section_has_every_reader():
     blocks = section_blocks()
     assert {check_for(block) for block in blocks} == set(CHECKS.values())
-    assert any(README_BUCKET in block for block in blocks)  # the S3 example
+    assert any(PAGE_BUCKET in block for block in blocks)  # the S3 example
 
 
-def test_readme_examples_run(tiny_dataset, tiny_dataset_on_s3, bucket, tmp_path, monkeypatch):
+def test_docs_examples_run(tiny_dataset, tiny_dataset_on_s3, bucket, tmp_path, monkeypatch):
     import datasets
 
     s3_uri = tiny_dataset_on_s3
@@ -96,5 +96,5 @@ def test_readme_examples_run(tiny_dataset, tiny_dataset_on_s3, bucket, tmp_path,
 
     for block in section_blocks():
         namespace: dict = {}
-        exec(compile(block.replace(README_BUCKET, s3_uri), str(README), "exec"), namespace)  # noqa: S102
+        exec(compile(block.replace(PAGE_BUCKET, s3_uri), str(PAGE), "exec"), namespace)  # noqa: S102
         check_for(block)(namespace, rows)

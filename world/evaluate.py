@@ -14,8 +14,8 @@ import numpy as np
 from diffusers import StableDiffusionPipeline
 from tqdm import tqdm
 
-from factory.pipeline.detect import Detector
 from factory.core.vocab import SHAPES
+from factory.detection.detections import Detector
 from factory.diffusion.pipelines import generate
 from world.draw import SIZE, draw
 from world.utils import prompt_of

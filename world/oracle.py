@@ -21,8 +21,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torchvision.ops import masks_to_boxes
 from tqdm import tqdm
 
-from factory.pipeline.detect import Detector, MaskRCNNDetector, label_count, small_maskrcnn
-from factory.pipeline.recipe import SMALL, LabelerConfig
 from factory.core.checkpoints import (
     check_same_run,
     load_optimizer_state,
@@ -30,8 +28,11 @@ from factory.core.checkpoints import (
     read_tensors,
     save_checkpoint,
 )
+from factory.core.conventions import SMALL
 from factory.core.devices import pick_device
 from factory.core.vocab import SHAPES
+from factory.detection.detections import Detector
+from factory.detection.maskrcnn import MaskRCNNDetector, label_count, small_maskrcnn
 from world.benchmark import benchmark_draws
 from world.draw import SIZE, draw
 from world.evaluate import OracleQuality, oracle_quality
@@ -82,8 +83,8 @@ def training_batch(seed: int, step: int, size: int, two_objects: float) -> tuple
 
 def load_oracle(weights: str, score_threshold: float = 0.5, device: torch.device | None = None) -> MaskRCNNDetector:
     """The oracle as the build's labeler loads it (``labeler.model: maskrcnn_small``)."""
-    config = LabelerConfig(model=SMALL, weights=weights, score_threshold=score_threshold)
-    return MaskRCNNDetector(config, SHAPES, SIZE, device or torch.device("cpu"))
+    return MaskRCNNDetector(SMALL, SHAPES, SIZE, device or torch.device("cpu"), weights=weights,
+                            score_threshold=score_threshold)
 
 
 # Changing these makes a different run: its training state is not resumed.

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
-from factory.pipeline.recipe import PromptConfig
+from factory.core.conventions import PROMPT_ONE, PROMPT_TWO
 from factory.core.vocab import SHAPES
 
 
@@ -32,10 +32,10 @@ def class_draws(seed: int, step: int, size: int, two_objects: float) -> list[tup
     return out
 
 
-def prompt_of(classes: tuple[str, ...], templates: PromptConfig = PromptConfig()) -> str:
+def prompt_of(classes: tuple[str, ...]) -> str:
     """The recipes' default prompt of one or two ``shapes`` classes: 'a photograph of a red disc'."""
     names = [SHAPES.lookup(name).natural for name in classes]
-    return templates.one.format(*names) if len(names) == 1 else templates.two.format(*names)
+    return (PROMPT_ONE if len(names) == 1 else PROMPT_TWO).format(*names)
 
 
 class EMA:

@@ -15,5 +15,6 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "options": ("ConfigError", "parse_config", "parse_options", "positional"),
     "pairs": ("load_pairs", "save_pairs"),
     "storage": ("Location", "StorageError", "check_reachable", "open_location", "write_file"),
-    "vocab": ("COCO", "VOC", "ClassInfo", "Vocabulary", "define_vocabulary", "get_vocabulary", "read_vocabulary"),
+    "vocab": ("COCO", "VOC", "ClassInfo", "Vocabulary", "define_vocabulary", "get_vocabulary"),
+    "vocab_files": ("read_vocabulary",),
 })

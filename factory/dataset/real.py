@@ -44,7 +44,8 @@ from pycocotools.coco import COCO as COCOApi
 
 from factory.core.conventions import IGNORE
 from factory.core.pairs import read_image_ids
-from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary, get_vocabulary, read_vocabulary
+from factory.core.vocab import COCO, COCO_CATEGORIES, COCO_DROPPED_IDS, VOC, Vocabulary, get_vocabulary
+from factory.core.vocab_files import read_vocabulary
 
 PathLike = str | os.PathLike
 

@@ -5,7 +5,10 @@ from factory.core.exports import lazy_exports
 
 __all__, __getattr__ = lazy_exports(__name__, {
     "cost": ("estimate", "format_estimate"),
-    "pipeline": ("BuildError", "StageSpec", "model_stages", "prepare_build", "run_build"),
+    "checks": ("BuildError",),
+    "labelers": ("LABELERS", "Labeler"),
+    "pipeline": ("prepare_build", "run_build"),
     "plan": ("Sample", "build_plan", "replan"),
     "recipe": ("Recipe", "load_recipe"),
+    "stages": ("StageSpec", "model_stages"),
 })

@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 
-from factory.pipeline.label import LabelStage
-from factory.pipeline.recipe import AgreementConfig
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import objects
+from factory.pipeline.label import LabelStage
+from factory.pipeline.sections import AgreementConfig
 
 DISAGREE = "labelers_disagree"  # the drop reason of a sample with a disagreeing class
 

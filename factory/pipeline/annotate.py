@@ -17,8 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from factory.pipeline.generate import load_generator
-from factory.pipeline.recipe import AnnotatorConfig, FastConfig, GeneratorConfig
 from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries
@@ -29,6 +27,8 @@ from factory.diffusion.features import FeatureCapture
 from factory.diffusion.pipelines import generate
 from factory.diffusion.steps import capture_call_index
 from factory.diffusion.tokens import class_token_positions
+from factory.pipeline.generate import load_generator
+from factory.pipeline.sections import AnnotatorConfig, FastConfig, GeneratorConfig
 from grounding.checkpoint import load_grounding_checkpoint
 from grounding.data import TextConfig, text_class_embeddings
 

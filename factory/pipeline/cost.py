@@ -19,8 +19,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from factory.pipeline.recipe import Recipe
 from factory.core.options import ConfigError, one_line
+from factory.pipeline.labelers import labeler_of
+from factory.pipeline.labelers.open_vocabulary import OPEN_VOCABULARY_TFLOP
+from factory.pipeline.recipe import Recipe
 
 
 class Rates(BaseModel):
@@ -39,17 +41,15 @@ class Rates(BaseModel):
         """Where a rate comes from, for the estimate's reader."""
         if name in self.measured:
             return "measured"
-        if name == "open_vocabulary_images_per_s" and self.open_vocabulary_images_per_s is None:
+        if getattr(self, name) is None:
             return f"Mask R-CNN's rate at its FLOP, {self.origin('label_images_per_s')}"
         return "public anchor"
 
     def labeler_images_per_s(self, model: str) -> float:
-        """The rate of the recipe's labeler (``labeler.model``)."""
-        if model != "open_vocabulary":
-            return self.label_images_per_s
-        if self.open_vocabulary_images_per_s is not None:
-            return self.open_vocabulary_images_per_s
-        return self.label_images_per_s * MASKRCNN_BENCH_TFLOP / OPEN_VOCABULARY_TFLOP
+        """The rate of the labeler named ``model``: its own, or Mask R-CNN's at the same FLOP/s when unset."""
+        labeler = labeler_of(model)
+        rate = getattr(self, labeler.rate)
+        return rate if rate is not None else self.label_images_per_s * MASKRCNN_BENCH_TFLOP / labeler.tflop
 
 
 # Public figures (docs/performance.md, "Public anchors"), not measured here: A100, batch 16, torch.compile, about
@@ -57,12 +57,6 @@ class Rates(BaseModel):
 # decode). The stages are assumed to reach the same FLOP/s (Mask R-CNN v2: 0.33 TFLOP an
 # image; it is under 1% of the cost either way). Measure your own with bench/gpu.py --out.
 _A100_TFLOPS = 1.3 * (100 * 0.84 + 2.5)
-# The open-vocabulary labeler, counted by bench/gpu.py (FlopCounterMode, docs/performance.md) at real sizes, an
-# image asked for two classes: SAM 3, or OWLv2 B/16 + SAM ViT-H on 4 boxes. Which route a recipe takes is a
-# matter of its saved models, so the estimate takes the costlier one.
-SAM3_TFLOP = 6.49
-OWLV2_SAM_TFLOP = 7.09
-OPEN_VOCABULARY_TFLOP = max(SAM3_TFLOP, OWLV2_SAM_TFLOP)
 MASKRCNN_BENCH_TFLOP = 0.667  # Mask R-CNN v2 as bench/gpu.py runs it (100 detections), for measured rates
 DEFAULT_RATES = Rates(source="public A100 figures (docs/performance.md): 1.3 images/s at DDIM-50, batch 16, "
                       "torch.compile", image_size=512, unet_forwards_per_s=_A100_TFLOPS / 0.84,
@@ -138,12 +132,8 @@ def _making_seconds(recipe: Recipe, rates: Rates) -> dict[str, float]:
     return {"generate": generate, "label": _label_seconds(recipe.labeler.model, recipe, rates)}
 
 
-def _labeler_field(model: str) -> str:
-    return "open_vocabulary_images_per_s" if model == "open_vocabulary" else "label_images_per_s"
-
-
 def _label_seconds(model: str, recipe: Recipe, rates: Rates) -> float:
-    scale = 1 if model == "open_vocabulary" else _area(recipe, rates.image_size)  # its models take a fixed size
+    scale = 1 if labeler_of(model).fixed_size else _area(recipe, rates.image_size)
     return scale / rates.labeler_images_per_s(model)
 
 
@@ -160,7 +150,7 @@ def bytes_per_sample(recipe: Recipe) -> float:
 
 def in_flight_bytes(recipe: Recipe) -> dict[str, float]:
     """Object-store bytes per batch. Every model of a sample runs in one actor on one GPU
-    (factory/pipeline.py ModelActor), so raw arrays never leave it: only encoded rows
+    (factory/pipeline/actor.py ModelActor), so raw arrays never leave it: only encoded rows
     travel, a generator batch at a time, and the write tasks gather them into parts."""
     encoded = bytes_per_sample(recipe)
     return {"model actor -> write": recipe.generator.batch_size * encoded,
@@ -201,10 +191,9 @@ def estimate(recipe: Recipe, samples: int, rates: Rates, gpus: int, usd_per_gpu_
         notes.append(f"pool.max_size is {usable}: {gpus - usable} of the {gpus} GPUs would sit idle")
     if recipe.annotator.checkpoint:
         notes.append("the grounding module's forward pass is not counted (one small network per image)")
-    if recipe.labeler.model == "open_vocabulary" and not recipe.annotator.enabled and not recipe.source.enabled:
-        notes.append(f"labeler open_vocabulary is counted as its costlier route ({OPEN_VOCABULARY_TFLOP:.2g} "
-                     f"TFLOP an image asked for two classes; SAM 3 {SAM3_TFLOP:.2g}, OWLv2 + SAM ViT-H "
-                     f"{OWLV2_SAM_TFLOP:.2g})")
+    labeler = labeler_of(recipe.labeler.model)
+    if labeler.cost_note and not recipe.annotator.enabled and not recipe.source.enabled:
+        notes.append(labeler.cost_note)
     if recipe.quality.model:
         notes.append("the CLIP quality stage is not counted")
     if recipe.capture.attention:
@@ -235,7 +224,7 @@ def format_estimate(e: Estimate, recipe: Recipe) -> str:
              f"  rates     {e.rates.source}, per GPU at {e.rates.image_size}x{e.rates.image_size}: "
              f"U-Net {e.rates.unet_forwards_per_s:.4g}/s ({e.rates.origin('unet_forwards_per_s')}), "
              f"VAE {e.rates.vae_images_per_s:.4g}/s ({e.rates.origin('vae_images_per_s')}), "
-             f"labeler {labeler_rate:.4g}/s ({e.rates.origin(_labeler_field(recipe.labeler.model))})"]
+             f"labeler {labeler_rate:.4g}/s ({e.rates.origin(labeler_of(recipe.labeler.model).rate)})"]
     for stage, hours in e.gpu_hours.items():
         lines.append(f"  {stage:<18}{e.seconds_per_sample[stage]:9.3f} GPU-s per sample {hours:10.2f} GPU-hours")
     lines.append(f"  total     {e.total_gpu_hours:.2f} GPU-hours ({e.total_gpu_hours / 24:.2f} GPU-days)"

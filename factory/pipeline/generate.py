@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from factory.pipeline.recipe import CaptureConfig, FastConfig, GeneratorConfig
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.loading import load_with_retries
 from factory.dataset.codec import objects
@@ -19,6 +18,7 @@ from factory.diffusion.features import FeatureCapture, fp16_array
 from factory.diffusion.pipelines import decode, denoise, load_pipeline
 from factory.diffusion.steps import capture_call_index
 from factory.diffusion.tokens import class_token_positions
+from factory.pipeline.sections import CaptureConfig, FastConfig, GeneratorConfig
 
 
 def load_generator(config: GeneratorConfig, fast: FastConfig | None, load_attempts: int,

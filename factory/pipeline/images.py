@@ -35,15 +35,16 @@ import numpy as np
 import pyarrow.fs as pafs
 from PIL import Image
 
-from factory.pipeline.recipe import Recipe, RecipeError, SourceConfig
+from factory.core.conventions import IGNORE
 from factory.core.storage import StorageError, first_line, open_location, split_file_uri
 from factory.core.vocab import UnknownClassError, Vocabulary
 from factory.dataset.batch import MAX_CLASSES
-from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_image, decode_label
 from factory.dataset.layout import BUILD_FILE, PREVIEW_FILE
 from factory.dataset.real import real_dataset
 from factory.dataset.source import DatasetError, DatasetSource
+from factory.pipeline.recipe import Recipe, RecipeError
+from factory.pipeline.sections import SourceConfig
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from factory.pipeline.detect import Detections, load_detector
-from factory.pipeline.recipe import LabelerConfig
 from factory.core.conventions import IGNORE
 from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries
 from factory.core.vocab import ClassInfo, get_vocabulary
 from factory.dataset.batch import CLASS_NOT_FOUND, SampleLabels, attach_labels
+from factory.detection.detections import Detections
+from factory.pipeline.labelers import load_detector
+from factory.pipeline.sections import LabelerConfig
 
 
 @dataclass

@@ -38,12 +38,12 @@ from transformers import (
 )
 from transformers.models.sam3.modeling_sam3 import Sam3VisionEncoderOutput
 
-from factory.pipeline.detect import Detections, candidate_threshold
-from factory.pipeline.recipe import LabelerConfig
 from factory.core.devices import pick_dtype
 from factory.core.options import ConfigError
 from factory.core.storage import local_copy
 from factory.core.vocab import ClassInfo
+from factory.detection.detections import Detections
+from factory.pipeline.sections import LabelerConfig
 
 # model_type -> (model, processor): what each saved folder may be.
 DETECTORS = {"owlv2": (Owlv2ForObjectDetection, Owlv2Processor),
@@ -81,7 +81,7 @@ class Sam3Detector:
     def __init__(self, model: Sam3Model, processor: Sam3Processor, config: LabelerConfig,
                  max_instances: int = MAX_INSTANCES):
         self.model, self.processor = model.eval(), processor
-        self.low, self.max_instances = candidate_threshold(config), max_instances
+        self.low, self.max_instances = config.candidate_threshold, max_instances
 
     @torch.inference_mode()
     def __call__(self, images: np.ndarray, classes: list[list[ClassInfo]]) -> list[Detections]:
@@ -132,7 +132,7 @@ class GroundedSamDetector:
                  max_instances: int = MAX_INSTANCES):
         self.detector, self.detector_processor = detector.eval(), detector_processor
         self.sam, self.sam_processor = sam.eval(), sam_processor
-        self.low, self.nms_threshold = candidate_threshold(config), config.nms_threshold
+        self.low, self.nms_threshold = config.candidate_threshold, config.nms_threshold
         self.max_instances = max_instances
         self.find_boxes = {"owlv2": self._owlv2_boxes, "grounding-dino": self._grounding_dino_boxes}[
             detector.config.model_type]

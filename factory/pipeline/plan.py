@@ -35,8 +35,6 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ValidationError
 
-from factory.pipeline.images import ImageListing, open_images
-from factory.pipeline.recipe import MAX_ATTEMPTS, Recipe, RecipeError, find_file
 from factory.core.options import fill_template
 from factory.core.pairs import all_pairs, load_pairs
 from factory.core.storage import StorageError, first_line
@@ -44,6 +42,8 @@ from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.batch import MAX_CLASSES, PLAN_COLUMNS
 from factory.dataset.codec import objects
 from factory.dataset.source import DatasetError, DatasetSource
+from factory.pipeline.images import ImageListing, open_images
+from factory.pipeline.recipe import MAX_ATTEMPTS, Recipe, RecipeError, find_file
 
 logger = logging.getLogger(__name__)
 

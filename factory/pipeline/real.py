@@ -17,15 +17,15 @@ import time
 import numpy as np
 import torch
 
-from factory.pipeline.annotate import GroundingAnnotator, annotation_labels
-from factory.pipeline.generate import load_generator
-from factory.pipeline.images import ImageReader, class_masks
-from factory.pipeline.recipe import AnnotatorConfig, CaptureConfig, FastConfig, GeneratorConfig, SourceConfig
 from factory.core.devices import pick_device
 from factory.core.vocab import get_vocabulary
 from factory.dataset.batch import SampleLabels, attach_labels
 from factory.diffusion.features import fp16_array
 from factory.diffusion.inversion import image_features, reconstruction_psnr
+from factory.pipeline.annotate import GroundingAnnotator, annotation_labels
+from factory.pipeline.generate import load_generator
+from factory.pipeline.images import ImageReader, class_masks
+from factory.pipeline.sections import AnnotatorConfig, CaptureConfig, FastConfig, GeneratorConfig, SourceConfig
 
 
 class ImageStage:

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from bench.real_images import annotation_scores
+from factory.dataset.source import DatasetSource
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
-from factory.dataset.source import DatasetSource
 from world.benchmark import write_benchmark
 
 MODELS = Path(__file__).resolve().parents[2] / "models"

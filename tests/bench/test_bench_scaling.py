@@ -72,7 +72,7 @@ def test_the_driver_bound_on_gpus():
 def test_stand_in_stages_return_what_the_real_stages_return(tmp_path):
     import numpy as np
 
-    from factory.pipeline.recipe import GeneratorConfig
+    from factory.pipeline.sections import GeneratorConfig
 
     generator, labeler = scaling.stand_in_stages(tmp_path, 0.0, 0.0)
     config = GeneratorConfig(height=64, width=48)

@@ -18,10 +18,11 @@ from conftest import TINY_BUILD
 from s3_faults import build_through
 from safetensors.torch import save_file
 
-from factory.pipeline.detect import build_maskrcnn
-from factory.pipeline.plan import build_plan
-from factory.pipeline.recipe import LabelerConfig, recipe_from_args
+from factory.core.conventions import TINY
 from factory.core.loading import ModelLoadError, load_with_retries, pipeline_failure
+from factory.detection.maskrcnn import build_maskrcnn
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import recipe_from_args
 from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def our_lines(stream: str) -> list[str]:
 
 def detector_weights(path: Path) -> Path:
     """The tiny detector's weights as a safetensors file: a real checkpoint the labeler loads."""
-    state = build_maskrcnn(LabelerConfig(), 64).state_dict()
+    state = build_maskrcnn(TINY, 64).state_dict()
     save_file({key: value.contiguous() for key, value in state.items()}, path)
     return path
 

@@ -21,10 +21,10 @@ import requests
 from conftest import TINY_BUILD
 from s3_faults import build_through
 
+from factory.core import storage
 from factory.pipeline import pipeline
 from factory.pipeline.plan import build_plan
 from factory.pipeline.recipe import recipe_from_args
-from factory.core import storage
 from jobs import build_dataset, verify_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,9 +8,7 @@ import ray
 import torch
 from safetensors.torch import save_file
 
-from factory.pipeline import pipeline
-from factory.pipeline.detect import build_maskrcnn
-from factory.pipeline.recipe import LabelerConfig, load_recipe
+from factory.core.conventions import TINY
 from factory.core.storage import (
     StorageError,
     absolute_model_source,
@@ -19,7 +17,10 @@ from factory.core.storage import (
     local_copy,
     open_location,
 )
+from factory.detection.maskrcnn import build_maskrcnn
 from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline
+from factory.pipeline import ray_executor
+from factory.pipeline.recipe import load_recipe
 
 
 def upload_folder(client, folder: Path, bucket: str, prefix: str) -> None:
@@ -97,14 +98,14 @@ def test_generator_loads_by_local_path_and_by_s3_prefix(tmp_path, bucket, s3_end
 
 def test_detector_weights_load_from_s3(tmp_path, bucket, s3_endpoint, monkeypatch):
     monkeypatch.setenv("FACTORY_CACHE", str(tmp_path / "cache"))
-    reference = build_maskrcnn(LabelerConfig(), 64)
+    reference = build_maskrcnn(TINY, 64)
     with torch.no_grad():
         for parameter in reference.parameters():
             parameter.add_(0.01)  # differ from the seeded initial weights
     path = tmp_path / "maskrcnn.safetensors"
     save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
     boto3.client("s3", endpoint_url=s3_endpoint).upload_file(str(path), bucket, "models/maskrcnn.safetensors")
-    loaded = build_maskrcnn(LabelerConfig(weights=f"s3://{bucket}/models/maskrcnn.safetensors"), 64)
+    loaded = build_maskrcnn(TINY, 64, weights=f"s3://{bucket}/models/maskrcnn.safetensors")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
 
@@ -112,10 +113,10 @@ def test_detector_weights_load_from_s3(tmp_path, bucket, s3_endpoint, monkeypatc
 def test_gpu_clusters_get_one_gpu_per_model_actor(monkeypatch):
     tiny = load_recipe("tiny")
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
-    assert pipeline._accelerator_resources(tiny) == {"num_cpus": 1}
+    assert ray_executor.accelerator_resources(tiny) == {"num_cpus": 1}
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 8.0})
-    assert pipeline._accelerator_resources(tiny) == {"num_gpus": 1, "num_cpus": 1}
+    assert ray_executor.accelerator_resources(tiny) == {"num_gpus": 1, "num_cpus": 1}
     # real models ask for GPUs even before an autoscaler has started any GPU node
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     real = load_recipe("voc-oracle-one")
-    assert pipeline._accelerator_resources(real) == {"num_gpus": 1, "num_cpus": 1}
+    assert ray_executor.accelerator_resources(real) == {"num_gpus": 1, "num_cpus": 1}

@@ -76,8 +76,8 @@ def test_verify_dataset_expects_the_card(tiny_dataset, tmp_path, capsys):
 
 def fake_manifest(**recipe_changes) -> dict:
     """A manifest as build_manifest writes it, without building."""
-    from factory.pipeline.recipe import load_recipe
     from factory.core.vocab import VOC
+    from factory.pipeline.recipe import load_recipe
 
     recipe = load_recipe("tiny").model_dump(mode="json")
     for section, values in recipe_changes.items():

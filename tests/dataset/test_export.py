@@ -1,4 +1,4 @@
-"""factory/export.py and jobs/export_dataset.py: every export of a factory-built dataset, read
+"""factory/dataset/export*.py and jobs/export_dataset.py: every export of a factory-built dataset, read
 back with the consuming library's own reader (pycocotools, mmengine + mmcv, PIL).
 
 mmsegmentation itself cannot be imported here (its datasets import mmcv's compiled ops,
@@ -25,7 +25,7 @@ from pycocotools.coco import COCO
 from factory.core.vocab import COCO as COCO_VOCAB
 from factory.core.vocab import VOC_NAMES
 from factory.dataset.codec import decode_png, encode_image, encode_label, encode_mask
-from factory.dataset.export import connected_components, split_of
+from factory.dataset.export import split_of
 from factory.dataset.schema import SCHEMA
 from jobs import export_dataset
 
@@ -56,21 +56,6 @@ def test_split_is_fixed_by_the_id_and_near_the_fraction():
     assert {split_of(i, 0.0) for i in ids} == {"train"}
     # a larger fraction only moves samples from train to val
     assert all(split_of(i, 0.3) == "val" for i, s in zip(ids, splits) if s == "val")
-
-
-def test_connected_components_match_opencv():
-    rng = np.random.default_rng(0)
-    for _ in range(20):
-        mask = rng.random((40, 50)) < rng.uniform(0.2, 0.6)
-        labels, count = connected_components(mask)
-        expected_count, expected = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
-        assert count == expected_count - 1
-        assert ((labels > 0) == mask).all()
-        # the same partition: each of our regions is one OpenCV region and vice versa
-        pairs = set(zip(labels[mask].tolist(), expected[mask].tolist()))
-        assert len(pairs) == count
-    assert connected_components(np.eye(4, dtype=bool))[1] == 1  # diagonal neighbours touch
-    assert connected_components(np.zeros((3, 3), bool))[1] == 0
 
 
 # ---- the factory's tiny dataset through every export ---------------------------------

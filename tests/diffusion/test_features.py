@@ -2,8 +2,6 @@ import numpy as np
 import pytest
 import torch
 
-from factory.pipeline.generate import GenerateStage
-from factory.pipeline.recipe import CaptureConfig, GeneratorConfig
 from factory.diffusion.features import (
     FeatureCapture,
     block_recorder,
@@ -15,6 +13,8 @@ from factory.diffusion.features import (
 )
 from factory.diffusion.pipelines import generate, tiny_pipeline
 from factory.diffusion.steps import capture_call_index
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.sections import CaptureConfig, GeneratorConfig
 
 PROMPTS = ["a photograph of a dog", "a photograph of a cat and a sofa", "a photograph of a bus"]
 SEEDS = [11, 22, 33]

@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from factory.pipeline.generate import GenerateStage
-from factory.pipeline.recipe import GeneratorConfig
+from factory.core.conventions import TINY
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import COCO, VOC
 from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline, tiny_tokenizer
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.sections import GeneratorConfig
 
 SETTINGS = dict(steps=2, guidance_scale=5.0, height=64, width=64)
 P1, P2, P3 = "a photograph of a dog", "a photograph of a cat and a bus", "a photograph of a potted plant"
@@ -142,12 +143,11 @@ def test_generate_stage(one):
 
 def test_tiny_builders_leave_the_global_random_state_alone():
     """Built from their own seed: a caller's torch.manual_seed stream goes on as if nothing was built."""
-    from factory.pipeline.detect import build_maskrcnn
-    from factory.pipeline.recipe import LabelerConfig
+    from factory.detection.maskrcnn import build_maskrcnn
     from factory.diffusion.clip import tiny_clip
 
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    tiny_pipeline(), tiny_clip(), build_maskrcnn(LabelerConfig(), 64)
+    tiny_pipeline(), tiny_clip(), build_maskrcnn(TINY, 64)
     assert torch.equal(torch.rand(4), expected)

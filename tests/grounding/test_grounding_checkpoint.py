@@ -1,4 +1,5 @@
-from factory.core.vocab import SHAPES, read_vocabulary
+from factory.core.vocab import SHAPES
+from factory.core.vocab_files import read_vocabulary
 from grounding.checkpoint import classes_seen, read_grounding_metadata
 
 
@@ -7,7 +8,7 @@ def test_classes_seen_matches_a_users_classes_by_their_words():
     was seen under its shape's name; the one drawn as an unseen shape (red disc) was not."""
     metadata = read_grounding_metadata("models/shapes-grounding")
     assert classes_seen(metadata, SHAPES) == list(SHAPES.seen(1))
-    signs = read_vocabulary("jobs/recipes/vocabularies/signs.yaml")
+    signs = read_vocabulary("factory/recipes/vocabularies/signs.yaml")
     assert {c.name: c.natural for c in signs.classes} == {
         "stop_sign": "red disc", "warning_sign": "yellow triangle", "info_sign": "blue square"}
     assert classes_seen(metadata, signs) == ["warning_sign", "info_sign"]

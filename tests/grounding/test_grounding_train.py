@@ -18,9 +18,6 @@ import pytest
 import safetensors.torch
 import torch
 
-from factory.pipeline.generate import GenerateStage
-from factory.pipeline.pipeline import build_manifest, prepare_build
-from factory.pipeline.recipe import load_recipe
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
 from factory.core.conventions import IGNORE
 from factory.core.storage import open_location
@@ -32,13 +29,17 @@ from factory.dataset.write import Commit, encode_batch, write_part
 from factory.diffusion.features import from_fp16_bytes, unet_features
 from factory.diffusion.pipelines import load_pipeline
 from factory.diffusion.tokens import class_token_positions
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.manifest import build_manifest
+from factory.pipeline.pipeline import prepare_build
+from factory.pipeline.recipe import load_recipe
 from grounding import data as grounding_data
 from grounding.checkpoint import load_grounding_checkpoint, resume_point, save_grounding_checkpoint
-from grounding.config import GroundingModelConfig
-from grounding.data import DatasetError, Featurizer, TextConfig, TripletSource
+from grounding.config import GroundingModelConfig, GroundingTrainConfig, TextConfig
+from grounding.data import DatasetError, Featurizer, TripletSource
 from grounding.losses import grounding_loss
 from grounding.model import GroundingModule
-from grounding.train import GroundingTrainConfig, IoUTotals, prepare_training
+from grounding.train import prepare_training
 from jobs import train_grounding
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,35 +250,6 @@ def test_text_templates():
     assert TextConfig(source="prompt").render("a photograph of a dog", ["dog"]) == "a photograph of a dog"
     with pytest.raises(ValueError, match=r"\{1\} missing"):
         TextConfig(two="{0} alone")
-
-
-def test_iou_totals_over_pixels_of_valid_slots():
-    batch = grounding_data.Batch(
-        features={}, class_embeddings=torch.zeros(2, 2, 1), class_mask=torch.ones(2, 2, dtype=torch.bool),
-        class_indices=torch.tensor([[1, 2], [1, 3]]), targets=torch.zeros(2, 2, 2, 2),
-        valid=torch.tensor([[True, True], [True, False]]), ignore=torch.zeros(2, 2, 2, dtype=torch.bool),
-        present=torch.tensor([[True, True], [True, False]]), named=torch.ones(2, 2, dtype=torch.bool))
-    batch.targets[0, 0, 0] = 1  # class 1: 2 target pixels in sample 0, 1 in sample 1
-    batch.targets[1, 0, 0, 0] = 1
-    predicted = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
-    predicted[0, 0, 0, 0] = predicted[1, 0, 0, 0] = predicted[1, 0, 1, 1] = True
-    predicted[0, 1] = True  # class 2: 4 predicted pixels, no target
-    predicted[1, 1] = True  # class 3: invalid slot, not counted
-    totals = IoUTotals(VOC.names)
-    totals.update(predicted, batch)
-    assert totals.per_class() == {"aeroplane": 2 / 4, "bicycle": 0.0}
-    assert totals.miou() == pytest.approx(0.25)
-    # Every named slot got a mask; three of the four were found: precision 3/4, recall 1.
-    assert totals.presence_scores() == {"precision": 0.75, "recall": 1.0}
-
-    # Pixel (1, 1) of sample 1 is 255 in its label map: class 1's prediction there is no longer
-    # a false positive (I = 2, U = 3), and sample 0's ignored row takes class 2's union to 2.
-    batch.ignore[1, 1, 1] = True
-    batch.ignore[0, 1] = True
-    totals = IoUTotals(VOC.names)
-    totals.update(predicted, batch)
-    assert totals.per_class() == {"aeroplane": 2 / 3, "bicycle": 0.0}
-    assert totals.union.tolist() == [0, 3, 2, 0] + [0] * (len(VOC) - 3)
 
 
 def _tiny_module_and_optimizer():

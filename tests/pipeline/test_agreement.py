@@ -2,11 +2,12 @@ import numpy as np
 import pytest
 from test_label import batch
 
-from factory.pipeline.agreement import DISAGREE, AgreementStage, apply_agreement, mask_iou, unpack_masks
-from factory.pipeline.label import LabelStage
-from factory.pipeline.recipe import AgreementConfig, LabelerConfig, RecipeError, load_recipe
 from factory.core.conventions import IGNORE
 from factory.dataset.batch import pack_masks
+from factory.pipeline.agreement import DISAGREE, AgreementStage, apply_agreement, mask_iou, unpack_masks
+from factory.pipeline.label import LabelStage
+from factory.pipeline.recipe import RecipeError, load_recipe
+from factory.pipeline.sections import AgreementConfig, LabelerConfig
 
 
 def masks(*boxes, size=8):

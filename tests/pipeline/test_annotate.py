@@ -5,13 +5,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from factory.pipeline.annotate import AnnotateStage, annotation_label_map, annotation_labels
-from factory.pipeline.generate import GenerateStage
-from factory.pipeline.pipeline import prepare_build
-from factory.pipeline.recipe import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig, load_recipe
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_png
 from factory.diffusion.daam import DAAM_THRESHOLD, daam_masks
+from factory.pipeline.annotate import AnnotateStage, annotation_label_map, annotation_labels
+from factory.pipeline.generate import GenerateStage
+from factory.pipeline.pipeline import prepare_build
+from factory.pipeline.recipe import load_recipe
+from factory.pipeline.sections import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig
 from grounding.checkpoint import save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
 from grounding.data import TextConfig

@@ -18,9 +18,9 @@ import pytest
 import ray
 from events import count, wait_until
 
+from factory.dataset.codec import decode_png
 from factory.pipeline.plan import build_plan
 from factory.pipeline.recipe import recipe_from_args
-from factory.dataset.codec import decode_png
 from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,13 +207,13 @@ def test_agreement_of_a_labeler_with_itself_is_recorded_carded_and_inspected(ray
 
 
 def test_real_models_ask_for_a_gpu_and_say_so_when_there_is_none(ray_cluster, caplog):
-    from factory.pipeline.pipeline import _accelerator_resources
+    from factory.pipeline.ray_executor import accelerator_resources
     from factory.pipeline.recipe import load_recipe
 
-    assert _accelerator_resources(load_recipe("tiny")) == {"num_cpus": 1}  # CPU-only cluster: tiny runs here
+    assert accelerator_resources(load_recipe("tiny")) == {"num_cpus": 1}  # CPU-only cluster: tiny runs here
     assert not caplog.records
     real = load_recipe("voc-oracle-one")
-    assert _accelerator_resources(real) == {"num_gpus": 1, "num_cpus": 1}  # the request an autoscaler answers
+    assert accelerator_resources(real) == {"num_gpus": 1, "num_cpus": 1}  # the request an autoscaler answers
     assert "the cluster has no GPU now" in caplog.text
 
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from factory.core.options import ConfigError
 from factory.pipeline.cost import (
     DEFAULT_RATES,
     FEATURE_BYTES_512,
     LATENT_BYTES_512,
     MASKRCNN_BENCH_TFLOP,
-    OPEN_VOCABULARY_TFLOP,
     Rates,
     bytes_per_sample,
     estimate,
@@ -22,8 +22,8 @@ from factory.pipeline.cost import (
     in_flight_bytes,
     load_rates,
 )
+from factory.pipeline.labelers.open_vocabulary import OPEN_VOCABULARY_TFLOP
 from factory.pipeline.recipe import load_recipe
-from factory.core.options import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 RATES = Rates(source="test", image_size=512, unet_forwards_per_s=100.0, vae_images_per_s=10.0, label_images_per_s=40.0)

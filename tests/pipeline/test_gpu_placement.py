@@ -31,12 +31,12 @@ import ray
 from events import count, wait_until
 from ray.cluster_utils import Cluster
 
-from factory.pipeline import pipeline
-from factory.pipeline.pipeline import resolve_stage
-from factory.pipeline.plan import build_plan
-from factory.pipeline.recipe import recipe_from_args
 from factory.core.storage import open_location
 from factory.dataset.write import read_commits
+from factory.pipeline import pipeline
+from factory.pipeline.stages import resolve_stage
+from factory.pipeline.plan import build_plan
+from factory.pipeline.recipe import recipe_from_args
 from jobs import build_dataset
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from factory.core.options import fill_template
+from factory.core.vocab import SHAPES
 from factory.pipeline.images import ImageReader, class_masks, fit_image
 from factory.pipeline.plan import all_attempts, build_plan, image_index
 from factory.pipeline.recipe import Recipe, RecipeError
-from factory.core.options import fill_template
-from factory.core.vocab import SHAPES
 from world.benchmark import write_benchmark
 
 ANNOTATOR = {"checkpoint": "unused/best"}  # planning never reads it

@@ -1,12 +1,13 @@
 import numpy as np
 import pytest
 
-from factory.pipeline.detect import Detections, coco_to_vocabulary
-from factory.pipeline.label import LabelStage, label_classes, semantic_label_map
-from factory.pipeline.recipe import LabelerConfig
 from factory.core.conventions import IGNORE
 from factory.core.vocab import COCO, VOC
 from factory.dataset.batch import CLASS_NOT_FOUND, pack_masks
+from factory.detection.detections import Detections
+from factory.detection.maskrcnn import coco_to_vocabulary
+from factory.pipeline.label import LabelStage, label_classes, semantic_label_map
+from factory.pipeline.sections import LabelerConfig
 
 H = W = 8
 DOG, CAT, PERSON = VOC.lookup("dog"), VOC.lookup("cat"), VOC.lookup("person")

@@ -14,7 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from factory.pipeline.detect import Detections, load_detector
+from factory.core.conventions import IGNORE
+from factory.core.loading import ModelLoadError
+from factory.core.options import ConfigError
+from factory.core.vocab import VOC
+from factory.detection.detections import Detections
+from factory.pipeline.labelers import load_detector
 from factory.pipeline.label import LabelStage
 from factory.pipeline.openvocab import (
     MAX_INSTANCES,
@@ -22,11 +27,7 @@ from factory.pipeline.openvocab import (
     save_tiny_detector_and_sam,
     save_tiny_sam3,
 )
-from factory.pipeline.recipe import LabelerConfig
-from factory.core.conventions import IGNORE
-from factory.core.loading import ModelLoadError
-from factory.core.options import ConfigError
-from factory.core.vocab import VOC
+from factory.pipeline.sections import LabelerConfig
 
 CPU = torch.device("cpu")
 DOG, CAT, PERSON = VOC.lookup("dog"), VOC.lookup("cat"), VOC.lookup("person")
@@ -195,11 +196,11 @@ def test_a_build_labels_your_own_classes_by_name_and_checks_them(ray_cluster, sa
 
     import pyarrow.parquet as pq
 
-    from factory.core.vocab import read_vocabulary
+    from factory.core.vocab_files import read_vocabulary
     from factory.dataset.codec import decode_png
     from jobs import build_dataset
 
-    warehouse = read_vocabulary(str(Path(__file__).resolve().parents[2] / "jobs/recipes/vocabularies/warehouse.tsv"))
+    warehouse = read_vocabulary(str(Path(__file__).resolve().parents[2] / "factory/recipes/vocabularies/warehouse.tsv"))
     second = saved["owlv2+sam"]
     out = tmp_path / "warehouse"
     assert build_dataset.main([

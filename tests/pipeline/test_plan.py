@@ -5,9 +5,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from factory.core.vocab import VOC
 from factory.pipeline.plan import all_attempts, build_plan, load_prompt_file, next_attempts, plan_digest
 from factory.pipeline.recipe import Recipe, RecipeError, load_recipe
-from factory.core.vocab import VOC
 
 FOUR = ["dog", "cat", "bus", "pottedplant"]
 

@@ -13,19 +13,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
-from factory.pipeline.pipeline import prepare_build, run_build
-from factory.pipeline.recipe import load_recipe
 from factory.dataset.codec import decode_label, decode_masks
 from factory.dataset.layout import COMMIT_DIR
 from factory.dataset.real import real_dataset
 from factory.diffusion.features import feature_channels, unet_features
 from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.recipe import load_recipe
 from grounding.checkpoint import generation_record, save_grounding_checkpoint
 from grounding.data import TextConfig, TripletSource
 from grounding.model import GroundingModule
-from grounding.train import ModelSection, grounding_model_config
-from PIL import Image
+from grounding.config import ModelSection, grounding_model_config
 from jobs import annotate_images, verify_dataset
 from world.benchmark import write_benchmark
 

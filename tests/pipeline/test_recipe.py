@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from factory.pipeline.recipe import RECIPE_DIR, Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_from_args
+from factory.core.conventions import RECIPE_DIR
+from factory.pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe, recipe_from_args
 
 RECIPES = sorted(RECIPE_DIR.glob("*.yaml"))
 
@@ -28,7 +29,7 @@ def recipe_error(overrides, recipe="tiny"):
 # ------------------------------------------------------------------ YAML recipes
 
 def test_recipe_folder_has_the_default():
-    assert RECIPE_DIR == Path(__file__).resolve().parents[2] / "jobs" / "recipes"
+    assert RECIPE_DIR == Path(__file__).resolve().parents[2] / "factory" / "recipes"  # package data (pyproject)
     assert "tiny" in [p.stem for p in RECIPES]
 
 

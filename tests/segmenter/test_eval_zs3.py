@@ -19,17 +19,11 @@ from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
 from factory.dataset.real import real_dataset
 from jobs import eval_zs3
-from segmenter.evaluate import (
-    BACKGROUND_KEYS,
-    ZS3EvalOptions,
-    format_table,
-    predict,
-    prepare_evaluation,
-    score,
-    short_side_size,
-)
+from segmenter.checkpoint import load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.config import SegmenterModelConfig, ZS3EvalOptions
+from segmenter.evaluate import BACKGROUND_KEYS, format_table, predict, prepare_evaluation, score, short_side_size
 from segmenter.metrics import ConfusionMatrix
-from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.model import Segmenter
 from segmenter.text import TEMPLATE, encode_class_names
 
 REPO = Path(__file__).resolve().parents[2]

@@ -13,10 +13,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from factory.pipeline.recipe import RECIPE_DIR
-from factory.core.vocab import COCO, VOC, read_vocabulary
+from factory.core.vocab import COCO, VOC
+from factory.core.vocab_files import read_vocabulary
+from factory.core.conventions import RECIPE_DIR
 from jobs import build_dataset, eval_zs3, export_dataset, inspect_dataset, train_segmenter
-from segmenter.model import load_segmenter_checkpoint
+from segmenter.checkpoint import load_segmenter_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 from conftest import write_voc_root  # noqa: E402

@@ -16,16 +16,9 @@ from transformers.models.maskformer.modeling_maskformer import MaskFormerForInst
 
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
 from factory.core.vocab import VOC
-from segmenter.model import (
-    IGNORED_LOGIT,
-    Segmenter,
-    SegmenterModelConfig,
-    batch_targets,
-    load_backbone_weights,
-    load_segmenter_checkpoint,
-    save_segmenter_checkpoint,
-    semantic_targets,
-)
+from segmenter.checkpoint import load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.config import SegmenterModelConfig
+from segmenter.model import IGNORED_LOGIT, Segmenter, batch_targets, load_backbone_weights, semantic_targets
 from segmenter.text import TEMPLATE, encode_class_names
 
 K = 20  # VOC classes; labels 0..20

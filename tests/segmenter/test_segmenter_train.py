@@ -35,22 +35,20 @@ from factory.dataset.source import DatasetError, DatasetSource
 from jobs import train_segmenter
 from segmenter import model as segmenter_model
 from segmenter import text as segmenter_text
+from segmenter.checkpoint import load_segmenter_checkpoint, save_segmenter_checkpoint
+from segmenter.config import SegmenterModelConfig, SegmenterTrainConfig
 from segmenter.data import (
     RealSamples,
+    batch_parts,
     ignore_classes,
+    mixed_batches,
     normalize,
     random_resized_crop,
     train_transform,
     transform_synthetic,
 )
-from segmenter.model import Segmenter, SegmenterModelConfig, load_segmenter_checkpoint, save_segmenter_checkpoint
-from segmenter.train import (
-    SegmenterTrainConfig,
-    batch_parts,
-    mixed_batches,
-    prepare_training,
-    training_datasets,
-)
+from segmenter.model import Segmenter
+from segmenter.train import prepare_training, training_datasets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -388,17 +386,17 @@ def test_real_fraction_sets_every_batch(synthetic, voc, tmp_path):
 def test_recipes_claim_zero_shot_only_on_annotated_sets():
     """Each segmenter recipe's data is the output of the build recipe of the same name: a zero-shot
     setting must train on a set labelled by the grounding annotator, an oracle set says
-    "supervised"; the README's Protocol-II table has a row per recipe."""
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("## Segmenter: Protocol-II"):readme.index("## Operations")]
-    for path in sorted((REPO / "jobs" / "recipes" / "segmenter").glob("*.yaml")):
+    "supervised"; the docs' recipe table (docs/protocol-ii.md, "Recipes") has a row per recipe."""
+    page = (REPO / "docs" / "protocol-ii.md").read_text()
+    table = page[page.index("\n## Recipes\n"):page.index("\n## ", page.index("\n## Recipes\n") + 1)]
+    for path in sorted((REPO / "factory" / "recipes" / "segmenter").glob("*.yaml")):
         config = SegmenterTrainConfig.model_validate(yaml.safe_load(path.read_text()))
-        build = yaml.safe_load((REPO / "jobs" / "recipes" / f"{config.data.rsplit('/', 1)[-1]}.yaml").read_text())
+        build = yaml.safe_load((REPO / "factory" / "recipes" / f"{config.data.rsplit('/', 1)[-1]}.yaml").read_text())
         annotated = bool((build.get("annotator") or {}).get("checkpoint"))
         assert annotated == (config.setting != "supervised"), path.name
-        assert f"| `{path.stem}`" in table, f"{path.stem} has no row in the README's Protocol-II table"
+        assert f"| `{path.stem}`" in table, f"{path.stem} has no row in the docs' Protocol-II recipe table"
     model_d = SegmenterTrainConfig.model_validate(
-        yaml.safe_load((REPO / "jobs" / "recipes" / "segmenter" / "model-d.yaml").read_text()))
+        yaml.safe_load((REPO / "factory" / "recipes" / "segmenter" / "model-d.yaml").read_text()))
     assert model_d.real.format == "voc_aug" and model_d.real_fraction and model_d.data.endswith("voc-synthetic-mixture")
 
 

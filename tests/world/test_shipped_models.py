@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from bench.real_images import annotation_scores
+from factory.diffusion.pipelines import load_pipeline
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
-from factory.diffusion.pipelines import load_pipeline
 from world.benchmark import benchmark_draws, write_benchmark
 from world.evaluate import generator_quality, oracle_quality
 from world.oracle import load_oracle

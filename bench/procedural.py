@@ -10,6 +10,7 @@ cross" share a word) a module trained on the seen classes can be checked on unse
 ``DrawStage`` is a model stage like the generator and the labeler together, and
 ``build_procedural`` runs it through the build (``factory.pipeline.pipeline.run_build``, in this
 process), so the output is a factory triplet dataset that training and evaluation read unchanged.
+bench/learnability.py builds its sets with it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from factory.pipeline.pipeline import StageSpec, prepare_build, run_build
-from factory.pipeline.recipe import CaptureConfig, GeneratorConfig, Recipe
 from factory.core.conventions import TINY
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import SHAPES
@@ -31,6 +30,10 @@ from factory.dataset.batch import LABEL_COLUMNS, SampleLabels, attach_labels
 from factory.diffusion.features import fp16_array, unet_features
 from factory.diffusion.inversion import noised_latents, vae_latents
 from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.pipeline.pipeline import prepare_build, run_build
+from factory.pipeline.stages import StageSpec
+from factory.pipeline.recipe import Recipe
+from factory.pipeline.sections import CaptureConfig, GeneratorConfig
 from world.draw import SIZE, draw, label_map
 
 GENERATOR = "procedural"  # the `generator` and `labeler` of every row: drawn, not generated or detected

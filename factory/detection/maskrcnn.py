@@ -1,22 +1,17 @@
-"""The oracle detector: a COCO-pretrained Mask R-CNN behind a small interface.
+"""Mask R-CNN behind the detector interface: the architectures, their weights, and detections
+relabelled by a vocabulary's class indices.
 
-Any detector fits the factory if it turns a batch of uint8 images, and the classes each image
-is asked for, into ``Detections`` labelled by the vocabulary's class indices; it translates its
-own label space (COCO category ids here) at this boundary, so the labelling rules never see
-it. Adding one (a detector of another world) means one module like this and a branch in
-``load_detector``; the open-vocabulary one (SAM 3, or a text-prompted detector and SAM) is
-factory/pipeline/openvocab.py.
+torchvision's COCO architectures (``maskrcnn_resnet50_fpn[_v2]``), a tiny random one for tests
+and CPU runs, and the mini world's slim one (``maskrcnn_small``), whose labels are its
+vocabulary's own.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection import (
     MaskRCNN,
@@ -28,30 +23,15 @@ from torchvision.models.detection import (
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
-from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
-from factory.pipeline.recipe import SMALL, TORCHVISION_WEIGHTS, LabelerConfig
-from factory.core.conventions import TINY
+from factory.core.conventions import SMALL, TINY, TORCHVISION_WEIGHTS
 from factory.core.storage import local_copy
 from factory.core.vocab import ClassInfo, Vocabulary, get_vocabulary
+from factory.detection.detections import Detections
+from factory.detection.paste import ExactPasteTransform
 
 COCO_LABELS = 91  # torchvision's COCO heads: background + category ids 1..90 (with gaps)
-
-
-@dataclass
-class Detections:
-    """Instances found in one image."""
-    classes: np.ndarray  # (K,) int64 vocabulary class index; 0 for a class outside the vocabulary
-    scores: np.ndarray  # (K,) float32
-    masks: np.ndarray  # (K, H, W) float32 soft masks in [0, 1]
-
-
-class Detector(Protocol):
-    def __call__(self, images: np.ndarray, classes: list[list[ClassInfo]]) -> list[Detections]:
-        """``images`` (N, H, W, 3) uint8; ``classes[i]``: what image i is asked for (its prompt's
-        classes). A closed-set detector may ignore them and report every class it knows."""
 
 
 def tiny_maskrcnn(image_size: int = 64) -> MaskRCNN:
@@ -139,72 +119,38 @@ def label_count(vocabulary: Vocabulary) -> int:
     return 1 + max(info.coco_id for info in space.classes)
 
 
-def candidate_threshold(config: LabelerConfig) -> float:
-    """The lowest score any labelling rule looks at: a detector keeps candidates down to it; label.py decides."""
-    if config.ignore_threshold is None:  # 0.0 is a threshold, not 'unset'
-        return config.score_threshold
-    return min(config.score_threshold, config.ignore_threshold)
-
-
-def build_maskrcnn(config: LabelerConfig, image_size: int, num_labels: int = COCO_LABELS) -> MaskRCNN:
-    if config.model == TINY:
+def build_maskrcnn(architecture: str, image_size: int, *, weights: str | None = None, num_labels: int = COCO_LABELS,
+                   score_threshold: float = 0.5, nms_threshold: float = 0.5) -> MaskRCNN:
+    """The model in eval mode, keeping candidates down to `score_threshold` (``num_labels``: the
+    small architecture's head; the others have COCO's)."""
+    if architecture == TINY:
         with torch.random.fork_rng(devices=[]):  # the same random weights on every actor
             torch.manual_seed(0)
             model = tiny_maskrcnn(image_size)
-    elif config.model == SMALL:
+    elif architecture == SMALL:
         model = small_maskrcnn(num_labels, image_size)
     else:
         factory = {"maskrcnn_resnet50_fpn_v2": maskrcnn_resnet50_fpn_v2,
-                   "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[config.model]
+                   "maskrcnn_resnet50_fpn": maskrcnn_resnet50_fpn}[architecture]
         model = factory(weights=None, weights_backbone=None, num_classes=COCO_LABELS)
-    if config.weights:
-        load_weights(model, config.weights, config.model)
-    model.roi_heads.score_thresh = candidate_threshold(config)
-    model.roi_heads.nms_thresh = config.nms_threshold
+    if weights:
+        load_weights(model, weights, architecture)
+    model.roi_heads.score_thresh = score_threshold
+    model.roi_heads.nms_thresh = nms_threshold
     t = model.transform
     model.transform = ExactPasteTransform(t.min_size, t.max_size, t.image_mean, t.image_std, t.size_divisible,
                                           t.fixed_size)
     return model.eval()
 
 
-def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """(N, 1, M, M) mask probabilities into (N, 1, H, W) images, each over its box: torchvision's
-    ``paste_masks_in_image`` (the padded mask's cells over the box's pixels x0 .. x1), at the box's
-    exact position. torchvision truncates the padded box to whole pixels, which moves every mask
-    up and left by half a pixel on average and shrinks it by up to one."""
-    masks, scale = expand_masks(masks, padding=1)
-    boxes = expand_boxes(boxes, scale)
-    ys, xs = (torch.arange(n, dtype=masks.dtype, device=masks.device) for n in size)
-    out = [masks.new_zeros((0, 1, *size))]
-    for mask, (x0, y0, x1, y1) in zip(masks, boxes):
-        # grid_sample's -1 and 1 are the mask's outer edges: those of pixels x0 and x1 (y0 and y1)
-        gx = (xs - x0 + 0.5) / (x1 - x0 + 1) * 2 - 1
-        gy = (ys - y0 + 0.5) / (y1 - y0 + 1) * 2 - 1
-        grid = torch.stack(torch.broadcast_tensors(gx[None, :], gy[:, None]), dim=-1)
-        out.append(F.grid_sample(mask[None], grid[None], align_corners=False))
-    return torch.cat(out)
-
-
-class ExactPasteTransform(GeneralizedRCNNTransform):
-    """torchvision's detection transform, its masks pasted at their boxes' exact positions (``paste_masks``)."""
-
-    def postprocess(self, result: list[dict], image_shapes: list[tuple[int, int]],
-                    original_image_sizes: list[tuple[int, int]]) -> list[dict]:
-        if self.training:
-            return result
-        for pred, shape, original in zip(result, image_shapes, original_image_sizes):
-            pred["boxes"] = resize_boxes(pred["boxes"], shape, original)
-            if "masks" in pred:
-                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], original)
-        return result
-
-
 class MaskRCNNDetector:
-    """A COCO Mask R-CNN whose detections are relabelled by the vocabulary's class indices."""
+    """A Mask R-CNN whose detections are relabelled by the vocabulary's class indices."""
 
-    def __init__(self, config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device):
+    def __init__(self, architecture: str, vocabulary: Vocabulary, image_size: int, device: torch.device, *,
+                 weights: str | None = None, score_threshold: float = 0.5, nms_threshold: float = 0.5):
         self.device = device
-        self.model = build_maskrcnn(config, image_size, label_count(vocabulary)).to(device)
+        self.model = build_maskrcnn(architecture, image_size, weights=weights, num_labels=label_count(vocabulary),
+                                    score_threshold=score_threshold, nms_threshold=nms_threshold).to(device)
         self.classes = coco_to_vocabulary(vocabulary)
 
     @torch.inference_mode()
@@ -216,11 +162,3 @@ class MaskRCNNDetector:
                            scores=out["scores"].float().cpu().numpy(),
                            masks=out["masks"][:, 0].float().cpu().numpy())
                 for out in outputs]
-
-
-def load_detector(config: LabelerConfig, vocabulary: Vocabulary, image_size: int, device: torch.device) -> Detector:
-    if config.model == "open_vocabulary":
-        from factory.pipeline.openvocab import load_open_vocabulary  # transformers' models load only here
-
-        return load_open_vocabulary(config, device)
-    return MaskRCNNDetector(config, vocabulary, image_size, device)
