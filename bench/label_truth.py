@@ -48,6 +48,7 @@ import ray
 
 from bench import real_images
 from bench.mini_mission import StageClock, build, publish_report, save_report
+from factory.core.tables import cell
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
 from factory.dataset.real import real_dataset
@@ -193,10 +194,6 @@ def _slug(name: str) -> str:
     return name.replace("#", "-seed")  # a folder name no URI parser reads as a fragment
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}"
-
-
 # What the seeds table summarises: (label, the value in a module's report).
 SEED_METRICS = {
     **{f"absent class given a mask, {kind} (%)": (lambda r, kind=kind: r["drawn"][kind]["absent_masked_rate"])
@@ -234,16 +231,16 @@ def markdown(report: dict) -> str:
     for name, r in report["drawn"].items():
         for kind in KINDS:
             c = r[kind]
-            drawn.append(f"| {name} | {kind} | {_cell(c['absent_masked_rate'])}% of {c['absent_images']} | "
-                         f"{_cell(c['found_rate'])}% of {c['present']} | {_cell(c['precision'])} | "
-                         f"{_cell(c['recall'])} | {_cell(c['miou_present'])} |")
+            drawn.append(f"| {name} | {kind} | {cell(c['absent_masked_rate'], 1)}% of {c['absent_images']} | "
+                         f"{cell(c['found_rate'], 1)}% of {c['present']} | {cell(c['precision'], 1)} | "
+                         f"{cell(c['recall'], 1)} | {cell(c['miou_present'], 1)} |")
     sweep = ["| Module | Classes | Threshold | Absent judged present (%) | Present judged absent (%) |",
              "|---|---|---:|---:|---:|"]
     for name, r in report["drawn"].items():
         for kind in KINDS:
             for t, s in (r[kind]["sweep"] or {}).items():
-                sweep.append(f"| {name} | {kind} | {t} | {_cell(s['absent_judged_present'])} | "
-                             f"{_cell(s['present_judged_absent'])} |")
+                sweep.append(f"| {name} | {kind} | {t} | {cell(s['absent_judged_present'], 1)} | "
+                             f"{cell(s['present_judged_absent'], 1)} |")
     return "\n".join([
         "# Label truth on the mini world", "",
         f"Modules: {', '.join(f'{k} = `{v}`' for k, v in report['modules'].items())}; a module with a presence "

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import numpy as np
 from torch import Tensor
 
+from factory.core.tables import cell, text_table
 from factory.core.vocab import Vocabulary, get_vocabulary
 from grounding.data import Batch
 
@@ -254,23 +255,6 @@ def _absent(counts: list[int]) -> dict:
     return {"images": images, "masked": masked, "rate": 100.0 * masked / images if images else None}
 
 
-def _cell(value: float | None, samples: int | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if samples is None else f"{value:.2f} ({samples})"
-
-
-def _text_table(header: list[str], rows: list[list[str]]) -> str:
-    """Plain-text rows under a header and a rule: names (the first two columns) left-aligned, numbers
-    right-aligned, as in the paper's tables."""
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
-
-
 def format_table(results_by_method: dict[str, dict]) -> str:
     """A plain-text table like Table 1 of Li et al. 2023: one block of rows per method (its splits, then
     their Average when every split was evaluated), one column per group, each cell the mIoU and, in
@@ -282,18 +266,18 @@ def format_table(results_by_method: dict[str, dict]) -> str:
             lines.append(("Average", {g: {"miou": result["average"][g], "samples": None} for g in GROUPS}))
         for n, (split, groups) in enumerate(lines):
             rows.append([method if n == 0 else "", split,
-                         *(_cell(groups[g]["miou"], groups[g]["samples"]) for g in GROUPS)])
-    return _text_table(["Method", "Split", *COLUMN_TITLES], rows)
+                         *(cell(groups[g]["miou"], samples=groups[g]["samples"]) for g in GROUPS)])
+    return text_table(["Method", "Split", *COLUMN_TITLES], rows)
 
 
-def _precision_recall(cell: dict) -> str:
-    if cell["recall"] is None and cell["precision"] is None:
+def _precision_recall(counts: dict) -> str:
+    if counts["recall"] is None and counts["precision"] is None:
         return "-"
-    return f"{_cell(cell['precision'])}/{_cell(cell['recall'])}"
+    return f"{cell(counts['precision'])}/{cell(counts['recall'])}"
 
 
-def _masked(cell: dict) -> str:
-    return "-" if cell["rate"] is None else f"{cell['rate']:.1f}% of {cell['images']}"
+def _masked(counts: dict) -> str:
+    return "-" if counts["rate"] is None else f"{counts['rate']:.1f}% of {counts['images']}"
 
 
 def format_presence_table(results_by_method: dict[str, dict]) -> str:
@@ -307,4 +291,4 @@ def format_presence_table(results_by_method: dict[str, dict]) -> str:
              *(_masked(groups["absent"][size]) for size in SIZES)]
             for method, result in results_by_method.items()
             for n, (split, groups) in enumerate(result["splits"].items())]
-    return _text_table(header, rows)
+    return text_table(header, rows)

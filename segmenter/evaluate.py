@@ -43,6 +43,7 @@ from factory.core.cluster import map_positions
 from factory.core.devices import pick_device
 from factory.core.errors import EvalError
 from factory.core.storage import absolute_uri, check_reachable, first_line, is_s3, open_location, split_file_uri
+from factory.core.tables import cell, text_table
 from factory.core.vocab import Vocabulary, get_vocabulary
 from factory.dataset.codec import COLORS
 from factory.dataset.real import DEFAULT_SPLITS, real_dataset
@@ -291,19 +292,10 @@ def run_evaluation(plan: EvalPlan) -> dict:
     return {**plan.report, "results": score(plan, confusion), "confusion": confusion.counts.tolist(), "run": run}
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
 def format_table(results: dict, setting: str) -> str:
     """The setting's label, then Split | Background | Seen | Unseen | Harmonic, a row per split
     and background convention, numbers right-aligned; "-" where no class was present."""
-    rows = [["Split", "Background", "Seen", "Unseen", "Harmonic"]]
-    for k, r in results.items():
-        for mode, key in BACKGROUND_KEYS.items():
-            scores = r[key]
-            rows.append([k, BACKGROUND_LABELS[mode], *(_cell(scores[m]) for m in ("seen", "unseen", "harmonic"))])
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-             for row in rows]
-    return "\n".join([f"mIoU, {SETTING_LABELS[setting]}", lines[0], "-" * len(lines[0]), *lines[1:]])
+    rows = [[k, BACKGROUND_LABELS[mode], *(cell(r[key][m]) for m in ("seen", "unseen", "harmonic"))]
+            for k, r in results.items() for mode, key in BACKGROUND_KEYS.items()]
+    table = text_table(["Split", "Background", "Seen", "Unseen", "Harmonic"], rows)
+    return f"mIoU, {SETTING_LABELS[setting]}\n{table}"

@@ -30,7 +30,8 @@ from factory.diffusion.tokens import class_token_positions
 from factory.pipeline.generate import load_generator
 from factory.pipeline.sections import AnnotatorConfig, FastConfig, GeneratorConfig
 from grounding.checkpoint import load_grounding_checkpoint
-from grounding.data import TextConfig, text_class_embeddings
+from grounding.config import TextConfig
+from grounding.data import text_class_embeddings
 
 
 def annotation_label_map(probabilities: np.ndarray, indices: list[int], *, threshold: float = 0.5,

@@ -10,7 +10,8 @@ import torch
 from bench.procedural import SEEN, UNSEEN, build_procedural, procedural_recipe
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_image
-from grounding.data import Featurizer, TextConfig, TripletSource
+from grounding.config import TextConfig
+from grounding.data import Featurizer, TripletSource
 from world.draw import draw
 
 

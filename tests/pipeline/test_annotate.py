@@ -15,7 +15,7 @@ from factory.pipeline.recipe import load_recipe
 from factory.pipeline.sections import AnnotatorConfig, CaptureConfig, GeneratorConfig, PromptConfig
 from grounding.checkpoint import save_grounding_checkpoint
 from grounding.config import GroundingModelConfig
-from grounding.data import TextConfig
+from grounding.config import TextConfig
 from grounding.model import GroundingModule
 from jobs import build_dataset
 

@@ -23,9 +23,9 @@ from factory.diffusion.pipelines import encode_texts, load_pipeline
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
 from grounding.checkpoint import generation_record, save_grounding_checkpoint
-from grounding.data import TextConfig, TripletSource
+from grounding.config import ModelSection, TextConfig, grounding_model_config
+from grounding.data import TripletSource
 from grounding.model import GroundingModule
-from grounding.config import ModelSection, grounding_model_config
 from jobs import annotate_images, verify_dataset
 from world.benchmark import write_benchmark
 
