@@ -1,6 +1,6 @@
 """Learnability: a grounding module trained on seen classes labels unseen ones (the mini world).
 
-    python bench/learnability.py [--train 768 --val 64 --test 128 --epochs 12 --seed 0 --work DIR]
+    python -m bench.learnability [--train 768 --val 64 --test 128 --epochs 12 --seed 0 --work DIR]
 
 The property the whole method rests on, checked in minutes on a CPU. The images are mini-world
 drawings with exact masks (bench/procedural.py), featurized by the world's trained generator
