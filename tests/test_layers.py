@@ -99,10 +99,11 @@ def test_light_imports(statement, absent):
 def test_the_registries_are_imports_the_walk_sees():
     """Labelers and model stages are plug-ins registered by import, so the walk above checks their edges."""
     from factory.pipeline import stages
-    from factory.pipeline.labelers import LABELERS
+    from factory.pipeline.labelers import DAAM_MAPS, GROUNDING, LABELERS, MASKS
 
     registry = {module for _, module in imports(REPO / "factory/pipeline/labelers/__init__.py")}
-    assert {f"{type(labeler).__module__}.{type(labeler).__name__}" for labeler in LABELERS.values()} <= registry
+    labelers = (*LABELERS.values(), GROUNDING, DAAM_MAPS, MASKS)
+    assert {f"{type(labeler).__module__}.{type(labeler).__name__}" for labeler in labelers} <= registry
     imported = {module for _, module in imports(REPO / "factory/pipeline/stages.py")}
     loaders = (stages.generate_stage, stages.label_stage, stages.annotate_stage, stages.image_stage,
                stages.agreement_stage, stages.quality_stage)

@@ -20,7 +20,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from factory.core.options import ConfigError, one_line
-from factory.pipeline.labelers import labeler_of
+from factory.pipeline.labelers import labeler_for, labeler_of
 from factory.pipeline.labelers.open_vocabulary import OPEN_VOCABULARY_TFLOP
 from factory.pipeline.recipe import Recipe
 
@@ -127,7 +127,7 @@ def _making_seconds(recipe: Recipe, rates: Rates) -> dict[str, float]:
         return {"featurize+label": scale * (evaluations / rates.unet_forwards_per_s + vae / rates.vae_images_per_s)}
     evaluations = g.steps * (2 if g.guidance_scale > 1.0 else 1)  # guidance: unconditional + conditional
     generate = scale * (evaluations / rates.unet_forwards_per_s + 1 / rates.vae_images_per_s)
-    if recipe.annotator.enabled:
+    if not labeler_for(recipe).own_stage:
         return {"generate+annotate": generate}
     return {"generate": generate, "label": _label_seconds(recipe.labeler.model, recipe, rates)}
 
@@ -189,11 +189,8 @@ def estimate(recipe: Recipe, samples: int, rates: Rates, gpus: int, usd_per_gpu_
     notes = []
     if gpus > usable:
         notes.append(f"pool.max_size is {usable}: {gpus - usable} of the {gpus} GPUs would sit idle")
-    if recipe.annotator.checkpoint:
-        notes.append("the grounding module's forward pass is not counted (one small network per image)")
-    labeler = labeler_of(recipe.labeler.model)
-    if labeler.cost_note and not recipe.annotator.enabled and not recipe.source.enabled:
-        notes.append(labeler.cost_note)
+    if note := labeler_for(recipe).cost_note:
+        notes.append(note)
     if recipe.quality.model:
         notes.append("the CLIP quality stage is not counted")
     if recipe.capture.attention:

@@ -14,7 +14,7 @@ from factory.dataset.layout import FORMAT
 from factory.dataset.write import Commit
 from factory.diffusion.steps import capture_call_index
 from factory.pipeline.checks import BuildError, Prepared
-from factory.pipeline.labelers import labeler_of
+from factory.pipeline.labelers import labeler_for, labeler_of
 from factory.pipeline.plan import Sample, all_attempts, plan_digest
 from factory.pipeline.recipe import Recipe
 
@@ -117,7 +117,8 @@ def presence_summary(recipe: Recipe, vocabulary: Vocabulary, commits: list[Commi
 
 
 def label_provenance(recipe: Recipe, vocabulary: Vocabulary, labeler: str) -> dict:
-    """Which classes' labels came from a labeler trained on that class (manifest "labels").
+    """Which classes' labels came from a labeler trained on that class (manifest "labels"), as the
+    build's labeler (``labeler_for``) answers.
 
     An oracle labeler (Mask R-CNN, the procedural world's drawing) was trained on, or knows,
     every class it labels, and a real image's own masks annotate every class; the grounding
@@ -128,25 +129,13 @@ def label_provenance(recipe: Recipe, vocabulary: Vocabulary, labeler: str) -> di
     reads this, and where each image's class list came from (``class_lists``), to refuse a
     "zero-shot" segmenter trained on labels of its unseen classes.
     """
-    names = vocabulary.names
-    if recipe.annotator.checkpoint:
-        from grounding.checkpoint import classes_seen, read_grounding_metadata  # only annotating builds need it
-
-        metadata = read_grounding_metadata(recipe.annotator.checkpoint)
-        trained, kind = set(classes_seen(metadata, vocabulary)), "annotator"
-        # a split of another vocabulary (a user's classes drawn as the module's) says nothing of this one's
-        split = metadata["split"] if metadata.get("vocabulary", {}).get("name", vocabulary.name) == vocabulary.name else None
-    elif recipe.annotator.daam:
-        trained, kind, split = set(), "daam", None
-    elif recipe.source.enabled:
-        trained, kind, split = set(names), "masks", None
-    else:
-        trained, kind, split = set(names), labeler_of(recipe.labeler.model).kind, None
+    names, chosen = vocabulary.names, labeler_for(recipe)
+    trained, split = chosen.trained_classes(recipe, vocabulary)
     chosen_by = None
     if recipe.agreement.enabled and recipe.agreement.min_iou > 0:
         checker = recipe.agreement.labeler
-        trained, split, chosen_by = set(names), None, labeler_of(checker.model).model_id(checker)
-    return {"labeler": labeler, "kind": kind, "trained_split": split,
+        trained, split, chosen_by = set(names), None, labeler_of(checker.model).model_id(recipe, checker)
+    return {"labeler": labeler, "kind": chosen.kind, "trained_split": split,
             "trained": {name: name in trained for name in names}, "class_lists": class_lists(recipe),
             **({"chosen_by": chosen_by} if chosen_by else {})}
 

@@ -128,7 +128,13 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
                 made |= outcomes(made_now)
                 new += made_now
         except KeyboardInterrupt:
-            ray.shutdown()  # now: the errors of actors stopped mid-call would print after the job's last line
+            # The build is over: Ray Data's executor logs the tasks it loses as errors, with their tracebacks,
+            # and the actors stopped mid-call would print theirs after the job's last line.
+            logging.disable(logging.CRITICAL)
+            try:
+                ray.shutdown()
+            finally:
+                logging.disable(logging.NOTSET)
             written = sum(len(commit.written) for commit in read_commits(location))
             raise KeyboardInterrupt(f"{written} of {len(plan)} planned samples are committed to {location.uri}; "
                                     f"the same command resumes") from None

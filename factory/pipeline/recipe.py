@@ -33,7 +33,7 @@ from factory.core.vocab import (
 )
 from factory.core.vocab_files import read_vocabulary_file
 from factory.diffusion.steps import REFERENCE_STEPS
-from factory.pipeline.labelers import labeler_of
+from factory.pipeline.labelers import labeler_for
 from factory.pipeline.sections import (
     AgreementConfig,
     AnnotatorConfig,
@@ -181,8 +181,7 @@ class Recipe(Section):
             self._check_follower()
         if self.source.enabled:
             self._check_source()
-        elif not self.annotator.enabled:
-            labeler_of(self.labeler.model).check_classes(self.labeler, vocabulary, self.selected_classes)
+        labeler_for(self).check_classes(self.labeler, vocabulary, self.selected_classes)
         if self.capture.unconditional and self.generator.guidance_scale <= 1.0:
             raise ValueError("capture.unconditional needs guidance (generator.guidance_scale > 1)")
         return self

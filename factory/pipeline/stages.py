@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from factory.core.storage import absolute_model_source
 from factory.dataset.batch import LABEL_COLUMNS
-from factory.pipeline.labelers import labeler_of
+from factory.pipeline.labelers import labeler_for, labeler_of
 from factory.pipeline.recipe import Recipe
 from factory.pipeline.sections import LabelerConfig
 
@@ -88,7 +88,7 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
                             reads=("source_image", "prompt", "seed", "classes", "class_words"),
                             adds=("image", "psnr", "generate_seconds", "timestep", "latent", "features_<r>",
                                   *_LABELS))]
-    elif annotator.enabled:  # the module reads the generator's own U-Net features, DAAM its attention
+    elif not labeler_for(recipe).own_stage:  # the module reads the generator's features, DAAM its attention
         stages = [StageSpec(annotate_stage,
                             {"generator": gen, "annotator": annotator, "vocabulary": recipe.vocabulary,
                              "fast": recipe.fast, "load_attempts": attempts}, gen.batch_size,
@@ -125,20 +125,11 @@ def model_ids(recipe: Recipe) -> dict[str, str]:
     generator = recipe.generator.model
     if recipe.source.enabled:  # the image is the source's; the generator's U-Net made the features
         generator = f"{recipe.source.format}:{recipe.source.images} ({recipe.source.route} by {generator})"
-    ids = {"generator": generator, "labeler": _labeler_id(recipe)}
+    ids = {"generator": generator, "labeler": labeler_for(recipe).model_id(recipe, recipe.labeler)}
     if recipe.agreement.enabled:
-        ids["agreement"] = labeler_of(recipe.agreement.labeler.model).model_id(recipe.agreement.labeler)
+        checker = recipe.agreement.labeler
+        ids["agreement"] = labeler_of(checker.model).model_id(recipe, checker)
     return ids
-
-
-def _labeler_id(recipe: Recipe) -> str:
-    if recipe.source.enabled and not recipe.annotator.enabled:
-        return f"masks:{recipe.source.format}"
-    if recipe.annotator.daam:
-        return "daam"
-    if recipe.annotator.checkpoint:
-        return f"grounding:{recipe.annotator.checkpoint}"
-    return labeler_of(recipe.labeler.model).model_id(recipe.labeler)
 
 
 def _absolute_labeler(lab: LabelerConfig) -> LabelerConfig:

@@ -10,7 +10,7 @@ import torch
 from factory.core.vocab import COCO, VOC
 from factory.detection.detections import Detections
 from factory.pipeline.cost import DEFAULT_RATES, estimate
-from factory.pipeline.labelers import LABELERS, load_detector
+from factory.pipeline.labelers import DAAM_MAPS, GROUNDING, LABELERS, MASKS, labeler_for, load_detector
 from factory.pipeline.labelers.base import Labeler
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
@@ -71,3 +71,26 @@ def test_a_registered_labeler_needs_nothing_else(monkeypatch, tmp_path):
     assert summary.written == 2 and not summary.dropped
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert manifest["models"]["labeler"] == "everywhere" and manifest["labels"]["kind"] == "oracle"
+
+
+# The id of each registered labeler, and a recipe that selects it: by labeler.model, or by the annotator
+# and source sections.
+SELECTING = {
+    "tiny": {},
+    "open_vocabulary:facebook/sam3": {"labeler.model": "open_vocabulary", "labeler.weights": "facebook/sam3"},
+    "grounding:ck": {"annotator.checkpoint": "ck"},
+    "daam": {"annotator.daam": True},
+    "masks:voc": {"source.images": "voc", "source.format": "voc", "capture.features": "latent"},
+}
+
+
+def test_every_registered_labeler_answers_the_interface():
+    recipes = {model_id: load_recipe("tiny", overrides) for model_id, overrides in SELECTING.items()}
+    chosen = {model_id: labeler_for(recipe) for model_id, recipe in recipes.items()}
+    assert set(map(id, chosen.values())) == set(map(id, (*LABELERS.values(), GROUNDING, DAAM_MAPS, MASKS)))
+    for model_id, labeler in chosen.items():
+        recipe = recipes[model_id]
+        assert labeler.kind in ("oracle", "annotator", "daam", "masks")
+        assert labeler.model_id(recipe, recipe.labeler) == model_id
+        seconds = estimate(recipe, 10, DEFAULT_RATES, gpus=1).seconds_per_sample
+        assert all(s > 0 for s in seconds.values()) and ("label" in seconds) == labeler.own_stage
