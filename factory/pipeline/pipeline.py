@@ -8,6 +8,8 @@ and finishes with the manifest (``manifest``), the preview and the card.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import time
@@ -128,11 +130,13 @@ def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,
                 made |= outcomes(made_now)
                 new += made_now
         except KeyboardInterrupt:
-            # The build is over: Ray Data's executor logs the tasks it loses as errors, with their tracebacks,
-            # and the actors stopped mid-call would print theirs after the job's last line.
+            # The build is over: what Ray says while it stops the build's actors is about that stop (Ray
+            # Data's executor logs the tasks it loses with their tracebacks, the raylet each task of a killed
+            # actor), and said after shutdown it would follow the job's last line.
             logging.disable(logging.CRITICAL)
             try:
-                ray.shutdown()
+                with contextlib.redirect_stderr(io.StringIO()):
+                    ray.shutdown()
             finally:
                 logging.disable(logging.NOTSET)
             written = sum(len(commit.written) for commit in read_commits(location))
