@@ -65,7 +65,9 @@ from factory.detection.detections import Detector
 from factory.detection.maskrcnn import COCO_LABELS, tiny_maskrcnn
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture
-from factory.diffusion.pipelines import sd15_unet, sd_scheduler, tiny_pipeline, tiny_tokenizer
+from factory.diffusion.pipelines import sd15_unet
+from factory.diffusion.schedulers import sd_scheduler
+from factory.diffusion.tiny import tiny_pipeline, tiny_tokenizer
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.sections import CaptureConfig, FastConfig, GeneratorConfig, LabelerConfig
 

@@ -43,7 +43,8 @@ from factory.dataset.codec import objects
 from factory.dataset.write import encode_batch, write_part
 from factory.detection.detections import Detections
 from factory.diffusion.features import FeatureCapture, feature_channels
-from factory.diffusion.pipelines import sd15_unet, tiny_pipeline
+from factory.diffusion.pipelines import sd15_unet
+from factory.diffusion.tiny import tiny_pipeline
 from factory.pipeline.annotate import annotation_labels
 from factory.pipeline.label import oracle_labels as label_detections
 from factory.pipeline.sections import AnnotatorConfig, LabelerConfig

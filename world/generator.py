@@ -40,7 +40,9 @@ from factory.core.checkpoints import (
 )
 from factory.core.devices import pick_device
 from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
-from factory.diffusion.pipelines import PROMPT_WORDS, bpe_tokenizer, generate, sd_scheduler
+from factory.diffusion.pipelines import generate
+from factory.diffusion.schedulers import sd_scheduler
+from factory.diffusion.tiny import PROMPT_WORDS, bpe_tokenizer
 from world.draw import SIZE, draw
 from world.evaluate import generator_quality
 from world.oracle import load_oracle

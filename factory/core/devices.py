@@ -12,8 +12,9 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is float16 on CUDA (what SD 1.x was trained for) and float32 on CPU."""
+def pick_dtype(name: str, device: torch.device, gpu: str = "float16") -> torch.dtype:
+    """'auto' is ``gpu`` on CUDA (float16, what SD 1.x was trained for; bfloat16 for the models trained in it)
+    and float32 on CPU."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        return _DTYPES[gpu] if device.type == "cuda" else torch.float32
     return _DTYPES[name]

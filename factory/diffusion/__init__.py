@@ -8,7 +8,9 @@ __all__, __getattr__ = lazy_exports(__name__, {
     "daam": ("DAAM_THRESHOLD", "CrossAttentionRecorder", "daam_masks"),
     "fast": ("apply_fast_paths",),
     "features": ("FeatureCapture", "unet_features"),
-    "pipelines": ("decode", "denoise", "encode_texts", "generate", "load_pipeline", "make_scheduler", "tiny_pipeline"),
+    "pipelines": ("decode", "denoise", "encode_texts", "generate", "load_pipeline", "unet_conditioning"),
+    "schedulers": ("make_scheduler",),
+    "tiny": ("save_tiny_pipeline", "tiny_pipeline"),
     "steps": ("capture_call_index", "reference_timestep"),
     "tokens": ("class_embeddings", "class_token_positions"),
 })

@@ -21,7 +21,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenize
 
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
-from factory.diffusion.pipelines import tiny_tokenizer
+from factory.diffusion.tiny import tiny_tokenizer
 
 TINY_IMAGE_SIZE = 32
 PROMPTS = ("Good photo.", "Bad photo.")

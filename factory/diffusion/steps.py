@@ -32,7 +32,7 @@ def reference_timestep(remaining: int) -> int:
 
 def scheduler_timesteps(scheduler: str, steps: int) -> list[int]:
     """The timesteps a sampler visits in ``steps`` steps, one per U-Net call."""
-    from factory.diffusion.pipelines import make_scheduler  # diffusers: only for the few-step samplers
+    from factory.diffusion.schedulers import make_scheduler  # diffusers: only for the few-step samplers
 
     sampler = make_scheduler(scheduler)
     sampler.set_timesteps(steps)

@@ -12,6 +12,7 @@ from factory.core.storage import Location, StorageError, access_refused, check_m
 from factory.core.vocab import Vocabulary
 from factory.dataset.layout import BUILD_FILE
 from factory.dataset.write import read_commits
+from factory.diffusion.families import CAPTURING, read_generator
 from factory.pipeline.labelers import labeler_of
 from factory.pipeline.plan import Sample, all_attempts
 from factory.pipeline.recipe import Recipe
@@ -33,9 +34,37 @@ class Prepared:
     claimed: bool = False  # build.json is this run's: a model-load failure before any commit takes it back
 
 
+def check_generator(recipe: Recipe) -> Recipe:
+    """The recipe against its generator's family, read from the saved configs (no weights): the sampler (a
+    flow-matching model's own when the recipe names none: the returned recipe says so), the image size,
+    and the parts of the method that read a U-Net's blocks or cross-attention."""
+    g = recipe.generator
+    saved = read_generator(g.model)
+    family, which = saved.family, f"{saved.family.title} ({g.model})"
+    if family.flow and "scheduler" not in g.model_fields_set:
+        recipe = recipe.model_copy(deep=True)
+        recipe.generator.scheduler = "flow"
+    if recipe.generator.scheduler not in family.schedulers:
+        raise BuildError(f"generator.scheduler {recipe.generator.scheduler} does not apply to {which}: choose "
+                         f"{' or '.join(family.schedulers)}")
+    for side in ("height", "width"):
+        if getattr(g, side) % saved.multiple:
+            raise BuildError(f"generator.{side} {getattr(g, side)} is not a multiple of {saved.multiple}, which "
+                             f"{which} needs")
+    if not family.capture:
+        reads_unet = {"capture.features": recipe.capture.features != "none", "capture.attention": recipe.capture.attention,
+                      "annotator.checkpoint": recipe.annotator.enabled, "annotator.daam": recipe.annotator.daam,
+                      "source (real images)": recipe.source.enabled}
+        if used := [what for what, on in reads_unet.items() if on]:
+            raise BuildError(f"{used[0]} reads a U-Net's features or cross-attention, and {which} is a diffusion "
+                             f"transformer: capture and annotation run on {CAPTURING}")
+        if recipe.fast.attention != "sdpa":
+            raise BuildError(f"fast.attention {recipe.fast.attention} is for U-Nets; {which} runs its own attention")
+    return recipe
+
+
 def check_models(recipe: Recipe, vocabulary: Vocabulary) -> list[str]:
     """Every model the recipe names exists (one-line errors); returns notes for the user."""
-    check_model_source(recipe.generator.model, "model_index.json")
     if recipe.quality.model and recipe.quality.model != TINY:
         check_model_source(recipe.quality.model, "config.json")
     notes = []

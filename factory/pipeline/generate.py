@@ -1,4 +1,4 @@
-"""Generate: Stable Diffusion images from the plan's prompts and seeds, with optional capture."""
+"""Generate: images of any generator family from the plan's prompts and seeds, with optional capture (U-Nets)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ import time
 
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.loading import load_with_retries
 from factory.dataset.codec import objects
 from factory.diffusion.daam import CrossAttentionRecorder
+from factory.diffusion.families import read_generator
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture, fp16_array
 from factory.diffusion.pipelines import decode, denoise, load_pipeline
@@ -22,12 +23,13 @@ from factory.pipeline.sections import CaptureConfig, FastConfig, GeneratorConfig
 
 
 def load_generator(config: GeneratorConfig, fast: FastConfig | None, load_attempts: int,
-                   device: torch.device | None = None) -> StableDiffusionPipeline:
+                   device: torch.device | None = None) -> DiffusionPipeline:
     """The recipe's generator on this actor's device, its sampler, LoRA and fast paths set."""
     device, fast = device or pick_device(), fast or FastConfig()
+    dtype = pick_dtype(config.dtype, device, read_generator(config.model).family.gpu_dtype)
 
-    def load() -> StableDiffusionPipeline:
-        pipe = load_pipeline(config.model, device, pick_dtype(config.dtype, device), config.scheduler, config.lora)
+    def load() -> DiffusionPipeline:
+        pipe = load_pipeline(config.model, device, dtype, config.scheduler, config.lora)
         return apply_fast_paths(pipe, attention=fast.attention, channels_last=fast.channels_last,
                                 compile=fast.compile)
 

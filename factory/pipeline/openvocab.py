@@ -269,7 +269,7 @@ TINY_IMAGE = 112  # what the tiny models resize every image to
 def tiny_clip_tokenizer(max_length: int):
     # Offline: a byte-level BPE whose class words are single tokens, as in the tiny generator.
     from factory.core.vocab import COCO, SHAPES, VOC
-    from factory.diffusion.pipelines import PROMPT_WORDS, bpe_tokenizer
+    from factory.diffusion.tiny import PROMPT_WORDS, bpe_tokenizer
 
     words = set(PROMPT_WORDS)
     for info in VOC.classes + COCO.classes + SHAPES.classes:

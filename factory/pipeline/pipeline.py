@@ -29,7 +29,7 @@ from factory.dataset.layout import BUILD_FILE, COMMIT_DIR, DATA_DIR, MANIFEST_FI
 from factory.dataset.preview import preview_png
 from factory.dataset.write import Commit, read_commits
 from factory.pipeline.actor import encode_options
-from factory.pipeline.checks import BuildError, Prepared, check_models, claim_output
+from factory.pipeline.checks import BuildError, Prepared, check_generator, check_models, claim_output
 from factory.pipeline.local_executor import make_samples_here
 from factory.pipeline.manifest import build_manifest, outcomes
 from factory.pipeline.plan import Sample, build_plan, next_attempts, open_followed
@@ -86,6 +86,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     Plan, output, model paths, resume compatibility: a failure here writes nothing.
     Writing build.json last proves write access before any GPU time is spent.
     """
+    recipe = check_generator(recipe)  # first: a flow-matching model's sampler is part of the content key
     vocabulary = get_vocabulary(recipe.vocabulary)
     plan = build_plan(recipe)
     notes, follows = recipe.notes, None

@@ -62,19 +62,24 @@ class PromptConfig(Section):
 
 
 class GeneratorConfig(Section):
-    model: str = Field(TINY, min_length=1, description="'tiny' (random, built in code), a diffusers model id, "
-                       "a local folder or an s3:// prefix of a saved pipeline")
-    steps: int = Field(50, ge=1, le=1000, description="DDIM denoising steps")
-    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale")
-    height: int = Field(512, ge=16, le=2048, multiple_of=8, description="image height")
-    width: int = Field(512, ge=16, le=2048, multiple_of=8, description="image width")
+    model: str = Field(TINY, min_length=1, description="'tiny' (random, built in code), or a diffusers model id, "
+                       "a local folder or an s3:// prefix of a saved Stable Diffusion 1.x/2, SDXL, Stable Diffusion "
+                       "3.5 or FLUX.1 pipeline (its model_index.json says which)")
+    steps: int = Field(50, ge=1, le=1000, description="denoising steps")
+    guidance_scale: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale; FLUX.1: its "
+                                  "distilled guidance, an input of one pass (FLUX.1-schnell ignores it)")
+    height: int = Field(512, ge=16, le=2048, multiple_of=8, description="image height: a multiple of 8, of 16 for "
+                        "SD 3.5 and FLUX.1 (SDXL, SD 3.5 and FLUX.1 were trained at 1024)")
+    width: int = Field(512, ge=16, le=2048, multiple_of=8, description="image width (as height)")
     batch_size: int = Field(4, ge=1, le=256, description="prompts per generator call")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="'auto': float16 on CUDA, float32 on CPU")
-    scheduler: Literal["ddim", "dpm++", "lcm"] = Field(
+        "auto", description="'auto': float16 on CUDA for SD 1.x/2 and SDXL (whose VAE stays float32), bfloat16 for "
+        "SD 3.5 and FLUX.1; float32 on CPU")
+    scheduler: Literal["ddim", "dpm++", "lcm", "flow"] = Field(
         "ddim", description="sampler: 'ddim' (eta 0, the papers'), 'dpm++' (DPM-Solver++ 2M: about 25 steps for "
         "DDIM-50's images), 'lcm' (4-8 steps of a latent consistency model: generator.lora an LCM-LoRA, "
-        "guidance_scale 1-2)")
+        "guidance_scale 1-2), 'flow' (the flow-matching Euler sampler SD 3.5 and FLUX.1 are saved with; theirs "
+        "when left out)")
     # Left out of the recipe's dump while unset, so that datasets built before it keep their content key.
     lora: str | None = Field(None, min_length=1, exclude_if=lambda value: value is None,
                              description="LoRA weights fused into the U-Net at load (a diffusers .safetensors "

@@ -18,7 +18,8 @@ from factory.core.storage import (
     open_location,
 )
 from factory.detection.maskrcnn import build_maskrcnn
-from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline
+from factory.diffusion.pipelines import generate, load_pipeline
+from factory.diffusion.tiny import tiny_pipeline
 from factory.pipeline import ray_executor
 from factory.pipeline.recipe import load_recipe
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from factory.diffusion.daam import DAAM_THRESHOLD, CrossAttentionRecorder, daam_masks, is_daam_layer
-from factory.diffusion.pipelines import generate, sd15_unet, tiny_pipeline
+from factory.diffusion.pipelines import generate, sd15_unet
+from factory.diffusion.tiny import tiny_pipeline
 from factory.diffusion.tokens import class_token_positions
 
 SETTINGS = dict(steps=3, guidance_scale=5.0, height=64, width=64)

@@ -14,7 +14,8 @@ from torch._dynamo.utils import counters
 
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture
-from factory.diffusion.pipelines import decode, denoise, generate, load_pipeline, tiny_pipeline
+from factory.diffusion.pipelines import decode, denoise, generate, load_pipeline
+from factory.diffusion.tiny import tiny_pipeline
 from factory.diffusion.steps import capture_call_index, reference_timestep, scheduler_timesteps
 
 PROMPTS, SEEDS = ["a photograph of a dog", "a photograph of a cat and a sofa"], [11, 22]

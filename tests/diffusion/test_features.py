@@ -11,7 +11,8 @@ from factory.diffusion.features import (
     to_fp16_bytes,
     unet_features,
 )
-from factory.diffusion.pipelines import generate, tiny_pipeline
+from factory.diffusion.pipelines import generate
+from factory.diffusion.tiny import tiny_pipeline
 from factory.diffusion.steps import capture_call_index
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.sections import CaptureConfig, GeneratorConfig

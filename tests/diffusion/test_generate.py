@@ -5,7 +5,8 @@ import torch
 from factory.core.conventions import TINY
 from factory.core.devices import pick_device, pick_dtype
 from factory.core.vocab import COCO, VOC
-from factory.diffusion.pipelines import generate, load_pipeline, tiny_pipeline, tiny_tokenizer
+from factory.diffusion.pipelines import generate, load_pipeline
+from factory.diffusion.tiny import tiny_pipeline, tiny_tokenizer
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.sections import GeneratorConfig
 

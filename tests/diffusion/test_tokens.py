@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import CLIPTokenizer
 
-from factory.diffusion.pipelines import tiny_tokenizer
+from factory.diffusion.tiny import tiny_tokenizer
 from factory.diffusion.tokens import class_embeddings, class_token_positions
 
 

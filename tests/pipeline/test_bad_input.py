@@ -18,7 +18,7 @@ from factory.core import storage
 from factory.core.vocab import VOC
 from factory.dataset.layout import COMMIT_DIR, FORMAT
 from factory.dataset.write import Commit, part_name
-from factory.diffusion import clip, pipelines
+from factory.diffusion import clip, tiny
 from factory.pipeline import generate, label, pipeline, quality
 from factory.pipeline.recipe import load_recipe
 from jobs import annotate_images, build_dataset, eval_grounding, eval_zs3, train_grounding, train_segmenter
@@ -351,7 +351,7 @@ def _refuse(*args, **kwargs):
 def no_models(monkeypatch):
     """Model loaders and Ray raise: bad input must be refused before any of them runs."""
     for module, name in ((ray, "init"), (pipeline, "stream_samples"), (generate, "load_pipeline"),
-                         (pipelines, "tiny_pipeline"), (label, "load_detector"), (quality, "load_clip"),
+                         (tiny, "tiny_pipeline"), (label, "load_detector"), (quality, "load_clip"),
                          (clip, "tiny_clip")):
         monkeypatch.setattr(module, name, _refuse)
 
