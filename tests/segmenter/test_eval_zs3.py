@@ -14,7 +14,6 @@ import pytest
 import torch
 from PIL import Image
 
-from bench.mini_mission import protocol_ii_table
 from factory.core.storage import open_location
 from factory.core.vocab import COCO, VOC, Vocabulary
 from factory.dataset.real import real_dataset
@@ -222,18 +221,6 @@ def test_results_hold_both_background_conventions(background):
     chosen = result[BACKGROUND_KEYS[background]]
     assert {m: result[m] for m in ("seen", "unseen", "harmonic", "per_class")} == chosen
     assert result["unseen_classes"] == list(VOC.unseen(1))
-
-
-def test_mini_mission_table_names_each_columns_background_convention():
-    result = score(SimpleNamespace(vocabulary=VOC, splits=[1], background="ignore"), painted_voc_confusion())["1"]
-    caption, blank, header, rule, row = protocol_ii_table({"Model-A": result}).splitlines()
-    assert caption.startswith("bg ignored: background pixels left out (ZegFormer, Ding et al. 2022)")
-    assert "bg counted: background a seen class (ZS3Net, Bucher et al. 2019)" in caption and blank == ""
-    assert [c.strip() for c in header.strip("|").split("|")][3:] == [
-        "Seen, bg ignored", "Unseen, bg ignored", "Harmonic, bg ignored",
-        "Seen, bg counted", "Unseen, bg counted", "Harmonic, bg counted"]
-    assert rule == "|---|---|---|" + "---:|" * 6
-    assert [c.strip() for c in row.strip("|").split("|")][3:] == ["100.0", "100.0", "100.0", "75.0", "40.0", "52.2"]
 
 
 def test_results_say_how_the_model_was_trained(voc_eval_root, tmp_path):

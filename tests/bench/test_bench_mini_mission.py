@@ -1,0 +1,59 @@
+"""bench/mini_mission.py's Protocol-II summary: every segmenter trained with several seeds, each cell
+their mean and standard deviation, both background conventions named in the table."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+import bench.mini_mission as mission
+from bench.mini_mission import over_seeds, protocol_ii, protocol_ii_table
+from segmenter.evaluate import BACKGROUND_KEYS
+
+IGNORED, COUNTED = BACKGROUND_KEYS["ignore"], BACKGROUND_KEYS["seen"]
+
+
+def run(seen: float, unseen: float, harmonic: float | None) -> dict:
+    figures = {"seen": seen, "unseen": unseen, "harmonic": harmonic}
+    return {IGNORED: figures, COUNTED: {m: v and v / 2 for m, v in figures.items()}}
+
+
+def test_each_model_is_the_mean_and_spread_of_its_seeds():
+    entry = over_seeds({0: run(60.0, 30.0, 40.0), 2: run(70.0, 50.0, 58.3), 1: run(65.0, 40.0, 49.5)})
+    harmonics = [40.0, 49.5, 58.3]
+    # the report's format: the papers' convention (background ignored) at the top, one run per seed
+    assert entry["harmonic"] == pytest.approx(statistics.fmean(harmonics))
+    assert entry["harmonic_sd"] == pytest.approx(statistics.stdev(harmonics))
+    assert (entry["seen"], entry["unseen"]) == (pytest.approx(65.0), pytest.approx(40.0))
+    assert [r["seed"] for r in entry["runs"]] == [0, 1, 2] and entry["runs"][1][IGNORED]["harmonic"] == 49.5
+    assert entry[COUNTED]["seen"] == pytest.approx(32.5) and entry[COUNTED]["seen_sd"] == pytest.approx(2.5)
+    one = over_seeds({0: run(60.0, 0.0, None)})  # one seed: no spread; no harmonic where a run had none
+    assert one["harmonic"] is None and one["harmonic_sd"] is None and one[IGNORED]["seen_sd"] is None
+
+
+def test_the_table_names_each_columns_convention_and_shows_the_spread():
+    results = {"Model-A": over_seeds({0: run(60.0, 30.0, 40.0), 1: run(70.0, 50.0, 58.0)}),
+               "Oracle": over_seeds({0: run(80.0, 70.0, 74.7), 1: run(80.0, 70.0, 74.7)})}
+    caption, blank, header, rule, a, oracle = protocol_ii_table(results).splitlines()
+    assert caption.startswith("bg ignored: background pixels left out (ZegFormer, Ding et al. 2022)")
+    assert "bg counted: background a seen class (ZS3Net, Bucher et al. 2019)" in caption and blank == ""
+    assert "mean ± sample standard deviation over 2 training seeds" in caption
+    assert [c.strip() for c in header.strip("|").split("|")][3:] == [
+        "Seen, bg ignored", "Unseen, bg ignored", "Harmonic, bg ignored",
+        "Seen, bg counted", "Unseen, bg counted", "Harmonic, bg counted"]
+    assert rule == "|---|---|---|" + "---:|" * 6
+    assert [c.strip() for c in a.strip("|").split("|")][3:6] == ["65.0 ± 7.1", "40.0 ± 14.1", "49.0 ± 12.7"]
+    assert [c.strip() for c in oracle.strip("|").split("|")][3] == "80.0 ± 0.0"
+
+
+def test_a_protocol_ii_run_keeps_both_conventions(monkeypatch, tmp_path):
+    """What one seed's evaluation contributes: split 1's three figures under each convention, as eval_zs3
+    reports them (its per-class IoUs and the chosen convention's copy at the top are left out)."""
+    split = {key: {"seen": 70.0 - k, "unseen": 50.0 - k, "harmonic": 58.3 - k, "per_class": {}}
+             for k, key in enumerate(BACKGROUND_KEYS.values())}
+    monkeypatch.setattr(mission, "prepare_protocol_ii", lambda options: options)
+    monkeypatch.setattr(mission, "run_protocol_ii", lambda options: {"results": {"1": {**split, "seen": 70.0}}})
+    assert protocol_ii(tmp_path, "Model-A", 0, "ck") == {
+        IGNORED: {"seen": 70.0, "unseen": 50.0, "harmonic": 58.3}, COUNTED: {"seen": 69.0, "unseen": 49.0,
+                                                                           "harmonic": 57.3}}
