@@ -29,7 +29,7 @@ from factory.core.vocab import SHAPES
 from factory.dataset.batch import LABEL_COLUMNS, SampleLabels, attach_labels
 from factory.diffusion.features import fp16_array, unet_features
 from factory.diffusion.inversion import noised_latents, vae_latents
-from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.diffusion.pipelines import load_pipeline, unet_conditioning
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.stages import StageSpec
 from factory.pipeline.recipe import Recipe
@@ -101,9 +101,10 @@ class DrawStage:
         batch["timestep"] = np.full(n, timestep, np.int64)
         if self.capture.features == "latent":  # the Featurizer makes the U-Net pass
             batch["latent"] = fp16_array(latents)
-        else:  # the Featurizer's pass on a latent: the prompt's text-encoder states, one U-Net call
-            prompt_embeds = encode_texts(self.pipe, list(batch["prompt"]))
-            for r, tensor in unet_features(self.pipe.unet, latents, timestep, prompt_embeds).items():
+        else:  # the Featurizer's pass on a latent: conditioned on the prompt, one U-Net call
+            conditioning = unet_conditioning(self.pipe, list(batch["prompt"]), self.generator.height,
+                                             self.generator.width)
+            for r, tensor in unet_features(self.pipe.unet, latents, timestep, conditioning).items():
                 batch[f"features_{r}"] = fp16_array(tensor)
         batch["generate_seconds"] = np.full(n, (time.perf_counter() - start) / n)  # drawing, encoding, capture
         return attach_labels(batch, [_exact_labels(list(classes), masks)

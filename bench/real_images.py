@@ -103,8 +103,8 @@ def throughput(root: Path, checkpoint: str, images: int = 64) -> dict:
             start = time.perf_counter()
             summary = annotate(Path(scratch) / route, root, checkpoint, route, images)
             measured[route] = summary.planned / (time.perf_counter() - start)
-    sd15 = {"generator.model": "sd15", "generator.steps": 50, "generator.height": 512, "generator.width": 512,
-            "source.images": str(root)}
+    sd15 = {"generator.model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "generator.steps": 50,
+            "generator.height": 512, "generator.width": 512, "source.images": str(root)}
     estimate = {route: 1 / sum(seconds_per_sample(load_recipe("shapes-annotate", {**sd15, "source.route": route}),
                                                   DEFAULT_RATES).values()) for route in ROUTES}
     return {"cpu_images_per_s": measured, "noised_over_inversion": measured["noised"] / measured["inversion"],

@@ -16,6 +16,11 @@ from factory.diffusion.daam import DAAM_THRESHOLD
 # resolution, concatenated (measured by bench/storage.py). Training reads the actual
 # channels from its dataset; these size the real preset before any data is seen.
 REAL_SD15_CHANNELS = {8: 8960, 16: 8320, 32: 4800, 64: 2560}
+# The same for SDXL's U-Net (Podell et al., 2023) at 1024x1024 (a 128x128 latent): three levels of
+# 320/640/1280 channels, cross-attention at the last two, so no 16x16 level. Measured, not summed by
+# hand: SDXL's U-Net config (factory.diffusion.pipelines.sdxl_unet) instantiated on the meta device
+# and run once under FeatureCapture, as tests/grounding/test_grounding_model.py does again.
+REAL_SDXL_CHANNELS = {32: 8320, 64: 4800, 128: 2560}
 
 
 class GroundingModelConfig(BaseModel):
@@ -70,6 +75,18 @@ class GroundingModelConfig(BaseModel):
         return cls(**{**sizes, **overrides})
 
     @classmethod
+    def sdxl(cls, **overrides: Any) -> "GroundingModelConfig":
+        """SDXL sizes: features at 32, 64 and 128 (1024x1024 images), its two text encoders side by side
+        (768 + 1280 = 2048 wide). The reference's widths but one level fewer: 48/64/128 still add up to
+        D=240 (the coarsest takes the 16 of SD 1.5's missing 8x8 level). A 4x4 patch of F covers 32x32
+        image pixels as with SD 1.5, so there are 1024 visual tokens (SD 1.5: 256)."""
+        sizes = dict(feature_channels=REAL_SDXL_CHANNELS,
+                     reduce_channels={32: 48, 64: 64, 128: 128},
+                     fused_dim=240, patch_size=4, embed_dim=512, text_dim=2048,
+                     decoder_layers=3, decoder_heads=8, dropout=0.1, mask_resolution=1024)
+        return cls(**{**sizes, **overrides})
+
+    @classmethod
     def world(cls, **overrides: Any) -> "GroundingModelConfig":
         """The mini world's generator (world/generator.py): features at 4, 8 and 16 (a 16x16 latent),
         a 64-dim text encoder, 64x64 images; small enough to train on a CPU in minutes."""
@@ -117,10 +134,10 @@ class TextConfig(BaseModel):
 class ModelSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "world", "real"] = Field(
-        "tiny", description="module sizes: 'tiny' (tests, CPU), 'world' (the mini world's generator, CPU) or "
-        "'real' (the paper's: D=240, d_e=512, 3 decoder layers); feature channels, text width and mask size "
-        "come from the dataset")
+    preset: Literal["tiny", "world", "real", "sdxl"] = Field(
+        "tiny", description="module sizes: 'tiny' (tests, CPU), 'world' (the mini world's generator, CPU), "
+        "'real' (the paper's on Stable Diffusion 1.5: D=240, d_e=512, 3 decoder layers) or 'sdxl' (the same on "
+        "SDXL's three feature resolutions); feature channels, text width and mask size come from the dataset")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="decoder dropout; null: the preset's (0.1)")
     presence: Literal["none", "query", "region", "match"] = Field(
         "region", description="a presence head (grounding.model), trained on every named seen class, found or not, "

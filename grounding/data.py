@@ -5,9 +5,9 @@ holds a prompt, its classes, one oracle mask per class, the label map (no loss a
 metric counts its 255 pixels: the labeler's unsure band, or all it left unclaimed), and
 either the U-Net features (``features_<r>`` columns, fp16) or the latent they come from
 (``latent`` + ``timestep``).
-``TripletSource`` reads the dataset; ``Featurizer`` owns the frozen Stable Diffusion
-parts (tokenizer, text encoder and, for latent datasets, the U-Net) and turns a table
-of rows into a ``Batch``.
+``TripletSource`` reads the dataset; ``Featurizer`` owns the frozen generator parts
+(tokenizer, text encoders and, for latent datasets, the U-Net: Stable Diffusion's or SDXL's)
+and turns a table of rows into a ``Batch``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from factory.dataset.batch import MAX_CLASSES
 from factory.dataset.codec import decode_label, decode_png, encode_mask
 from factory.dataset.source import DatasetError, DatasetSource
 from factory.diffusion.features import feature_channels, from_fp16_bytes, unet_features
-from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.diffusion.pipelines import encode_texts, load_pipeline, unet_conditioning
 from factory.diffusion.tokens import class_embeddings, class_token_positions
 from grounding.checkpoint import generation_record
 from grounding.config import TextConfig
@@ -153,7 +153,7 @@ def _padded(rows: list[list], fill, dtype: torch.dtype) -> Tensor:
 
 
 class Featurizer:
-    """Frozen Stable Diffusion parts that turn triplet rows into a Batch.
+    """Frozen generator parts (Stable Diffusion or SDXL) that turn triplet rows into a Batch.
 
     `classes` restricts the valid slots to those class names (seen classes for training;
     None: all). With `ignore_empty`, classes whose oracle mask is empty are not valid
@@ -173,9 +173,16 @@ class Featurizer:
         if source.mode == "tensors":
             self.pipe.unet = None  # the features are stored; only the text encoder is needed
 
-    @property
+    @cached_property
     def text_dim(self) -> int:
-        return self.pipe.text_encoder.config.hidden_size
+        """Width of the class embeddings: the text states the generator conditions on (SD 1.5's 768,
+        SDXL's two encoders side by side, 768 + 1280), measured on one text, as channels are."""
+        return int(encode_texts(self.pipe, [""]).shape[-1])
+
+    def conditioning(self, prompts: list[str]) -> dict:
+        """The U-Net's keyword arguments for `prompts`, as the generation's conditional branch had them
+        (SDXL's size ids: the set's images')."""
+        return unet_conditioning(self.pipe, prompts, *self.source.image_size)
 
     def feature_channels(self) -> dict[int, int]:
         """Channels per resolution of this dataset's features: stored shapes, or one U-Net pass
@@ -183,7 +190,7 @@ class Featurizer:
         if self.source.mode == "tensors":
             return {r: self.source.shapes[name][0] for r, name in self.source.stored_features.items()}
         latent = torch.zeros(1, *self.source.shapes["latent"], device=self.device, dtype=self.pipe.unet.dtype)
-        return feature_channels(unet_features(self.pipe.unet, latent, 0, encode_texts(self.pipe, [""])))
+        return feature_channels(unet_features(self.pipe.unet, latent, 0, self.conditioning([""])))
 
     def features(self, rows: pa.Table) -> dict[int, Tensor]:
         """Stored features decoded, or recomputed by one U-Net pass on the stored latent,
@@ -199,8 +206,7 @@ class Featurizer:
         arrays = [from_fp16_bytes(b, shapes["latent"]) for b in rows.column("latent").to_pylist()]
         unet = self.pipe.unet
         latent = torch.from_numpy(np.stack(arrays)).to(self.device, unet.dtype)
-        prompt_embeds = encode_texts(self.pipe, rows.column("prompt").to_pylist())
-        features = unet_features(unet, latent, timesteps.pop(), prompt_embeds)
+        features = unet_features(unet, latent, timesteps.pop(), self.conditioning(rows.column("prompt").to_pylist()))
         return {r: t.clone() for r, t in features.items()}  # clones leave inference mode: trainable inputs
 
     def __call__(self, rows: pa.Table) -> Batch:

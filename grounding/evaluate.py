@@ -63,7 +63,7 @@ def derangement(names: Sequence[str], seed: int = 0) -> dict[str, str]:
 
 
 class EvalStage:
-    """Ray Data actor: each split's module and the frozen Stable Diffusion parts, loaded once.
+    """Ray Data actor: each split's module and the frozen generator parts, loaded once.
 
     Each call gets batches of row positions and returns, per batch, the JSON of a module
     accumulator (each split's counts made by that split's module, on the same features) and

@@ -156,3 +156,20 @@ def test_ci_runs_the_quick_start_test_command_and_builds_the_site_strictly():
     assert runs and all(command in run for run in runs), runs
     assert len(runs) == 1 or ['-m "not slow"' in runs[0], "-m slow" in runs[-1]] == [True, True], runs
     assert re.search(r"^[^#\n]*mkdocs build --strict --site-dir \"\$scratch/", ci, flags=re.M)  # outside the repo
+
+
+def test_the_generators_page_tries_a_family_as_it_shows(tmp_path, monkeypatch, capsys):
+    """The page's Python saves a tiny random pipeline where its build command finds it, as that family (run
+    with --estimate here: no Ray; tests/pipeline/test_generators.py builds each family)."""
+    import shlex
+
+    from jobs import build_dataset
+
+    text = (DOCS / "generators.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    command = re.search(r"```bash\n(python jobs/build_dataset\.py .*?)\n```", text, flags=re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(snippet, {})  # the page's own code
+    assert build_dataset.main([*shlex.split(command)[2:], "--estimate", "--out", str(tmp_path / "out")]) == 0
+    assert "generator SDXL (./tiny-sdxl)" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()

@@ -181,7 +181,29 @@ def _classes(vocabulary: dict) -> list[str]:
     return lines
 
 
-def _making(recipe: dict, models: dict) -> list[str]:
+# What the generator's sampler was (recipe generator.scheduler; cards of builds before it: DDIM).
+_SAMPLERS = {"ddim": "DDIM {} steps (eta 0)", "dpm++": "DPM-Solver++ 2M, {} steps", "lcm": "LCM, {} steps",
+             "flow": "flow-matching Euler, {} steps"}
+# The generator family's licence binds the images (factory.diffusion.families names the families).
+_LICENCES = {
+    "sd": "for Stable Diffusion v1.x, CreativeML OpenRAIL-M",
+    "sdxl": "for SDXL 1.0, CreativeML Open RAIL++-M",
+    "sd3": "for Stable Diffusion 3.5, the Stability AI Community License: free below USD 1M of annual revenue, an "
+           "enterprise licence above",
+    "flux": "for FLUX.1 [dev], the FLUX.1 [dev] Non-Commercial License: no commercial use; for FLUX.1 [schnell], "
+            "Apache 2.0",
+}
+
+
+def _generator_line(gen: dict, models: dict, generator: dict) -> str:
+    sampler = _SAMPLERS[gen.get("scheduler", "ddim")].format(gen["steps"])
+    guidance = "distilled guidance" if generator.get("family") == "flux" else "guidance scale"
+    family = f" ({generator['title']})" if generator else ""
+    return (f"- **Generator**: `{models['generator']}`{family}, {sampler}, {guidance} {gen['guidance_scale']}, "
+            f"{gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.")
+
+
+def _making(recipe: dict, models: dict, generator: dict) -> list[str]:
     gen, lab = recipe["generator"], recipe["labeler"]
     prompts, writer = recipe["prompts"], recipe["writer"]
     annotator = recipe.get("annotator") or {}
@@ -190,8 +212,7 @@ def _making(recipe: dict, models: dict) -> list[str]:
     if source.get("images"):
         lines += _real_images(recipe)
     else:
-        lines.append(f"- **Generator**: `{models['generator']}`, DDIM {gen['steps']} steps (eta 0), guidance scale "
-                     f"{gen['guidance_scale']}, {gen['width']}x{gen['height']}, dtype `{gen['dtype']}`.")
+        lines.append(_generator_line(gen, models, generator))
     annotated = bool(annotator.get("checkpoint") or annotator.get("daam"))
     if source.get("images") and not annotated:
         lines.append("- **Labels**: each image's own masks, resized with it (nearest).")
@@ -372,7 +393,7 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               "## Classes", "",
               "Label-map values: 0 background, 255 ignore, and:", "",
               *_classes(manifest["vocabulary"]), "",
-              *_making(recipe, models), "",
+              *_making(recipe, models, manifest.get("generator") or {}), "",
               "## Versions", "",
               *_table(sorted(manifest["versions"].items()), ("package", "version")), "",
               f"Recipe content key `{manifest.get('content_key')}`, plan digest `{manifest['plan']['digest']}`; "
@@ -381,8 +402,9 @@ def dataset_card(manifest: dict, schema: pa.Schema = SCHEMA, *, preview: bool | 
               "## Licence", "",
               (f"Images are the source's (`{source}`): its licence applies to their use, and the labeler's to "
                "the labels." if source else
-               "Images are outputs of the generator: its licence (for Stable Diffusion v1.x, CreativeML "
-               "OpenRAIL-M) applies to their use, and the labeler's to the labels."), ""]
+               f"Images are outputs of the generator: its licence "
+               f"({_LICENCES[(manifest.get('generator') or {}).get('family', 'sd')]}) applies to their use, and the "
+               f"labeler's to the labels."), ""]
     return "\n".join(lines)
 
 

@@ -8,8 +8,10 @@ The reference, step by step, and where each step happens here:
    mid block is not hooked (its `UNetCrossAttentionLocator` skips it), and maps whose
    shape factor sqrt(native_latent_pixels // pixels) is 8 are dropped. The native latent
    is the U-Net's `sample_size` squared (the reference's `latent_hw`: 64x64 for SD 1.x and
-   SD 2 base, 96x96 for SD 2-v). For SD 1.x at 512 px this keeps the 64, 32 and 16 maps of
-   the down and up blocks and leaves out the 8x8 mid block. -> `CrossAttentionRecorder`.
+   SD 2 base, 96x96 for SD 2-v, 128x128 for SDXL). For SD 1.x at 512 px this keeps the 64, 32
+   and 16 maps of the down and up blocks and leaves out the 8x8 mid block. SDXL's U-Net has
+   cross-attention at its second and third levels only: at 1024 px its 64 and 32 maps, 60
+   layers (2 and 10 transformer layers per attention block there). -> `CrossAttentionRecorder`.
 2. Time: the conditional half of each call's probabilities, per layer and head, summed
    over every denoising step (`RawHeatMapCollection.update`). -> `record`, all steps by
    default, as the build records them.
@@ -55,7 +57,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.models.attention_processor import Attention
 
 # The paper's tau, and the reference's `plot_mask_heat_map` / `expand_as(threshold=...)` value.
@@ -171,7 +173,7 @@ class CrossAttentionRecorder:
     None, the default and the build's setting, records all of them as the reference does.
     """
 
-    def __init__(self, pipe: StableDiffusionPipeline, steps: Sequence[int] | None = None):
+    def __init__(self, pipe: DiffusionPipeline, steps: Sequence[int] | None = None):
         self.pipe = pipe
         self.steps = steps
         self.step = -1  # index of the current denoising step

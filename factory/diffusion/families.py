@@ -87,17 +87,27 @@ def read_generator(source: str) -> SavedGenerator:
 def _read_json(source: str, name: str) -> dict:
     """A config file of a saved pipeline: a local folder, an s3:// prefix, or a model id (the hub's cache)."""
     looks_like_path = is_s3(source) or source.startswith((".", "/", "~")) or os.path.exists(source)
-    try:
-        if looks_like_path:
-            location = open_location(source)
+    if looks_like_path:
+        location = open_location(source)
+        try:
             if not location.exists(name):
                 raise StorageError(f"model not found: {source}/{name}")
             return json.loads(location.read_bytes(name))
-        from huggingface_hub import hf_hub_download  # a model id: the hub client (its cache when offline)
+        except (OSError, ValueError) as exc:
+            raise StorageError(f"cannot read generator {source}/{name}: {first_line(exc)}") from None
+    # A model id: the hub's cache, else one request (the hub client would retry for half a minute when offline).
+    from huggingface_hub import get_session, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.utils import build_hf_headers
 
-        with open(hf_hub_download(source, name)) as file:
-            return json.load(file)
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, FactoryError):
-            raise
-        raise StorageError(f"cannot read generator {source}/{name}: {first_line(exc)}") from None
+    cached = try_to_load_from_cache(source, name)
+    try:
+        if isinstance(cached, str):
+            with open(cached) as file:
+                return json.load(file)
+        response = get_session().get(hf_hub_url(source, name), headers=build_hf_headers(), follow_redirects=True,
+                                     timeout=10)
+        response.raise_for_status()
+        return response.json()
+    except Exception as exc:  # offline, gated (no token), unknown repository: the client's errors share no base
+        raise StorageError(f"generator {source} is no local folder, and its {name} cannot be read from the Hugging "
+                           f"Face Hub: {first_line(exc)}") from None

@@ -1,9 +1,10 @@
 """The generator's fast paths (recipe section ``fast``), applied to a loaded pipeline.
 
-Each changes how the U-Net and VAE compute, not what: attention kernels, memory layout and
-compilation reorder floating-point work, so images move by rounding only (tests/diffusion/
-test_fast.py bounds each against the reference path). Feature capture works on every path:
-its hooks are installed before compiling, so the compiled U-Net records them in-graph.
+Each changes how the denoiser (U-Net or diffusion transformer) and VAE compute, not what:
+attention kernels, memory layout and compilation reorder floating-point work, so images move by
+rounding only (tests/diffusion/test_fast.py and test_families.py bound each against the reference
+path). Feature capture works on every path: its hooks are installed before compiling, so the
+compiled U-Net records them in-graph.
 """
 
 from __future__ import annotations

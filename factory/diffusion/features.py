@@ -3,7 +3,8 @@
 The grounding module reads Stable Diffusion's own features (Li et al., ICCV 2023, section 4.2): the
 outputs of every input block, the middle block and every output block (LDM's terms;
 in diffusers: ``conv_in``, each down block's layers and downsampler, ``mid_block``,
-each up block's layers and upsampler), concatenated per resolution.
+each up block's layers and upsampler), concatenated per resolution. SDXL's U-Net has the same
+blocks at three resolutions instead of four (32, 64 and 128 at 1024 px).
 
 Features are captured by forward hooks in the same U-Net call that makes the image (a compiled
 U-Net too: the hooks are compiled in).
@@ -141,12 +142,16 @@ class FeatureCapture:
 
 
 @torch.inference_mode()
-def unet_features(unet: nn.Module, latent: torch.Tensor, timestep: int,
-                  encoder_hidden_states: torch.Tensor) -> dict[int, torch.Tensor]:
+def unet_features(unet: nn.Module, latent: torch.Tensor, timestep: int, conditioning: dict) -> dict[int, torch.Tensor]:
     """Features of one U-Net pass: the conditional branch of a generation's capture call,
-    recomputed from its latent, or features of a real image's noised latent."""
+    recomputed from its latent, or features of a real image's noised latent.
+
+    ``latent`` (N, 4, h, w); ``conditioning``: the U-Net's keyword arguments for the N prompts,
+    ``factory.diffusion.pipelines.unet_conditioning`` (SD: the (N, 77, D) text states; SDXL: also
+    its pooled text and size ids, without which its U-Net does not run). Returns resolution ->
+    (N, C_r, r, r)."""
     with FeatureCapture(unet, call=0, batch=len(latent)) as capture:
-        unet(latent, timestep, encoder_hidden_states=encoder_hidden_states)
+        unet(latent, timestep, **conditioning)
     return capture.features
 
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMInverseScheduler, StableDiffusionPipeline
+from diffusers import DDIMInverseScheduler, DiffusionPipeline
 
 from factory.diffusion.features import FeatureCapture, unet_features
-from factory.diffusion.pipelines import encode_texts, generate
+from factory.diffusion.pipelines import generate, unet_conditioning
 from factory.diffusion.steps import capture_call_index
 
 ROUTES = ("inversion", "noised")
@@ -37,7 +37,7 @@ class ImageFeatures:
 
 
 @torch.inference_mode()
-def image_features(pipe: StableDiffusionPipeline, images: np.ndarray, prompts: list[str], seeds: list[int], *,
+def image_features(pipe: DiffusionPipeline, images: np.ndarray, prompts: list[str], seeds: list[int], *,
                    route: str, steps: int, remaining: int) -> ImageFeatures:
     """The U-Net features of uint8 (N, H, W, 3) images at the capture step (``remaining`` of ``steps``).
 
@@ -54,7 +54,7 @@ def image_features(pipe: StableDiffusionPipeline, images: np.ndarray, prompts: l
     height, width = images.shape[1:3]
     if route == "noised":
         noised, timestep = noised_latents(pipe, latents, seeds, steps=steps, remaining=remaining)
-        features = unet_features(pipe.unet, noised, timestep, encode_texts(pipe, prompts).to(noised.dtype))
+        features = unet_features(pipe.unet, noised, timestep, unet_conditioning(pipe, prompts, height, width))
         return ImageFeatures(features, noised, timestep, None)
     noise = ddim_invert(pipe, latents, prompts, steps=steps)
     with FeatureCapture(pipe.unet, capture_call_index(steps, remaining), batch=len(images)) as hooks:
@@ -64,18 +64,19 @@ def image_features(pipe: StableDiffusionPipeline, images: np.ndarray, prompts: l
 
 
 @torch.inference_mode()
-def vae_latents(pipe: StableDiffusionPipeline, images: np.ndarray, scale: float | None = None) -> torch.Tensor:
-    """(N, 4, H/8, W/8) latents of uint8 (N, H, W, 3) images: the VAE posterior's mean times
-    ``scale`` (None: the VAE's own `scaling_factor`, which makes them unit-variance as the U-Net
-    expects)."""
+def vae_latents(pipe: DiffusionPipeline, images: np.ndarray, scale: float | None = None) -> torch.Tensor:
+    """(N, 4, H/8, W/8) latents of uint8 (N, H, W, 3) images in the U-Net's dtype: the VAE posterior's
+    mean times ``scale`` (None: the VAE's own `scaling_factor`, which makes them unit-variance as the
+    U-Net expects)."""
     pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
     pixels = pixels.to(pipe.device, pipe.vae.dtype) / 127.5 - 1
     mean = pipe.vae.encode(pixels).latent_dist.mean
-    return mean * (pipe.vae.config.scaling_factor if scale is None else scale)
+    # SDXL's VAE stays float32 beside a float16 U-Net (load_pipeline): its latents go in at the U-Net's dtype
+    return (mean * (pipe.vae.config.scaling_factor if scale is None else scale)).to(pipe.unet.dtype)
 
 
 @torch.inference_mode()
-def noised_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor, seeds: list[int], *, steps: int,
+def noised_latents(pipe: DiffusionPipeline, latents: torch.Tensor, seeds: list[int], *, steps: int,
                    remaining: int) -> tuple[torch.Tensor, int]:
     """Latents noised by the scheduler to the timestep of the capture call (``remaining`` steps
     left of ``steps``); sample i's noise comes from seeds[i] alone, as in generation. Returns the
@@ -89,28 +90,48 @@ def noised_latents(pipe: StableDiffusionPipeline, latents: torch.Tensor, seeds: 
 
 
 @torch.inference_mode()
-def ddim_invert(pipe: StableDiffusionPipeline, latents: torch.Tensor, prompts: list[str], *, steps: int,
+def ddim_invert(pipe: DiffusionPipeline, latents: torch.Tensor, prompts: list[str], *, steps: int,
                 guidance_scale: float = 1.0) -> torch.Tensor:
     """The noise from which DDIM with ``steps`` steps and these prompts regenerates ``latents``.
 
     The pipeline's own scheduler config run backwards (diffusers' DDIMInverseScheduler), one
-    U-Net call per step, or two with guidance (the paper inverts with guidance 1: none).
+    U-Net call per step, or two with guidance (the paper inverts with guidance 1: none), each
+    conditioned as the generation's calls (``unet_conditioning``; SDXL's size ids are those of the
+    image the latents decode to).
     """
     inverse = DDIMInverseScheduler.from_config(pipe.scheduler.config)
     inverse.set_timesteps(steps, device=latents.device)
     guided = guidance_scale > 1.0
-    text = encode_texts(pipe, list(prompts)).to(latents.dtype)
-    if guided:
-        text = torch.cat([encode_texts(pipe, [""] * len(prompts)).to(latents.dtype), text])
+    height, width = (side * pipe.vae_scale_factor for side in latents.shape[-2:])
+    conditioning = (_guided_conditioning(pipe, list(prompts), height, width) if guided
+                    else unet_conditioning(pipe, list(prompts), height, width))
     sample = latents.clone()
     for t in inverse.timesteps:
         model_input = torch.cat([sample, sample]) if guided else sample
-        noise = pipe.unet(model_input, t, encoder_hidden_states=text).sample
+        noise = pipe.unet(model_input, t, **conditioning).sample
         if guided:
             unconditional, conditional = noise.chunk(2)
             noise = unconditional + guidance_scale * (conditional - unconditional)
         sample = inverse.step(noise, t, sample).prev_sample
     return sample
+
+
+def _guided_conditioning(pipe: DiffusionPipeline, prompts: list[str], height: int, width: int) -> dict:
+    """U-Net keyword arguments for the rows [unconditional; conditional], the unconditional branch as the
+    pipeline's guidance makes it: the empty prompt's, with SDXL's text zeroed where its config says
+    ``force_zeros_for_empty_prompt`` (its size ids stay)."""
+    unconditional = unet_conditioning(pipe, [""] * len(prompts), height, width)
+    if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        added = unconditional["added_cond_kwargs"]
+        unconditional["encoder_hidden_states"] = torch.zeros_like(unconditional["encoder_hidden_states"])
+        added["text_embeds"] = torch.zeros_like(added["text_embeds"])
+    return _stacked(unconditional, unet_conditioning(pipe, prompts, height, width))
+
+
+def _stacked(first: dict, second: dict) -> dict:
+    """Two U-Net keyword dicts (tensors, or dicts of them) as one, rows of `first` then `second`."""
+    return {key: _stacked(value, second[key]) if isinstance(value, dict) else torch.cat([value, second[key]])
+            for key, value in first.items()}
 
 
 def reconstruction_psnr(original: np.ndarray, regenerated: np.ndarray) -> np.ndarray:

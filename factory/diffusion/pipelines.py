@@ -22,8 +22,9 @@ from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from factory.core.conventions import TINY
 from factory.core.storage import local_copy
-from factory.diffusion.families import FAMILIES, FLUX, SD, SD3, Family
+from factory.diffusion.families import FAMILIES, FLUX, SD, SD3, SDXL, Family, read_generator
 from factory.diffusion.schedulers import make_scheduler
+from factory.diffusion.tiny import tiny_pipeline
 
 
 def family_of(pipe: DiffusionPipeline) -> Family:
@@ -41,26 +42,33 @@ def sd15_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
 
 
+def sdxl_unet() -> UNet2DConditionModel:
+    """SDXL base 1.0's U-Net from its config (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json),
+    random weights: for sizes and cost, not images. Build it under ``torch.device("meta")``: 2.6 B parameters."""
+    return UNet2DConditionModel(
+        sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816)  # pooled text (1280) + six size ids of 256
+
+
 def load_pipeline(source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   scheduler: str = "ddim", lora: str | None = None) -> DiffusionPipeline:
     """The tiny pipeline, or a saved one of any family by model id, local folder or s3:// prefix; with
     ``lora`` (a diffusers LoRA .safetensors file, local or s3://) fused into its denoiser."""
-    # 1. The pipeline, its class from its own model_index.json (diffusers reads it as read_generator does).
+    # 1. The pipeline of the family its model_index.json names.
+    family = read_generator(source).family
     if source == TINY:
-        from factory.diffusion.tiny import tiny_pipeline
-
         pipe = tiny_pipeline().to(dtype=dtype)
     else:
-        path = local_copy(source)
-        index = DiffusionPipeline.load_config(path)
-        family = FAMILIES.get(index["_class_name"])
-        if family is None:
-            raise ValueError(f"generator {source} is a {index['_class_name']}; supported: {', '.join(FAMILIES)}")
         extra = {"safety_checker": None, "requires_safety_checker": False} if family is SD else {}
-        pipe = getattr(diffusers, family.pipeline).from_pretrained(path, dtype=dtype, use_safetensors=True, **extra)
-    family = family_of(pipe)
-    # 2. SDXL's VAE overflows in float16 (its config says force_upcast): it stays in float32, as diffusers upcasts it.
-    if dtype == torch.float16 and getattr(pipe.vae.config, "force_upcast", False) and family is not SD:
+        pipe = getattr(diffusers, family.pipeline).from_pretrained(local_copy(source), dtype=dtype,
+                                                                   use_safetensors=True, **extra)
+    # 2. SDXL's VAE overflows in float16 (its config says force_upcast): it stays in float32, as SDXL's pipeline
+    #    upcasts it to decode.
+    if family is SDXL and dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)
     # 3. The sampler, on the saved noise schedule.
     pipe.scheduler = make_scheduler(scheduler, None if source == TINY else pipe.scheduler.config)
@@ -77,7 +85,9 @@ def load_pipeline(source: str, device: torch.device | str = "cpu", dtype: torch.
 def encode_texts(pipe: DiffusionPipeline, texts: list[str]) -> torch.Tensor:
     """(N, 77, D) text-encoder states, tokenized as the generator does (padded to 77): SD's last hidden
     state; SDXL's two encoders' penultimate states side by side (D = 768 + 1280 at real sizes)."""
-    return pipe.encode_prompt(texts, pipe.text_encoder.device, 1, do_classifier_free_guidance=False)[0]
+    # by keyword: SDXL's second positional parameter is its second prompt
+    return pipe.encode_prompt(texts, device=pipe.text_encoder.device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[0]
 
 
 @torch.no_grad()
@@ -88,7 +98,8 @@ def unet_conditioning(pipe: DiffusionPipeline, texts: list[str], height: int, wi
     if family_of(pipe) is SD:
         return {"encoder_hidden_states": encode_texts(pipe, texts)}
     device = pipe.text_encoder.device
-    hidden, _, pooled, _ = pipe.encode_prompt(texts, device, 1, do_classifier_free_guidance=False)
+    hidden, _, pooled, _ = pipe.encode_prompt(texts, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
     size_ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=hidden.dtype,
                                       text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
     return {"encoder_hidden_states": hidden,

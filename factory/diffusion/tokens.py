@@ -3,7 +3,9 @@
 One word can be several BPE tokens ("zebracorn" -> z e b ra c or n), so a class is a
 list of token positions, and its embedding is the mean of those tokens' hidden states
 (Simoncini and Ankit's follow-up paper, Fig. 3). Positions index the padded input_ids the text
-encoder sees: 0 is the start-of-text token.
+encoder sees: 0 is the start-of-text token. SDXL's two tokenizers share CLIP's BPE vocabulary and
+differ only in their padding token, so the first one's positions index both encoders' states,
+which SDXL's text conditioning holds side by side (``factory.diffusion.pipelines.encode_texts``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,10 @@ def class_embeddings(hidden_states: torch.Tensor,
                      positions: Sequence[Sequence[Sequence[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean token embedding per class: (B, T, d) -> embeddings (B, O, d) and mask (B, O).
 
-    `positions[b]` holds sample b's classes (from class_token_positions); O is the largest
-    class count in the batch, and padded slots are zero with mask False.
+    `hidden_states`: the generator's text states (``encode_texts``: d = 768 for SD 1.5, 768 + 1280 =
+    2048 for SDXL's two encoders side by side). `positions[b]` holds sample b's classes (from
+    class_token_positions); O is the largest class count in the batch, and padded slots are zero
+    with mask False.
     """
     batch, _, dim = hidden_states.shape
     if len(positions) != batch:

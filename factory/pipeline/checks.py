@@ -12,7 +12,7 @@ from factory.core.storage import Location, StorageError, access_refused, check_m
 from factory.core.vocab import Vocabulary
 from factory.dataset.layout import BUILD_FILE
 from factory.dataset.write import read_commits
-from factory.diffusion.families import CAPTURING, read_generator
+from factory.diffusion.families import CAPTURING, Family, read_generator
 from factory.pipeline.labelers import labeler_of
 from factory.pipeline.plan import Sample, all_attempts
 from factory.pipeline.recipe import Recipe
@@ -32,9 +32,10 @@ class Prepared:
     notes: list[str] = field(default_factory=list)  # what the user should know before the run
     follows: dict | None = None  # the followed dataset (recipe.follow), as the manifest records it
     claimed: bool = False  # build.json is this run's: a model-load failure before any commit takes it back
+    family: Family | None = None  # the generator's, read from its saved config
 
 
-def check_generator(recipe: Recipe) -> Recipe:
+def check_generator(recipe: Recipe) -> tuple[Recipe, Family]:
     """The recipe against its generator's family, read from the saved configs (no weights): the sampler (a
     flow-matching model's own when the recipe names none: the returned recipe says so), the image size,
     and the parts of the method that read a U-Net's blocks or cross-attention."""
@@ -45,8 +46,9 @@ def check_generator(recipe: Recipe) -> Recipe:
         recipe = recipe.model_copy(deep=True)
         recipe.generator.scheduler = "flow"
     if recipe.generator.scheduler not in family.schedulers:
+        *others, last = family.schedulers
         raise BuildError(f"generator.scheduler {recipe.generator.scheduler} does not apply to {which}: choose "
-                         f"{' or '.join(family.schedulers)}")
+                         f"{', '.join(others) + ' or ' if others else ''}{last}")
     for side in ("height", "width"):
         if getattr(g, side) % saved.multiple:
             raise BuildError(f"generator.{side} {getattr(g, side)} is not a multiple of {saved.multiple}, which "
@@ -60,7 +62,7 @@ def check_generator(recipe: Recipe) -> Recipe:
                              f"transformer: capture and annotation run on {CAPTURING}")
         if recipe.fast.attention != "sdpa":
             raise BuildError(f"fast.attention {recipe.fast.attention} is for U-Nets; {which} runs its own attention")
-    return recipe
+    return recipe, family
 
 
 def check_models(recipe: Recipe, vocabulary: Vocabulary) -> list[str]:

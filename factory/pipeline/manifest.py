@@ -41,6 +41,8 @@ def build_manifest(prepared: Prepared, commits: list[Commit], models: dict[str, 
         **({"follows": prepared.follows} if prepared.follows else {}),
         "vocabulary": {**vocabulary.definition(), "background": BACKGROUND, "ignore": IGNORE},
         "models": models,
+        **({"generator": {"family": prepared.family.key, "title": prepared.family.title,
+                          "pipeline": prepared.family.pipeline}} if prepared.family else {}),
         "versions": _versions(),
         # planned: plan entries; attempted: samples made for them (replacements too); written: kept
         # samples (one per entry at most); given_up: entries whose every attempt was dropped

@@ -86,7 +86,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     Plan, output, model paths, resume compatibility: a failure here writes nothing.
     Writing build.json last proves write access before any GPU time is spent.
     """
-    recipe = check_generator(recipe)  # first: a flow-matching model's sampler is part of the content key
+    recipe, family = check_generator(recipe)  # first: a flow-matching model's sampler is part of the content key
     vocabulary = get_vocabulary(recipe.vocabulary)
     plan = build_plan(recipe)
     notes, follows = recipe.notes, None
@@ -98,7 +98,7 @@ def prepare_build(recipe: Recipe) -> Prepared:
     location = check_reachable(recipe.output)
     notes += check_models(recipe, vocabulary)
     claimed = claim_output(recipe, plan, location)
-    return Prepared(recipe, vocabulary, plan, location, notes, follows, claimed)
+    return Prepared(recipe, vocabulary, plan, location, notes, follows, claimed, family)
 
 
 def run_build(prepared: Prepared, *, stages: list[StageSpec] | None = None,

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from factory.diffusion.daam import DAAM_THRESHOLD, CrossAttentionRecorder, daam_masks, is_daam_layer
-from factory.diffusion.pipelines import generate, sd15_unet
-from factory.diffusion.tiny import tiny_pipeline
+from factory.diffusion.families import SDXL
+from factory.diffusion.pipelines import generate, load_pipeline, sd15_unet, sdxl_unet
+from factory.diffusion.tiny import save_tiny_pipeline, tiny_pipeline
 from factory.diffusion.tokens import class_token_positions
 
 SETTINGS = dict(steps=3, guidance_scale=5.0, height=64, width=64)
@@ -271,3 +272,47 @@ def test_daam_masks_of_recorded_maps(batch):
     masks = daam_masks(maps, size=images.shape[1:3])
     assert masks.shape == (2, 2, 64, 64)
     assert masks[1].any(axis=(1, 2)).all() and not masks[0, 1].any()
+
+
+# ---- SDXL: cross-attention only at its lower levels, text states of two encoders side by side
+
+# The tiny SDXL's DAAM layers: two transformer layers in its second down block (16x16) and in each of
+# the two attention blocks of its first up block; its first level has no attention, its mid block is left out.
+TINY_SDXL_LAYERS = [f"{block}.attentions.{a}.transformer_blocks.{t}.attn2.processor"
+                    for block, blocks in (("down_blocks.1", 1), ("up_blocks.0", 2)) for a in range(blocks)
+                    for t in range(2)]
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    return load_pipeline(save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", SDXL))
+
+
+def test_sdxl_heat_maps(sdxl):
+    images, recorder = record(sdxl, PROMPTS, SEEDS)
+    assert np.array_equal(images, generate(sdxl, [prompt for prompt, _ in PROMPTS], SEEDS, **SETTINGS))
+    assert [name for name in sdxl.unet.attn_processors if is_daam_layer(name)] == TINY_SDXL_LAYERS
+    assert {name: tuple(s.shape) for name, s in recorder.sums.items()} == {name: (2, 4, 256, 77)
+                                                                            for name in TINY_SDXL_LAYERS}
+    maps = recorder.heatmaps(positions(sdxl, PROMPTS))
+    assert maps.shape == (2, 2, 32, 32)  # on the latent grid, upsampled from the 16x16 attention
+    for b, o in [(0, 0), (1, 0), (1, 1)]:  # min-max normalised (the 1e-8 shows: the random maps vary little)
+        assert maps[b, o].min() == 0 and maps[b, o].max() == pytest.approx(1, abs=1e-4) and maps[b, o].std() > 0
+    assert not maps[0, 1].any()
+    assert daam_masks(maps, size=(64, 64))[1].any(axis=(1, 2)).all()
+
+
+def test_sdxl_layers_and_resolutions():
+    """SDXL base's U-Net at 1024 px (a 128x128 latent, its sample_size): cross-attention at 64x64 (2
+    transformer layers per block) and 32x32 (10 per block), 60 layers, none at the factor 8 the
+    reference drops; its mid block's 10 are left out."""
+    with torch.device("meta"):
+        unet = sdxl_unet()
+    pipe = types.SimpleNamespace(unet=unet, do_classifier_free_guidance=True)
+    with torch.no_grad(), CrossAttentionRecorder(pipe) as recorder, torch.device("meta"):
+        unet(torch.empty(2, 4, 128, 128), torch.tensor([10, 10]), encoder_hidden_states=torch.empty(2, 77, 2048),
+             added_cond_kwargs={"text_embeds": torch.empty(2, 1280), "time_ids": torch.empty(2, 6)})
+    assert recorder.native_pixels == 128 * 128
+    assert not any(name.startswith("mid_block") for name in recorder.sums)
+    pixels = [s.shape[2] for s in recorder.sums.values()]
+    assert {p: pixels.count(p) for p in set(pixels)} == {64 * 64: 10, 32 * 32: 50}

@@ -11,8 +11,9 @@ from factory.diffusion.features import (
     to_fp16_bytes,
     unet_features,
 )
-from factory.diffusion.pipelines import generate
-from factory.diffusion.tiny import tiny_pipeline
+from factory.diffusion.families import SDXL
+from factory.diffusion.pipelines import generate, load_pipeline, unet_conditioning
+from factory.diffusion.tiny import save_tiny_pipeline, tiny_pipeline
 from factory.diffusion.steps import capture_call_index
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.sections import CaptureConfig, GeneratorConfig
@@ -69,7 +70,7 @@ def test_conditional_and_unconditional_halves_differ(pipe):
 def test_one_pass_on_the_stored_latent_gives_the_captured_features(pipe):
     capture, _ = run(pipe, PROMPTS, SEEDS, call=3)
     embeddings = pipe.encode_prompt(PROMPTS, "cpu", 1, False)[0]
-    again = unet_features(pipe.unet, capture.latent, capture.timestep, embeddings)
+    again = unet_features(pipe.unet, capture.latent, capture.timestep, {"encoder_hidden_states": embeddings})
     for r in again:
         torch.testing.assert_close(again[r], capture.features[r], atol=1e-4, rtol=1e-4)
 
@@ -111,3 +112,46 @@ def test_generate_stage_adds_capture_columns(mode):
     else:
         assert batch["features_16"].shape == (2, 288, 16, 16) and batch["features_32"].dtype == np.float16
         assert batch["ufeatures_32"].shape == (2, 192, 32, 32)
+
+
+# ---- SDXL: the same capture, its U-Net conditioned on pooled text and size ids as well
+
+@pytest.fixture(scope="module")
+def sdxl_folder(tmp_path_factory) -> str:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", SDXL)
+
+
+@pytest.fixture(scope="module")
+def sdxl(sdxl_folder):
+    return load_pipeline(sdxl_folder)  # as a build loads it: DDIM on its saved noise schedule
+
+
+def test_one_pass_with_sdxls_conditioning_gives_the_captured_features(sdxl):
+    """SDXL's U-Net also reads the second encoder's pooled text and the image's size ids (Podell et al.,
+    2023, section 2.2): unet_conditioning gives them as the pipeline does, so one pass on the stored
+    latent gives the generation's features again, and other size ids give other features."""
+    capture, _ = run(sdxl, PROMPTS, SEEDS, call=2)
+    assert feature_channels(capture.features) == {16: 288, 32: 192}  # two levels, as the tiny SD's
+    conditioning = unet_conditioning(sdxl, PROMPTS, 64, 64)
+    assert conditioning["encoder_hidden_states"].shape == (3, 77, 64)  # two 32-wide encoders side by side
+    assert conditioning["added_cond_kwargs"]["text_embeds"].shape == (3, 32)
+    assert conditioning["added_cond_kwargs"]["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 3
+    again = unet_features(sdxl.unet, capture.latent, capture.timestep, conditioning)
+    for r in again:
+        torch.testing.assert_close(again[r], capture.features[r], atol=1e-4, rtol=1e-4)
+    resized = unet_features(sdxl.unet, capture.latent, capture.timestep, unet_conditioning(sdxl, PROMPTS, 128, 128))
+    assert not torch.allclose(resized[32], capture.features[32], atol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["latent", "tensors"])
+def test_generate_stage_captures_sdxl(sdxl_folder, mode):
+    stage = GenerateStage(GeneratorConfig(model=sdxl_folder, steps=STEPS, height=64, width=64, guidance_scale=5.0),
+                          CaptureConfig(features=mode, step=2, attention=True))
+    batch = stage({"prompt": np.array(PROMPTS[1:], dtype=object), "seed": np.array(SEEDS[1:]),
+                   "class_words": np.array([["cat", "sofa"], ["bus"]], dtype=object)})
+    assert batch["image"].shape == (2, 64, 64, 3)
+    if mode == "latent":
+        assert batch["latent"].shape == (2, 4, 32, 32)
+    else:
+        assert batch["features_16"].shape == (2, 288, 16, 16) and batch["features_32"].shape == (2, 192, 32, 32)
+    assert [maps.shape for maps in batch["daam"]] == [(2, 32, 32), (1, 32, 32)]  # DAAM from the same call

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from factory.core.vocab import SHAPES
+from factory.diffusion.families import SDXL
 from factory.diffusion.features import unet_features
 from factory.diffusion.inversion import (
     ddim_invert,
@@ -16,7 +17,8 @@ from factory.diffusion.inversion import (
     reconstruction_psnr,
     vae_latents,
 )
-from factory.diffusion.pipelines import encode_texts, generate, load_pipeline
+from factory.diffusion.pipelines import generate, load_pipeline, unet_conditioning
+from factory.diffusion.tiny import save_tiny_pipeline
 from world.draw import SIZE, draw
 from world.utils import prompt_of
 
@@ -85,13 +87,65 @@ def test_both_routes_give_the_features_one_pass_on_their_latent_gives(world, mon
         assert len(calls) == expected_calls and set(calls) == {3}  # no guidance: one row per image
         pipe.scheduler.set_timesteps(10)
         assert got.timestep == int(pipe.scheduler.timesteps[7])  # the call with 3 of 10 steps left
-        again = unet_features(pipe.unet, got.latent, got.timestep, encode_texts(pipe, prompts))
+        again = unet_features(pipe.unet, got.latent, got.timestep, unet_conditioning(pipe, prompts, SIZE, SIZE))
         assert sorted(again) == sorted(got.features)
         for r in again:
             torch.testing.assert_close(again[r], got.features[r], rtol=1e-4, atol=1e-4)
         assert (got.regenerated is None) == (route == "noised")
     with pytest.raises(ValueError, match="unknown route 'pixels'"):
         image_features(pipe, images, prompts, [4, 5, 6], route="pixels", steps=10, remaining=3)
+
+
+# ---- SDXL: every U-Net call of both routes carries its pooled text and the image's size ids
+
+SDXL_PROMPTS = ["a photograph of a dog", "a photograph of a cat and a bus"]
+SIZE_IDS = [64.0, 64.0, 0.0, 0.0, 64.0, 64.0]  # original size, crop (0, 0), target size: the 64x64 image's
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """The tiny SDXL as a build loads it, and two of its own images as the real images."""
+    pipe = load_pipeline(save_tiny_pipeline(tmp_path_factory.mktemp("sdxl") / "tiny-sdxl", SDXL))
+    return pipe, generate(pipe, SDXL_PROMPTS, [1, 2], steps=2, guidance_scale=5.0, height=64, width=64)
+
+
+def test_both_routes_on_sdxl_give_the_features_one_pass_on_their_latent_gives(sdxl, monkeypatch):
+    pipe, images = sdxl
+    for route, expected_calls in (("inversion", 2 * 4), ("noised", 1)):
+        calls = []
+        monkeypatch.setattr(pipe.unet, "forward", _keeping_kwargs(pipe.unet.forward, calls))
+        got = image_features(pipe, images, SDXL_PROMPTS, [4, 5], route=route, steps=4, remaining=2)
+        monkeypatch.undo()
+        assert len(calls) == expected_calls
+        for kwargs in calls:
+            assert kwargs["encoder_hidden_states"].shape == (2, 77, 64)
+            assert kwargs["added_cond_kwargs"]["time_ids"].tolist() == [SIZE_IDS] * 2
+        assert {r: tuple(t.shape) for r, t in got.features.items()} == {16: (2, 288, 16, 16), 32: (2, 192, 32, 32)}
+        again = unet_features(pipe.unet, got.latent, got.timestep, unet_conditioning(pipe, SDXL_PROMPTS, 64, 64))
+        for r in again:
+            torch.testing.assert_close(again[r], got.features[r], rtol=1e-4, atol=1e-4)
+
+
+def test_guided_inversion_on_sdxl_guides_against_its_zeroed_text(sdxl, monkeypatch):
+    """SDXL's pipeline guides against zeros, not the empty prompt's states (force_zeros_for_empty_prompt):
+    the inversion's unconditional rows are the generation's."""
+    pipe, images = sdxl
+    calls = []
+    monkeypatch.setattr(pipe.unet, "forward", _keeping_kwargs(pipe.unet.forward, calls))
+    noise = ddim_invert(pipe, vae_latents(pipe, images[:1]), SDXL_PROMPTS[:1], steps=2, guidance_scale=3.0)
+    assert noise.shape == (1, 4, 32, 32) and torch.isfinite(noise).all() and len(calls) == 2
+    for kwargs in calls:
+        text, added = kwargs["encoder_hidden_states"], kwargs["added_cond_kwargs"]
+        assert not text[0].any() and not added["text_embeds"][0].any()  # rows [unconditional; conditional]
+        assert text[1].any() and added["text_embeds"][1].any()
+        assert added["time_ids"].tolist() == [SIZE_IDS] * 2
+
+
+def _keeping_kwargs(forward, calls: list):
+    def kept(sample, *args, **kwargs):
+        calls.append(kwargs)
+        return forward(sample, *args, **kwargs)
+    return kept
 
 
 def _counting(forward, calls: list):

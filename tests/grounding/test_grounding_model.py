@@ -3,7 +3,15 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from grounding.config import REAL_SD15_CHANNELS, GroundingModelConfig
+from factory.diffusion.features import FeatureCapture, feature_channels
+from factory.diffusion.pipelines import sdxl_unet
+from grounding.config import (
+    REAL_SD15_CHANNELS,
+    REAL_SDXL_CHANNELS,
+    GroundingModelConfig,
+    ModelSection,
+    grounding_model_config,
+)
 from grounding.losses import grounding_loss, presence_loss
 from grounding.model import GroundingModule
 
@@ -58,6 +66,27 @@ def test_real_config_forward_shape():
         logits = _module(cfg)(features, embeddings, torch.tensor([[True, False]]))
     assert logits.shape == (1, 2, 64, 64)
     assert torch.isfinite(logits).all()
+
+
+def test_sdxl_preset_reads_sdxls_capture():
+    """The preset's channels are what the capture takes from SDXL's U-Net at 1024 px (its config on the
+    meta device: shapes, no weights), and the module fuses them to 1024-pixel masks (meta as well)."""
+    cfg = GroundingModelConfig.sdxl()
+    with torch.device("meta"):
+        unet, module = sdxl_unet(), GroundingModule(cfg)
+        latent, text = torch.empty(1, 4, 128, 128), torch.empty(1, 77, cfg.text_dim)
+        added = {"text_embeds": torch.empty(1, 1280), "time_ids": torch.empty(1, 6)}
+        embeddings, class_mask = torch.empty(1, 2, cfg.text_dim), torch.ones(1, 2, dtype=torch.bool)
+    with torch.no_grad(), FeatureCapture(unet, call=0, batch=1) as capture:  # a timestep the capture can read
+        unet(latent, 10, encoder_hidden_states=text, added_cond_kwargs=added)
+    assert feature_channels(capture.features) == cfg.feature_channels == REAL_SDXL_CHANNELS
+    assert sum(cfg.reduce_channels.values()) == cfg.fused_dim == 240 and cfg.fuse_resolution == 128
+    assert module(capture.features, embeddings, class_mask).shape == (1, 2, 1024, 1024)
+    # Training sizes it from its data: an SDXL set's features and text width, the preset's other sizes.
+    trained = grounding_model_config(ModelSection(preset="sdxl", presence="none"), REAL_SDXL_CHANNELS, 2048, 1024)
+    assert trained == cfg
+    with pytest.raises(ValueError, match=r"preset real fuses 4 feature resolutions, the dataset has \[32, 64, 128\]"):
+        grounding_model_config(ModelSection(preset="real"), REAL_SDXL_CHANNELS, 2048, 1024)
 
 
 def test_padded_slots_do_not_change_real_slots():

@@ -101,7 +101,8 @@ def test_featurizer_latent_mode_equals_direct_unet_pass(latent_set):
     prompts = rows.column("prompt").to_pylist()
     prompt_embeds = pipe.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
     latent = torch.from_numpy(np.stack([from_fp16_bytes(b, (4, 16, 16)) for b in rows.column("latent").to_pylist()]))
-    expected = unet_features(pipe.unet, latent.float(), rows.column("timestep")[0].as_py(), prompt_embeds)
+    expected = unet_features(pipe.unet, latent.float(), rows.column("timestep")[0].as_py(),
+                             {"encoder_hidden_states": prompt_embeds})
     assert batch.features.keys() == expected.keys() == {8, 16}
     for r in expected:
         torch.testing.assert_close(batch.features[r], expected[r])

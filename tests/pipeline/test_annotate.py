@@ -117,8 +117,9 @@ def refused(capsys, *args: str) -> str:
 def test_checkpoint_of_other_features_is_refused_before_models_load(checkpoint, tmp_path, capsys, monkeypatch):
     from factory.pipeline import pipeline
     monkeypatch.setattr(pipeline, "stream_samples", lambda *a, **k: pytest.fail("models loaded"))
-    (tmp_path / "sd").mkdir()
-    (tmp_path / "sd" / "model_index.json").write_text("{}")
+    (tmp_path / "sd" / "vae").mkdir(parents=True)  # a saved SD pipeline's configs, no weights
+    (tmp_path / "sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (tmp_path / "sd" / "vae" / "config.json").write_text('{"block_out_channels": [128, 256, 512, 512]}')
     out = ["--out", str(tmp_path / "o"), "--annotator.checkpoint", checkpoint]
     assert refused(capsys, *out, "--generator.steps", "4", "--generator.model", str(tmp_path / "sd")) == (
         f"grounding checkpoint {checkpoint} reads features this build does not make: generator model 'tiny' vs "

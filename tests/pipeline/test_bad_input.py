@@ -76,6 +76,12 @@ def followed_set(**changes) -> dict:
     return {"lead/manifest.json": json.dumps(manifest)}
 
 
+# Saved SD 3.5 and FLUX.1 pipelines as their configs say (real sizes; no weights: nothing may load).
+_VAE = '{"block_out_channels": [128, 256, 512, 512]}'
+GENERATORS = {"sd35/model_index.json": '{"_class_name": "StableDiffusion3Pipeline"}', "sd35/vae/config.json": _VAE,
+              "sd35/transformer/config.json": '{"patch_size": 2}',
+              "flux/model_index.json": '{"_class_name": "FluxPipeline"}', "flux/vae/config.json": _VAE}
+
 SEGMENTER = ["--data", "{tmp}/data", "--out", OUT]
 INDUCTIVE = ["--setting", "inductive", "--model.head", "text", "--model.text-encoder", "tiny"]
 CASES = [
@@ -251,6 +257,26 @@ CASES = [
          "model not found: {tmp}/sd15/model_index.json"),
     case("empty-generator-model", ["--generator.model", ""],
          "--generator.model: String should have at least 1 character"),
+    # a generator's family and sizes are read from its saved configs, before any weight loads
+    case("unsupported-generator-kind", ["--generator.model", "{tmp}/kandinsky"],
+         "generator {tmp}/kandinsky is a KandinskyV22Pipeline, which this factory does not run; supported: "
+         "StableDiffusionPipeline (Stable Diffusion 1.x/2); StableDiffusionXLPipeline (SDXL)",
+         files={"kandinsky/model_index.json": '{"_class_name": "KandinskyV22Pipeline"}'}),
+    case("resolution-the-generator-cannot-take", ["--generator.model", "{tmp}/flux", "--generator.height", "1000"],
+         "generator.height 1000 is not a multiple of 16, which FLUX.1 ({tmp}/flux) needs", files=GENERATORS),
+    case("capture-on-a-transformer", ["--generator.model", "{tmp}/sd35", "--capture.features", "latent"],
+         "capture.features reads a U-Net's features or cross-attention, and Stable Diffusion 3.5 ({tmp}/sd35) is a "
+         "diffusion transformer: capture and annotation run on Stable Diffusion 1.x/2, SDXL", files=GENERATORS),
+    case("daam-on-a-transformer", ["--generator.model", "{tmp}/flux", "--capture.attention", "true"],
+         "capture.attention reads a U-Net's features or cross-attention, and FLUX.1 ({tmp}/flux) is a diffusion "
+         "transformer", files=GENERATORS),
+    case("annotator-on-a-transformer", ["--generator.model", "{tmp}/flux", "--annotator.checkpoint", "{tmp}/ck",
+                                        "--labeler.on-missing", "ignore"],
+         "annotator.checkpoint reads a U-Net's features or cross-attention, and FLUX.1 ({tmp}/flux)", files=GENERATORS),
+    case("ddim-on-a-flow-model", ["--generator.model", "{tmp}/flux", "--generator.scheduler", "ddim"],
+         "generator.scheduler ddim does not apply to FLUX.1 ({tmp}/flux): choose flow", files=GENERATORS),
+    case("flow-on-a-unet-model", ["--generator.scheduler", "flow"],
+         "generator.scheduler flow does not apply to Stable Diffusion 1.x/2 (tiny): choose ddim, dpm++ or lcm"),
     case("missing-labeler-weights", ["--labeler.weights", "{tmp}/maskrcnn.safetensors"],
          "model not found: {tmp}/maskrcnn.safetensors"),
     case("torchvision-weights-for-the-tiny-labeler", ["--labeler.weights", "torchvision"],
@@ -387,6 +413,7 @@ def error_line(job: str, argv: list[str], capsys) -> str:
 def test_bad_input_is_one_line_before_any_model_and_writes_nothing(job, args, expect, files, before, tmp_path,
                                                                     monkeypatch, capsys, no_models):
     monkeypatch.chdir(tmp_path)  # a default output (outputs/<name>) would land here and be seen
+    (tmp_path / "models").symlink_to(REPO / "models")  # as in the repository root, where the recipes name models/
     for name, content in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())

@@ -19,7 +19,7 @@ from factory.dataset.codec import decode_label, decode_masks
 from factory.dataset.layout import COMMIT_DIR
 from factory.dataset.real import real_dataset
 from factory.diffusion.features import feature_channels, unet_features
-from factory.diffusion.pipelines import encode_texts, load_pipeline
+from factory.diffusion.pipelines import load_pipeline, unet_conditioning
 from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
 from grounding.checkpoint import generation_record, save_grounding_checkpoint
@@ -88,7 +88,7 @@ def checkpoint(tmp_path_factory):
     """An untrained world-preset module in the training code's checkpoint format, reading the world
     generator's features at this module's capture step (labels are noise; the plumbing is tested)."""
     pipe = load_pipeline(GENERATOR)
-    channels = feature_channels(unet_features(pipe.unet, torch.zeros(1, 4, 16, 16), 0, encode_texts(pipe, [""])))
+    channels = feature_channels(unet_features(pipe.unet, torch.zeros(1, 4, 16, 16), 0, unet_conditioning(pipe, [""], 64, 64)))
     torch.manual_seed(0)
     module = GroundingModule(grounding_model_config(ModelSection(preset="world"), channels,
                                                     pipe.text_encoder.config.hidden_size, 64))

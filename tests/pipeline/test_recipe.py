@@ -276,7 +276,7 @@ def test_bad_vocabulary_or_prompts(overrides, message):
      "a compiled graph does not see; compile off, or no attention maps"),
     ({"generator.scheduler": "dpm++", "generator.steps": 25, "capture.features": "latent", "capture.step": 51},
      "tiny.yaml: capture.step 51 is beyond DDIM-50, the reference of dpm++ (50 steps)"),
-    ({"generator.scheduler": "euler"}, "--generator.scheduler: Input should be 'ddim', 'dpm++' or 'lcm'"),
+    ({"generator.scheduler": "euler"}, "--generator.scheduler: Input should be 'ddim', 'dpm++', 'lcm' or 'flow'"),
 ])
 def test_bad_fast_paths_or_samplers(overrides, message):
     assert recipe_error(overrides) == message
