@@ -2,6 +2,7 @@
 
     python jobs/train_world.py generator                     # Stable Diffusion: VAE, then U-Net + text encoder
     python jobs/train_world.py oracle                        # the Mask R-CNN oracle
+    python jobs/train_world.py backbone                      # the world segmenter's ResNet, on other drawings
     python jobs/train_world.py generator --unet_steps 30000  # continue the same run further
 
 A rerun continues from --work up to the configured steps. --out receives what recipes load
@@ -13,12 +14,29 @@ from __future__ import annotations
 
 import sys
 
+import torch
+
 from factory.core.cli import run_job
 from factory.core.options import ConfigError, parse_options
+from factory.core.vocab import SHAPES
+from segmenter.config import SegmenterModelConfig
+from segmenter.model import Segmenter
+from world.backbone import BackboneTrainConfig, BackboneTraining
 from world.generator import GeneratorTrainConfig, GeneratorTraining
 from world.oracle import OracleTrainConfig, OracleTraining
 
-MODELS = {"generator": (GeneratorTrainConfig, GeneratorTraining), "oracle": (OracleTrainConfig, OracleTraining)}
+
+def backbone_training(config: BackboneTrainConfig) -> BackboneTraining:
+    """The `world` segmenter preset's own ResNet, so that its pretrained weights load there unchanged."""
+    preset = SegmenterModelConfig.world(num_labels=len(SHAPES.names) + 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        backbone = Segmenter(preset).backbone
+    return BackboneTraining(config, backbone, preset.backbone_widths[-1])
+
+
+MODELS = {"generator": (GeneratorTrainConfig, GeneratorTraining), "oracle": (OracleTrainConfig, OracleTraining),
+          "backbone": (BackboneTrainConfig, backbone_training)}
 
 
 def train(argv: list[str] | None) -> int:

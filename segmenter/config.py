@@ -127,7 +127,8 @@ class SegmenterTrainConfig(BaseModel):
 
     data: str | None = Field(None, description="synthetic factory dataset: local folder or s3:// prefix")
     real: RealSection | None = Field(None, description="real training images, e.g. {format: voc_aug, root: "
-                                     "VOCdevkit/VOC2012, split: train_aug} (Model-D); unseen-class pixels ignored")
+                                     "VOCdevkit/VOC2012, split: train_aug} (Model-D); unseen-class pixels ignored, "
+                                     "except in the supervised setting (a real-data reference: every class)")
     real_fraction: float | None = Field(
         None, gt=0.0, lt=1.0, description="with both data and real: the share of every batch that is real images "
         "(the rest synthetic); a whole number of each worker's batch_size / num_workers samples")

@@ -32,8 +32,9 @@ The two zero-shot settings refuse synthetic data whose labels of the split's uns
 record, `DatasetSource.supervised_classes`) or whose class lists, which say which images
 show them, came from ground truth (an annotated VOC/COCO source); the inductive setting also
 refuses a set whose prompts named one; both refuse an init checkpoint of another setting or
-split. Real images (Model-D) always have their unseen pixels ignored, never trained as
-background.
+split. Real images (Model-D) have their unseen pixels ignored, never trained as background,
+except in the supervised setting: there they are a real-data reference, every class labelled
+(where synthetic data stands against real, as FreeMask, Yang et al. 2023, reports it).
 
 Rank 0 writes `<out>/last/` (``segmenter.checkpoint``) every `checkpoint_every`
 iterations and at the end; a rerun of the same command resumes from it: weights, optimizer
@@ -191,7 +192,7 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
     vocabulary = (source and source.vocabulary) or real_vocabulary
 
     split = config.split or (source and data_split(source)) or (init and init["split"])
-    if split is None and (config.setting == "inductive" or config.real):
+    if split is None and (config.setting == "inductive" or (config.real and config.setting != "supervised")):
         why = "the inductive setting ignores" if config.setting == "inductive" else "real images ignore"
         raise DatasetError(f"{why} the unseen classes of a split, and none is set: pass --split 1..3")
     if split is not None:
@@ -240,7 +241,8 @@ def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
     if config.real:
         datasets["real"] = real_training_dataset(config.real.format, config.real.root, config.real.split,
                                                  plan.vocabulary.spec(), plan.real_rows, **crop,
-                                                 ignore=plan.unseen_indices(), readers=config.readers)
+                                                 ignore=[] if config.setting == "supervised" else plan.unseen_indices(),
+                                                 readers=config.readers)
     return datasets
 
 

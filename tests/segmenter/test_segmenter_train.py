@@ -208,7 +208,7 @@ def test_real_images_of_seen_classes_ignore_unseen_pixels(voc):
 TEXT_HEAD = {"head": "text", "text_encoder": "tiny"}
 
 
-def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
+def test_plan_inductive_and_model_d(synthetic, voc, tmp_path, monkeypatch):
     plan = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "a"), setting="inductive",
                                                  model=TEXT_HEAD))
     assert plan.split == 1 and plan.synthetic_rows == 12 and plan.unseen_indices() == UNSEEN_1
@@ -221,6 +221,17 @@ def test_plan_inductive_and_model_d(synthetic, voc, tmp_path):
     real = {"format": "voc", "root": str(voc), "split": "train"}
     plan = prepare_training(SegmenterTrainConfig(real=real, split=1, out=str(tmp_path / "d"), batch_size=2))
     assert plan.real_rows == 3 and plan.synthetic_rows == 0 and plan.unseen_indices() == UNSEEN_1
+
+    # Real images ignore the unseen classes' pixels (Model-D), except as the supervised real-data reference.
+    from segmenter import train as segmenter_train
+    ignored = {}
+    monkeypatch.setattr(segmenter_train, "real_training_dataset", lambda *args, ignore, **kwargs: ignored.setdefault(
+        len(ignored), ignore))
+    training_datasets(plan)
+    reference = prepare_training(SegmenterTrainConfig(real=real, setting="supervised", out=str(tmp_path / "s"),
+                                                      batch_size=2))  # needs no split: it ignores nothing
+    training_datasets(reference)
+    assert ignored == {0: UNSEEN_1, 1: []}
 
     real_model = prepare_training(SegmenterTrainConfig(data=synthetic, out=str(tmp_path / "r"),
                                                        model={"preset": "real"})).model
