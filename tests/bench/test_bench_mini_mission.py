@@ -4,6 +4,7 @@ their mean and standard deviation, both background conventions named in the tabl
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -57,3 +58,19 @@ def test_a_protocol_ii_run_keeps_both_conventions(monkeypatch, tmp_path):
     assert protocol_ii(tmp_path, "Model-A", 0, "ck") == {
         IGNORED: {"seen": 70.0, "unseen": 50.0, "harmonic": 58.3}, COUNTED: {"seen": 69.0, "unseen": 49.0,
                                                                            "harmonic": 57.3}}
+
+
+def test_every_segmenter_starts_from_the_pretrained_backbone_on_one_schedule(monkeypatch, tmp_path):
+    configs = {}
+    monkeypatch.setattr(mission, "prepare_segmenter", lambda config: configs.setdefault(config.out, config))
+    monkeypatch.setattr(mission, "run_segmenter", lambda config: type("Summary", (), {"last": config.out + "/last"}))
+    for name in mission.MODELS:
+        mission.train_segmenter(tmp_path, name, 100, 2, init="c/last" if name == "Model-D" else None)
+    by_name = {Path(out).parent.name: config for out, config in configs.items()}
+    assert sorted(by_name) == sorted(name.lower() for name in mission.MODELS)
+    for name, config in by_name.items():
+        assert (config.iterations, config.seed, config.backbone_lr_factor, config.split) == (100, 2, 0.1, 1), name
+        assert config.model.backbone_weights == (None if name == "model-d" else mission.BACKBONE), name
+    assert by_name["real"].data is None and by_name["real"].real.split == "train"
+    assert by_name["real"].setting == by_name["oracle"].setting == "supervised"
+    assert by_name["model-d"].init == "c/last" and by_name["model-d"].real_fraction == 0.5
