@@ -17,7 +17,6 @@ loss plot, samples and a card; ``work`` the resumable state.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,18 +24,10 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm import tqdm
 
-from factory.core.checkpoints import (
-    check_same_run,
-    load_optimizer_state,
-    read_checkpoint_metadata,
-    read_tensors,
-    save_checkpoint,
-)
 from factory.core.devices import pick_device
 from world.draw import SIZE
-from world.utils import TrainingLog, image_grid, write_card
+from world.utils import SteppedTraining, image_grid, write_card
 
 KIND = "world-backbone-training/1"
 WEIGHTS = "model.safetensors"
@@ -138,9 +129,10 @@ class Classifier(nn.Module):
 _RUN_IDENTITY = ("seed", "batch_size", "lr")
 
 
-class BackboneTraining:
+class BackboneTraining(SteppedTraining):
     """``backbone``: the segmenter's own ResNet module (transformers' ResNetBackbone), built by the caller
     from the preset it is for, so that its weights load there unchanged; ``width`` its last stage's channels."""
+    name, kind, identity = "backbone", KIND, _RUN_IDENTITY
 
     def __init__(self, config: BackboneTrainConfig, backbone: nn.Module, width: int):
         self.config, self.device = config, pick_device()
@@ -148,41 +140,12 @@ class BackboneTraining:
             torch.manual_seed(config.seed)
             self.model = Classifier(backbone, width).to(self.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=1e-4)
-        self.step, self.log = 0, TrainingLog()
-        if (Path(config.work) / "checkpoint.json").exists():
-            metadata = read_checkpoint_metadata(config.work, KIND)
-            check_same_run(config.work, metadata["config"], config.model_dump(), _RUN_IDENTITY)
-            self.model.load_state_dict(read_tensors(config.work, metadata, "model"))
-            load_optimizer_state(config.work, self.optimizer, metadata)
-            self.step, self.log = metadata["step"], TrainingLog(metadata["log"], metadata.get("seconds", 0.0))
+        self.resume()
 
-    def run(self) -> "BackboneTraining":
-        config, started = self.config, time.monotonic()
-        self.model.train()
-        bar = tqdm(total=config.steps, initial=self.step, desc="backbone", unit="step")
-        while self.step < config.steps:
-            pixels, labels = batch(config.seed, self.step, config.batch_size)
-            scale = min(1.0, (self.step + 1) / 100) * (0.1 if self.step >= 0.75 * config.steps else 1.0)
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.lr * scale
-            loss = nn.functional.binary_cross_entropy_with_logits(self.model(pixels.to(self.device)),
-                                                                  labels.to(self.device))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            self.log.add("backbone", self.step, loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{self.log.recent('backbone'):.3f}")
-            if self.step % config.save_every == 0 or self.step == config.steps:
-                save_checkpoint(config.work, KIND, self.step, self.model, self.optimizer,
-                                {"step": self.step, "log": self.log.records, "seconds": self.log.seconds,
-                                 "config": config.model_dump()})
-                self.export()
-                self.model.train()
-        bar.close()
-        self.minutes = (time.monotonic() - started) / 60
-        return self
+    def loss(self, step: int) -> torch.Tensor:
+        pixels, targets = batch(self.config.seed, step, self.config.batch_size)
+        return nn.functional.binary_cross_entropy_with_logits(self.model(pixels.to(self.device)),
+                                                              targets.to(self.device))
 
     @torch.no_grad()
     def accuracy(self) -> float:

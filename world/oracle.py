@@ -11,7 +11,6 @@ continues from it; ``out`` receives ``model.safetensors`` (what recipes name as
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,15 +18,7 @@ import safetensors.torch
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torchvision.ops import masks_to_boxes
-from tqdm import tqdm
 
-from factory.core.checkpoints import (
-    check_same_run,
-    load_optimizer_state,
-    read_checkpoint_metadata,
-    read_tensors,
-    save_checkpoint,
-)
 from factory.core.conventions import SMALL
 from factory.core.devices import pick_device
 from factory.core.vocab import SHAPES
@@ -36,7 +27,7 @@ from factory.detection.maskrcnn import MaskRCNNDetector, label_count, small_mask
 from world.benchmark import benchmark_draws
 from world.draw import SIZE, draw
 from world.evaluate import OracleQuality, oracle_quality
-from world.utils import TrainingLog, class_draws, image_grid, write_card
+from world.utils import SteppedTraining, class_draws, image_grid, write_card
 
 KIND = "world-oracle-training/1"
 WEIGHTS = "model.safetensors"
@@ -91,7 +82,9 @@ def load_oracle(weights: str, score_threshold: float = 0.5, device: torch.device
 _RUN_IDENTITY = ("seed", "batch_size", "lr", "two_objects")
 
 
-class OracleTraining:
+class OracleTraining(SteppedTraining):
+    name, kind, identity, clip = "oracle", KIND, _RUN_IDENTITY, 10.0
+
     def __init__(self, config: OracleTrainConfig):
         self.config = config
         self.device = pick_device()
@@ -99,46 +92,13 @@ class OracleTraining:
             torch.manual_seed(config.seed)
             self.model = small_maskrcnn(label_count(SHAPES), SIZE).to(self.device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.lr, momentum=0.9, weight_decay=1e-4)
-        self.step = 0
-        self.log = TrainingLog()
-        if (Path(config.work) / "checkpoint.json").exists():
-            metadata = read_checkpoint_metadata(config.work, KIND)
-            check_same_run(config.work, metadata["config"], config.model_dump(), _RUN_IDENTITY)
-            self.model.load_state_dict(read_tensors(config.work, metadata, "model"))
-            load_optimizer_state(config.work, self.optimizer, metadata)
-            self.step, self.log = metadata["step"], TrainingLog(metadata["log"], metadata.get("seconds", 0.0))
+        self.resume()
 
-    def run(self) -> "OracleTraining":
-        config, started = self.config, time.monotonic()
-        self.model.train()
-        bar = tqdm(total=config.steps, initial=self.step, desc="oracle", unit="step")
-        while self.step < config.steps:
-            images, targets = training_batch(config.seed, self.step, config.batch_size, config.two_objects)
-            images = [image.to(self.device) for image in images]
-            targets = [{k: v.to(self.device) for k, v in target.items()} for target in targets]
-            # Warm-up, then a step down at 3/4 of the run.
-            scale = min(1.0, (self.step + 1) / 100) * (0.1 if self.step >= 0.75 * config.steps else 1.0)
-            for group in self.optimizer.param_groups:
-                group["lr"] = config.lr * scale
-            losses = self.model(images, targets)
-            loss = sum(losses.values())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 10.0)
-            self.optimizer.step()
-            self.step += 1
-            self.log.add("oracle", self.step, loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{self.log.recent('oracle'):.3f}")
-            if self.step % config.save_every == 0 or self.step == config.steps:
-                save_checkpoint(config.work, KIND, self.step, self.model, self.optimizer,
-                                {"step": self.step, "log": self.log.records, "seconds": self.log.seconds,
-                                 "config": config.model_dump()})
-                self.export()
-                self.model.train()
-        bar.close()
-        self.minutes = (time.monotonic() - started) / 60
-        return self
+    def loss(self, step: int) -> torch.Tensor:
+        images, targets = training_batch(self.config.seed, step, self.config.batch_size, self.config.two_objects)
+        images = [image.to(self.device) for image in images]
+        targets = [{k: v.to(self.device) for k, v in target.items()} for target in targets]
+        return sum(self.model(images, targets).values())
 
     def export(self) -> OracleQuality:
         out = Path(self.config.out)

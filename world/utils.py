@@ -1,5 +1,5 @@
 """Plumbing shared by the mini world's trainers: drawn class choices, EMA, the loss log and its
-plot, image grids, the model card."""
+plot, a resumable run of optimizer steps, image grids, the model card."""
 
 from __future__ import annotations
 
@@ -14,6 +14,15 @@ import torch
 from PIL import Image, ImageDraw
 from torch import nn
 
+from tqdm import tqdm
+
+from factory.core.checkpoints import (
+    check_same_run,
+    load_optimizer_state,
+    read_checkpoint_metadata,
+    read_tensors,
+    save_checkpoint,
+)
 from factory.core.conventions import PROMPT_ONE, PROMPT_TWO
 from factory.core.vocab import SHAPES
 
@@ -96,6 +105,63 @@ class TrainingLog:
         fig.tight_layout()
         fig.savefig(path, dpi=90)
         plt.close(fig)
+
+
+class SteppedTraining:
+    """A resumable run of ``config.steps`` optimizer steps of one model (the oracle, the backbone): the rate
+    warms up over 100 steps and drops 10x for the last quarter; every ``config.save_every`` steps and at the
+    end, a checkpoint in ``config.work`` and ``export()``. A subclass sets ``name``, ``kind`` (the checkpoint's),
+    ``identity`` (config fields that make another run), ``clip`` (max gradient norm, or None) and, before
+    ``resume()``, ``config``, ``model`` and ``optimizer``; it gives ``loss(step)`` and ``export()``."""
+    name: str
+    kind: str
+    identity: tuple[str, ...]
+    clip: float | None = None
+
+    def resume(self) -> None:
+        """From the checkpoint in ``config.work``, when there is one of the same run."""
+        work = self.config.work
+        self.step, self.log = 0, TrainingLog()
+        if (Path(work) / "checkpoint.json").exists():
+            metadata = read_checkpoint_metadata(work, self.kind)
+            check_same_run(work, metadata["config"], self.config.model_dump(), self.identity)
+            self.model.load_state_dict(read_tensors(work, metadata, "model"))
+            load_optimizer_state(work, self.optimizer, metadata)
+            self.step, self.log = metadata["step"], TrainingLog(metadata["log"], metadata.get("seconds", 0.0))
+
+    def run(self):
+        config, started = self.config, time.monotonic()
+        self.model.train()
+        bar = tqdm(total=config.steps, initial=self.step, desc=self.name, unit="step")
+        while self.step < config.steps:
+            scale = min(1.0, (self.step + 1) / 100) * (0.1 if self.step >= 0.75 * config.steps else 1.0)
+            for group in self.optimizer.param_groups:
+                group["lr"] = config.lr * scale
+            loss = self.loss(self.step)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.clip is not None:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.optimizer.step()
+            self.step += 1
+            self.log.add(self.name, self.step, loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{self.log.recent(self.name):.3f}")
+            if self.step % config.save_every == 0 or self.step == config.steps:
+                save_checkpoint(config.work, self.kind, self.step, self.model, self.optimizer,
+                                {"step": self.step, "log": self.log.records, "seconds": self.log.seconds,
+                                 "config": config.model_dump()})
+                self.export()
+                self.model.train()
+        bar.close()
+        self.minutes = (time.monotonic() - started) / 60
+        return self
+
+    def loss(self, step: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self) -> None:
+        raise NotImplementedError
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
