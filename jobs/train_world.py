@@ -20,6 +20,7 @@ from factory.core.cli import run_job
 from factory.core.options import ConfigError, parse_options
 from factory.core.vocab import SHAPES
 from segmenter.config import SegmenterModelConfig
+from segmenter.data import normalize
 from segmenter.model import Segmenter
 from world.backbone import BackboneTrainConfig, BackboneTraining
 from world.generator import GeneratorTrainConfig, GeneratorTraining
@@ -32,7 +33,7 @@ def backbone_training(config: BackboneTrainConfig) -> BackboneTraining:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         backbone = Segmenter(preset).backbone
-    return BackboneTraining(config, backbone, preset.backbone_widths[-1])
+    return BackboneTraining(config, backbone, preset.backbone_widths[-1], normalize)
 
 
 MODELS = {"generator": (GeneratorTrainConfig, GeneratorTraining), "oracle": (OracleTrainConfig, OracleTraining),

@@ -17,6 +17,7 @@ loss plot, samples and a card; ``work`` the resumable state.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,24 +94,16 @@ def draw_pretraining(labels: list[int], seed: int) -> np.ndarray:
     return np.clip(image, 0, 255).round().astype(np.uint8)
 
 
-def batch(seed: int, step: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (size, 3, 64, 64) normalised as the segmenter normalises its inputs, and (size, 20) targets: which
-    classes each shows; a function of (seed, step) alone, so a resumed run draws what it would have. Held-out
-    drawings use negative steps."""
+def batch(seed: int, step: int, size: int) -> tuple[np.ndarray, torch.Tensor]:
+    """uint8 images (size, 64, 64, 3) and (size, 20) targets: which classes each shows; a function of (seed, step)
+    alone, so a resumed run draws what it would have. Held-out drawings use negative steps."""
     rng = np.random.default_rng([seed, step + 2**31])
     images, targets = [], torch.zeros(size, len(CLASSES))
     for i in range(size):
         labels = rng.choice(len(CLASSES), size=int(rng.integers(1, 4)), replace=False)
         images.append(draw_pretraining([int(k) for k in labels], int(rng.integers(2**31))))
         targets[i, labels] = 1.0
-    return normalise(np.stack(images)), targets
-
-
-def normalise(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W), ImageNet's mean and std, as MaskFormer's image processor."""
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
-    return (pixels - mean[:, None, None]) / std[:, None, None]
+    return np.stack(images), targets
 
 
 class Classifier(nn.Module):
@@ -131,11 +124,14 @@ _RUN_IDENTITY = ("seed", "batch_size", "lr")
 
 class BackboneTraining(SteppedTraining):
     """``backbone``: the segmenter's own ResNet module (transformers' ResNetBackbone), built by the caller
-    from the preset it is for, so that its weights load there unchanged; ``width`` its last stage's channels."""
+    from the preset it is for, so that its weights load there unchanged; ``width`` its last stage's channels;
+    ``normalize``: the segmenter's input normalisation, uint8 (N, H, W, 3) -> float (N, 3, H, W), so that the
+    backbone learns on inputs as the segmenter will give them."""
     name, kind, identity = "backbone", KIND, _RUN_IDENTITY
 
-    def __init__(self, config: BackboneTrainConfig, backbone: nn.Module, width: int):
-        self.config, self.device = config, pick_device()
+    def __init__(self, config: BackboneTrainConfig, backbone: nn.Module, width: int,
+                 normalize: Callable[[torch.Tensor], torch.Tensor]):
+        self.config, self.device, self.normalize = config, pick_device(), normalize
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             self.model = Classifier(backbone, width).to(self.device)
@@ -143,9 +139,12 @@ class BackboneTraining(SteppedTraining):
         self.resume()
 
     def loss(self, step: int) -> torch.Tensor:
-        pixels, targets = batch(self.config.seed, step, self.config.batch_size)
-        return nn.functional.binary_cross_entropy_with_logits(self.model(pixels.to(self.device)),
+        images, targets = batch(self.config.seed, step, self.config.batch_size)
+        return nn.functional.binary_cross_entropy_with_logits(self.model(self._pixels(images)),
                                                               targets.to(self.device))
+
+    def _pixels(self, images: np.ndarray) -> torch.Tensor:
+        return self.normalize(torch.from_numpy(images).to(self.device))
 
     @torch.no_grad()
     def accuracy(self) -> float:
@@ -154,8 +153,8 @@ class BackboneTraining(SteppedTraining):
         self.model.eval()
         right, n, step = 0, 0, -1
         while n < self.config.eval_images:
-            pixels, targets = batch(self.config.seed, step, min(256, self.config.eval_images - n))
-            found = self.model(pixels.to(self.device)).sigmoid().cpu() > 0.5
+            images, targets = batch(self.config.seed, step, min(256, self.config.eval_images - n))
+            found = self.model(self._pixels(images)).sigmoid().cpu() > 0.5
             right += int((found == targets.bool()).all(dim=1).sum())
             n, step = n + len(targets), step - 1
         return right / n

@@ -21,6 +21,7 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from factory.core.conventions import TINY
+from factory.core.devices import pick_dtype
 from factory.core.storage import local_copy
 from factory.diffusion.families import FAMILIES, FLUX, SD, SD3, SDXL, Family, read_generator
 from factory.diffusion.schedulers import make_scheduler
@@ -54,12 +55,15 @@ def sdxl_unet() -> UNet2DConditionModel:
         projection_class_embeddings_input_dim=2816)  # pooled text (1280) + six size ids of 256
 
 
-def load_pipeline(source: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+def load_pipeline(source: str, device: torch.device | str = "cpu", dtype: torch.dtype | str = torch.float32,
                   scheduler: str = "ddim", lora: str | None = None) -> DiffusionPipeline:
     """The tiny pipeline, or a saved one of any family by model id, local folder or s3:// prefix; with
-    ``lora`` (a diffusers LoRA .safetensors file, local or s3://) fused into its denoiser."""
+    ``lora`` (a diffusers LoRA .safetensors file, local or s3://) fused into its denoiser. ``dtype``: a torch
+    dtype, or a recipe's name for one ("auto": the family's on a GPU, ``pick_dtype``)."""
     # 1. The pipeline of the family its model_index.json names.
     family = read_generator(source).family
+    if isinstance(dtype, str):
+        dtype = pick_dtype(dtype, torch.device(device), family.gpu_dtype)
     if source == TINY:
         pipe = tiny_pipeline().to(dtype=dtype)
     else:

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from factory.core.devices import pick_device, pick_dtype
+from factory.core.devices import pick_device
 from factory.core.loading import load_with_retries
 from factory.dataset.codec import objects
 from factory.diffusion.daam import CrossAttentionRecorder
-from factory.diffusion.families import read_generator
 from factory.diffusion.fast import apply_fast_paths
 from factory.diffusion.features import FeatureCapture, fp16_array
 from factory.diffusion.pipelines import decode, denoise, load_pipeline
@@ -26,10 +25,9 @@ def load_generator(config: GeneratorConfig, fast: FastConfig | None, load_attemp
                    device: torch.device | None = None) -> DiffusionPipeline:
     """The recipe's generator on this actor's device, its sampler, LoRA and fast paths set."""
     device, fast = device or pick_device(), fast or FastConfig()
-    dtype = pick_dtype(config.dtype, device, read_generator(config.model).family.gpu_dtype)
 
     def load() -> DiffusionPipeline:
-        pipe = load_pipeline(config.model, device, dtype, config.scheduler, config.lora)
+        pipe = load_pipeline(config.model, device, config.dtype, config.scheduler, config.lora)
         return apply_fast_paths(pipe, attention=fast.attention, channels_last=fast.channels_last,
                                 compile=fast.compile)
 
