@@ -63,6 +63,8 @@ from world.benchmark import write_benchmark
 SPLIT = 1
 FOUND_IOU = 0.5  # a present class counts as found when its label-map region overlaps the truth this much
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)
+# An absent class that shares a word with a present one ("red disc" beside a "red square") or none.
+NEARNESS = ("sharing", "apart")
 KINDS = {"seen": set(SHAPES.seen(SPLIT)), "unseen": set(SHAPES.unseen(SPLIT))}
 
 
@@ -105,8 +107,8 @@ def score_annotation(dataset: str, root: Path, lists: dict[str, list[str]]) -> d
     source = DatasetSource.open(dataset)
     with_presence = source.has_column("presence")  # a module without a presence head records none
     rows = source.read(["source_image", "classes", "label", *(["presence"] if with_presence else [])]).to_pylist()
-    counts = {kind: {"absent_images": 0, "absent_masked": 0, "present": 0, "found": 0, "tp": 0, "fp": 0, "fn": 0}
-              for kind in KINDS}
+    counts = {kind: {"absent_images": 0, "absent_masked": 0, "present": 0, "found": 0, "tp": 0, "fp": 0, "fn": 0,
+                     **{f"absent_{near}_{n}": 0 for near in NEARNESS for n in ("images", "masked")}} for kind in KINDS}
     pixels: dict[str, list[int]] = {}  # present class -> [intersection, union]
     scores: dict[str, list[tuple[float, bool]]] = {kind: [] for kind in KINDS}  # (presence score, in the image)
     for row in rows:
@@ -119,8 +121,11 @@ def score_annotation(dataset: str, root: Path, lists: dict[str, list[str]]) -> d
             if with_presence:
                 scores[kind].append((row["presence"][k], name in there))
             if name not in there:
+                near = "sharing" if set(_words(name)) & {w for shown in there for w in _words(shown)} else "apart"
                 c["absent_images"] += 1
                 c["absent_masked"] += masked
+                c[f"absent_{near}_images"] += 1
+                c[f"absent_{near}_masked"] += masked
                 c["fp"] += masked
                 continue
             i, u = int((mine & true).sum()), int((mine | true).sum())
@@ -135,11 +140,17 @@ def score_annotation(dataset: str, root: Path, lists: dict[str, list[str]]) -> d
     for kind, c in counts.items():
         ious = [100 * i / u for name, (i, u) in pixels.items() if name in KINDS[kind] and u]
         out[kind] = {**c, "absent_masked_rate": _percent(c["absent_masked"], c["absent_images"]),
+                     **{f"absent_{near}_rate": _percent(c[f"absent_{near}_masked"], c[f"absent_{near}_images"])
+                        for near in NEARNESS},
                      "found_rate": _percent(c["found"], c["present"]),
                      "precision": _percent(c["tp"], c["tp"] + c["fp"]), "recall": _percent(c["tp"], c["tp"] + c["fn"]),
                      "miou_present": float(np.mean(ious)) if ious else None,
                      "sweep": _sweep(scores[kind])}
     return out
+
+
+def _words(name: str) -> list[str]:
+    return SHAPES.lookup(name).natural.split()
 
 
 def _percent(a: int, b: int) -> float | None:
@@ -227,13 +238,16 @@ def seeds_table(report: dict) -> list[str]:
 
 def markdown(report: dict) -> str:
     drawn = ["| Module | Classes | Absent class given a mask | Present classes found (IoU >= 0.5) | "
-             "Presence precision | Presence recall | mIoU of present classes |", "|---|---|---:|---:|---:|---:|---:|"]
+             "Presence precision | Presence recall | mIoU of present classes | Absent masked: shares a word with a "
+             "present class / none |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["drawn"].items():
         for kind in KINDS:
             c = r[kind]
             drawn.append(f"| {name} | {kind} | {cell(c['absent_masked_rate'], 1)}% of {c['absent_images']} | "
                          f"{cell(c['found_rate'], 1)}% of {c['present']} | {cell(c['precision'], 1)} | "
-                         f"{cell(c['recall'], 1)} | {cell(c['miou_present'], 1)} |")
+                         f"{cell(c['recall'], 1)} | {cell(c['miou_present'], 1)} | "
+                         f"{cell(c['absent_sharing_rate'], 1)}% of {c['absent_sharing_images']} / "
+                         f"{cell(c['absent_apart_rate'], 1)}% of {c['absent_apart_images']} |")
     sweep = ["| Module | Classes | Threshold | Absent judged present (%) | Present judged absent (%) |",
              "|---|---|---:|---:|---:|"]
     for name, r in report["drawn"].items():

@@ -166,6 +166,10 @@ class GroundingTrainConfig(BaseModel):
     negatives: float = Field(1.0, ge=0.0, le=1.0, description="share of training samples also asked about one "
                              "trained class they do not name (prompt and text name it; an empty target, presence "
                              "0): the hard negatives of an annotated image's class list")
+    confusable: int = Field(0, ge=0, description="draw each hard negative from the k trained classes whose text "
+                            "embeddings are nearest a class the sample names (those a text most easily confuses); "
+                            "0: from all trained classes. 4 lowered unseen-class presence recall in the mini world "
+                            "(docs/protocol-i.md)")
     classes: Literal["seen", "all"] | list[str] = Field(
         "seen", description="classes trained on: 'seen' of the split, 'all', or a list of names; samples "
         "naming any other class are left out, so unseen classes are never shown")
@@ -173,6 +177,8 @@ class GroundingTrainConfig(BaseModel):
     epochs: int = Field(10, ge=1, description="epochs in all (a resumed run continues up to this)")
     batch_size: int = Field(8, ge=1, description="samples per step over all workers")
     lr: float = Field(1e-4, gt=0.0, description="Adam learning rate")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate: constant (Li et al. "
+                                                   "2023) or a cosine from lr to 0 over the epochs")
     weight_decay: float = Field(1e-4, ge=0.0, description="Adam weight decay")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (data parallel)")
     use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")

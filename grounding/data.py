@@ -104,19 +104,38 @@ def text_class_embeddings(pipe, text: TextConfig, prompts: Sequence[str],
     return class_embeddings(encode_texts(pipe, texts), positions)
 
 
+def confusable_classes(featurizer: Featurizer, vocabulary: Vocabulary, classes: Sequence[str],
+                       prompts: dict[str, str], k: int) -> dict[str, list[str]]:
+    """Each of `classes` -> the `k` others whose class embeddings, each class alone in the set's
+    one-class prompt, are nearest to its own (cosine): the classes a text most easily confuses with
+    it, whose absence is the hardest to tell (in the mini world, a colour or a shape in common)."""
+    words = [[vocabulary.lookup(name).natural] for name in classes]
+    texts = [fill_template(prompts["one"], prompts["two"], w) for w in words]
+    embeddings, _ = text_class_embeddings(featurizer.pipe, featurizer.text, texts, words)
+    unit = torch.nn.functional.normalize(embeddings[:, 0].float(), dim=-1)
+    similarity = (unit @ unit.T).fill_diagonal_(-2.0).cpu()  # never a class's own neighbour
+    order = torch.argsort(similarity, dim=1, descending=True, stable=True)[:, :k]
+    return {name: [classes[j] for j in row] for name, row in zip(classes, order.tolist())}
+
+
 def with_negatives(rows: pa.Table, classes: Sequence[str], vocabulary: Vocabulary, prompts: dict[str, str],
-                   share: float, rng: np.random.Generator) -> pa.Table:
+                   share: float, rng: np.random.Generator,
+                   confusable: dict[str, list[str]] | None = None) -> pa.Table:
     """Hard negatives for the presence head: each row, with probability `share`, is also asked about
     one of `classes` that it does not name, at a random place in its class list, as an annotated
-    image is asked about every class of a user's list. The prompt is made again from the set's
-    templates (`prompts`: its recipe's one/two), so that latent-mode U-Net features, recomputed
-    from it, are conditioned on the added class as an annotated image's are; its mask is empty
-    and it is not found (a target of the presence loss only)."""
+    image is asked about every class of a user's list. With `confusable` (``confusable_classes``)
+    that class is one of a named class's nearest, where there is one; otherwise any. The prompt is
+    made again from the set's templates (`prompts`: its recipe's one/two), so that latent-mode U-Net
+    features, recomputed from it, are conditioned on the added class as an annotated image's are;
+    its mask is empty and it is not found (a target of the presence loss only)."""
     if not share:
         return rows
     out = rows.to_pylist()
     for row in out:
         others = [name for name in classes if name not in row["classes"]]
+        if confusable:
+            near = {n for named in row["classes"] for n in confusable.get(named, ())}
+            others = [name for name in others if name in near] or others
         if rng.random() >= share or not others or len(row["classes"]) >= MAX_CLASSES:
             continue
         added = vocabulary.lookup(others[rng.integers(len(others))])

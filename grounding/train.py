@@ -40,7 +40,8 @@ from grounding.checkpoint import (
     save_grounding_checkpoint,
 )
 from grounding.config import RUN_IDENTITY, GroundingTrainConfig, grounding_model_config
-from grounding.data import DatasetError, Featurizer, TripletSource, in_validation, with_negatives
+from grounding.data import (DatasetError, Featurizer, TripletSource, confusable_classes, in_validation,
+                            with_negatives)
 from grounding.losses import grounding_loss, presence_loss
 from grounding.metrics import IoUCounts, PresenceCounts, count_batch
 from grounding.model import GroundingModule
@@ -198,6 +199,7 @@ class WorkerData:
     source: TripletSource
     featurizer: Featurizer
     classes: list[str]  # trained on
+    confusable: dict[str, list[str]] | None  # the classes hard negatives are drawn from, per named class
     train_rows: pa.Table
     val_rows: pa.Table
     steps_rows: int  # rows every worker trains on per epoch (a shorter share wraps: equal step counts)
@@ -214,7 +216,9 @@ def load_data(config: GroundingTrainConfig, worker_config: dict, rank: int, worl
     shares += [TripletSource.open(uri).take(rows[rank::world], source.columns)
                for uri, rows in zip(config.mix or [], worker_config["mix_rows"])]
     rows = len(worker_config["train_rows"]) + sum(map(len, worker_config["mix_rows"]))
-    return WorkerData(source, featurizer, worker_config["classes"], pa.concat_tables(shares),
+    confusable = (confusable_classes(featurizer, source.vocabulary, worker_config["classes"],
+                                     source.recipe["prompts"], config.confusable) if config.confusable else None)
+    return WorkerData(source, featurizer, worker_config["classes"], confusable, pa.concat_tables(shares),
                       val_source.take(worker_config["val_rows"][rank::world], source.columns),
                       math.ceil(rows / world), config.batch_size // world)
 
@@ -237,6 +241,14 @@ def setup_module(config: GroundingTrainConfig, data: WorkerData, rank: int, devi
     return module, optimizer, {"start": saved["epoch"] + 1, "best": saved["best"], "history": saved["history"]}
 
 
+def set_learning_rate(optimizer: torch.optim.Optimizer, config: GroundingTrainConfig, epochs_done: float) -> None:
+    """`config.lr`, constant or on a cosine from it to 0 over all epochs (a function of progress alone,
+    so a resumed run continues the same curve)."""
+    factor = 0.5 * (1 + math.cos(math.pi * epochs_done / config.epochs)) if config.schedule == "cosine" else 1.0
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * factor
+
+
 def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: WorkerData,
                     config: GroundingTrainConfig, epoch: int, rank: int, device: torch.device) -> float:
     """One pass over the worker's share, in an order of its own; the mean loss over all workers."""
@@ -248,8 +260,9 @@ def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, da
     share = config.negatives if config.model.presence != "none" else 0.0  # only a presence head learns from them
     source = data.source
     for i in range(0, data.steps_rows, data.batch_size):
+        set_learning_rate(optimizer, config, epoch - 1 + i / data.steps_rows)
         rows = with_negatives(data.train_rows.take(order[i:i + data.batch_size]), data.classes, source.vocabulary,
-                              source.recipe["prompts"], share, negatives)
+                              source.recipe["prompts"], share, negatives, data.confusable)
         batch = data.featurizer(rows)
         logits, presence = model(batch.features, batch.class_embeddings, batch.class_mask, with_presence=True)
         loss = grounding_loss(logits, batch.targets, batch.valid, config.loss, batch.ignore)

@@ -83,6 +83,9 @@ def test_the_shipped_module_gives_an_absent_class_no_mask(tmp_path):
     for kind in KINDS:
         c = scores[kind]
         assert c["tp"] + c["fn"] == c["present"] and c["fp"] == c["absent_masked"]
+        # every absent class either shares a word with a class the image shows or none
+        assert c["absent_sharing_images"] + c["absent_apart_images"] == c["absent_images"]
+        assert c["absent_sharing_masked"] + c["absent_apart_masked"] == c["absent_masked"]
     masked = sum(scores[kind]["absent_masked"] for kind in KINDS)
     found = sum(scores[kind]["found"] for kind in KINDS) / sum(scores[kind]["present"] for kind in KINDS)
     assert masked <= 13 and found >= 0.8, scores

@@ -20,6 +20,7 @@ import torch
 
 from factory.core.checkpoints import CheckpointError, load_optimizer_state
 from factory.core.conventions import IGNORE
+from factory.core.options import fill_template
 from factory.core.storage import open_location
 from factory.core.vocab import VOC
 from factory.dataset.batch import SampleLabels, attach_labels
@@ -34,6 +35,7 @@ from factory.pipeline.manifest import build_manifest
 from factory.pipeline.pipeline import prepare_build
 from factory.pipeline.recipe import load_recipe
 from grounding import data as grounding_data
+from grounding import train as grounding_train
 from grounding.checkpoint import load_grounding_checkpoint, resume_point, save_grounding_checkpoint
 from grounding.config import GroundingModelConfig, GroundingTrainConfig, TextConfig
 from grounding.data import DatasetError, Featurizer, TripletSource
@@ -142,6 +144,48 @@ def test_hard_negatives_name_a_class_the_sample_lacks(latent_set):
     batch = Featurizer(source, TextConfig())(more)
     negative = ~batch.present & batch.class_mask
     assert negative.sum() == 4 and not batch.valid[negative].any() and not batch.targets[negative].any()
+
+
+def test_confusable_negatives_are_a_named_class_nearest(latent_set):
+    """confusable_classes ranks the other trained classes by text-embedding cosine; with_negatives
+    then asks each sample about one of its named classes' nearest, never a class it names."""
+    source = TripletSource.open(str(latent_set))
+    featurizer = Featurizer(source, TextConfig())
+    trained = ["dog", "cat", "bus", "sheep", "train", "bird"]
+    near = grounding_data.confusable_classes(featurizer, VOC, trained, source.recipe["prompts"], 2)
+    assert near == grounding_data.confusable_classes(featurizer, VOC, trained, source.recipe["prompts"], 2)
+    assert set(near) == set(trained)
+    assert all(len(set(others)) == 2 and name not in others and set(others) <= set(trained)
+               for name, others in near.items())
+    words = [[VOC.lookup(name).natural] for name in trained]
+    texts = [fill_template(source.recipe["prompts"]["one"], source.recipe["prompts"]["two"], w) for w in words]
+    unit = torch.nn.functional.normalize(grounding_data.text_class_embeddings(
+        featurizer.pipe, featurizer.text, texts, words)[0][:, 0], dim=-1)
+    cosine = unit @ unit.T
+    for i, name in enumerate(trained):  # the two kept are the two nearest
+        kept = min(cosine[i, trained.index(other)] for other in near[name])
+        assert all(cosine[i, j] <= kept for j in range(len(trained)) if j != i and trained[j] not in near[name])
+
+    rows = source.take([0, 1, 2, 3], source.columns)
+    more = grounding_data.with_negatives(rows, trained, VOC, source.recipe["prompts"], 1.0,
+                                         np.random.default_rng(0), near)
+    for before, after in zip(rows.to_pylist(), more.to_pylist()):
+        added = [name for name in after["classes"] if name not in before["classes"]]
+        pool = {n for named in before["classes"] for n in near.get(named, ())} - set(before["classes"])
+        assert len(added) == 1 and added[0] in (pool or set(trained))
+
+
+@pytest.mark.parametrize("schedule, expected", [("constant", [1e-3, 1e-3, 1e-3]), ("cosine", [1e-3, 5e-4, 0.0])])
+def test_learning_rate_schedule(schedule, expected):
+    """The rate at the start, halfway and the end of training: a function of progress alone, so a
+    resumed run continues the same curve."""
+    config = GroundingTrainConfig(data="d", out="o", epochs=4, lr=1e-3, schedule=schedule)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    rates = []
+    for done in (0.0, 2.0, 4.0):
+        grounding_train.set_learning_rate(optimizer, config, done)
+        rates.append(optimizer.param_groups[0]["lr"])
+    assert rates == pytest.approx(expected, abs=1e-12)
 
 
 def test_featurizer_tensors_mode_decodes_manifest_shapes(tensors_set):
