@@ -10,8 +10,8 @@ mission trains it) and from the pretrained one (at the paper's 0.1 backbone fact
 compared with one thing changed), each with --seeds seeds on one schedule, scored on the 500 drawn
 benchmark val images (Protocol-II's split 1 columns, both background conventions). The same
 images, iterations, batch, crops and learning rate for all; only the backbone's start (and factor) differ.
---repeat trains the pretrained start's seed 0 once more into <work>/repeat: what a seed fixes (the
-initial weights; crops, flips, jitter and the data order are drawn unseeded, segmenter/data.py).
+--repeat trains the pretrained start's seed 0 once more into <work>/repeat: a seed fixes the initial
+weights, the data order and every crop, flip and jitter (segmenter/data.py), so the two should agree.
 Results: <work>/report.md and report.json; --publish writes the report as a docs page.
 """
 
@@ -63,7 +63,7 @@ def markdown(report: dict) -> str:
         first, again = report["results"]["pretrained"]["runs"][0][ignored], report["repeat"][ignored]
         lines += ["", "The pretrained start's seed 0 trained again, the same command (bg ignored, seen / unseen / "
                   f"harmonic): {_figures(first)} the first time, {_figures(again)} the second. A seed fixes the "
-                  "initial weights only; crops, flips, colour jitter and the data order are drawn unseeded."]
+                  "initial weights, the data order and every crop, flip and colour jitter; one training worker."]
     lines += ["", "What it does not show: one schedule and one set size; whether the gap stays at the mission's "
               "longer schedules, or on synthetic sets and for zero-shot (unseen) classes, which these runs were "
               "trained on; the backbone's task is drawings of 20 other classes, not ImageNet.", "",

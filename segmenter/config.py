@@ -157,7 +157,7 @@ class SegmenterTrainConfig(BaseModel):
     mixed_precision: bool = Field(True, description="autocast on CUDA: bf16 where supported, else fp16")
     checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints to <out>/last")
     log_every: int = Field(50, ge=1, description="iterations between log lines (loss, it/s)")
-    seed: int = Field(0, ge=0, description="model initialisation")
+    seed: int = Field(0, ge=0, description="initial weights, data order and every crop (docs/protocol-ii.md, Seeds)")
 
     @model_validator(mode="after")
     def _consistent(self) -> SegmenterTrainConfig:

@@ -12,8 +12,15 @@ Both go through the same transform in Ray Data tasks: random resized crop to the
 horizontal flip, colour jitter; label maps by nearest neighbour, so their values (and 255)
 stay as they are. Rows come out as {"image": uint8 (S, S, 3), "label": uint8 (S, S)}:
 normalisation (`normalize`) happens on the training device, so a quarter of the bytes
-travel. Augmentation draws from fresh entropy in every call: Ray Data's tasks have no
-stable identity to seed from, and training needs no bit-exact crops.
+travel.
+
+Everything random comes from the run's seed, so that a run given its seed reads the same
+batches twice: the datasets hold every pass the run needs, each pass's file (or sample) order
+drawn from (seed, pass); a row's crop, flip and jitter from (seed, pass, the row's identity:
+its sample id, or its position in a real list), not from where it falls; Ray Data keeps that
+order (`preserve_order`), and each worker's local shuffle is seeded. With one training worker the
+batches are the same on every run; with several, Ray Data hands blocks to whichever worker
+asks first, so which worker trains on which rows is not.
 
 Ignoring classes (`ignore_classes`, pixels to 255) is how unseen classes stay out of
 training: the inductive setting does it to synthetic labels, Model-D to real ones.
@@ -21,11 +28,14 @@ training: the inductive setting does it to synthetic labels, Model-D to real one
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import math
 from collections.abc import Container, Iterator
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import torch
@@ -35,7 +45,6 @@ from torch import Tensor
 from factory.core.storage import first_line
 from factory.core.vocab import Vocabulary
 from factory.dataset.codec import decode_image, decode_label
-from factory.dataset.reader import read_dataset
 from factory.dataset.real import ignore_classes, real_dataset, voc_val_overlap
 from factory.dataset.source import DatasetError, DatasetSource
 from segmenter.config import RealSection, SegmenterTrainConfig
@@ -46,6 +55,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 ASPECT_RATIOS = (3 / 4, 4 / 3)  # of the random resized crop, as torchvision's
 JITTER = 0.4  # brightness, contrast and saturation factors from [0.6, 1.4], as ColorJitter(0.4, 0.4, 0.4)
 ROWS_PER_CALL = 16
+MAX_BLOCKS = 1000  # of the item lists below: a small set trained long makes many passes, each block one object
 SHUFFLE_BUFFER = 64  # rows each worker shuffles locally, on top of the per-pass file/sample order
 
 
@@ -98,59 +108,86 @@ def normalize(images: Tensor) -> Tensor:
     return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
 
 
-def _transformed(pairs, crop_size: int, crop_scale: tuple[float, float], ignore: list[int]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng()
-    images, labels = [], []
-    for image, label in pairs:
-        image, label = train_transform(image, ignore_classes(label, ignore), size=crop_size, scale=crop_scale,
-                                       rng=rng)
-        images.append(image)
-        labels.append(label)
-    return {"image": np.stack(images), "label": np.stack(labels)}
+@dataclass(frozen=True)
+class Augment:
+    """The training transform's settings and the run's seed; `ignore`: class indices whose pixels become 255."""
+    crop_size: int
+    crop_scale: tuple[float, float]
+    ignore: list[int]
+    seed: int
+
+    def rng(self, epoch: int, identity: str) -> np.random.Generator:
+        """A row's draws: from the seed, the pass and the row's identity, not its place in a batch."""
+        digest = int.from_bytes(hashlib.sha256(identity.encode()).digest()[:8], "little")
+        return np.random.default_rng([self.seed, epoch, digest])
+
+    def __call__(self, rows) -> dict[str, np.ndarray]:
+        """(image, label, pass, identity) rows -> a training batch."""
+        images, labels = [], []
+        for image, label, epoch, identity in rows:
+            image, label = train_transform(image, ignore_classes(label, self.ignore), size=self.crop_size,
+                                           scale=self.crop_scale, rng=self.rng(epoch, identity))
+            images.append(image)
+            labels.append(label)
+        return {"image": np.stack(images), "label": np.stack(labels)}
 
 
-def transform_synthetic(batch: dict[str, Any], *, crop_size: int, crop_scale: tuple[float, float],
-                        ignore: list[int]) -> dict[str, np.ndarray]:
-    """Ray Data batch of factory rows -> training rows (see the module docstring)."""
-    pairs = ((decode_image(image), decode_label(label)) for image, label in zip(batch["image"], batch["label"]))
-    return _transformed(pairs, crop_size, crop_scale, ignore)
+def pass_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """Pass `epoch`'s order of `n` files or samples, the same on every run of `seed`."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def transform_synthetic(batch: dict[str, np.ndarray], *, fs, augment: Augment) -> Iterator[dict[str, np.ndarray]]:
+    """Ray Data batch of (pass, file) items -> that file's training rows, in chunks (module docstring)."""
+    for epoch, path in zip(batch["pass"], batch["path"]):
+        table = pq.read_table(path, filesystem=fs, columns=["sample_id", "image", "label"])
+        for start in range(0, table.num_rows, ROWS_PER_CALL):
+            chunk = table.slice(start, ROWS_PER_CALL).to_pydict()
+            yield augment((decode_image(image), decode_label(label), int(epoch), sample_id)
+                          for image, label, sample_id in zip(chunk["image"], chunk["label"], chunk["sample_id"]))
 
 
 class RealSamples:
-    """Ray Data actor: batches of sample positions ("id") -> training rows of a real dataset."""
+    """Ray Data actor: batches of (pass, sample position "id") -> training rows of a real dataset."""
 
-    def __init__(self, *, format: str, root: str, split: str, vocabulary: str, crop_size: int,
-                 crop_scale: tuple[float, float], ignore: list[int]):
+    def __init__(self, *, format: str, root: str, split: str, vocabulary: str, augment: Augment):
         self.reader = real_dataset(format, root, split, vocabulary)
-        self.crop_size, self.crop_scale, self.ignore = crop_size, crop_scale, ignore
+        self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        samples = (self.reader[int(i)] for i in batch["id"])
-        return _transformed(((s.image, s.label) for s in samples), self.crop_size, self.crop_scale, self.ignore)
+        samples = ((self.reader[int(i)], int(epoch), str(int(i))) for epoch, i in zip(batch["pass"], batch["id"]))
+        return self.augment((s.image, s.label, epoch, identity) for s, epoch, identity in samples)
 
 
-def synthetic_dataset(source: DatasetSource, *, crop_size: int, crop_scale: tuple[float, float],
-                      ignore: list[int]) -> ray.data.Dataset:
-    """Training rows of a factory dataset; `ignore`: class indices whose pixels become 255."""
-    ds = read_dataset(source, columns=["image", "label"], shuffle_files=True, decode=False)
-    return ds.map_batches(transform_synthetic, batch_size=ROWS_PER_CALL, batch_format="numpy",
-                          fn_kwargs={"crop_size": crop_size, "crop_scale": crop_scale, "ignore": ignore})
+def synthetic_dataset(source: DatasetSource, augment: Augment, passes: range) -> ray.data.Dataset:
+    """Training rows of a factory dataset: each of `passes` reads every file once, in that pass's order."""
+    paths = [source.location.path(path) for path in source.files]
+    items = [{"pass": p, "path": paths[k]} for p in passes for k in pass_order(augment.seed, p, len(paths))]
+    return ray.data.from_items(items, override_num_blocks=min(len(items), MAX_BLOCKS)).map_batches(
+        transform_synthetic, batch_size=1, batch_format="numpy",
+        fn_kwargs={"fs": source.location.fs, "augment": augment})
 
 
-def real_training_dataset(format: str, root: str, split: str, vocabulary: str | dict, size: int, *, crop_size: int,
-                          crop_scale: tuple[float, float], ignore: list[int], readers: int) -> ray.data.Dataset:
-    """Training rows of a real dataset of `size` samples, read by up to `readers` actors.
-
-    The positions are made in the driver and their blocks reordered there on every pass: no
-    task competes with the readers and the training workers for CPUs."""
-    positions = ray.data.from_items([{"id": i} for i in range(size)],
-                                    override_num_blocks=math.ceil(size / ROWS_PER_CALL))
-    return positions.randomize_block_order().map_batches(
+def real_training_dataset(format: str, root: str, split: str, vocabulary: str | dict, size: int, augment: Augment,
+                          passes: range, *, readers: int) -> ray.data.Dataset:
+    """Training rows of a real dataset of `size` samples, each of `passes` in its own order, read by up
+    to `readers` actors. The positions are made in the driver: no task competes with the readers and
+    the training workers for CPUs."""
+    items = [{"pass": p, "id": int(i)} for p in passes for i in pass_order(augment.seed, p, size)]
+    positions = ray.data.from_items(items, override_num_blocks=min(math.ceil(len(items) / ROWS_PER_CALL), MAX_BLOCKS))
+    return positions.map_batches(
         RealSamples, batch_size=ROWS_PER_CALL, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=readers),
         fn_constructor_kwargs={"format": format, "root": root, "split": split, "vocabulary": vocabulary,
-                               "crop_size": crop_size,
-                               "crop_scale": crop_scale, "ignore": ignore})
+                               "augment": augment})
+
+
+def passes_for(rows: int, rows_per_step: int, done: int, steps: int) -> range:
+    """The passes over a dataset of `rows` rows that steps `done + 1 .. steps` read, `rows_per_step`
+    rows each over all workers, and one more for the rows a worker's share leaves short. A resumed
+    run starts at the pass its steps had reached (its batches are not an uninterrupted run's)."""
+    return range(done * rows_per_step // rows, math.ceil(steps * rows_per_step / rows) + 1)
+
 
 
 def real_set_size(real: RealSection) -> tuple[int, Vocabulary]:
@@ -239,23 +276,29 @@ def batch_parts(config: SegmenterTrainConfig, world: int) -> dict[str, int]:
     return {"synthetic": per_worker - real, "real": real}
 
 
-def endless_batches(shard, batch_size: int, name: str, rank: int) -> Iterator[dict]:
-    """Batches of one dataset shard for ever: it is read again, newly shuffled and cropped,
-    whenever it runs out."""
-    while True:
+def endless_batches(shard, batch_size: int, name: str, rank: int, seed: int) -> Iterator[dict]:
+    """Batches of one dataset shard for ever: it holds every pass the run needs, and is read again
+    should a worker's share still run out."""
+    for repeat in itertools.count():
         empty = True
         for batch in shard.iter_torch_batches(batch_size=batch_size, drop_last=True,
-                                              local_shuffle_buffer_size=SHUFFLE_BUFFER):
+                                              local_shuffle_buffer_size=SHUFFLE_BUFFER,
+                                              local_shuffle_seed=hash_seed(seed, rank, repeat)):
             empty = False
             yield batch
         if empty:
             raise DatasetError(f"worker {rank}'s {name} data shard holds fewer than {batch_size} rows")
 
 
-def mixed_batches(shards: dict, parts: dict[str, int], rank: int) -> Iterator[tuple[Tensor, Tensor]]:
+def hash_seed(*parts: int) -> int:
+    """One 32-bit seed from several (Ray Data's local shuffle takes a single integer)."""
+    return int(np.random.default_rng(list(parts)).integers(2**32))
+
+
+def mixed_batches(shards: dict, parts: dict[str, int], rank: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
     """A worker's (images, labels) of every step: `parts[name]` rows of each dataset's shard,
     concatenated in the order of `parts` (the real rows last)."""
-    streams = [endless_batches(shards[name], rows, name, rank) for name, rows in parts.items()]
+    streams = [endless_batches(shards[name], rows, name, rank, seed) for name, rows in parts.items()]
     while True:
         batches = [next(stream) for stream in streams]
         yield tuple(torch.cat([batch[column] for batch in batches]) for column in ("image", "label"))

@@ -63,11 +63,13 @@ from factory.dataset.source import DatasetError, DatasetSource
 from segmenter.checkpoint import load_segmenter_checkpoint, read_segmenter_metadata, save_segmenter_checkpoint
 from segmenter.config import RUN_IDENTITY, SegmenterModelConfig, SegmenterTrainConfig
 from segmenter.data import (
+    Augment,
     batch_parts,
     check_zero_shot,
     data_split,
     mixed_batches,
     normalize,
+    passes_for,
     real_set_size,
     real_training_dataset,
     synthetic_dataset,
@@ -233,16 +235,24 @@ def prepare_training(config: SegmenterTrainConfig) -> TrainingPlan:
 def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
     """The Ray Train datasets: "synthetic" and/or "real" training rows."""
     config = plan.config
-    crop = {"crop_size": config.crop_size, "crop_scale": config.crop_scale}
+    parts = batch_parts(config, config.num_workers)
+
+    def augment(ignore: list[int]) -> Augment:
+        return Augment(config.crop_size, config.crop_scale, ignore, config.seed)
+
+    def passes(name: str, rows: int) -> range:
+        return passes_for(rows, parts[name] * config.num_workers, plan.done_iterations, config.iterations)
+
     datasets = {}
     if config.data:
         ignore = plan.unseen_indices() if config.setting == "inductive" else []
-        datasets["synthetic"] = synthetic_dataset(DatasetSource.open(config.data), **crop, ignore=ignore)
+        datasets["synthetic"] = synthetic_dataset(DatasetSource.open(config.data), augment(ignore),
+                                                  passes("synthetic", plan.synthetic_rows))
     if config.real:
+        ignore = [] if config.setting == "supervised" else plan.unseen_indices()
         datasets["real"] = real_training_dataset(config.real.format, config.real.root, config.real.split,
-                                                 plan.vocabulary.spec(), plan.real_rows, **crop,
-                                                 ignore=[] if config.setting == "supervised" else plan.unseen_indices(),
-                                                 readers=config.readers)
+                                                 plan.vocabulary.spec(), plan.real_rows, augment(ignore),
+                                                 passes("real", plan.real_rows), readers=config.readers)
     return datasets
 
 
@@ -272,7 +282,7 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
         ray.init(ignore_reinit_error=True)
         check_data_cpus(config)
         fit(train_loop_per_worker, plan.worker_config(), num_workers=config.num_workers, use_gpu=config.use_gpu,
-            cpus_per_worker=config.cpus_per_worker, datasets=training_datasets(plan))
+            cpus_per_worker=config.cpus_per_worker, datasets=training_datasets(plan), preserve_order=True)
     return summarize(plan)
 
 
@@ -375,7 +385,7 @@ def train_loop_per_worker(worker_config: dict) -> None:
     trained = ray.train.torch.prepare_model(model)
     autocast, scaler = _mixed_precision(device, config.mixed_precision)
     parts = batch_parts(config, world)
-    batches = mixed_batches({name: ray.train.get_dataset_shard(name) for name in parts}, parts, rank)
+    batches = mixed_batches({name: ray.train.get_dataset_shard(name) for name in parts}, parts, rank, config.seed)
     num_labels = model.config.num_labels
     text_classes = [vocabulary.by_index(i).name for i in model.known_classes] if model.config.head == "text" else None
 

@@ -15,15 +15,19 @@ from factory.core.cluster import cluster_gpus
 
 
 def fit(loop: Callable[[dict], None], worker_config: dict, *, num_workers: int, use_gpu: Literal["auto"] | bool,
-        cpus_per_worker: float = 1.0, datasets: dict | None = None) -> None:
+        cpus_per_worker: float = 1.0, datasets: dict | None = None, preserve_order: bool = False) -> None:
     """`loop(worker_config)` on `num_workers` Ray Train workers, one GPU each when `use_gpu` (or, for
-    "auto", when the cluster ray.init joins has GPUs); returns when training ends."""
+    "auto", when the cluster ray.init joins has GPUs), each reading its shard of `datasets` (in the
+    datasets' order with `preserve_order`); returns when training ends."""
+    data_options = ray.train.DataConfig.default_ingest_options()
+    data_options.preserve_order = data_options.preserve_order or preserve_order
     ray.init(ignore_reinit_error=True)
     gpu = use_gpu if use_gpu != "auto" else cluster_gpus() > 0
     scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                       resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})})
     ray.train.torch.TorchTrainer(loop, train_loop_config=worker_config, scaling_config=scaling,
-                                 datasets=datasets).fit()
+                                 datasets=datasets, dataset_config=ray.train.DataConfig(execution_options=data_options)
+                                 ).fit()
 
 
 def all_reduce_mean(total: float, count: int, device: torch.device) -> float:

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray.data
 import safetensors.torch
 import torch
 import yaml
@@ -38,11 +39,14 @@ from segmenter import text as segmenter_text
 from segmenter.checkpoint import load_segmenter_checkpoint, save_segmenter_checkpoint
 from segmenter.config import SegmenterModelConfig, SegmenterTrainConfig
 from segmenter.data import (
+    Augment,
     RealSamples,
     batch_parts,
     ignore_classes,
     mixed_batches,
     normalize,
+    pass_order,
+    passes_for,
     random_resized_crop,
     train_transform,
     transform_synthetic,
@@ -179,27 +183,51 @@ def test_ignore_classes():
     assert label[0, 2] == 12  # a copy
 
 
-def _synthetic_batch(uri: str) -> dict:
+def _synthetic_rows(uri: str, augment: Augment, epoch: int = 0) -> dict:
+    """transform_synthetic's rows of the set's first file, read in pass `epoch`."""
     source = DatasetSource.open(uri)
-    table = pq.read_table(source.location.path(source.files[0]), columns=["image", "label"])
-    return {name: np.array(table.column(name).to_pylist(), dtype=object) for name in ("image", "label")}
+    item = {"pass": np.array([epoch]), "path": np.array([source.location.path(source.files[0])])}
+    chunks = list(transform_synthetic(item, fs=source.location.fs, augment=augment))
+    return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in ("image", "label")}
 
 
 def test_inductive_ignores_unseen_pixels_and_keeps_samples(synthetic):
-    batch = _synthetic_batch(synthetic)
-    whole = {"crop_size": SIZE, "crop_scale": (1.0, 1.0)}  # the whole image, maybe flipped
-    transductive = transform_synthetic(batch, **whole, ignore=[])
-    inductive = transform_synthetic(batch, **whole, ignore=UNSEEN_1)
-    assert len(inductive["label"]) == len(batch["label"])  # samples are kept
+    whole = (SIZE, (1.0, 1.0))  # the whole image, maybe flipped
+    transductive = _synthetic_rows(synthetic, Augment(*whole, [], seed=0))
+    inductive = _synthetic_rows(synthetic, Augment(*whole, UNSEEN_1, seed=0))
+    source = DatasetSource.open(synthetic)
+    assert len(inductive["label"]) == pq.read_metadata(source.location.path(source.files[0])).num_rows  # all kept
     assert set(np.unique(transductive["label"]).tolist()) == {0, CAT, DOG, 255}
     assert set(np.unique(inductive["label"]).tolist()) == {0, CAT, 255}
     assert (inductive["label"] == 255).sum() == ((transductive["label"] == 255) | (transductive["label"] == DOG)).sum()
 
 
+def test_augmentation_comes_from_the_seed_the_pass_and_the_row():
+    """A row's crop depends on (seed, pass, its identity) only: the same on every run and in any
+    batch, another in the next pass or under another seed."""
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), np.zeros((40, 40), np.uint8), 0, f"id-{k}")
+            for k in range(3)]
+    augment = Augment(16, (0.2, 1.0), [], seed=7)
+    first = augment(rows)["image"]
+    assert np.array_equal(first, augment(rows)["image"])
+    assert np.array_equal(first[::-1], augment(rows[::-1])["image"])  # not its place in the batch
+    assert np.array_equal(first[1], augment(rows[1:2])["image"][0])
+    assert not np.array_equal(first, augment([(i, label, 1, k) for i, label, _, k in rows])["image"])
+    assert not np.array_equal(first, Augment(16, (0.2, 1.0), [], seed=8)(rows)["image"])
+
+
+def test_passes_hold_every_step_a_run_reads():
+    assert passes_for(rows=12, rows_per_step=4, done=0, steps=9) == range(0, 4)  # 36 rows: 3 passes, 1 spare
+    assert passes_for(rows=12, rows_per_step=4, done=6, steps=9) == range(2, 4)  # resumed at step 7 (row 24)
+    assert sorted(pass_order(3, 1, 5)) == list(range(5))
+    assert list(pass_order(3, 1, 50)) == list(pass_order(3, 1, 50)) != list(pass_order(3, 2, 50))
+
+
 def test_real_images_of_seen_classes_ignore_unseen_pixels(voc):
-    reader = RealSamples(format="voc", root=str(voc), split="train", vocabulary="voc", crop_size=SIZE,
-                         crop_scale=(1.0, 1.0), ignore=UNSEEN_1)
-    rows = reader({"id": np.array([0, 2])})
+    reader = RealSamples(format="voc", root=str(voc), split="train", vocabulary="voc",
+                         augment=Augment(SIZE, (1.0, 1.0), UNSEEN_1, seed=0))
+    rows = reader({"pass": np.array([0, 0]), "id": np.array([0, 2])})
     assert rows["image"].shape == (2, SIZE, SIZE, 3) and rows["label"].shape == (2, SIZE, SIZE)
     assert set(np.unique(rows["label"]).tolist()) == {0, CAT, 255}  # the dog is ignored, not background
     assert (rows["label"] == 255).sum() == 2 * (SIZE + 16 * 16)
@@ -225,8 +253,8 @@ def test_plan_inductive_and_model_d(synthetic, voc, tmp_path, monkeypatch):
     # Real images ignore the unseen classes' pixels (Model-D), except as the supervised real-data reference.
     from segmenter import train as segmenter_train
     ignored = {}
-    monkeypatch.setattr(segmenter_train, "real_training_dataset", lambda *args, ignore, **kwargs: ignored.setdefault(
-        len(ignored), ignore))
+    monkeypatch.setattr(segmenter_train, "real_training_dataset", lambda *args, **kwargs: ignored.setdefault(
+        len(ignored), args[5].ignore))
     training_datasets(plan)
     reference = prepare_training(SegmenterTrainConfig(real=real, setting="supervised", out=str(tmp_path / "s"),
                                                       batch_size=2))  # needs no split: it ignores nothing
@@ -378,20 +406,21 @@ def test_real_fraction_sets_every_batch(synthetic, voc, tmp_path):
         def __init__(self, value: int, rows: int):
             self.value, self.rows, self.passes = value, rows, 0
 
-        def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size):
+        def iter_torch_batches(self, batch_size, drop_last, local_shuffle_buffer_size, local_shuffle_seed):
             self.passes += 1
             for _ in range(self.rows // batch_size):
                 yield {"image": torch.zeros(batch_size, 2, 2, 3, dtype=torch.uint8),
                        "label": torch.full((batch_size, 2, 2), self.value, dtype=torch.uint8)}
 
     shards = {"synthetic": Shard(1, 6), "real": Shard(2, 1)}  # a real shard far smaller than the synthetic one
-    steps = mixed_batches(shards, batch_parts(config, 2), rank=0)
+    steps = mixed_batches(shards, batch_parts(config, 2), rank=0, seed=0)
     for _ in range(5):
         images, labels = next(steps)
         assert images.shape == (4, 2, 2, 3) and labels[:, 0, 0].tolist() == [1, 1, 1, 2]
     assert shards["real"].passes == 5 and shards["synthetic"].passes == 3  # each read again as it runs out
     with pytest.raises(DatasetError, match="worker 0's real data shard holds fewer than 1 rows"):
-        next(mixed_batches({"synthetic": Shard(1, 6), "real": Shard(2, 0)}, {"synthetic": 3, "real": 1}, rank=0))
+        next(mixed_batches({"synthetic": Shard(1, 6), "real": Shard(2, 0)}, {"synthetic": 3, "real": 1}, rank=0,
+                           seed=0))
 
 
 def test_recipes_claim_zero_shot_only_on_annotated_sets():
@@ -460,14 +489,27 @@ def test_cli_one_line_errors_before_any_model(tmp_path, synthetic, voc, capsys, 
 
 @pytest.mark.slow
 def test_training_rows_of_synthetic_and_real_images(ray_cluster, synthetic, voc, tmp_path):
+    """Every pass the run reads (3 steps of 2 synthetic and 2 real rows: 2 passes over the 12 synthetic
+    rows, 3 over the 3 real ones), the same rows in the same order when built again."""
     config = SegmenterTrainConfig(data=synthetic, real={"format": "voc", "root": str(voc), "split": "train"},
-                                  real_fraction=0.5, batch_size=4, readers=1, out=str(tmp_path / "ck"), crop_size=16,
-                                  setting="inductive", model=TEXT_HEAD)
-    datasets = training_datasets(prepare_training(config))
-    rows = datasets["synthetic"].take_all() + datasets["real"].take_all()
-    assert len(rows) == 12 + 3
+                                  real_fraction=0.5, batch_size=4, readers=2, out=str(tmp_path / "ck"), crop_size=16,
+                                  setting="inductive", model=TEXT_HEAD, iterations=3)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # as the training workers read them
+    try:
+        runs = [training_datasets(prepare_training(config)) for _ in range(2)]
+        synthetic_rows, real_rows = ([ds[name].take_all() for ds in runs] for name in ("synthetic", "real"))
+    finally:
+        context.execution_options.preserve_order = False
+    assert len(synthetic_rows[0]) == 2 * 12 and len(real_rows[0]) == 3 * 3
+    for first, again in (synthetic_rows, real_rows):
+        assert all(np.array_equal(a["image"], b["image"]) and np.array_equal(a["label"], b["label"])
+                   for a, b in zip(first, again, strict=True))
+    rows = synthetic_rows[0] + real_rows[0]
     assert {r["image"].shape for r in rows} == {(16, 16, 3)} and {r["label"].shape for r in rows} == {(16, 16)}
     assert DOG not in set(np.unique([r["label"] for r in rows]).tolist())
+    # each pass has its own crops: a real image's rows of passes 0, 1, 2 differ
+    assert len({r["image"].tobytes() for r in real_rows[0]}) == 9
 
 
 @pytest.mark.slow
@@ -508,3 +550,23 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     assert "all 3 were already done" in capsys.readouterr().out
     assert (out / "last" / "checkpoint.json").stat().st_mtime_ns == written
     assert "different setting" in _cli_error(capsys, *args, "--iterations", "4", "--setting", "transductive")
+
+
+@pytest.mark.slow
+def test_a_run_given_its_seed_trains_the_same_weights_twice(ray_cluster, synthetic, tmp_path):
+    """One worker: two runs of one seed end with identical weights and losses (docs/protocol-ii.md,
+    "Seeds"; real rows come in the same order too: test_training_rows_of_synthetic_and_real_images)."""
+    def run(out: str) -> tuple[dict, list]:
+        assert train_segmenter.main(["--data", synthetic, "--out", out, "--batch-size", "4",
+                                     "--crop-size", "16", "--iterations", "3", "--log-every", "1", "--seed", "5",
+                                     "--setting", "inductive", *("--model.head", "text", "--model.text-encoder",
+                                                                 "tiny")]) == 0
+        location = Path(out) / "last"
+        weights = safetensors.torch.load_file(location / "model-00000003.safetensors")
+        return weights, [entry["loss"] for entry in json.loads((location / "checkpoint.json").read_text())["log"]]
+
+    weights, losses = run(str(tmp_path / "a"))
+    again, losses_again = run(str(tmp_path / "b"))
+    assert losses == losses_again and weights.keys() == again.keys()
+    assert all(torch.equal(weights[name], again[name]) for name in weights)
+
