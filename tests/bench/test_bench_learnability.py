@@ -27,6 +27,22 @@ def test_unseen_miou_averages_unseen_class_groups_only(monkeypatch):
                              "in neither mean)")
 
 
+def test_spread_over_seeds(monkeypatch):
+    monkeypatch.setattr(learnability, "format_table", lambda results: "")
+
+    def report(seen: float, unseen: float) -> learnability.Report:
+        groups = {"one/seen": seen, "two/seen": seen, "one/unseen": unseen, "two/unseen": unseen,
+                  "two/seen+unseen": 0.0}
+        results = {MODULE: {"splits": {str(SPLIT): {g: {"miou": v} for g, v in groups.items()}}}}
+        return learnability.Report(train=1, val=1, test=1, epochs=1, best_epoch=1, val_miou=0.0, results=results,
+                                   seconds={})
+    lines = learnability.spread([report(90.0, 80.0), report(86.0, 76.0), report(88.0, 72.0)]).splitlines()
+    assert lines[0] == "over 3 seeds (seeds, sets and trainings all differ):"
+    assert lines[1] == "  seen    mean 88.0  sd 2.0  min 86.0  (mean - 3 sd 82.0; runs 90.0, 86.0, 88.0)"
+    assert lines[2] == "  unseen  mean 76.0  sd 4.0  min 72.0  (mean - 3 sd 64.0; runs 80.0, 76.0, 72.0)"
+    assert lines[3] == "  2 of 3 runs pass"  # unseen 72 < 75
+
+
 @pytest.mark.slow
 def test_a_module_trained_on_seen_classes_labels_unseen_ones(tmp_path, ray_cluster):
     report = learnability.run(train=384, val=48, test=96, epochs=16, seed=0, work=tmp_path / "run")
