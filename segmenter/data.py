@@ -189,7 +189,6 @@ def passes_for(rows: int, rows_per_step: int, done: int, steps: int) -> range:
     return range(done * rows_per_step // rows, math.ceil(steps * rows_per_step / rows) + 1)
 
 
-
 def real_set_size(real: RealSection) -> tuple[int, Vocabulary]:
     """The number of a real training set's images and its vocabulary; refuses a list holding VOC val images."""
     try:

@@ -39,20 +39,13 @@ TORCH_COLUMNS = ("sample_id", "index", "image", "label")
 ROWS_PER_DECODE = 16
 
 
-def read_dataset(dataset: str | DatasetSource, *, columns: Sequence[str] | None = None, shuffle_files: bool = False,
-                 decode: bool = True) -> ray.data.Dataset:
-    """The dataset as a `ray.data.Dataset`; `columns` to read only some (all by default).
-
-    `shuffle_files` reorders the files on every pass (training). `decode=False` keeps the
-    image columns as stored ({bytes, path}) for callers that decode inside their own stage."""
+def read_dataset(dataset: str | DatasetSource, *, columns: Sequence[str] | None = None) -> ray.data.Dataset:
+    """The dataset as a `ray.data.Dataset`, images decoded; `columns` to read only some (all by default)."""
     import ray.data
 
     source = open_dataset(dataset)
     paths = [source.location.path(path) for path in source.files]
-    ds = ray.data.read_parquet(paths, filesystem=source.location.fs, columns=list(columns) if columns else None,
-                               shuffle="files" if shuffle_files else None)
-    if not decode:
-        return ds
+    ds = ray.data.read_parquet(paths, filesystem=source.location.fs, columns=list(columns) if columns else None)
     return ds.map_batches(decode_batch, batch_size=ROWS_PER_DECODE, batch_format="numpy")
 
 
