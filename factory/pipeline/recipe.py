@@ -81,6 +81,8 @@ class Recipe(Section):
         "classes, per_class, per_pair, pairs, num_samples, seed, prompts, generator; checked before any model "
         "loads): make exactly the samples it wrote, each with its attempt's seed and its sample id, once and never "
         "replaced, so the images are its images and only the labels differ (an oracle or DAAM set beside a module-labelled one). "
+        "A detector-labelled follower that captures nothing reads those images from the set instead of generating "
+        "them again; the grounding module and DAAM, which read the generator's insides, generate them again. "
         "A class this build's labeler misses keeps its sample with every unclaimed pixel 255, so on_missing "
         "must say so (ignore; the annotator's absent too), not drop; attempts is not used")
     out: str | None = Field(None, min_length=1, description="output folder or s3://bucket/prefix "

@@ -39,6 +39,19 @@ def generate_stage() -> type:
     return GenerateStage
 
 
+def followed_stage() -> type:
+    from factory.pipeline.followed import FollowedImages
+
+    return FollowedImages
+
+
+def reads_followed_images(recipe: Recipe) -> bool:
+    """A follower that labels with a stage of its own and captures nothing reads the followed set's
+    images (``factory.pipeline.followed``) instead of generating them again."""
+    return (recipe.follow is not None and labeler_for(recipe).own_stage and not recipe.source.enabled
+            and recipe.capture.features == "none" and not recipe.capture.attention)
+
+
 def label_stage() -> type:
     from factory.pipeline.label import LabelStage
 
@@ -96,10 +109,14 @@ def model_stages(recipe: Recipe) -> list[StageSpec]:
                             adds=("image", "generate_seconds", *_LABELS))]
     else:
         capture = ("timestep", "latent", "features_<r>", "ufeatures_<r>", "daam")
-        stages = [StageSpec(generate_stage,
+        images = (StageSpec(followed_stage, {"dataset": absolute_model_source(recipe.follow)}, gen.batch_size,
+                            reads=("sample_id",), adds=("image", "generate_seconds"))
+                  if reads_followed_images(recipe) else
+                  StageSpec(generate_stage,
                             {"config": gen, "capture": recipe.capture, "fast": recipe.fast, "load_attempts": attempts},
                             gen.batch_size,
-                            reads=("prompt", "seed", "class_words"), adds=("image", "generate_seconds", *capture)),
+                            reads=("prompt", "seed", "class_words"), adds=("image", "generate_seconds", *capture)))
+        stages = [images,
                   StageSpec(label_stage,
                             {"config": lab, "vocabulary": recipe.vocabulary, "image_size": min(gen.height, gen.width),
                              "load_attempts": attempts}, lab.batch_size,

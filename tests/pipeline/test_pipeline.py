@@ -19,7 +19,8 @@ from factory.dataset.verify import Verifier
 from factory.pipeline.actor import ModelActor, _in_batches
 from factory.pipeline.checks import BuildError
 from factory.pipeline.pipeline import prepare_build, run_build
-from factory.pipeline.stages import StageSpec, model_stages
+from factory.pipeline.followed import FollowedImages
+from factory.pipeline.stages import StageSpec, followed_stage, model_stages
 from factory.pipeline.plan import all_attempts, build_plan, plan_batch, replan
 from factory.pipeline.recipe import load_recipe
 
@@ -181,6 +182,25 @@ def test_a_follower_makes_exactly_the_samples_its_followed_set_wrote_and_resumes
     with pytest.raises(BuildError, match=f"holds a build with follow {tmp_path / 'lead'}; use another --out"):
         prepare_build(load_recipe("tiny", {"num_samples": 12, "labeler.score_threshold": 0.3,
                                            "out": str(tmp_path / "oracle")}))
+
+
+def test_a_labeler_follower_reads_its_followed_sets_images_instead_of_generating(tmp_path):
+    """Generate once, label twice: a detector-labelled follower that captures nothing reads each image
+    from the followed set by sample id; DAAM, capture and the grounding module need the generator."""
+    build_with_replacements(tmp_path / "lead", attempts=4)
+    lead = {row["sample_id"]: row for row in pq.read_table(tmp_path / "lead" / "data").to_pylist()}
+    oracle = load_recipe("tiny", {"num_samples": 12, "follow": str(tmp_path / "lead"), "out": str(tmp_path / "o")})
+    first = model_stages(oracle)[0]
+    assert first.stage is followed_stage and first.reads == ("sample_id",)
+    reader = FollowedImages(**first.kwargs)
+    ids = sorted(lead)[::-1]  # any order, across the set's files
+    batch = reader({"sample_id": np.array(ids)})
+    assert [decode_image(lead[i]["image"]).tobytes() for i in ids] == [image.tobytes() for image in batch["image"]]
+    assert batch["generate_seconds"].shape == (len(ids),)
+    for overrides in ({"annotator.daam": True, "annotator.on_missing": "ignore"}, {"capture.features": "latent"}):
+        regenerates = load_recipe("tiny", {"num_samples": 12, "follow": str(tmp_path / "lead"), **overrides})
+        assert model_stages(regenerates)[0].stage is not followed_stage
+    assert model_stages(load_recipe("tiny", {"num_samples": 12}))[0].stage is not followed_stage
 
 
 class LabelsEveryThirdSeed(KeepsEveryThirdSeed):
