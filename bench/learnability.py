@@ -38,9 +38,11 @@ from grounding.evaluate import MODULE, prepare_evaluation, run_evaluation
 from grounding.metrics import GROUPS, format_table
 from grounding.train import prepare_training, run_training
 
-# Percent, as the evaluation reports it: mean - 3 sd over 5 seeds at the test's size (docs/learnability.md).
-MIN_SEEN_MIOU = 80.0
-MIN_UNSEEN_MIOU = 75.0
+# Percent, as the evaluation reports it: mean - 3 sd over 5 seeds at the test's size, rounded down
+# (docs/learnability.md: seen 80.1 - 3 x 3.5, unseen 73.5 - 3 x 7.1). One run's figures (seed 0 passed
+# 80 and 75) said nothing of the next seed's.
+MIN_SEEN_MIOU = 69.0
+MIN_UNSEEN_MIOU = 52.0
 SEEN_GROUPS = ("one/seen", "two/seen")
 UNSEEN_GROUPS = ("one/unseen", "two/unseen")  # unseen-class IoUs only
 MIXED_GROUP = "two/seen+unseen"  # a seen and an unseen class per image: in neither mean
