@@ -10,8 +10,9 @@ runs `train_loop_per_worker`.
 
 One iteration is one optimizer step on `batch_size` samples over all workers. With both
 synthetic and real data, every batch holds exactly `real_fraction` real samples (each worker
-draws its part of the batch from its two shards), whatever the two sets' sizes; a shard is
-read again, newly shuffled and cropped, whenever it runs out. The optimisation is
+draws its part of the batch from its two shards), whatever the two sets' sizes; each dataset
+holds every pass over it that the run reads, each pass in its own order and with its own crops,
+all drawn from the run's seed (`segmenter.data`: one worker trains the same weights twice). The optimisation is
 MaskFormer's standard one around the paper's numbers (Li et al. 2023, section 5): AdamW, lr 1e-4,
 weight decay 1e-4, a poly schedule (power 0.9), the backbone at 0.1 x lr, and the gradient
 norm of the whole model clipped at 0.01. On CUDA the forward runs under autocast (bf16, or
