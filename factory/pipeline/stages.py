@@ -48,8 +48,8 @@ def followed_stage() -> type:
 def reads_followed_images(recipe: Recipe) -> bool:
     """A follower that labels with a stage of its own and captures nothing reads the followed set's
     images (``factory.pipeline.followed``) instead of generating them again."""
-    return (recipe.follow is not None and labeler_for(recipe).own_stage and not recipe.source.enabled
-            and recipe.capture.features == "none" and not recipe.capture.attention)
+    return (recipe.follow is not None and labeler_for(recipe).own_stage and recipe.capture.features == "none"
+            and not recipe.capture.attention)
 
 
 def label_stage() -> type:
