@@ -4,6 +4,8 @@ over fixed batches."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,9 +29,24 @@ def init_ray() -> None:
     """Join the cluster (RAY_ADDRESS, or a running local one) or start a local one, once per process."""
     if not ray.is_initialized():
         ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.ERROR)
+        quiet_main_thread = not _verbose and threading.current_thread() is threading.main_thread()
+        if quiet_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt_quietly)
     ray.data.DataContext.get_current().enable_progress_bars = _verbose
     # After Ray Data's import (the line above), which sets its loggers' levels as it configures them.
     logging.getLogger("ray.data").setLevel(logging.INFO if _verbose else logging.ERROR)
+
+
+def _interrupt_quietly(signum, frame) -> None:
+    """Ctrl-C without --verbose: first stop the driver's listener for the cluster's error messages
+    (as ``ray.shutdown`` does), then interrupt. Tearing down the actors fails their tasks in
+    flight, which that listener would print as "(raylet) Task ... submit failed" lines beside the
+    job's own one line."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    worker = ray._private.worker.global_worker
+    worker.threads_stopped.set()
+    worker.gcs_error_subscriber.close()  # wakes the listener's poll, so that it sees the stop
+    raise KeyboardInterrupt
 
 
 def cluster_gpus() -> int:
