@@ -15,6 +15,9 @@
    reference (the drawn benchmark's train images, every class; supervised, not zero-shot).
 6. Protocol-II on the drawn benchmark (world/benchmark.py, VOC layout; Table 2's layout): every
    segmenter trained with --seeds seeds, each cell the mean and standard deviation over them.
+7. The schedule's check: the oracle-labelled reference's harmonic mIoU at 8 snapshots of its
+   training (<work>/oracle-curve.png); the schedule has plateaued when the mean moves under 1
+   point over the last quarter of training. Every segmenter trains on this one schedule.
 
 Every stage resumes: a rerun with the same --work continues where the last one stopped.
 --scale multiplies every set size and training length; fixed costs (model loads, actor start-up,
@@ -45,6 +48,7 @@ from grounding.evaluate import run_evaluation as run_protocol_i
 from grounding.metrics import format_table as protocol_i_table
 from grounding.train import prepare_training as prepare_grounding
 from grounding.train import run_training as run_grounding
+from segmenter.checkpoint import read_segmenter_metadata
 from segmenter.config import SegmenterTrainConfig, ZS3EvalOptions
 from segmenter.evaluate import BACKGROUND_KEYS, BACKGROUND_MEANINGS
 from segmenter.evaluate import prepare_evaluation as prepare_protocol_ii
@@ -65,6 +69,8 @@ MODELS = {  # name -> (dataset, setting, what it is)
     "Real": (None, "supervised", "drawn benchmark train images, every class: real-data reference, not zero-shot"),
 }
 BACKBONE = "models/shapes-backbone"  # the world's "ImageNet" start (world/backbone.py)
+CURVE_POINTS = 8  # snapshots of the oracle reference's training, the curve that judges the schedule
+PLATEAU = 1.0  # harmonic mIoU points: the most the curve's mean may move over training's last quarter
 
 
 def scaled(n: int, scale: float) -> int:
@@ -97,6 +103,7 @@ def train_grounding(work: Path, split: int, scale: float) -> str:
 
 
 def train_segmenter(work: Path, name: str, iterations: int, seed: int, init: str | None = None) -> str:
+    """One segmenter of the table; the oracle reference keeps CURVE_POINTS snapshots (``training_curve``)."""
     data, setting, _ = MODELS[name]
     benchmark = {"format": "voc", "root": str(work / "benchmark"), "split": "train", "vocabulary": "shapes"}
     # The pretrained backbone at the paper's factor: about three times the harmonic mIoU of a random one,
@@ -105,7 +112,8 @@ def train_segmenter(work: Path, name: str, iterations: int, seed: int, init: str
               "model": {"preset": "world", "backbone_weights": None if init else BACKBONE},
               "setting": setting, "split": SPLIT, "crop_size": 64, "crop_scale": (0.5, 1.0),
               "iterations": iterations, "batch_size": 16, "lr": 3e-3, "backbone_lr_factor": 0.1,
-              "checkpoint_every": iterations, "log_every": max(10, iterations // 10), "seed": seed}
+              "checkpoint_every": iterations, "log_every": max(10, iterations // 10), "seed": seed,
+              "snapshot_every": max(1, iterations // CURVE_POINTS) if name == "Oracle" else None}
     if data:
         config["data"] = str(work / data)
     else:  # the real-data reference: the benchmark's train images alone, every class
@@ -125,6 +133,67 @@ def protocol_ii(work: Path, name: str, seed: int, checkpoint: str) -> dict:
 
 
 METRICS = ("seen", "unseen", "harmonic")
+
+
+def training_curve(work: Path, name: str, seed: int, last: str, final: dict) -> list[dict]:
+    """Protocol-II (background ignored) at each snapshot a run kept, then `final` (its last checkpoint's
+    ``protocol_ii``, already measured): [{"iteration", "seen", "unseen", "harmonic"}]."""
+    ignored = BACKGROUND_KEYS["ignore"]
+    curve = []
+    for snapshot in sorted(Path(last).parent.glob("iteration-*")):
+        scores = protocol_ii(work, f"{name}-{snapshot.name}", seed, str(snapshot))[ignored]
+        curve.append({"iteration": int(snapshot.name.removeprefix("iteration-")), **scores})
+    end = read_segmenter_metadata(last)["iteration"]
+    return [point for point in curve if point["iteration"] < end] + [{"iteration": end, **final[ignored]}]
+
+
+def curve_summary(curves: dict[int, list[dict]]) -> dict:
+    """The seeds' curves (seed -> ``training_curve``) at the iterations they all have: each point's
+    harmonic mean and sample standard deviation; and how far the mean moved (max - min) over the points
+    of training's last quarter, which has plateaued under PLATEAU points."""
+    iterations = sorted(set.intersection(*({p["iteration"] for p in curve} for curve in curves.values())))
+    points = []
+    for iteration in iterations:
+        values = [p["harmonic"] or 0.0 for curve in curves.values() for p in curve if p["iteration"] == iteration]
+        points.append({"iteration": iteration, "harmonic": statistics.fmean(values),
+                       "harmonic_sd": statistics.stdev(values) if len(values) > 1 else None})
+    last_quarter = [p["harmonic"] for p in points if p["iteration"] >= 0.75 * iterations[-1]]
+    moved = max(last_quarter) - min(last_quarter)
+    return {"points": points, "last_quarter_change": moved, "plateaued": moved < PLATEAU,
+            "seeds": sorted(curves)}
+
+
+def plot_curve(summary: dict, path: Path) -> None:
+    """The curve as a picture: mean harmonic mIoU with its spread over seeds, the last quarter shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["iteration"] for p in summary["points"]]
+    mean = [p["harmonic"] for p in summary["points"]]
+    sd = [p["harmonic_sd"] or 0.0 for p in summary["points"]]
+    figure, axes = plt.subplots(figsize=(5, 3), dpi=100)
+    axes.axvspan(0.75 * x[-1], x[-1], color="0.92", label="last quarter")
+    axes.fill_between(x, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)], alpha=0.3)
+    axes.plot(x, mean, marker="o", label=f"oracle reference, {len(summary['seeds'])} seed(s)")
+    axes.set(xlabel="iteration", ylabel="harmonic mIoU (bg ignored)")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def curve_text(summary: dict, picture: str = "oracle-curve.png") -> str:
+    """Markdown: the curve as a table, the verdict on the schedule, and `picture` (``plot_curve``'s)."""
+    lines = ["| Iteration | Harmonic (mean ± sd) |", "|---:|---:|"]
+    lines += [f"| {p['iteration']} | {_cell(p['harmonic'], p['harmonic_sd'])} |" for p in summary["points"]]
+    verdict = ("plateaued: every table row trained on a schedule the reference had finished with"
+               if summary["plateaued"] else
+               "not plateaued: the reference was still moving, so the table compares unfinished trainings; "
+               "a longer schedule is needed before its order can be read")
+    return "\n".join([*lines, "", f"Over the last quarter of training the mean moved "
+                       f"{summary['last_quarter_change']:.1f} points (criterion: < {PLATEAU:g}): {verdict}.", "",
+                       f"![The oracle reference's training curve]({picture})"])
 
 
 def over_seeds(runs: dict[int, dict]) -> dict:
@@ -239,11 +308,16 @@ def run(work: Path, scale: float, segmenter_iterations: int, seeds: int) -> dict
         checkpoints["Model-D"][seed] = train_segmenter(work, "Model-D", segmenter_iterations, seed,
                                                        init=checkpoints["Model-C"][seed])
     stage("segmenters")
-    results_ii = {name: over_seeds({seed: protocol_ii(work, name, seed, checkpoint)
-                                    for seed, checkpoint in checkpoints[name].items()}) for name in MODELS}
+    runs = {name: {seed: protocol_ii(work, name, seed, checkpoint) for seed, checkpoint in checkpoints[name].items()}
+            for name in MODELS}
+    results_ii = {name: over_seeds(runs[name]) for name in MODELS}
     stage("protocol-ii")
+    curve = curve_summary({seed: training_curve(work, "Oracle", seed, checkpoint, runs["Oracle"][seed])
+                           for seed, checkpoint in checkpoints["Oracle"].items()})
+    plot_curve(curve, work / "oracle-curve.png")
+    stage("schedule check")
     return {"scale": scale, "segmenter_iterations": segmenter_iterations, "seeds": seeds, "sets": sets,
-            "protocol_i": report_i["results"], "protocol_ii": results_ii,
+            "protocol_i": report_i["results"], "protocol_ii": results_ii, "oracle_curve": curve,
             "seconds": stage.report()}
 
 
@@ -255,6 +329,8 @@ def markdown(report: dict) -> str:
         "```", protocol_i_table(report["protocol_i"]), "```", "",
         f"## Protocol-II (Table 2 layout): segmenters on the drawn benchmark, split {SPLIT}", "",
         protocol_ii_table(report["protocol_ii"]), "",
+        "## The schedule: the oracle reference's training curve, harmonic mIoU on the same benchmark", "",
+        curve_text(report["oracle_curve"]), "",
         "## Sets", "", "```json", json.dumps(report["sets"], indent=2), "```", "",
         "## Time (s, this machine)", "", "```json", json.dumps(report["seconds"], indent=2), "```", ""])
 

@@ -156,6 +156,8 @@ class SegmenterTrainConfig(BaseModel):
     use_gpu: Literal["auto"] | bool = Field("auto", description="'auto': a GPU per worker if the cluster has GPUs")
     mixed_precision: bool = Field(True, description="autocast on CUDA: bf16 where supported, else fp16")
     checkpoint_every: int = Field(1000, ge=1, description="iterations between checkpoints to <out>/last")
+    snapshot_every: int | None = Field(None, ge=1, description="iterations between snapshots kept as "
+                                       "<out>/iteration-<n>/ (weights only): the points of a training curve")
     log_every: int = Field(50, ge=1, description="iterations between log lines (loss, it/s)")
     seed: int = Field(0, ge=0, description="initial weights, data order and every crop (docs/protocol-ii.md, Seeds)")
 

@@ -39,7 +39,9 @@ except in the supervised setting: there they are a real-data reference, every cl
 
 Rank 0 writes `<out>/last/` (``segmenter.checkpoint``) every `checkpoint_every`
 iterations and at the end; a rerun of the same command resumes from it: weights, optimizer
-state, iteration.
+state, iteration. With `snapshot_every`, it also keeps the weights at every such iteration in
+`<out>/iteration-<n>/` (``snapshot_name``), each an evaluable checkpoint: a training curve of one
+schedule, where retraining to each length would change the poly schedule itself.
 """
 
 from __future__ import annotations
@@ -257,6 +259,11 @@ def training_datasets(plan: TrainingPlan) -> dict[str, ray.data.Dataset]:
     return datasets
 
 
+def snapshot_name(iteration: int) -> str:
+    """The folder, inside a run's out, of its snapshot at `iteration` (``snapshot_every``)."""
+    return f"iteration-{iteration:06d}"
+
+
 def summarize(plan: TrainingPlan) -> TrainingSummary:
     last = open_location(plan.config.out).url("last")
     return TrainingSummary(out=plan.config.out, iterations=read_segmenter_metadata(last)["iteration"],
@@ -403,7 +410,13 @@ def train_loop_per_worker(worker_config: dict) -> None:
                 # Ray Train shows worker logs on the driver (a print is echoed twice there).
                 logger.info(f"iteration {iteration}/{config.iterations}  loss {log[-1]['loss']:.4f}  "
                             f"{log[-1]['iterations_per_second']:.2f} it/s")
-        if rank == 0 and (iteration % config.checkpoint_every == 0 or finished):
+        save_last = iteration % config.checkpoint_every == 0 or finished
+        snapshot = config.snapshot_every is not None and iteration % config.snapshot_every == 0
+        if rank == 0 and (save_last or snapshot):
             metadata = {**worker_config["metadata"], "iteration": iteration, "resumed_from": start, "log": log,
                         "text_classes": text_classes, "train": config.model_dump(mode="json")}
-            save_segmenter_checkpoint(last, model, optimizer, metadata)
+            if snapshot:
+                save_segmenter_checkpoint(open_location(config.out).url(snapshot_name(iteration)), model, None,
+                                          metadata)
+            if save_last:
+                save_segmenter_checkpoint(last, model, optimizer, metadata)

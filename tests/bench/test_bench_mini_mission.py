@@ -1,5 +1,6 @@
 """bench/mini_mission.py's Protocol-II summary: every segmenter trained with several seeds, each cell
-their mean and standard deviation, both background conventions named in the table."""
+their mean and standard deviation, both background conventions named in the table; and the oracle
+reference's training curve, which says whether the schedule has plateaued."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import bench.mini_mission as mission
-from bench.mini_mission import over_seeds, protocol_ii, protocol_ii_table
+from bench.mini_mission import (
+    curve_summary, curve_text, over_seeds, plot_curve, protocol_ii, protocol_ii_table, training_curve)
 from segmenter.evaluate import BACKGROUND_KEYS
 
 IGNORED, COUNTED = BACKGROUND_KEYS["ignore"], BACKGROUND_KEYS["seen"]
@@ -74,3 +76,46 @@ def test_every_segmenter_starts_from_the_pretrained_backbone_on_one_schedule(mon
     assert by_name["real"].data is None and by_name["real"].real.split == "train"
     assert by_name["real"].setting == by_name["oracle"].setting == "supervised"
     assert by_name["model-d"].init == "c/last" and by_name["model-d"].real_fraction == 0.5
+    # the curve's points: the oracle reference alone keeps snapshots, 8 over its training
+    assert {name: config.snapshot_every for name, config in by_name.items() if config.snapshot_every} == {"oracle": 12}
+
+
+def test_a_curve_is_each_snapshot_then_the_last_checkpoint(monkeypatch, tmp_path):
+    run_dir = tmp_path / "oracle" / "seed-0"
+    for name in ("iteration-000004", "iteration-000002", "iteration-000006", "last"):
+        (run_dir / name).mkdir(parents=True)
+    evaluated = []
+
+    def scores(work, name, seed, checkpoint):
+        evaluated.append(Path(checkpoint).name)
+        return run(50.0, 40.0, int(Path(checkpoint).name[-1]) * 10.0)
+
+    monkeypatch.setattr(mission, "protocol_ii", scores)
+    monkeypatch.setattr(mission, "read_segmenter_metadata", lambda uri: {"iteration": 6})
+    curve = training_curve(tmp_path, "Oracle", 0, str(run_dir / "last"), run(70.0, 60.0, 64.6))
+    # the snapshot at the end is the last checkpoint, whose figures the table already has
+    assert [(p["iteration"], p["harmonic"]) for p in curve] == [(2, 20.0), (4, 40.0), (6, 64.6)]
+    assert evaluated == ["iteration-000002", "iteration-000004", "iteration-000006"]
+
+
+def curve(*harmonics: float) -> list[dict]:
+    return [{"iteration": 100 * (k + 1), "seen": 0.0, "unseen": 0.0, "harmonic": h} for k, h in enumerate(harmonics)]
+
+
+def test_the_schedule_has_plateaued_when_the_last_quarter_moves_under_a_point(tmp_path):
+    # 8 points, the last quarter from iteration 600: 600, 700 and 800
+    flat = curve_summary({0: curve(10, 30, 40, 45, 48, 49.5, 50.0, 50.2), 1: curve(12, 28, 42, 47, 50, 50.5, 50.4, 50.8)})
+    assert [p["iteration"] for p in flat["points"]] == [100 * k for k in range(1, 9)]
+    assert flat["points"][-1]["harmonic"] == pytest.approx(50.5)
+    assert flat["points"][-1]["harmonic_sd"] == pytest.approx(statistics.stdev([50.2, 50.8]))
+    assert flat["last_quarter_change"] == pytest.approx(50.5 - 50.0) and flat["plateaued"]
+    assert "moved 0.5 points (criterion: < 1): plateaued" in curve_text(flat)
+    rising = curve_summary({0: curve(10, 20, 30, 40, 45, 48, 50, 52)})
+    assert rising["last_quarter_change"] == pytest.approx(4.0) and not rising["plateaued"]
+    assert rising["points"][0]["harmonic_sd"] is None  # one seed: no spread
+    assert "not plateaued" in curve_text(rising) and "| 800 | 52.0 |" in curve_text(rising)
+    # a seed resumed from a run without snapshots has only its end: the curve keeps the common points
+    partial = curve_summary({0: curve(10, 20, 30, 40), 1: [{"iteration": 400, "harmonic": 44.0}]})
+    assert [p["iteration"] for p in partial["points"]] == [400] and partial["points"][0]["harmonic"] == 42.0
+    plot_curve(flat, tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,7 +52,7 @@ from segmenter.data import (
     transform_synthetic,
 )
 from segmenter.model import Segmenter
-from segmenter.train import prepare_training, training_datasets
+from segmenter.train import prepare_training, snapshot_name, training_datasets
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -518,7 +518,7 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     out = tmp_path / "ck"
     args = ["--data", data, "--out", str(out), "--num-workers", "2", "--cpus-per-worker", "0.5", "--batch-size", "4",
             "--crop-size", str(SIZE), "--setting", "inductive", "--model.head", "text", "--model.text-encoder", "tiny",
-            "--checkpoint-every", "1", "--log-every", "1"]
+            "--checkpoint-every", "1", "--log-every", "1", "--snapshot-every", "2"]
     assert train_segmenter.main([*args, "--iterations", "2"]) == 0
     assert "iterations 2 run now; 2 done" in capsys.readouterr().out
     assert {p.name for p in (out / "last").iterdir()} == {
@@ -533,6 +533,12 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     assert first["vocabulary"]["name"] == "voc" and model.config.num_labels == 21
     assert first["optimizer"]["state"]["0"]["step"] == 2
     optimizer_before = safetensors.torch.load_file(out / "last" / "optimizer-00000002.safetensors")
+    # The snapshot at 2: the same weights as last/ then, without the optimizer; a resume keeps it.
+    snapshot = out / snapshot_name(2)
+    assert {p.name for p in snapshot.iterdir()} == {"checkpoint.json", "model-00000002.safetensors"}
+    assert load_segmenter_checkpoint(str(snapshot))[1]["iteration"] == 2
+    kept, last = (safetensors.torch.load_file(folder / "model-00000002.safetensors") for folder in (snapshot, out / "last"))
+    assert kept.keys() == last.keys() and all(torch.equal(kept[name], last[name]) for name in kept)
 
     # A rerun with more iterations continues at iteration 3 with the saved optimizer state.
     assert train_segmenter.main([*args, "--iterations", "3"]) == 0
@@ -545,6 +551,7 @@ def test_train_two_workers_then_resume(ray_cluster, bucket, tmp_path, capsys):
     # AdamW's second moment decays by beta2 from where it was; a restart from zero would fall below.
     assert torch.all(after["0.exp_avg_sq"] >= optimizer_before["0.exp_avg_sq"] * 0.999 * (1 - 1e-5))
 
+    assert sorted(p.name for p in out.iterdir()) == ["iteration-000002", "last"]  # 3 is no multiple of 2
     written = (out / "last" / "checkpoint.json").stat().st_mtime_ns
     assert train_segmenter.main([*args, "--iterations", "3"]) == 0
     assert "all 3 were already done" in capsys.readouterr().out
