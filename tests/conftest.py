@@ -8,12 +8,18 @@ import os
 import uuid
 from pathlib import Path
 
-import numpy as np
-import pytest
-from PIL import Image
+# Each pytest-xdist worker gets its share of the cores for torch's and numpy's thread pools (set
+# before either loads; the jobs the tests start inherit it): two workers of two threads each on
+# two cores spin against each other, which doubled the fast tier's diffusion tests here.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
 
-from factory.core import storage
-from factory.dataset.codec import encode_label
+import numpy as np  # noqa: E402 (after the thread count)
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from factory.core import storage  # noqa: E402
+from factory.dataset.codec import encode_label  # noqa: E402
 
 
 @pytest.fixture(scope="session")
