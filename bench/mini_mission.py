@@ -15,7 +15,7 @@
    reference (the drawn benchmark's train images, every class; supervised, not zero-shot).
 6. Protocol-II on the drawn benchmark (world/benchmark.py, VOC layout; Table 2's layout): every
    segmenter trained with --seeds seeds, each cell the mean and standard deviation over them.
-7. The schedule's check: the oracle-labelled reference's harmonic mIoU at 8 snapshots of its
+7. The schedule's check: the oracle-labelled reference's harmonic mIoU at 10 snapshots of its
    training (<work>/oracle-curve.png); the schedule has plateaued when the mean moves under 1
    point over the last quarter of training. Every segmenter trains on this one schedule.
 
@@ -69,7 +69,7 @@ MODELS = {  # name -> (dataset, setting, what it is)
     "Real": (None, "supervised", "drawn benchmark train images, every class: real-data reference, not zero-shot"),
 }
 BACKBONE = "models/shapes-backbone"  # the world's "ImageNet" start (world/backbone.py)
-CURVE_POINTS = 8  # snapshots of the oracle reference's training, the curve that judges the schedule
+CURVE_POINTS = 10  # snapshots of the oracle reference's training, the curve that judges the schedule
 PLATEAU = 1.0  # harmonic mIoU points: the most the curve's mean may move over training's last quarter
 
 
@@ -191,8 +191,10 @@ def curve_text(summary: dict, picture: str = "oracle-curve.png") -> str:
                if summary["plateaued"] else
                "not plateaued: the reference was still moving, so the table compares unfinished trainings; "
                "a longer schedule is needed before its order can be read")
+    end = summary["points"][-1]["harmonic_sd"]
+    spread = "" if end is None else f" The seeds' own spread at the end: sd {end:.1f}."
     return "\n".join([*lines, "", f"Over the last quarter of training the mean moved "
-                       f"{summary['last_quarter_change']:.1f} points (criterion: < {PLATEAU:g}): {verdict}.", "",
+                       f"{summary['last_quarter_change']:.1f} points (criterion: < {PLATEAU:g}): {verdict}.{spread}", "",
                        f"![The oracle reference's training curve]({picture})"])
 
 

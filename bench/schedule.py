@@ -4,7 +4,7 @@
 
 The mission in miniature (bench/mini_mission.py) trains every segmenter on one schedule, long
 enough when the oracle-labelled reference has plateaued: its mean harmonic mIoU (background
-ignored) moves under 1 point over the last quarter of training, scored at 8 snapshots on the
+ignored) moves under 1 point over the last quarter of training, scored at 10 snapshots on the
 500 drawn benchmark val images. The mission draws that curve at its end; this bench draws it
 alone, so that a schedule can be chosen before the whole chain runs: the mission's mixture set
 (shapes-synthetic-mixture, full size) labelled by the shipped split-1 grounding module

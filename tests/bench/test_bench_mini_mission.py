@@ -76,8 +76,8 @@ def test_every_segmenter_starts_from_the_pretrained_backbone_on_one_schedule(mon
     assert by_name["real"].data is None and by_name["real"].real.split == "train"
     assert by_name["real"].setting == by_name["oracle"].setting == "supervised"
     assert by_name["model-d"].init == "c/last" and by_name["model-d"].real_fraction == 0.5
-    # the curve's points: the oracle reference alone keeps snapshots, 8 over its training
-    assert {name: config.snapshot_every for name, config in by_name.items() if config.snapshot_every} == {"oracle": 12}
+    # the curve's points: the oracle reference alone keeps snapshots, 10 over its training
+    assert {name: config.snapshot_every for name, config in by_name.items() if config.snapshot_every} == {"oracle": 10}
 
 
 def test_a_curve_is_each_snapshot_then_the_last_checkpoint(monkeypatch, tmp_path):
@@ -110,6 +110,7 @@ def test_the_schedule_has_plateaued_when_the_last_quarter_moves_under_a_point(tm
     assert flat["points"][-1]["harmonic_sd"] == pytest.approx(statistics.stdev([50.2, 50.8]))
     assert flat["last_quarter_change"] == pytest.approx(50.5 - 50.0) and flat["plateaued"]
     assert "moved 0.5 points (criterion: < 1): plateaued" in curve_text(flat)
+    assert f"The seeds' own spread at the end: sd {statistics.stdev([50.2, 50.8]):.1f}." in curve_text(flat)
     rising = curve_summary({0: curve(10, 20, 30, 40, 45, 48, 50, 52)})
     assert rising["last_quarter_change"] == pytest.approx(4.0) and not rising["plateaued"]
     assert rising["points"][0]["harmonic_sd"] is None  # one seed: no spread
