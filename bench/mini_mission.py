@@ -149,8 +149,8 @@ def training_curve(work: Path, name: str, seed: int, last: str, final: dict) -> 
 
 def curve_summary(curves: dict[int, list[dict]]) -> dict:
     """The seeds' curves (seed -> ``training_curve``) at the iterations they all have: each point's
-    harmonic mean and sample standard deviation; and how far the mean moved (max - min) over the points
-    of training's last quarter, which has plateaued under PLATEAU points."""
+    harmonic mean and sample standard deviation; how far the mean moved (max - min) over the points
+    of training's last quarter, which has plateaued under PLATEAU points, and its net change there."""
     iterations = sorted(set.intersection(*({p["iteration"] for p in curve} for curve in curves.values())))
     points = []
     for iteration in iterations:
@@ -159,8 +159,8 @@ def curve_summary(curves: dict[int, list[dict]]) -> dict:
                        "harmonic_sd": statistics.stdev(values) if len(values) > 1 else None})
     last_quarter = [p["harmonic"] for p in points if p["iteration"] >= 0.75 * iterations[-1]]
     moved = max(last_quarter) - min(last_quarter)
-    return {"points": points, "last_quarter_change": moved, "plateaued": moved < PLATEAU,
-            "seeds": sorted(curves)}
+    return {"points": points, "last_quarter_change": moved, "last_quarter_net": last_quarter[-1] - last_quarter[0],
+            "plateaued": moved < PLATEAU, "seeds": sorted(curves)}
 
 
 def plot_curve(summary: dict, path: Path) -> None:
@@ -187,10 +187,16 @@ def curve_text(summary: dict, picture: str = "oracle-curve.png") -> str:
     """Markdown: the curve as a table, the verdict on the schedule, and `picture` (``plot_curve``'s)."""
     lines = ["| Iteration | Harmonic (mean ± sd) |", "|---:|---:|"]
     lines += [f"| {p['iteration']} | {_cell(p['harmonic'], p['harmonic_sd'])} |" for p in summary["points"]]
-    verdict = ("plateaued: every table row trained on a schedule the reference had finished with"
-               if summary["plateaued"] else
-               "not plateaued: the reference was still moving, so the table compares unfinished trainings; "
-               "a longer schedule is needed before its order can be read")
+    net = summary["last_quarter_net"]
+    if summary["plateaued"]:
+        verdict = "plateaued: every table row trained on a schedule the reference had finished with"
+    elif net >= PLATEAU:
+        verdict = (f"not plateaued, still rising ({net:+.1f} points from the quarter's first point to the end): "
+                   "the table compares unfinished trainings, and a longer schedule is needed before its order "
+                   "can be read")
+    else:
+        verdict = (f"not plateaued by the criterion, but not rising either ({net:+.1f} points from the quarter's "
+                   "first point to the end): the mean varies by about that much between snapshots")
     end = summary["points"][-1]["harmonic_sd"]
     spread = "" if end is None else f" The seeds' own spread at the end: sd {end:.1f}."
     return "\n".join([*lines, "", f"Over the last quarter of training the mean moved "

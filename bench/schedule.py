@@ -58,7 +58,7 @@ def markdown(report: dict) -> str:
         "not the mission's own.", "",
         "Sets (written / planned): " + ", ".join(f"{name} {s['written']}/{s['planned']}"
                                                  for name, s in report["sets"].items()) + ".",
-        "", "Time (s, this machine): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), ""])
+        "", "Time (s, this machine; a resumed run counts only what it did again): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

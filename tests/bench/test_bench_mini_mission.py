@@ -114,7 +114,11 @@ def test_the_schedule_has_plateaued_when_the_last_quarter_moves_under_a_point(tm
     rising = curve_summary({0: curve(10, 20, 30, 40, 45, 48, 50, 52)})
     assert rising["last_quarter_change"] == pytest.approx(4.0) and not rising["plateaued"]
     assert rising["points"][0]["harmonic_sd"] is None  # one seed: no spread
-    assert "not plateaued" in curve_text(rising) and "| 800 | 52.0 |" in curve_text(rising)
+    assert "not plateaued, still rising (+4.0 points" in curve_text(rising) and "| 800 | 52.0 |" in curve_text(rising)
+    # past its peak: moving more than the criterion allows, but downwards
+    wavering = curve_summary({0: curve(10, 20, 30, 40, 45, 53.1, 52.0, 52.1)})
+    assert wavering["last_quarter_change"] == pytest.approx(1.1) and wavering["last_quarter_net"] == pytest.approx(-1.0)
+    assert "not plateaued by the criterion, but not rising either (-1.0 points" in curve_text(wavering)
     # a seed resumed from a run without snapshots has only its end: the curve keeps the common points
     partial = curve_summary({0: curve(10, 20, 30, 40), 1: [{"iteration": 400, "harmonic": 44.0}]})
     assert [p["iteration"] for p in partial["points"]] == [400] and partial["points"][0]["harmonic"] == 42.0
