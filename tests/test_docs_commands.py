@@ -46,11 +46,12 @@ import contextlib, io, json, runpy, sys
 texts = {}
 for words in json.loads(sys.argv[1]):
     out = io.StringIO()
-    sys.argv = [words[1] if words[0] == "-m" else words[0], *words[2 if words[0] == "-m" else 1:], "--help"]
+    target, *args = words[1:] if words[0] == "-m" else words
+    sys.argv = [target, *args, "--help"]
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
-            (runpy.run_module(words[1], run_name="__main__", alter_sys=True) if words[0] == "-m"
-             else runpy.run_path(words[0], run_name="__main__"))
+            (runpy.run_module(target, run_name="__main__", alter_sys=True) if words[0] == "-m"
+             else runpy.run_path(target, run_name="__main__"))
             code = 0
         except SystemExit as exc:
             code = exc.code or 0
@@ -62,8 +63,8 @@ print(json.dumps(texts))
 @functools.cache
 def help_texts() -> dict[str, list]:
     """Every documented invocation's exit code and --help text, from one interpreter."""
-    invocations = sorted({" ".join(invocation(command)) for _, command in documented_commands()})
-    done = subprocess.run([sys.executable, "-c", HELP_ALL, json.dumps([i.split() for i in invocations])], cwd=REPO,
+    invocations = sorted({tuple(invocation(command)) for _, command in documented_commands()})
+    done = subprocess.run([sys.executable, "-c", HELP_ALL, json.dumps(invocations)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.splitlines()[-1])
