@@ -4,6 +4,8 @@
     python jobs/train_world.py oracle                        # the Mask R-CNN oracle
     python jobs/train_world.py backbone                      # the world segmenter's ResNet, on other drawings
     python jobs/train_world.py generator --unet_steps 30000  # continue the same run further
+    python jobs/train_world.py generator --init models/shapes-generator --out runs/generator-next \
+        --work runs/generator-next-state --unet_steps 6000       # a new run from shipped weights
 
 A rerun continues from --work up to the configured steps. --out receives what recipes load
 (a diffusers pipeline folder; model.safetensors), a loss plot, samples and a model card with

@@ -2,7 +2,8 @@
 
 - ``oracle_quality``: the oracle on the drawn benchmark: objects found, mask IoU.
 - ``generator_quality``: the generator judged by the oracle: how often it draws the prompted
-  classes, and how often something else.
+  classes, how often something else, and where its cross-attention lies (DAAM's heat inside
+  the objects it drew against the background).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from tqdm import tqdm
 
 from factory.core.vocab import SHAPES
 from factory.detection.detections import Detector
+from factory.diffusion.daam import CrossAttentionRecorder, daam_scores
 from factory.diffusion.pipelines import generate
+from factory.diffusion.tokens import class_token_positions
 from world.draw import SIZE, draw
 from world.utils import prompt_of
 
@@ -68,6 +71,10 @@ class GeneratorQuality:
     images: int
     steps: int
     guidance_scale: float
+    # DAAM (Tang et al., 2023) word heat in [0, 1] of each prompted class the oracle found: its mean
+    # over the class's own pixels, and over the background (pixels of no found object).
+    daam_inside: float = float("nan")
+    daam_outside: float = float("nan")
 
     def as_dict(self) -> dict:
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()}
@@ -85,17 +92,37 @@ def quality_prompts(count: int) -> list[tuple[str, ...]]:
 def generator_quality(pipe: StableDiffusionPipeline, detector: Detector, count: int = 100, *, steps: int = 25,
                       guidance_scale: float = 4.0, score_threshold: float = 0.5, batch: int = 20,
                       seed: int = 0) -> GeneratorQuality:
-    """`count` one-object and `count` two-object images, each class set judged by the oracle."""
+    """`count` one-object and `count` two-object images, each class set judged by the oracle, and
+    the DAAM heat of every prompted class the oracle found, inside its mask and on the background."""
     classes = quality_prompts(count)
-    hits, unprompted = [], 0
+    hits, unprompted, inside, outside = [], 0, [], []
     for start in tqdm(range(0, len(classes), batch), desc="generator quality", unit="batch", leave=False):
         chunk = classes[start:start + batch]
-        images = generate(pipe, [prompt_of(c) for c in chunk], [seed + start + k for k in range(len(chunk))],
-                          steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE)
-        for prompted, found in zip(chunk, detector(images, [[SHAPES.lookup(name) for name in c] for c in chunk])):
-            seen = {SHAPES.by_index(int(i)).name for i in found.classes[found.scores >= score_threshold] if i}
+        prompts = [prompt_of(c) for c in chunk]
+        with CrossAttentionRecorder(pipe) as recorder:
+            images = generate(pipe, prompts, [seed + start + k for k in range(len(chunk))],
+                              steps=steps, guidance_scale=guidance_scale, height=SIZE, width=SIZE)
+        words = [[SHAPES.lookup(name).natural for name in c] for c in chunk]
+        heat = daam_scores(recorder.heatmaps([class_token_positions(pipe.tokenizer, p, w)
+                                              for p, w in zip(prompts, words)]), size=images.shape[1:3])
+        found_all = detector(images, [[SHAPES.lookup(name) for name in c] for c in chunk])
+        for prompted, found, maps in zip(chunk, found_all, heat):
+            keep = found.scores >= score_threshold
+            seen = {SHAPES.by_index(int(i)).name for i in found.classes[keep] if i}
             hits.append(set(prompted) <= seen)
             unprompted += bool(seen - set(prompted))
+            objects = {name: (found.masks[keep & (found.classes == SHAPES.lookup(name).index)] >= 0.5).any(axis=0)
+                       for name in prompted if name in seen}
+            if objects:
+                background = ~np.logical_or.reduce(list(objects.values()))
+                for o, name in enumerate(prompted):
+                    if name in objects and objects[name].any() and background.any():
+                        inside.append(maps[o][objects[name]].mean())
+                        outside.append(maps[o][background].mean())
     return GeneratorQuality(one=float(np.mean(hits[:count])), two=float(np.mean(hits[count:])),
                             unprompted=unprompted / len(classes), images=len(classes), steps=steps,
-                            guidance_scale=guidance_scale)
+                            guidance_scale=guidance_scale, daam_inside=_mean(inside), daam_outside=_mean(outside))
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")

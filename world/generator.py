@@ -11,7 +11,9 @@ on drawings of all 20 classes with their prompts (Stable Diffusion saw every cla
    an exponential moving average of the weights kept for sampling.
 
 Training state lives in ``work`` (one checkpoint folder, ``factory.core.checkpoints``) and a
-rerun continues from it up to the configured steps. ``out`` receives the EMA weights as a
+rerun continues from it up to the configured steps. ``init`` starts a new run from an exported
+pipeline's weights instead (its VAE kept, stage 1 skipped): training a shipped generator further
+once its training state is gone; the card keeps that pipeline's own record. ``out`` receives the EMA weights as a
 diffusers pipeline folder (``save_pretrained``, safetensors), which recipes load by path
 exactly as they load SD 1.5, with a loss plot, sample grid and model card beside it.
 """
@@ -58,6 +60,8 @@ class GeneratorTrainConfig(BaseModel):
     out: str = Field("models/shapes-generator", description="the pipeline folder written at each save")
     work: str = Field("runs/shapes-generator", description="the resumable training state")
     seed: int = Field(0, description="seeds the initial weights and every drawn batch")
+    init: str | None = Field(None, description="an exported generator pipeline folder whose weights start the "
+                             "run (its VAE is kept and stage 1 skipped); None trains from scratch")
     vae_steps: int = Field(3000, ge=0, description="VAE steps (stage 1; the rate drops 5x for the last third)")
     unet_steps: int = Field(20000, ge=0, description="U-Net + text encoder steps (stage 2)")
     batch_size: int = Field(16, ge=1)
@@ -76,7 +80,7 @@ class GeneratorTrainConfig(BaseModel):
 
 
 # Changing these makes a different run: its training state is not resumed.
-_RUN_IDENTITY = ("seed", "batch_size", "vae_lr", "lr", "two_objects", "uncond", "snr_gamma", "ema_decay")
+_RUN_IDENTITY = ("seed", "init", "batch_size", "vae_lr", "lr", "two_objects", "uncond", "snr_gamma", "ema_decay")
 
 
 def build_components(seed: int) -> dict[str, nn.Module]:
@@ -132,16 +136,18 @@ class GeneratorTraining:
         trained = list(self.parts["unet"].parameters()) + list(self.parts["text_encoder"].parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=1e-2)
         self.scheduler = sd_scheduler()
-        self._resume()
+        self.continued_from: dict | None = None
+        if not self._resume() and config.init:
+            self._start_from(config.init)
 
     # -- state ------------------------------------------------------------------------------
 
     def _state(self) -> nn.ModuleDict:
         return nn.ModuleDict({**self.parts, "ema": self.ema.shadow})
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
         if not (Path(self.config.work) / "checkpoint.json").exists():
-            return
+            return False
         metadata = read_checkpoint_metadata(self.config.work, KIND)
         check_same_run(self.config.work, metadata["config"], self.config.model_dump(), _RUN_IDENTITY)
         self._state().load_state_dict(read_tensors(self.config.work, metadata, "model"))
@@ -151,6 +157,19 @@ class GeneratorTraining:
         # One optimizer state is saved: the current stage's.
         optimizer = self.optimizer if self.unet_step else self.vae_optimizer
         load_optimizer_state(self.config.work, optimizer, metadata)
+        self.continued_from = metadata.get("continued_from")
+        return True
+
+    def _start_from(self, folder: str) -> None:
+        """The weights of an exported pipeline (float16 files, cast back), with its training record."""
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+        for name, part in self.parts.items():
+            part.load_state_dict(getattr(pipe, name).state_dict())
+        self.parts["vae"].register_to_config(scaling_factor=pipe.vae.config.scaling_factor)
+        self.ema.shadow.load_state_dict(self.ema.module.state_dict())
+        self.vae_step = self.config.vae_steps
+        record = Path(folder) / "training.json"
+        self.continued_from = {"folder": folder, **(json.loads(record.read_text()) if record.is_file() else {})}
 
     def _save(self) -> None:
         stage_optimizer = self.optimizer if self.unet_step else self.vae_optimizer
@@ -158,7 +177,7 @@ class GeneratorTraining:
                         {"vae_step": self.vae_step, "unet_step": self.unet_step, "log": self.log.records,
                          "seconds": self.log.seconds,
                          "scaling_factor": self.parts["vae"].config.scaling_factor,
-                         "config": self.config.model_dump()})
+                         "config": self.config.model_dump(), "continued_from": self.continued_from})
         self.export()
 
     # -- stage 1 ----------------------------------------------------------------------------
@@ -290,9 +309,9 @@ class GeneratorTraining:
                                              self.config.quality_images, steps=self.config.sample_steps)
                 quality["oracle_finds"] = {**measured.as_dict(), "oracle": self.config.oracle}
         write_card(out / "README.md", "The mini world's generator", __doc__, self.config.model_dump(),
-                   self.log, quality)
-        (out / "training.json").write_text(json.dumps({"quality": quality, "config": self.config.model_dump()},
-                                                      indent=2) + "\n")
+                   self.log, quality, self.continued_from)
+        record = {"quality": quality, "config": self.config.model_dump(), "continued_from": self.continued_from}
+        (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 GRID_CLASSES = [(name,) for name in SHAPES.names] + [

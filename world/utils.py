@@ -184,8 +184,10 @@ def image_grid(images: np.ndarray, captions: list[str], path: Path, columns: int
     canvas.save(path)
 
 
-def write_card(path: Path, title: str, doc: str | None, config: dict, log: TrainingLog, quality: dict) -> None:
-    """A short model card: what it is, how it was trained, and what it measured."""
+def write_card(path: Path, title: str, doc: str | None, config: dict, log: TrainingLog, quality: dict,
+               continued_from: dict | None = None) -> None:
+    """A short model card: what it is, how it was trained (after the weights it started from, if
+    any), and what it measured."""
     steps = {stage: max(step for s, step, _ in log.records if s == stage) for stage in log.stages()}
     lines = [f"# {title}", "", (doc or "").strip(), "",
              "## Training", "", f"- steps per stage: {json.dumps(steps)}",
@@ -194,4 +196,8 @@ def write_card(path: Path, title: str, doc: str | None, config: dict, log: Train
              "- config:", "", "```json", json.dumps(config, indent=2), "```", "",
              "## Measured", "", "```json", json.dumps(quality, indent=2), "```", "",
              "![loss](loss.png)", ""]
+    if continued_from:
+        lines += ["## Started from", "", f"The weights of `{continued_from['folder']}`, whose own record was:", "",
+                  "```json", json.dumps({k: v for k, v in continued_from.items() if k != "folder"}, indent=2), "```",
+                  ""]
     Path(path).write_text("\n".join(lines))

@@ -31,8 +31,8 @@ def test_batches_are_a_function_of_seed_and_step():
     assert all(p.startswith("a photograph of a ") for p in prompts)
 
 
-@pytest.mark.slow  # two short trainings and two exports with sample grids: about 15 s
-def test_training_resumes_and_exports_a_loadable_pipeline(tmp_path):
+@pytest.mark.slow  # three short trainings and three exports with sample grids: about 20 s
+def test_training_resumes_exports_a_loadable_pipeline_and_continues_from_it(tmp_path):
     config = GeneratorTrainConfig(out=str(tmp_path / "out"), work=str(tmp_path / "work"), vae_steps=2,
                                   unet_steps=2, batch_size=2, save_every=2, quality_images=2, sample_steps=2)
     first = GeneratorTraining(config).run()
@@ -48,9 +48,27 @@ def test_training_resumes_and_exports_a_loadable_pipeline(tmp_path):
         assert (out / name).is_file(), name
     quality = json.loads((out / "training.json").read_text())["quality"]
     assert quality["unet_steps"] == 3 and quality["vae_psnr_db"] > 0
-    assert quality["oracle_finds"]["images"] == 4  # measured by the shipped oracle: 2 one-object, 2 two-object
+    finds = quality["oracle_finds"]
+    assert finds["images"] == 4  # measured by the shipped oracle: 2 one-object, 2 two-object
+    assert {"daam_inside", "daam_outside"} <= set(finds)  # NaN where the oracle found nothing
     pipe = load_pipeline(str(out))  # the build's own loader, as for SD 1.5
     assert pipe.vae.config.scaling_factor == pytest.approx(resumed.parts["vae"].config.scaling_factor)
     assert pipe.tokenizer.model_max_length == 16
     images = generate(pipe, [prompt_of((SHAPES.names[0],))], [0], steps=2, guidance_scale=4.0, height=64, width=64)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
+
+    # A new run started from the export: its weights, its VAE kept (stage 1 skipped), its record kept.
+    later = GeneratorTraining(GeneratorTrainConfig(
+        init=str(out), out=str(tmp_path / "later"), work=str(tmp_path / "later-work"), vae_steps=2, unet_steps=1,
+        batch_size=2, save_every=1, quality_images=2, sample_steps=2))
+    assert (later.vae_step, later.unet_step) == (2, 0)
+    exported = pipe.unet.state_dict()
+    for name, tensor in later.parts["unet"].state_dict().items():
+        assert np.allclose(tensor.numpy(), exported[name].float().numpy()), name
+    assert later.parts["vae"].config.scaling_factor == pipe.vae.config.scaling_factor
+    later.run()
+    record = json.loads((tmp_path / "later" / "training.json").read_text())
+    assert record["continued_from"]["folder"] == str(out)
+    assert record["continued_from"]["quality"]["unet_steps"] == 3
+    assert "## Started from" in (tmp_path / "later" / "README.md").read_text()
+    assert GeneratorTraining(later.config).unet_step == 1  # a rerun resumes the new run, not the export
