@@ -4,8 +4,8 @@ In one run, on the same planned samples:
 - factory: `factory.pipeline.ray_executor.stream_samples`, the production Ray Data pipeline (model
   actors, encoding, Parquet parts and commit records in a temporary folder);
 - bare loop: the generator and labeler stages called one batch after the other in one
-  process (same batch sizes; one torch thread and a Ray worker's CPU priority, as a
-  one-CPU model actor has), no Ray, no encoding, no writes.
+  process (same batch sizes; the torch threads and the CPU priority of a model actor on a
+  machine without GPUs), no Ray, no encoding, no writes.
 Throughputs are after start-up (the factory's ends when its last model is ready; paid
 once per build, minutes of a GPU-hour); the end-to-end ratio includes it. On a shared
 machine the two halves see different load; the model actors' busy share (model seconds
@@ -38,14 +38,14 @@ from factory.pipeline.actor import encode_options
 from factory.pipeline.generate import GenerateStage
 from factory.pipeline.label import LabelStage
 from factory.pipeline.plan import Sample, build_plan, plan_batch
-from factory.pipeline.ray_executor import stream_samples
+from factory.pipeline.ray_executor import cpu_threads, stream_samples
 from factory.pipeline.recipe import Recipe, RecipeError, add_recipe_arguments, load_recipe
 from factory.pipeline.stages import model_ids, model_stages
 
 
-def bare_loop(recipe: Recipe, plan: list[Sample]) -> tuple[float, float, int]:
+def bare_loop(recipe: Recipe, plan: list[Sample], threads: int) -> tuple[float, float, int]:
     """Seconds to build both models, seconds to run every batch through them, samples labelled."""
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     start = time.perf_counter()
     gen, lab = recipe.generator, recipe.labeler
     generator = GenerateStage(gen, recipe.capture)
@@ -105,13 +105,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(ignore_reinit_error=True, log_to_driver=False)
     factory_seconds, factory_startup, result = factory(recipe, plan)
-    # The bare loop runs in a process of its own with what a model actor gets: one torch
-    # thread (Ray sets OMP_NUM_THREADS to the actor's one CPU) and a Ray worker's CPU
-    # priority (nice 15 by default), which on a shared machine decides how much CPU it gets.
+    # The bare loop runs in a process of its own with what a model actor gets: its torch
+    # threads (ray_executor.cpu_threads) and a Ray worker's CPU priority (nice 15 by default),
+    # which on a shared machine decides how much CPU it gets.
     niceness = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=os.nice, initargs=(niceness,)) as pool:
-        bare_startup, bare_seconds, labelled = pool.submit(bare_loop, recipe, plan).result()
+        bare_startup, bare_seconds, labelled = pool.submit(bare_loop, recipe, plan, cpu_threads(recipe)).result()
 
     n = len(plan)
     bare, steady = n / bare_seconds, n / (factory_seconds - factory_startup)

@@ -6,6 +6,7 @@ import contextlib
 import threading
 
 import numpy as np
+import torch
 
 from factory.core.vocab import Vocabulary
 from factory.dataset.write import encode_batch
@@ -23,9 +24,14 @@ class ModelActor:
     batch meanwhile, off the GPU's critical path. With ``overlap`` each phase of each stage
     (a stage's ``phases``: the generator's denoise and decode) has a lock and a CUDA stream of
     its own, so batch k decodes and is labelled while batch k+1 denoises.
+
+    ``cpu_threads``: torch's threads where the actor has no GPU (Ray sets one per logical CPU held).
     """
 
-    def __init__(self, stages: list[StageSpec], encode: dict, overlap: bool = False, static_batch: bool = False):
+    def __init__(self, stages: list[StageSpec], encode: dict, overlap: bool = False, static_batch: bool = False,
+                 cpu_threads: int | None = None):
+        if cpu_threads and not torch.cuda.is_available():
+            torch.set_num_threads(cpu_threads)
         self.phases = []
         for spec in stages:
             stage = resolve_stage(spec.stage)(**spec.kwargs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import ray
@@ -34,7 +35,8 @@ def stream_samples(recipe: Recipe, todo: list[Sample], out: str, metadata: dict[
                                         max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
     ds = ds.map_batches(actor, batch_size=gen.batch_size, compute=actors, batch_format="numpy",
                         fn_constructor_kwargs={"stages": stages, "encode": encode, "overlap": recipe.fast.overlap,
-                                               "static_batch": recipe.fast.static_batch},
+                                               "static_batch": recipe.fast.static_batch,
+                                               "cpu_threads": cpu_threads(recipe)},
                         **accelerator_resources(recipe))
     # A part's write takes a fraction of the time its batches took to make, so a few writes in flight
     # keep up with many GPUs; unbounded, Ray Data runs one per free CPU and each starts a worker process.
@@ -65,6 +67,15 @@ def accelerator_resources(recipe: Recipe) -> dict[str, float]:
                            "adds them; models small enough for CPUs run there with pool.require_gpu: false)")
         return actor_resources(gpu=True)
     return actor_resources(gpu=False)
+
+
+def cpu_threads(recipe: Recipe) -> int:
+    """Torch threads of a model actor without a GPU: the recipe's, else the driver's cores (or its
+    OMP_NUM_THREADS) shared among the pool. An actor holds one logical CPU, so Ray alone would give
+    it one thread and leave the other cores of a CPU-only machine idle."""
+    pool = recipe.pool
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    return pool.cpu_threads or max(1, cores // pool.max_size)
 
 
 def write_concurrency(gpus: int) -> int:

@@ -29,6 +29,10 @@ class PoolConfig(Section):
         "world's). With GPUs in the cluster, actors always take one")
     load_attempts: int = Field(3, ge=1, le=20, description="tries per actor to load its models (backoff 2 s, "
                                "4 s, ...) before the build fails with the cause")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="torch threads of each model actor that runs on CPUs (no GPU in the cluster); null: "
+        "the driver's cores (its OMP_NUM_THREADS where set) shared among max_size actors. Ray would give an actor "
+        "one thread, one per logical CPU it holds")
 
     @model_validator(mode="after")
     def _ordered(self) -> "PoolConfig":

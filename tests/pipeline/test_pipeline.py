@@ -292,6 +292,27 @@ def test_without_overlap_a_batch_holds_every_phase():
     assert stage.overlapped is False
 
 
+def test_a_model_actor_on_cpus_takes_its_share_of_the_cores(monkeypatch):
+    """Ray gives an actor one thread per logical CPU it holds, one; on a machine without GPUs the
+    build's actors share its cores instead (the driver's OMP_NUM_THREADS where set), or take the
+    recipe's count."""
+    import torch
+
+    from factory.pipeline.ray_executor import cpu_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert cpu_threads(load_recipe("tiny")) == 8
+    assert cpu_threads(load_recipe("tiny", {"pool.max_size": 3})) == 2
+    assert cpu_threads(load_recipe("tiny", {"pool.max_size": 16})) == 1
+    assert cpu_threads(load_recipe("tiny", {"pool.cpu_threads": 5})) == 5
+    before = torch.get_num_threads()
+    try:
+        ModelActor([], ENCODE, cpu_threads=3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_static_batches_pad_short_calls_and_cut_the_copies():
     stage = TwoPhases()
     batch = plan_batch(build_plan(load_recipe("tiny", {"num_samples": 5})))
