@@ -4,6 +4,7 @@ over fixed batches."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import warnings
@@ -52,6 +53,14 @@ def _interrupt_quietly(signum, frame) -> None:
 def cluster_gpus() -> int:
     """GPUs of the cluster ``ray.init`` joined (or started)."""
     return int(ray.cluster_resources().get("GPU", 0))
+
+
+def cpu_share(processes: int) -> int:
+    """Torch threads for each of `processes` model processes (actors, training workers) on a machine
+    without GPUs: the driver's cores, or its OMP_NUM_THREADS where set, shared among them. Ray
+    gives a worker one thread per logical CPU it holds, one, and would leave the other cores idle."""
+    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    return max(1, cores // processes)
 
 
 def actor_resources(gpu: bool) -> dict[str, float]:

@@ -11,23 +11,33 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
-from factory.core.cluster import cluster_gpus
+from factory.core.cluster import cluster_gpus, cpu_share
 
 
 def fit(loop: Callable[[dict], None], worker_config: dict, *, num_workers: int, use_gpu: Literal["auto"] | bool,
         cpus_per_worker: float = 1.0, datasets: dict | None = None, preserve_order: bool = False) -> None:
     """`loop(worker_config)` on `num_workers` Ray Train workers, one GPU each when `use_gpu` (or, for
     "auto", when the cluster ray.init joins has GPUs), each reading its shard of `datasets` (in the
-    datasets' order with `preserve_order`); returns when training ends."""
+    datasets' order with `preserve_order`); returns when training ends. Without GPUs each worker
+    takes its share of the cores (``cpu_share``), where Ray would give it one thread."""
     data_options = ray.train.DataConfig.default_ingest_options()
     data_options.preserve_order = data_options.preserve_order or preserve_order
     ray.init(ignore_reinit_error=True)
     gpu = use_gpu if use_gpu != "auto" else cluster_gpus() > 0
     scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                       resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})})
-    ray.train.torch.TorchTrainer(loop, train_loop_config=worker_config, scaling_config=scaling,
+    threads = None if gpu else cpu_share(num_workers)
+    ray.train.torch.TorchTrainer(_with_threads(loop, threads), train_loop_config=worker_config, scaling_config=scaling,
                                  datasets=datasets, dataset_config=ray.train.DataConfig(execution_options=data_options)
                                  ).fit()
+
+
+def _with_threads(loop: Callable[[dict], None], threads: int | None) -> Callable[[dict], None]:
+    def run(config: dict) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        loop(config)
+    return run
 
 
 def all_reduce_mean(total: float, count: int, device: torch.device) -> float:

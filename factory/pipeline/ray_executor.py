@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 
 import ray
 
-from factory.core.cluster import actor_resources, cluster_gpus
+from factory.core.cluster import actor_resources, cluster_gpus, cpu_share
 from factory.core.conventions import TINY
 from factory.dataset.write import Commit, write_part
 from factory.pipeline.actor import ModelActor
@@ -70,12 +69,8 @@ def accelerator_resources(recipe: Recipe) -> dict[str, float]:
 
 
 def cpu_threads(recipe: Recipe) -> int:
-    """Torch threads of a model actor without a GPU: the recipe's, else the driver's cores (or its
-    OMP_NUM_THREADS) shared among the pool. An actor holds one logical CPU, so Ray alone would give
-    it one thread and leave the other cores of a CPU-only machine idle."""
-    pool = recipe.pool
-    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
-    return pool.cpu_threads or max(1, cores // pool.max_size)
+    """Torch threads of a model actor without a GPU: the recipe's, else the cores shared among the pool."""
+    return recipe.pool.cpu_threads or cpu_share(recipe.pool.max_size)
 
 
 def write_concurrency(gpus: int) -> int:
