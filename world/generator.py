@@ -68,6 +68,8 @@ class GeneratorTrainConfig(BaseModel):
     vae_lr: float = Field(2e-3, gt=0)
     lr: float = Field(6e-4, gt=0, description="U-Net and text encoder learning rate (after 200 warm-up steps)")
     two_objects: float = Field(0.5, ge=0, le=1, description="fraction of two-object drawings")
+    train_text_encoder: bool = Field(True, description="train the text encoder with the U-Net in stage 2; false "
+                                     "keeps it as it starts (from `init`: the class words' embeddings unchanged)")
     uncond: float = Field(0.1, ge=0, le=1, description="fraction of prompts dropped (guidance training)")
     snr_gamma: float = Field(5.0, gt=0, description="min-SNR loss weighting")
     ema_decay: float = Field(0.999, gt=0, lt=1)
@@ -80,7 +82,8 @@ class GeneratorTrainConfig(BaseModel):
 
 
 # Changing these makes a different run: its training state is not resumed.
-_RUN_IDENTITY = ("seed", "init", "batch_size", "vae_lr", "lr", "two_objects", "uncond", "snr_gamma", "ema_decay")
+_RUN_IDENTITY = ("seed", "init", "batch_size", "vae_lr", "lr", "two_objects", "train_text_encoder", "uncond",
+                 "snr_gamma", "ema_decay")
 
 
 def build_components(seed: int) -> dict[str, nn.Module]:
@@ -133,7 +136,9 @@ class GeneratorTraining:
         self.log = TrainingLog()
         self.vae_step = self.unet_step = 0
         self.vae_optimizer = torch.optim.AdamW(self.parts["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
-        trained = list(self.parts["unet"].parameters()) + list(self.parts["text_encoder"].parameters())
+        trained = list(self.parts["unet"].parameters())
+        if config.train_text_encoder:
+            trained += list(self.parts["text_encoder"].parameters())
         self.optimizer = torch.optim.AdamW(trained, lr=config.lr, weight_decay=1e-2)
         self.scheduler = sd_scheduler()
         self.continued_from: dict | None = None
@@ -241,7 +246,7 @@ class GeneratorTraining:
         config = self.config
         self.parts["vae"].eval().requires_grad_(False)
         self.parts["unet"].train()
-        self.parts["text_encoder"].train()
+        self.parts["text_encoder"].train(self.config.train_text_encoder).requires_grad_(self.config.train_text_encoder)
         bar = tqdm(total=config.unet_steps, initial=self.unet_step, desc="U-Net + text", unit="step")
         while self.unet_step < config.unet_steps:
             step = self.unet_step

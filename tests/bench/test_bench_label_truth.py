@@ -68,8 +68,8 @@ def test_seed_repeats_are_summarised_by_mean_and_range():
 @pytest.mark.slow  # annotates through the world's generator and the shipped module
 def test_the_shipped_module_gives_an_absent_class_no_mask(tmp_path):
     """64 drawn val images, each asked about its own classes and one it does not show, as the bench asks
-    500 (docs/label-truth.md). Measured here: the absent class got pixels in 8 of 64 images (before the
-    presence head: about 55%), and 83 of the 96 present classes were found."""
+    500 (docs/label-truth.md). Measured here: the absent class got pixels in 7 of 64 images (before the
+    presence head: about 55%), and 87 of the 96 present classes were found."""
     root = write_benchmark(tmp_path / "voc", val=64, train=0)
     classes = class_lists(root, 64, tmp_path / "images")
     lists = json.loads(classes.read_text())
@@ -88,4 +88,4 @@ def test_the_shipped_module_gives_an_absent_class_no_mask(tmp_path):
         assert c["absent_sharing_masked"] + c["absent_apart_masked"] == c["absent_masked"]
     masked = sum(scores[kind]["absent_masked"] for kind in KINDS)
     found = sum(scores[kind]["found"] for kind in KINDS) / sum(scores[kind]["present"] for kind in KINDS)
-    assert masked <= 13 and found >= 0.8, scores
+    assert masked <= 12 and found >= 0.83, scores

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from factory.core.vocab import SHAPE_COLOURS, SHAPE_FORMS, SHAPES
 from factory.diffusion.pipelines import generate, load_pipeline
@@ -57,16 +58,21 @@ def test_training_resumes_exports_a_loadable_pipeline_and_continues_from_it(tmp_
     images = generate(pipe, [prompt_of((SHAPES.names[0],))], [0], steps=2, guidance_scale=4.0, height=64, width=64)
     assert images.shape == (1, 64, 64, 3) and images.dtype == np.uint8
 
-    # A new run started from the export: its weights, its VAE kept (stage 1 skipped), its record kept.
+    # A new run started from the export: its weights, its VAE kept (stage 1 skipped), its record kept;
+    # here with the text encoder kept as it starts.
     later = GeneratorTraining(GeneratorTrainConfig(
         init=str(out), out=str(tmp_path / "later"), work=str(tmp_path / "later-work"), vae_steps=2, unet_steps=1,
-        batch_size=2, save_every=1, quality_images=2, sample_steps=2))
+        batch_size=2, save_every=1, quality_images=2, sample_steps=2, train_text_encoder=False))
     assert (later.vae_step, later.unet_step) == (2, 0)
     exported = pipe.unet.state_dict()
     for name, tensor in later.parts["unet"].state_dict().items():
         assert np.allclose(tensor.numpy(), exported[name].float().numpy()), name
     assert later.parts["vae"].config.scaling_factor == pipe.vae.config.scaling_factor
+    unet_before = {k: v.clone() for k, v in later.parts["unet"].state_dict().items()}
     later.run()
+    assert any(not torch.equal(v, unet_before[k]) for k, v in later.parts["unet"].state_dict().items())
+    for name, tensor in later.parts["text_encoder"].state_dict().items():
+        assert np.allclose(tensor.numpy(), pipe.text_encoder.state_dict()[name].float().numpy()), name
     record = json.loads((tmp_path / "later" / "training.json").read_text())
     assert record["continued_from"]["folder"] == str(out)
     assert record["continued_from"]["quality"]["unet_steps"] == 3
