@@ -6,7 +6,6 @@ import contextlib
 import threading
 
 import numpy as np
-import torch
 
 from factory.core.vocab import Vocabulary
 from factory.dataset.write import encode_batch
@@ -30,8 +29,11 @@ class ModelActor:
 
     def __init__(self, stages: list[StageSpec], encode: dict, overlap: bool = False, static_batch: bool = False,
                  cpu_threads: int | None = None):
-        if cpu_threads and not torch.cuda.is_available():
-            torch.set_num_threads(cpu_threads)
+        if cpu_threads:
+            import torch  # here: the driver plans builds without loading torch (tests/test_layers.py)
+
+            if not torch.cuda.is_available():
+                torch.set_num_threads(cpu_threads)
         self.phases = []
         for spec in stages:
             stage = resolve_stage(spec.stage)(**spec.kwargs)
