@@ -59,7 +59,8 @@ def cpu_share(processes: int) -> int:
     """Torch threads for each of `processes` model processes (actors, training workers) on a machine
     without GPUs: the driver's cores, or its OMP_NUM_THREADS where set, shared among them. Ray
     gives a worker one thread per logical CPU it holds, one, and would leave the other cores idle."""
-    cores = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    cores = int(os.environ.get("OMP_NUM_THREADS") or usable)
     return max(1, cores // processes)
 
 
