@@ -27,10 +27,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from bench.mini_mission import StageClock, save_report
 from bench.real_images import annotate, annotation_scores
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from factory.core.conventions import IGNORE
 from factory.dataset.codec import decode_label
 from factory.dataset.source import DatasetSource
@@ -95,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("outputs/agreement"),
                         help="folder of the benchmark, builds and report; a rerun resumes (default: %(default)s)")
     parser.add_argument("--images", type=int, default=500, help="val images to draw and annotate")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    ray.init()
+    setup_output(args.verbose)
+    init_ray()
     report = run(args.work, args.images)
     save_report(args.work, report, markdown(report))
     return 0

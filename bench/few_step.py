@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-import ray
-
 from bench.mini_mission import SPLIT, StageClock, build, grounding_config, protocol_i_table, save_report
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from factory.diffusion.steps import (
     REFERENCE_STEPS,
     capture_call_index,
@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samplers", type=parse_sampler, nargs="+",
                         default=[("ddim", 25), ("dpm++", 25), ("dpm++", 12)],
                         help="NAME:STEPS each (default: ddim:25 dpm++:25 dpm++:12)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1))
+    setup_output(args.verbose)
+    init_ray(num_cpus=max(4, os.cpu_count() or 1))
     clock = StageClock("few-step")
     report = {"scale": args.scale,
               "samplers": [run_sampler(args.work, name, steps, args.scale, clock) for name, steps in args.samplers]}

@@ -44,10 +44,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from bench import real_images
 from bench.mini_mission import StageClock, build, publish_report, save_report
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from factory.core.tables import cell
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
@@ -303,8 +304,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="annotator.presence_threshold and Protocol-I's (default: %(default)s)")
     parser.add_argument("--publish", type=Path, metavar="PAGE", help="also write the report as this docs page, "
                         "under the date, commit and command (docs/label-truth.md holds the published run)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    ray.init()
+    setup_output(args.verbose)
+    init_ray()
     report = run(args.work, dict(args.modules), args.images, args.presence_threshold)
     text = markdown(report)
     save_report(args.work, report, text)

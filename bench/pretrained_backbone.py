@@ -23,9 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-import ray
-
 from bench.mini_mission import StageClock, over_seeds, protocol_ii, publish_report, save_report
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from segmenter.config import SegmenterTrainConfig
 from segmenter.evaluate import BACKGROUND_KEYS
 from segmenter.train import prepare_training, run_training
@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-images", type=int, default=1000, help="drawn train images (default: %(default)s)")
     parser.add_argument("--repeat", action="store_true", help="train the pretrained start's seed 0 once more")
     parser.add_argument("--publish", type=Path, help="also write the report to this docs page")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1))  # the training worker and two real-image readers
+    setup_output(args.verbose)
+    init_ray(num_cpus=max(4, os.cpu_count() or 1))  # the training worker and two real-image readers
     stage = StageClock("pretrained backbone")
     write_benchmark(args.work / "benchmark", val=500, train=args.train_images)
     stage("benchmark")

@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 
 from bench.mini_mission import StageClock, build, grounding_config, save_report, scaled
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from factory.core.conventions import IGNORE
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import decode_label
@@ -44,9 +45,9 @@ from factory.pipeline.pipeline import prepare_build, run_build
 from factory.pipeline.recipe import load_recipe
 from grounding.config import GroundingEvalOptions
 from grounding.evaluate import MODULE as PROTOCOL_I_MODULE
-from grounding.metrics import format_table as protocol_i_table
 from grounding.evaluate import prepare_evaluation as prepare_protocol_i
 from grounding.evaluate import run_evaluation as run_protocol_i
+from grounding.metrics import format_table as protocol_i_table
 from grounding.train import prepare_training, run_training
 from segmenter.metrics import ConfusionMatrix
 from world.benchmark import write_benchmark
@@ -173,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("outputs/real-images"),
                         help="folder of every set, checkpoint and result; a rerun resumes (default: %(default)s)")
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies set sizes and training lengths")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
-    ray.init()
+    setup_output(args.verbose)
+    init_ray()
     report = run(args.work, args.scale)
     save_report(args.work, report, markdown(report))
     return 0

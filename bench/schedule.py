@@ -23,8 +23,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import ray
-
 from bench.mini_mission import (
     StageClock,
     build,
@@ -37,6 +35,8 @@ from bench.mini_mission import (
     train_segmenter,
     training_curve,
 )
+from factory.core.cli import add_verbose_argument, setup_output
+from factory.core.cluster import init_ray
 from world.benchmark import write_benchmark
 
 MODULE = "models/shapes-grounding"  # split 1, seen classes only
@@ -68,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iterations", type=int, default=1500, help="the schedule's length (default: %(default)s)")
     parser.add_argument("--seeds", type=int, default=3, help="training seeds (default: %(default)s)")
     parser.add_argument("--publish", type=Path, help="also write the report to this docs page")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    setup_output(args.verbose)
     work = args.work
-    ray.init(num_cpus=max(4, os.cpu_count() or 1))  # the training worker and two real-image readers
+    init_ray(num_cpus=max(4, os.cpu_count() or 1))  # the training worker and two real-image readers
     stage = StageClock("schedule")
     sets = {"synthetic-mixture": build("shapes-synthetic-mixture", work / "synthetic-mixture", 1.0,
                                        {"annotator.checkpoint": MODULE}),

@@ -26,10 +26,12 @@ def show_library_output(verbose: bool) -> None:
         warnings.filterwarnings("ignore", module=r"ray\.")
 
 
-def init_ray() -> None:
-    """Join the cluster (RAY_ADDRESS, or a running local one) or start a local one, once per process."""
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster (RAY_ADDRESS, or a running local one) or start a local one, once per process;
+    `num_cpus`: the logical CPUs of a local one (Ray's default: the machine's cores; a cluster joined keeps its own)."""
     if not ray.is_initialized():
-        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.ERROR)
+        local = {"num_cpus": num_cpus} if num_cpus and not os.environ.get("RAY_ADDRESS") else {}
+        ray.init(log_to_driver=_verbose, logging_level=logging.INFO if _verbose else logging.ERROR, **local)
         quiet_main_thread = not _verbose and threading.current_thread() is threading.main_thread()
         if quiet_main_thread and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             signal.signal(signal.SIGINT, _interrupt_quietly)

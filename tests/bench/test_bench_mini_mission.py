@@ -124,3 +124,87 @@ def test_the_schedule_has_plateaued_when_the_last_quarter_moves_under_a_point(tm
     assert [p["iteration"] for p in partial["points"]] == [400] and partial["points"][0]["harmonic"] == 42.0
     plot_curve(flat, tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def table(harmonics: dict[str, tuple[float, float]], spread: float) -> dict:
+    """A report's Protocol-II entries: each model two seeds, seen = unseen = harmonic = its figure +- `spread`;
+    `harmonics` overrides a model's (harmonic, unseen) pair (seen then follows from the harmonic mean)."""
+    results = {}
+    for name in mission.MODELS:
+        harmonic, unseen = harmonics.get(name, (50.0, 50.0))
+        seen = harmonic * unseen / (2 * unseen - harmonic)  # 2SU/(S+U) = H
+        results[name] = over_seeds({s: run(seen + d, unseen + d, harmonic + d) for s, d in ((0, -spread), (1, spread))})
+    return results
+
+
+def report(results: dict) -> dict:
+    return {"protocol_ii": results, "seeds": 2, "segmenter_iterations": 1500,
+            "oracle_curve": curve_summary({0: curve(10, 30, 40, 45, 48, 49.5, 50.0, 50.2)})}
+
+
+def test_the_findings_say_which_of_the_papers_orders_hold_by_the_spread():
+    paper_like = table({"Model-A": (40.0, 38.0), "Model-B": (55.0, 52.0), "Model-C": (62.0, 60.0),
+                        "Model-D": (70.0, 68.0), "Oracle": (66.0, 64.0)}, spread=1.0)
+    text = mission.findings(report(paper_like))
+    assert "order A < B < C holds, each gap beyond the two rows' spread" in text
+    assert "Model-B - Model-A +15.0, beyond their spread" in text
+    assert "Model-D raises the unseen mIoU over Model-C, beyond the spread (Model-D - Model-C +8.0" in text
+    assert "Model-C's harmonic 62.0 (target >= 60: met)" in text and "(target >= 0.75: met)" in text
+    assert "+4.0 over Model-C (targets: >= 0 and <= 10: met)" in text
+    assert "moved 0.7 points over the last quarter of its training (plateaued" in text
+    # the miniature as it was measured before: A above C above B, D not raising unseen, the oracle below C
+    reversed_ = table({"Model-A": (36.0, 34.0), "Model-B": (9.9, 9.9), "Model-C": (15.3, 14.7),
+                       "Model-D": (20.9, 13.5), "Oracle": (13.6, 12.4)}, spread=1.0)
+    text = mission.findings(report(reversed_))
+    assert "order A < B < C does not hold" in text and "Model-D does not raise the unseen mIoU over Model-C" in text
+    assert "target >= 60: missed" in text and "-1.7 over Model-C (targets: >= 0 and <= 10: missed)" in text
+    # gaps in the right direction but within the seeds' spread decide nothing
+    close = table({"Model-A": (50.0, 50.0), "Model-B": (51.0, 51.0), "Model-C": (52.0, 52.0)}, spread=3.0)
+    assert "order A < B < C holds in the means, not beyond the spread" in mission.findings(report(close))
+
+
+def test_table_2_puts_the_papers_figures_beside_each_row_and_says_what_was_not_built():
+    lines = mission.table_2(report(table({}, spread=1.0))).splitlines()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in lines[4:] if line.startswith("| ")}
+    assert list(rows) == ["Model-A", "Model-B", "Model-C", "Model-D", "Model-E", "DAAM", "Oracle", "Real"]
+    assert rows["Model-C"][2:] == ["50.0 ± 1.4", "50.0 ± 1.4", "50.0 ± 1.4", "69.5 / 63.2 / 66.2"]
+    assert rows["Model-E"][2:5] == ["-", "-", "-"] and rows["Model-E"][5] == "83.4 / 74.4 / 78.7"
+    assert "not built" in rows["Model-E"][1] and rows["DAAM"][5] == "not in the paper"
+    assert "over 2 training seeds" in lines[0] and lines[-1].startswith("Harmonic mIoU: Model-A 50.0 ± 1.4")
+
+
+def test_publish_writes_the_page_and_rewrites_only_the_readmes_table(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    plot_curve(curve_summary({0: curve(10, 30, 40, 45)}), work / "oracle-curve.png")
+    readme = tmp_path / "README.md"
+    begin, end = mission.README_BLOCK
+    readme.write_text(f"# Title\n\n## Table 2\n\n{begin}\nan older run\n{end}\n\n## After\n")
+    page = tmp_path / "docs" / "mission.md"
+    page.parent.mkdir()
+    the_report = report(table({}, spread=1.0))
+    for _ in range(2):  # a second publication replaces the first
+        mission.publish(the_report, "# Report\n\n![curve](oracle-curve.png)\n", work, page, readme,
+                        "python bench/mini_mission.py --publish docs/mission.md")
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n## Table 2\n\n" + begin + "\nMeasured on ") and text.endswith(end + "\n\n## After\n")
+    assert "an older run" not in text and text.count(begin) == 1 and mission.findings(the_report) in text
+    assert "    python bench/mini_mission.py --publish docs/mission.md" in text
+    assert page.read_text().endswith("# Report\n\n![curve](images/mission-oracle-curve.png)\n")
+    assert (page.parent / "images" / "mission-oracle-curve.png").read_bytes() == (work / "oracle-curve.png").read_bytes()
+
+
+def test_a_rerun_reports_what_each_stage_cost_the_run_that_finished_it(tmp_path, monkeypatch):
+    ticks = iter([0.0, 100.0, 1000.0, 1002.0, 1049.0, 2000.0])
+    monkeypatch.setattr(mission.time, "monotonic", lambda: next(ticks))
+    record = tmp_path / "seconds.json"
+    first = mission.StageClock("mission", record)
+    first("sets")  # 100 s, then stopped during the trainings, which it leaves unfinished
+    assert first.report() == {"sets": 100.0, "total": 100.0, "this_run": {"sets": 100.0, "total": 100.0}}
+    rerun = mission.StageClock("mission", record)
+    rerun("sets")  # resumed: 2 s
+    rerun("trainings")  # 47 s: the stage finished here
+    assert rerun.report() == {"sets": 100.0, "trainings": 47.0, "total": 147.0,
+                              "this_run": {"sets": 2.0, "trainings": 47.0, "total": 49.0}}
+    assert mission.StageClock("plain").report() == {"total": 0}

@@ -25,7 +25,7 @@ def test_the_curve_of_each_seed_is_reported_and_published(monkeypatch, tmp_path)
     for name, fake in {"build": build, "train_segmenter": train, "training_curve": curve,
                        "protocol_ii": lambda *args: final, "write_benchmark": lambda *args, **kwargs: None}.items():
         monkeypatch.setattr(bench, name, fake)
-    monkeypatch.setattr(bench.ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(bench, "init_ray", lambda **kwargs: None)
     page = tmp_path / "docs" / "schedule.md"
     assert bench.main(["--work", str(tmp_path / "w"), "--iterations", "40", "--seeds", "2", "--publish", str(page)]) == 0
 
