@@ -136,12 +136,19 @@ def train_segmenter(work: Path, name: str, iterations: int, seed: int, init: str
 
 
 def protocol_ii(work: Path, name: str, seed: int, checkpoint: str) -> dict:
-    """One segmenter's split-1 scores under both background conventions (BACKGROUND_KEYS' keys)."""
+    """One segmenter's split-1 scores under both background conventions (BACKGROUND_KEYS' keys), kept in
+    <work>/protocol-ii/ under its weights' sha256: a rerun scores each checkpoint once."""
+    record = work / "protocol-ii" / f"{name}-seed-{seed}.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    weights = read_segmenter_metadata(checkpoint)["files"]["model"]["sha256"]
+    if record.exists() and (kept := json.loads(record.read_text()))["weights_sha256"] == weights:
+        return kept["scores"]
     options = ZS3EvalOptions(checkpoint=checkpoint, format="voc", root=str(work / "benchmark"), vocabulary="shapes",
-                             split_set="val", splits=[SPLIT], out=str(work / "protocol-ii" / f"{name}-seed-{seed}.json"),
-                             size=64, qualitative=4)
+                             split_set="val", splits=[SPLIT], out=str(record), size=64, qualitative=4)
     result = run_protocol_ii(prepare_protocol_ii(options))["results"][str(SPLIT)]
-    return {key: {m: result[key][m] for m in METRICS} for key in BACKGROUND_KEYS.values()}
+    scores = {key: {m: result[key][m] for m in METRICS} for key in BACKGROUND_KEYS.values()}
+    record.write_text(json.dumps({"checkpoint": checkpoint, "weights_sha256": weights, "scores": scores}, indent=2))
+    return scores
 
 
 METRICS = ("seen", "unseen", "harmonic")

@@ -55,11 +55,20 @@ def test_a_protocol_ii_run_keeps_both_conventions(monkeypatch, tmp_path):
     reports them (its per-class IoUs and the chosen convention's copy at the top are left out)."""
     split = {key: {"seen": 70.0 - k, "unseen": 50.0 - k, "harmonic": 58.3 - k, "per_class": {}}
              for k, key in enumerate(BACKGROUND_KEYS.values())}
+    evaluated = []
     monkeypatch.setattr(mission, "prepare_protocol_ii", lambda options: options)
-    monkeypatch.setattr(mission, "run_protocol_ii", lambda options: {"results": {"1": {**split, "seen": 70.0}}})
-    assert protocol_ii(tmp_path, "Model-A", 0, "ck") == {
-        IGNORED: {"seen": 70.0, "unseen": 50.0, "harmonic": 58.3}, COUNTED: {"seen": 69.0, "unseen": 49.0,
-                                                                           "harmonic": 57.3}}
+    monkeypatch.setattr(mission, "run_protocol_ii",
+                        lambda options: evaluated.append(options) or {"results": {"1": {**split, "seen": 70.0}}})
+    weights = {"ck": "aa", "retrained": "bb"}
+    monkeypatch.setattr(mission, "read_segmenter_metadata",
+                        lambda uri: {"files": {"model": {"sha256": weights[uri]}}})
+    expected = {IGNORED: {"seen": 70.0, "unseen": 50.0, "harmonic": 58.3},
+                COUNTED: {"seen": 69.0, "unseen": 49.0, "harmonic": 57.3}}
+    assert protocol_ii(tmp_path, "Model-A", 0, "ck") == expected
+    # a rerun scores the same weights once; other weights (a checkpoint trained again) are scored again
+    assert protocol_ii(tmp_path, "Model-A", 0, "ck") == expected and len(evaluated) == 1
+    assert protocol_ii(tmp_path, "Model-A", 0, "retrained") == expected and len(evaluated) == 2
+    assert evaluated[0].out == str(tmp_path / "protocol-ii" / "Model-A-seed-0.json")  # its panels beside it
 
 
 def test_every_segmenter_starts_from_the_pretrained_backbone_on_one_schedule(monkeypatch, tmp_path):
