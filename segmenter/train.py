@@ -287,7 +287,8 @@ def run_training(plan: TrainingPlan) -> TrainingSummary:
     """Train the remaining iterations on Ray Train (joins the cluster ray.init finds, or starts one)."""
     config = plan.config
     if plan.done_iterations < config.iterations:
-        ray.init(ignore_reinit_error=True)
+        if not ray.is_initialized():  # ignore_reinit_error would log a line each time
+            ray.init()
         check_data_cpus(config)
         fit(train_loop_per_worker, plan.worker_config(), num_workers=config.num_workers, use_gpu=config.use_gpu,
             cpus_per_worker=config.cpus_per_worker, datasets=training_datasets(plan), preserve_order=True)

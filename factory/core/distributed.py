@@ -22,7 +22,8 @@ def fit(loop: Callable[[dict], None], worker_config: dict, *, num_workers: int, 
     takes its share of the cores (``cpu_share``), where Ray would give it one thread."""
     data_options = ray.train.DataConfig.default_ingest_options()
     data_options.preserve_order = data_options.preserve_order or preserve_order
-    ray.init(ignore_reinit_error=True)
+    if not ray.is_initialized():  # ignore_reinit_error would log a line each time
+        ray.init()
     gpu = use_gpu if use_gpu != "auto" else cluster_gpus() > 0
     scaling = ray.train.ScalingConfig(num_workers=num_workers, use_gpu=gpu,
                                       resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if gpu else {})})
