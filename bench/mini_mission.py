@@ -79,6 +79,7 @@ PAPER = {  # Li et al. 2023, section 5.2, Table 2, PASCAL VOC: seen, unseen, har
 NOT_BUILT = {"Model-E": "the paper's complicated prompts on top of Model-D: not built, the world's generator has "
                         "learnt no captions that describe a scene"}
 README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE_NOTE = "<!-- Written by the bench command below: rerun it rather than edit this page. -->\n\n"
 README_BLOCK = ("<!-- table-2:begin -->", "<!-- table-2:end -->")  # where --publish rewrites the README's table
 BACKBONE = "models/shapes-backbone"  # the world's "ImageNet" start (world/backbone.py)
 CURVE_POINTS = 10  # snapshots of the oracle reference's training, the curve that judges the schedule
@@ -317,8 +318,7 @@ def publication_header(command: str, written: list[Path]) -> str:
 def publish_report(path: Path, text: str, command: str) -> None:
     """The report as a docs page: the bench's own text under ``publication_header``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("<!-- Written by the bench command below: rerun it rather than edit this page. -->\n\n"
-                    + publication_header(command, [path]) + text)
+    path.write_text(PAGE_NOTE + publication_header(command, [path]) + text)
 
 
 def run(work: Path, scale: float, segmenter_iterations: int, seeds: int) -> dict:
@@ -415,9 +415,9 @@ def findings(report: dict) -> str:
     raise_text = ("raises the unseen mIoU over Model-C, beyond the spread" if raised > 0 and beyond else
                   "raises the unseen mIoU over Model-C, within the spread" if raised > 0 else
                   "does not raise the unseen mIoU over Model-C")
-    seen, unseen = _figure(results["Model-C"], "seen")[0], _figure(results["Model-C"], "unseen")[0]
-    harmonic = results["Model-C"]["harmonic"] or 0.0
-    below_oracle = (results["Oracle"]["harmonic"] or 0.0) - harmonic
+    (seen, _), (unseen, _), (harmonic, _) = (_figure(results["Model-C"], m) for m in METRICS)
+    harmonic = harmonic or 0.0
+    below_oracle = (_figure(results["Oracle"], "harmonic")[0] or 0.0) - harmonic
     curve = report["oracle_curve"]
     met = {True: "met", False: "missed"}
     return " ".join([
@@ -470,7 +470,7 @@ def publish(report: dict, text: str, work: Path, page: Path, readme: Path, comma
     begin, end = README_BLOCK
     before, rest = readme.read_text().split(begin)
     readme.write_text(f"{before}{begin}\n{header}{table_2(report)}\n{end}{rest.split(end)[1]}")
-    page.write_text("<!-- Written by the bench command below: rerun it rather than edit this page. -->\n\n" + header
+    page.write_text(PAGE_NOTE + header
                     + text.replace("](oracle-curve.png)", f"](images/{picture.name})"))
     picture.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(work / "oracle-curve.png", picture)
