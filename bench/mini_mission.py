@@ -8,12 +8,14 @@
 2. Grounding: one module per split, trained on that split's seen classes only.
 3. Protocol-I: each split's module and DAAM on the test triplets (Table 1's layout).
 4. Synthetic segmentation sets for split 1, labelled by the split-1 module: one object, two
-   objects, the mixture (shapes-synthetic-*); the same mixture labelled by DAAM and by the oracle.
+   objects, the mixture (shapes-synthetic-*); the same mixture labelled by DAAM and by the oracle;
+   for the ablation, the one- and two-object sets' own images labelled by the oracle.
 5. Segmenters (the world preset, from the world's pretrained backbone, models/shapes-backbone, at
    the paper's 0.1 backbone learning-rate factor: docs/pretrained-backbone.md): Model-A (one), B
    (two), C (mixture), D (C, then C's set with drawn seen-class images), the DAAM-labelled
    baseline, the oracle-labelled upper bound (supervised, not zero-shot), and the real-data
-   reference (the drawn benchmark's train images, every class; supervised, not zero-shot).
+   reference (the drawn benchmark's train images, every class; supervised, not zero-shot); the
+   ablation behind the order A < B: Model-A and Model-B again on their images' oracle labels.
 6. Protocol-II on the drawn benchmark (world/benchmark.py, VOC layout; Table 2's layout): every
    segmenter trained with --seeds seeds, each cell the mean and standard deviation over them.
 7. The schedule's check: the oracle-labelled reference's harmonic mIoU at 10 snapshots of its
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -73,6 +76,13 @@ MODELS = {  # name -> (dataset, setting, what it is)
     "Oracle": ("oracle", "supervised", "one and two objects, oracle labels: upper bound, not zero-shot"),
     "Real": (None, "supervised", "drawn benchmark train images, every class: real-data reference, not zero-shot"),
 }
+# The ablation behind A < B: Model-A's and Model-B's own images, labelled by the oracle instead of the module.
+# If B passes A there but not with the module's labels, the labels hold B back; if not, its images do.
+ABLATION = {
+    "Model-A, oracle labels": ("oracle-one", "supervised", "Model-A's images, oracle labels: ablation, not zero-shot"),
+    "Model-B, oracle labels": ("oracle-two", "supervised", "Model-B's images, oracle labels: ablation, not zero-shot"),
+}
+TRAINED = {**MODELS, **ABLATION}
 PAPER = {  # Li et al. 2023, section 5.2, Table 2, PASCAL VOC: seen, unseen, harmonic mIoU
     "Model-A": (62.8, 50.0, 55.7), "Model-B": (65.8, 60.1, 62.8), "Model-C": (69.5, 63.2, 66.2),
     "Model-D": (83.0, 71.3, 76.7), "Model-E": (83.4, 74.4, 78.7)}
@@ -99,6 +109,20 @@ def build(recipe: str, out: Path, scale: float, overrides: dict | None = None, i
     return {"written": summary.written, "planned": summary.planned, "given_up": summary.given_up}
 
 
+def slug(name: str) -> str:
+    """A model's name as a file name: "Model-A, oracle labels" -> "Model-A-oracle-labels"."""
+    return re.sub(r"[^A-Za-z0-9-]+", "-", name)
+
+
+def oracle_labelled(work: Path, kind: str, scale: float) -> dict:
+    """The images of <work>/synthetic-KIND, each once, labelled by the oracle (recipe shapes-oracle following
+    that set, whose plan it takes)."""
+    plan = load_recipe(f"shapes-synthetic-{kind}")
+    return build("shapes-oracle", work / f"oracle-{kind}", scale, {
+        "per_class": scaled(plan.per_class, scale), "per_pair": scaled(plan.per_pair, scale), "pairs": plan.pairs,
+        "follow": str(work / f"synthetic-{kind}")})
+
+
 def grounding_config(data: Path, out: Path, split: int, scale: float, mix: list[Path] | None = None
                      ) -> GroundingTrainConfig:
     """The mission's grounding training: the world preset on `split`'s seen classes of `data` (and `mix`),
@@ -117,11 +141,11 @@ def train_grounding(work: Path, split: int, scale: float) -> str:
 
 def train_segmenter(work: Path, name: str, iterations: int, seed: int, init: str | None = None) -> str:
     """One segmenter of the table; the oracle reference keeps CURVE_POINTS snapshots (``training_curve``)."""
-    data, setting, _ = MODELS[name]
+    data, setting, _ = TRAINED[name]
     benchmark = {"format": "voc", "root": str(work / "benchmark"), "split": "train", "vocabulary": "shapes"}
     # The pretrained backbone at the paper's factor: about three times the harmonic mIoU of a random one,
     # and of itself at factor 1, 500 iterations, 3 seeds (docs/pretrained-backbone.md).
-    config = {"out": str(work / "segmenters" / name.lower() / f"seed-{seed}"),
+    config = {"out": str(work / "segmenters" / slug(name).lower() / f"seed-{seed}"),
               "model": {"preset": "world", "backbone_weights": None if init else BACKBONE},
               "setting": setting, "split": SPLIT, "crop_size": 64, "crop_scale": (0.5, 1.0),
               "iterations": iterations, "batch_size": 16, "lr": 3e-3, "backbone_lr_factor": 0.1,
@@ -139,7 +163,7 @@ def train_segmenter(work: Path, name: str, iterations: int, seed: int, init: str
 def protocol_ii(work: Path, name: str, seed: int, checkpoint: str) -> dict:
     """One segmenter's split-1 scores under both background conventions (BACKGROUND_KEYS' keys), kept in
     <work>/protocol-ii/ under its weights' sha256: a rerun scores each checkpoint once."""
-    record = work / "protocol-ii" / f"{name}-seed-{seed}.json"
+    record = work / "protocol-ii" / f"{slug(name)}-seed-{seed}.json"
     record.parent.mkdir(parents=True, exist_ok=True)
     weights = read_segmenter_metadata(checkpoint)["files"]["model"]["sha256"]
     if record.exists() and (kept := json.loads(record.read_text()))["weights_sha256"] == weights:
@@ -259,7 +283,7 @@ def protocol_ii_table(results: dict[str, dict]) -> str:
              f"{' or '.join(map(str, seeds))} training seeds (the same sets, the same schedule).", "",
              f"| Model | Trained on | Setting | {' | '.join(titles)} |", "|---|---|---|" + "---:|" * len(titles)]
     for name, r in results.items():
-        data, setting, what = MODELS[name]
+        data, setting, what = TRAINED[name]
         cells = [_cell(r[key][m], r[key][f"{m}_sd"]) for key in BACKGROUND_KEYS.values() for m in METRICS]
         lines.append(f"| {name} | {what} | {setting} | {' | '.join(cells)} |")
     return "\n".join(lines)
@@ -342,18 +366,19 @@ def run(work: Path, scale: float, segmenter_iterations: int, seeds: int) -> dict
     mixture = {"follow": str(work / "synthetic-mixture")}
     sets["synthetic-daam"] = build("shapes-synthetic-daam", work / "synthetic-daam", scale, mixture)
     sets["oracle"] = build("shapes-oracle", work / "oracle", scale, mixture)
+    sets.update({f"oracle-{kind}": oracle_labelled(work, kind, scale) for kind in ("one", "two")})
     stage("synthetic sets")
-    checkpoints: dict[str, dict[int, str]] = {name: {} for name in MODELS}
+    checkpoints: dict[str, dict[int, str]] = {name: {} for name in TRAINED}
     for seed in range(seeds):  # seed by seed: a run stopped early still has whole seeds to report
-        for name in MODELS:  # Model-D after Model-C, from its weights
+        for name in TRAINED:  # Model-D after Model-C, from its weights
             init = checkpoints["Model-C"][seed] if name == "Model-D" else None
             checkpoints[name][seed] = train_segmenter(work, name, segmenter_iterations, seed, init)
             done = sum(map(len, checkpoints.values()))
-            print(f"mini mission: segmenter {done}/{seeds * len(MODELS)} trained ({name}, seed {seed})", flush=True)
+            print(f"mini mission: segmenter {done}/{seeds * len(TRAINED)} trained ({name}, seed {seed})", flush=True)
     stage("segmenters")
     runs = {name: {seed: protocol_ii(work, name, seed, checkpoint) for seed, checkpoint in checkpoints[name].items()}
-            for name in MODELS}
-    results_ii = {name: over_seeds(runs[name]) for name in MODELS}
+            for name in TRAINED}
+    results_ii = {name: over_seeds(runs[name]) for name in TRAINED}
     stage("protocol-ii")
     curve = curve_summary({seed: training_curve(work, "Oracle", seed, checkpoint, runs["Oracle"][seed])
                            for seed, checkpoint in checkpoints["Oracle"].items()})
@@ -425,6 +450,7 @@ def findings(report: dict) -> str:
         f"order A < B < C {order} ({_gap_text(results, 'Model-A', 'Model-B')}; "
         f"{_gap_text(results, 'Model-B', 'Model-C')}; a gap counts as beyond the spread where it exceeds the two "
         "rows' standard deviations added).",
+        ablation_finding(report),
         f"Model-D {raise_text} ({_gap_text(results, 'Model-C', 'Model-D', 'unseen')}; "
         "the paper: 63.2 to 71.3).",
         f"Model-C's harmonic {harmonic:.1f} (target >= 60: {met[harmonic >= 60]}), its unseen mIoU "
@@ -440,6 +466,29 @@ def findings(report: dict) -> str:
         f"shapes); the spread over anything but the segmenters' {report['seeds']} training seeds (the generator, "
         "the grounding module and every set are one draw each, so a gap within the spread says nothing either "
         "way); Model-E, not built."])
+
+
+def ablation_finding(report: dict) -> str:
+    """The ablation's verdict on A < B, from B - A with the module's labels and with the oracle's on the same
+    images: which of the two, labels or images, keeps Model-B from passing Model-A (where it does not)."""
+    results, sets = report["protocol_ii"], report["sets"]
+    module, _ = _gap(results, "Model-A", "Model-B")
+    oracle, beyond = _gap(results, *ABLATION)
+    cells = ", ".join(f"{name.split(',')[0]} {_cell(*_figure(results[name], 'harmonic'))}" for name in ABLATION)
+    if module > 0:
+        verdict = f"B is above A with the module's labels already, and the oracle's {'widen' if oracle > module else 'narrow'} the gap"
+    elif oracle > 0 and beyond:
+        verdict = "so the module's labels on the two-object images, not the images, keep Model-B below Model-A"
+    elif oracle > 0:
+        verdict = "B is above A in the means with the oracle's labels, within the spread: the ablation does not " \
+                  "decide whether the labels or the images keep Model-B below Model-A"
+    else:
+        verdict = (f"Model-B is not above Model-A with the oracle's labels either, so the module's labels are not "
+                   f"what keeps it below: its set is ({sets['synthetic-two']['written']} two-object images against "
+                   f"{sets['synthetic-one']['written']} one-object ones)")
+    return (f"The ablation, Model-A's and Model-B's own images labelled by the oracle instead (supervised, not "
+            f"zero-shot): {cells}, Model-B - Model-A {oracle:+.1f}, {'beyond' if beyond else 'within'} their spread, "
+            f"against {module:+.1f} with the module's labels; {verdict}.")
 
 
 def table_2(report: dict) -> str:
