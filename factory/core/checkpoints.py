@@ -122,5 +122,16 @@ def check_same_run(out: str, saved: dict, now: dict, identity: Collection[str]) 
     config must equal this run's (others, such as the iteration count, may change)."""
     changed = [key for key in identity if saved.get(key) != now.get(key)]
     if changed:
-        raise CheckpointError(f"{out} holds a run with different {', '.join(changed)}; "
+        first = _first_difference(changed[0], saved.get(changed[0]), now.get(changed[0]))
+        raise CheckpointError(f"{out} holds a run with different {', '.join(changed)} ({first}); "
                               f"use another --out or the same settings")
+
+
+def _first_difference(name: str, saved: object, now: object) -> str:
+    """'model.backbone_weights: "/a" there, "/b" here': the first setting under `name` that differs, so that
+    a path resolved elsewhere (another checkout, another working directory) is seen at once."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*saved, *(key for key in now if key not in saved)]:
+            if saved.get(key) != now.get(key):
+                return _first_difference(f"{name}.{key}", saved.get(key), now.get(key))
+    return f"{name}: {json.dumps(saved)} there, {json.dumps(now)} here"

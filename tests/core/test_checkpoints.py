@@ -89,5 +89,15 @@ def test_on_s3(bucket, s3_endpoint):
 
 def test_only_the_same_run_resumes():
     check_same_run("out", {"data": "a", "epochs": 3}, {"data": "a", "epochs": 5}, ("data",))
-    with pytest.raises(CheckpointError, match="out holds a run with different data, split; use another --out"):
+    with pytest.raises(CheckpointError) as error:
         check_same_run("out", {"data": "a", "split": 1}, {"data": "b", "split": 2}, ("data", "split"))
+    assert str(error.value) == ('out holds a run with different data, split (data: "a" there, "b" here); '
+                                "use another --out or the same settings")
+    # a nested setting is named down to its leaf: a path resolved in another checkout shows at once
+    saved = {"model": {"preset": "world", "backbone_weights": "/old/models/backbone"}}
+    moved = {"model": {"preset": "world", "backbone_weights": "/new/models/backbone"}}
+    with pytest.raises(CheckpointError, match='different model [(]model.backbone_weights: "/old/models/backbone" '
+                                              'there, "/new/models/backbone" here[)]'):
+        check_same_run("out", saved, moved, ("model",))
+    with pytest.raises(CheckpointError, match='[(]model.head: null there, "closed" here[)]'):
+        check_same_run("out", saved, {"model": {**saved["model"], "head": "closed"}}, ("model",))
