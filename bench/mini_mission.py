@@ -509,19 +509,20 @@ def ablation_finding(report: dict) -> str:
     images: which of the two, labels or images, keeps Model-B from passing Model-A (where it does not)."""
     results, sets = report["protocol_ii"], report["sets"]
     module, _ = _gap(results, "Model-A", "Model-B")
-    oracle, beyond = _gap(results, *ABLATION)
+    oracle, beyond = _gap(results, "Model-A, oracle labels", "Model-B, oracle labels")
     cells = ", ".join(f"{name.split(',')[0]} {_cell(*_figure(results[name], 'harmonic'))}" for name in ABLATION)
     if module > 0:
-        verdict = f"B is above A with the module's labels already, and the oracle's {'widen' if oracle > module else 'narrow'} the gap"
+        verdict = (f"B is above A with the module's labels already, and the oracle's "
+                   f"{'widen' if oracle > module else 'narrow'} the gap")
     elif oracle > 0 and beyond:
         verdict = "so the module's labels on the two-object images, not the images, keep Model-B below Model-A"
     elif oracle > 0:
-        verdict = "B is above A in the means with the oracle's labels, within the spread: the ablation does not " \
-                  "decide whether the labels or the images keep Model-B below Model-A"
+        verdict = ("B is above A in the means with the oracle's labels, within the spread: the ablation does not "
+                   "decide whether the labels or the images keep Model-B below Model-A")
     else:
         verdict = (f"Model-B is not above Model-A with the oracle's labels either, so the module's labels are not "
-                   f"what keeps it below: its set is ({sets['synthetic-two']['written']} two-object images against "
-                   f"{sets['synthetic-one']['written']} one-object ones)")
+                   f"what keeps it below; its images do ({sets['synthetic-two']['written']} two-object images "
+                   f"against {sets['synthetic-one']['written']} one-object ones)")
     one, two = sets["synthetic-one"], sets["synthetic-two"]
     agreement = " and ".join(f"{a['agreement_with_oracle']['seen']:.1f} / {a['agreement_with_oracle']['unseen']:.1f} "
                              f"on Model-{m}'s" for m, a in (("A", one), ("B", two)))

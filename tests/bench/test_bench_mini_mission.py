@@ -195,7 +195,7 @@ def test_the_ablation_says_whether_the_labels_or_the_images_keep_model_b_below_m
            "Model-B 56.0 ± 1.4, Model-B - Model-A +6.0, beyond their spread, against -7.0" in labels
     assert "the module's labels on the two-object images, not the images, keep Model-B below" in labels
     images = verdict(45.0, 38.0, 56.0, 50.0)
-    assert "labels are not what keeps it below: its set is (960 two-object images against 1200" in images
+    assert "labels are not what keeps it below; its images do (960 two-object images against 1200" in images
     assert "does not decide" in verdict(45.0, 38.0, 50.0, 51.0)  # +1.0: within the spread
     assert "B is above A with the module's labels already, and the oracle's widen" in verdict(40.0, 45.0, 40.0, 50.0)
     assert "the module's labels reach 94.6 / 95.2 on Model-A's and 88.9 / 79.5 on Model-B's images" in labels
