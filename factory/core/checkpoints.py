@@ -134,4 +134,4 @@ def _first_difference(name: str, saved: object, now: object) -> str:
         for key in [*saved, *(key for key in now if key not in saved)]:
             if saved.get(key) != now.get(key):
                 return _first_difference(f"{name}.{key}", saved.get(key), now.get(key))
-    return f"{name}: {json.dumps(saved)} there, {json.dumps(now)} here"
+    return f"{name}: {json.dumps(saved, default=str)} there, {json.dumps(now, default=str)} here"
