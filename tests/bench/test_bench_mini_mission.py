@@ -297,3 +297,18 @@ def test_labels_are_scored_against_the_oracles_on_the_same_images(monkeypatch, t
     sets[str(tmp_path / "two")] = Rows(mentions)
     assert mission.composition(tmp_path / "two") == {"images_per_class": {"green_cross": 3, "red_disc": 1},
                                                      "unseen_share": 25.0}
+
+
+def test_the_sets_table_shows_what_the_drops_took_and_how_good_the_labels_are():
+    counts = {name: 6 for name in SHAPES.names} | {"red_disc": 2}
+    sets = {"triplets": {"written": 1560, "planned": 1560, "given_up": 0},
+            "synthetic-two": {"written": 960, "planned": 1140, "given_up": 180, "images_per_class": counts,
+                              "unseen_share": 19.5, "agreement_with_oracle": {"seen": 89.54, "unseen": 79.46}}}
+    lines = mission.sets_table(sets).splitlines()
+    assert lines[2:4] == ["| triplets | 1560 / 1560 | - | - |", "| synthetic-two | 960 / 1140 | 19.5% | 89.5 / 79.5 |"]
+    # per class: one column per module-labelled set, every class once, the split's unseen classes first
+    assert lines[7] == "| Class | synthetic-two |"
+    classes = [line.split("|")[1].strip().removesuffix(" (unseen)") for line in lines[9:]]
+    assert sorted(classes) == sorted(SHAPES.names)
+    assert set(classes[:5]) == set(SHAPES.unseen(1)) and all("(unseen)" in line for line in lines[9:14])
+    assert "| red_disc (unseen) | 2 |" in lines and "| green_cross | 6 |" in lines
