@@ -443,9 +443,9 @@ def markdown(report: dict) -> str:
 
 
 def sets_table(sets: dict[str, dict]) -> str:
-    """Markdown: each set's images written of planned; for the module-labelled sets, the unseen classes' share
-    of the class mentions and the labels scored against the oracle's on the same images; then the images per
-    class of those sets, unseen classes first."""
+    """Markdown: each set's images written of planned; for the sets the module or DAAM labelled, the unseen
+    classes' share of the class mentions and the labels scored against the oracle's on the same images; then
+    the images per class of those sets, unseen classes first."""
     labelled = {name: s for name, s in sets.items() if "agreement_with_oracle" in s}
     lines = ["| Set | Images written / planned | Unseen classes' share of class mentions | Labels against the "
              "oracle's: seen / unseen mIoU, background counted |", "|---|---:|---:|---:|"]
