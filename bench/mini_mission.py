@@ -9,7 +9,8 @@
 3. Protocol-I: each split's module and DAAM on the test triplets (Table 1's layout).
 4. Synthetic segmentation sets for split 1, labelled by the split-1 module: one object, two
    objects, the mixture (shapes-synthetic-*); the same mixture labelled by DAAM and by the oracle;
-   for the ablation, the one- and two-object sets' own images labelled by the oracle.
+   for the ablation, the one- and two-object sets' own images labelled by the oracle; the module's
+   and DAAM's labels scored against the oracle's on the same images, and each set's classes counted.
 5. Segmenters (the world preset, from the world's pretrained backbone, models/shapes-backbone, at
    the paper's 0.1 backbone learning-rate factor: docs/pretrained-backbone.md): Model-A (one), B
    (two), C (mixture), D (C, then C's set with drawn seen-class images), the DAAM-labelled
