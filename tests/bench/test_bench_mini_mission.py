@@ -190,7 +190,10 @@ def test_the_ablation_says_whether_the_labels_or_the_images_keep_model_b_below_m
                          "Model-B, oracle labels": (b_oracle, b_oracle)}, spread=1.0)
         return mission.findings(report(results))
 
-    labels = verdict(45.0, 38.0, 50.0, 56.0)
+    labels = verdict(45.0, 38.0, 50.0, 56.0)  # the oracle reference, C's images with oracle labels: 50.0
+    assert "order A < B < C does not hold (C - B -6.0, beyond their spread)" in labels
+    assert "order A < B < C holds in the means, not beyond the spread (C - B +1.0, within" in verdict(
+        45.0, 38.0, 40.0, 49.0)
     assert "images labelled by the oracle instead (supervised, not zero-shot): Model-A 50.0 ± 1.4, " \
            "Model-B 56.0 ± 1.4, Model-B - Model-A +6.0, beyond their spread, against -7.0" in labels
     assert "the module's labels on the two-object images, not the images, keep Model-B below" in labels
