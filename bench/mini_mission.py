@@ -533,7 +533,7 @@ def findings(report: dict) -> str:
 def ablation_finding(report: dict) -> str:
     """The ablation's verdict on A < B, from B - A with the module's labels and with the oracle's on the same
     images: which of the two, labels or images, keeps Model-B from passing Model-A (where it does not)."""
-    results, sets = report["protocol_ii"], report["sets"]
+    results, one, two = report["protocol_ii"], report["sets"]["synthetic-one"], report["sets"]["synthetic-two"]
     module, _ = _gap(results, "Model-A", "Model-B")
     oracle, beyond = _gap(results, "Model-A, oracle labels", "Model-B, oracle labels")
     cells = ", ".join(f"{name.split(',')[0]} {_cell(*_figure(results[name], 'harmonic'))}" for name in ABLATION)
@@ -547,9 +547,8 @@ def ablation_finding(report: dict) -> str:
                    "decide whether the labels or the images keep Model-B below Model-A")
     else:
         verdict = (f"Model-B is not above Model-A with the oracle's labels either, so the module's labels are not "
-                   f"what keeps it below; its images do ({sets['synthetic-two']['written']} two-object images "
-                   f"against {sets['synthetic-one']['written']} one-object ones)")
-    one, two = sets["synthetic-one"], sets["synthetic-two"]
+                   f"what keeps it below; its images do ({two['written']} two-object images "
+                   f"against {one['written']} one-object ones)")
     agreement = " and ".join(f"{a['agreement_with_oracle']['seen']:.1f} / {a['agreement_with_oracle']['unseen']:.1f} "
                              f"on Model-{m}'s" for m, a in (("A", one), ("B", two)))
     planned = 100 * len(SHAPES.unseen(SPLIT)) / len(SHAPES.classes)
