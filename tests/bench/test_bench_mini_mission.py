@@ -16,6 +16,8 @@ from bench.mini_mission import (
     curve_summary, curve_text, over_seeds, plot_curve, protocol_ii, protocol_ii_table, training_curve)
 from factory.core.vocab import SHAPES
 from factory.dataset.codec import encode_label
+from factory.pipeline.plan import plan_fields
+from factory.pipeline.recipe import load_recipe
 from segmenter.evaluate import BACKGROUND_KEYS
 
 IGNORED, COUNTED = BACKGROUND_KEYS["ignore"], BACKGROUND_KEYS["seen"]
@@ -214,6 +216,13 @@ def test_the_ablation_labels_model_a_and_b_images_again_with_the_oracle(monkeypa
     # the followed set's plan, scaled as the bench scaled it: the follower checks that they agree
     assert built == {"recipe": "shapes-oracle", "out": tmp_path / "oracle-two", "scale": 0.5, "per_class": 0,
                      "per_pair": 3, "pairs": "all", "follow": str(tmp_path / "synthetic-two")}
+    # and the oracle's recipe, so overridden, plans what each followed set planned, or the follower refuses
+    for kind in ("one", "two"):
+        for scale in (1.0, 0.05):
+            mission.oracle_labelled(tmp_path, kind, scale)
+            sizes = {k: built[k] for k in ("per_class", "per_pair", "pairs")}
+            followed = load_recipe(f"shapes-synthetic-{kind}", {k: sizes[k] for k in ("per_class", "per_pair")})
+            assert plan_fields(load_recipe("shapes-oracle", sizes)) == plan_fields(followed), (kind, scale)
 
 
 def test_table_2_puts_the_papers_figures_beside_each_row_and_says_what_was_not_built():
